@@ -1,0 +1,310 @@
+//! Token validation (SPEC §4) and the token *scope* that keys the cache.
+//!
+//! Header names are matched the way Rack/Puma see them: case-insensitively with `_` and `-`
+//! equivalent. Two spellings in one request are refused, otherwise the proxy could scope an entry
+//! by one value while Chatwoot authenticates the other.
+//!
+//! The scope is HMAC-SHA256(random start-up key, token) truncated to 128 bits: a collision would
+//! hand one user another user's data, so 64 bits is not enough; the raw token never becomes a key.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use ring::hmac;
+use ring::rand::SystemRandom;
+use tokio::time::Instant;
+
+/// Longest token value accepted (Chatwoot's are 24 characters).
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// The configured token header, pre-normalised for matching.
+#[derive(Debug, Clone)]
+pub struct TokenHeader {
+    name: HeaderName,
+    normalized: Vec<u8>,
+}
+
+impl TokenHeader {
+    pub fn new(name: HeaderName) -> Self {
+        let normalized = normalize(name.as_str().as_bytes());
+        TokenHeader { name, normalized }
+    }
+
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    /// Whether a header name is this header as Rack sees it.
+    pub fn matches(&self, candidate: &HeaderName) -> bool {
+        same_rack_name(candidate.as_str().as_bytes(), &self.normalized)
+    }
+}
+
+fn normalize(name: &[u8]) -> Vec<u8> {
+    name.iter()
+        .map(|&b| {
+            if b == b'-' {
+                b'_'
+            } else {
+                b.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// `candidate` equals the already-normalised `target` under Rack's rules.
+fn same_rack_name(candidate: &[u8], target: &[u8]) -> bool {
+    candidate.len() == target.len()
+        && candidate.iter().zip(target).all(|(&c, &t)| {
+            let c = if c == b'-' {
+                b'_'
+            } else {
+                c.to_ascii_lowercase()
+            };
+            c == t
+        })
+}
+
+/// What a request presents as credentials.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credentials<'a> {
+    /// Exactly one well-formed token header.
+    Token(&'a HeaderValue),
+    /// devise_token_auth or `Authorization`: forwarded untouched, never cached.
+    Alternate,
+    /// No token header, or an empty one.
+    Missing,
+    /// More than one token header, too long, or a byte outside 0x21..=0x7E.
+    Malformed,
+}
+
+/// Inspects the headers (and query, where devise also reads its credentials).
+pub fn inspect<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&str>,
+    th: &TokenHeader,
+) -> Credentials<'a> {
+    let mut token: Option<&HeaderValue> = None;
+    let mut token_count = 0usize;
+    let mut devise = [false; 3];
+    for (name, value) in headers.iter() {
+        if th.matches(name) {
+            token_count += 1;
+            token = Some(value);
+            continue;
+        }
+        let n = name.as_str().as_bytes();
+        if n == b"authorization" {
+            return Credentials::Alternate;
+        }
+        for (i, d) in DEVISE.iter().enumerate() {
+            if same_rack_name(n, d) {
+                devise[i] = true;
+            }
+        }
+    }
+    if let Some(q) = query {
+        for pair in q.split('&') {
+            let key = pair.split('=').next().unwrap_or("");
+            let key = crate::routing::percent_decode(key);
+            for (i, d) in DEVISE.iter().enumerate() {
+                if same_rack_name(key.as_bytes(), d) {
+                    devise[i] = true;
+                }
+            }
+        }
+    }
+    if devise.iter().all(|&d| d) {
+        return Credentials::Alternate;
+    }
+    match (token_count, token) {
+        (0, _) | (_, None) => Credentials::Missing,
+        (1, Some(v)) if v.is_empty() => Credentials::Missing,
+        (1, Some(v)) if is_well_formed(v.as_bytes()) => Credentials::Token(v),
+        _ => Credentials::Malformed,
+    }
+}
+
+/// devise_token_auth's credential names, Rack-normalised.
+const DEVISE: [&[u8]; 3] = [b"access_token", b"client", b"uid"];
+
+fn is_well_formed(token: &[u8]) -> bool {
+    token.len() <= MAX_TOKEN_LEN && token.iter().all(|&b| (0x21..=0x7e).contains(&b))
+}
+
+/// A token's cache scope: 128 bits of a keyed hash. Never reversible to the token.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(pub u128);
+
+impl std::fmt::Debug for Scope {
+    // Even the hash is kept out of logs: it is a stable per-token identifier.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scope(..)")
+    }
+}
+
+/// Derives scopes with a key drawn at start-up, so scopes mean nothing outside this process.
+pub struct Scoper {
+    key: hmac::Key,
+}
+
+impl Scoper {
+    /// A fresh random key. Fails only if the OS has no randomness.
+    pub fn random() -> Result<Self, ring::error::Unspecified> {
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())?;
+        Ok(Scoper { key })
+    }
+
+    pub fn scope(&self, token: &[u8]) -> Scope {
+        let tag = hmac::sign(&self.key, token);
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&tag.as_ref()[..16]);
+        Scope(u128::from_be_bytes(first))
+    }
+}
+
+/// Tokens the upstream called "Invalid Access Token", refused locally for a while.
+pub struct InvalidTokens {
+    ttl: Duration,
+    until: moka::sync::Cache<Scope, Instant>,
+}
+
+impl InvalidTokens {
+    pub fn new(ttl: Duration) -> Self {
+        let until = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(ttl.max(Duration::from_millis(1)))
+            .build();
+        InvalidTokens { ttl, until }
+    }
+
+    /// Remembers `scope` as invalid (no-op when `--auth-negative-ttl` is 0).
+    pub fn insert(&self, scope: Scope) {
+        if !self.ttl.is_zero() {
+            self.until.insert(scope, Instant::now() + self.ttl);
+        }
+    }
+
+    pub fn contains(&self, scope: Scope) -> bool {
+        if self.ttl.is_zero() {
+            return false;
+        }
+        match self.until.get(&scope) {
+            Some(until) => Instant::now() < until,
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn th() -> TokenHeader {
+        TokenHeader::new(HeaderName::from_static("api_access_token"))
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn spellings_are_equivalent() {
+        for name in [
+            "api_access_token",
+            "Api-Access-Token",
+            "API_ACCESS_TOKEN",
+            "api-access_token",
+        ] {
+            let h = headers(&[(name, "abc")]);
+            assert!(
+                matches!(inspect(&h, None, &th()), Credentials::Token(_)),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            inspect(
+                &headers(&[("api-access-token", "a"), ("api_access_token", "a")]),
+                None,
+                &th()
+            ),
+            Credentials::Malformed
+        );
+        assert_eq!(
+            inspect(
+                &headers(&[("api_access_token", "a"), ("api_access_token", "b")]),
+                None,
+                &th()
+            ),
+            Credentials::Malformed
+        );
+    }
+
+    #[test]
+    fn missing_and_malformed() {
+        assert_eq!(inspect(&headers(&[]), None, &th()), Credentials::Missing);
+        assert_eq!(
+            inspect(&headers(&[("api_access_token", "")]), None, &th()),
+            Credentials::Missing
+        );
+        let long = "a".repeat(257);
+        assert_eq!(
+            inspect(&headers(&[("api_access_token", &long)]), None, &th()),
+            Credentials::Malformed
+        );
+        let ok = "a".repeat(256);
+        assert!(matches!(
+            inspect(&headers(&[("api_access_token", &ok)]), None, &th()),
+            Credentials::Token(_)
+        ));
+        assert_eq!(
+            inspect(&headers(&[("api_access_token", "a b")]), None, &th()),
+            Credentials::Malformed
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "api_access_token",
+            HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        );
+        assert_eq!(inspect(&h, None, &th()), Credentials::Malformed);
+    }
+
+    #[test]
+    fn alternate_auth_wins() {
+        let h = headers(&[("api_access_token", "t"), ("authorization", "Bearer x")]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
+        let h = headers(&[("access-token", "x"), ("client", "c"), ("uid", "u")]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
+        let h = headers(&[("access-token", "x")]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Missing);
+        let h = headers(&[]);
+        assert_eq!(
+            inspect(&h, Some("access-token=x&client=c&uid=u%40x"), &th()),
+            Credentials::Alternate
+        );
+    }
+
+    #[test]
+    fn custom_header() {
+        let th = TokenHeader::new(HeaderName::from_static("x-chatwoot-token"));
+        let h = headers(&[("X_Chatwoot_Token", "t")]);
+        assert!(matches!(inspect(&h, None, &th), Credentials::Token(_)));
+    }
+
+    #[test]
+    fn scopes_are_keyed() {
+        let a = Scoper::random().unwrap();
+        let b = Scoper::random().unwrap();
+        assert_eq!(a.scope(b"tok"), a.scope(b"tok"));
+        assert_ne!(a.scope(b"tok"), a.scope(b"tok2"));
+        assert_ne!(a.scope(b"tok"), b.scope(b"tok"));
+        assert_eq!(format!("{:?}", a.scope(b"tok")), "Scope(..)");
+    }
+}

@@ -1,0 +1,189 @@
+//! A stored answer and how it is rendered to a client.
+//!
+//! Everything a hit needs is computed when the entry is stored (strong ETag, `Last-Modified`,
+//! the filtered header block), so a hit clones a header map, adds three small headers and shares
+//! the body `Bytes`: no JSON parsing, no hashing, no body copy.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use tokio::time::Instant;
+
+use super::decimal::Decimal;
+use crate::body::ResponseBody;
+use crate::metrics::XCache;
+
+/// A positive (stored 200) or negative (remembered 404 / non-token 401) answer.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// End-to-end upstream headers to replay (includes upstream `Date`, `Content-Type`,
+    /// `Cache-Control`, our `Content-Length`; never `Set-Cookie` or auth headers).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Strong ETag of the body (positive entries).
+    pub etag: Option<HeaderValue>,
+    /// From `updated_at` whole seconds.
+    pub last_modified: Option<HeaderValue>,
+    /// Unix seconds of `last_modified`, for `If-Modified-Since`.
+    pub last_modified_secs: Option<u64>,
+    pub updated_at: Option<Decimal>,
+    /// Validators the upstream gave, replayed on revalidation.
+    pub upstream_etag: Option<HeaderValue>,
+    pub upstream_last_modified: Option<HeaderValue>,
+    pub stored_at: Instant,
+    /// Generation stamp at fetch start (see [`crate::invalidation`]).
+    pub stamp: u64,
+    /// How long moka may keep it (freshness + stale windows, or the negative TTL).
+    pub lifetime: Duration,
+    /// Bytes counted against `--cache-max-bytes`.
+    pub weight: u32,
+}
+
+impl Entry {
+    pub fn is_negative(&self) -> bool {
+        self.status != StatusCode::OK
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    /// Bytes this entry holds: body, header names and values, key, plus fixed bookkeeping.
+    pub fn compute_weight(headers: &HeaderMap, body: &Bytes, etag: &Option<HeaderValue>) -> u32 {
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        let etag_bytes = etag.as_ref().map_or(0, |e| e.len());
+        let total = body.len() + header_bytes + etag_bytes + ENTRY_OVERHEAD;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the client's conditional headers make this a 304 (RFC 9110 §13.1.2, §13.1.3):
+    /// `If-None-Match` (weak comparison) takes precedence over `If-Modified-Since`.
+    pub fn not_modified_for(&self, req: &HeaderMap) -> bool {
+        if self.is_negative() {
+            return false;
+        }
+        if let Some(inm) = req.get(header::IF_NONE_MATCH) {
+            let Some(etag) = &self.etag else { return false };
+            return etag_list_matches(inm.as_bytes(), etag.as_bytes());
+        }
+        if let (Some(ims), Some(lm)) = (req.get(header::IF_MODIFIED_SINCE), self.last_modified_secs)
+            && let Some(ims) = ims
+                .to_str()
+                .ok()
+                .and_then(|s| httpdate::parse_http_date(s).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        {
+            return ims.as_secs() >= lm;
+        }
+        false
+    }
+
+    /// Renders the entry. `head` drops the body; `not_modified` renders a 304.
+    pub fn render(
+        &self,
+        now: Instant,
+        xcache: XCache,
+        cache_status: HeaderValue,
+        head: bool,
+        not_modified: bool,
+    ) -> Response<ResponseBody> {
+        let mut resp = if not_modified {
+            let mut r = Response::new(ResponseBody::empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            let h = r.headers_mut();
+            // RFC 9110 §15.4.5: the validator and caching headers, no representation metadata.
+            if let Some(v) = self.headers.get(header::CACHE_CONTROL) {
+                h.insert(header::CACHE_CONTROL, v.clone());
+            }
+            if let Some(v) = self.headers.get(header::VARY) {
+                h.insert(header::VARY, v.clone());
+            }
+            r
+        } else {
+            let body = if head {
+                ResponseBody::empty()
+            } else {
+                ResponseBody::full(self.body.clone())
+            };
+            let mut r = Response::new(body);
+            *r.status_mut() = self.status;
+            *r.headers_mut() = self.headers.clone();
+            r
+        };
+        let h = resp.headers_mut();
+        if let Some(e) = &self.etag {
+            h.insert(header::ETAG, e.clone());
+        }
+        if let Some(lm) = &self.last_modified {
+            h.insert(header::LAST_MODIFIED, lm.clone());
+        }
+        h.insert(header::AGE, HeaderValue::from(self.age(now).as_secs()));
+        h.insert(X_CACHE.clone(), xcache.header_value());
+        h.insert(CACHE_STATUS.clone(), cache_status);
+        resp
+    }
+}
+
+/// Fixed per-entry bookkeeping counted in the weight: the key (32 B), the `Entry` struct and
+/// moka's per-entry node, rounded.
+pub const ENTRY_OVERHEAD: usize = 32 + 160;
+
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Strong ETag for a body: the first 128 bits of its SHA-256, quoted.
+pub fn strong_etag(body: &[u8]) -> HeaderValue {
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    let mut s = String::with_capacity(34);
+    s.push('"');
+    for b in &digest.as_ref()[..16] {
+        s.push(char::from(HEX[(b >> 4) as usize]));
+        s.push(char::from(HEX[(b & 15) as usize]));
+    }
+    s.push('"');
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `If-None-Match` list against one ETag, weak comparison (`W/` ignored), `*` matches.
+fn etag_list_matches(list: &[u8], etag: &[u8]) -> bool {
+    let strip = |t: &[u8]| -> Vec<u8> {
+        let t = t.trim_ascii();
+        t.strip_prefix(b"W/").unwrap_or(t).to_vec()
+    };
+    let ours = strip(etag);
+    list.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        t == b"*" || strip(t) == ours
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etag_matching() {
+        assert!(etag_list_matches(b"\"abc\"", b"\"abc\""));
+        assert!(etag_list_matches(b"W/\"abc\"", b"\"abc\""));
+        assert!(etag_list_matches(b"\"x\", \"abc\"", b"\"abc\""));
+        assert!(etag_list_matches(b"*", b"\"abc\""));
+        assert!(!etag_list_matches(b"\"abd\"", b"\"abc\""));
+    }
+
+    #[test]
+    fn strong_etag_is_stable_and_quoted() {
+        let a = strong_etag(b"hello");
+        assert_eq!(a, strong_etag(b"hello"));
+        assert_ne!(a, strong_etag(b"hello!"));
+        assert_eq!(a.len(), 34);
+        assert!(a.to_str().unwrap().starts_with('"'));
+    }
+}

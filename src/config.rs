@@ -1,0 +1,821 @@
+//! Configuration: CLI flag > `CHATWOOT_CACHE_*` environment variable > TOML file > default.
+//!
+//! clap knows about flags, env vars and defaults; it does not know about the TOML file. So every
+//! setting is declared to clap as a plain string (which keeps `--help` showing defaults and env
+//! names), then [`Config::from_matches`] asks clap *where* each value came from and lets the file
+//! override a default. All parsing happens here, in one place, so every bad value produces the same
+//! one-line error naming the setting (`--upstream-timeout: invalid duration "banana"`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, Parser};
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, Uri};
+
+/// Command-line surface. Every value is a string here; typed parsing is in [`Config`].
+#[derive(Parser, Debug)]
+#[command(
+    name = "chatwoot-cache",
+    version,
+    about = "Caching reverse proxy for the Chatwoot REST API",
+    long_about = "Caching reverse proxy for the Chatwoot REST API.\n\n\
+        Every setting is a flag, an environment variable (CHATWOOT_CACHE_ + upper snake case) and a \
+        key of the optional TOML file given with --config (flag name with '_' for '-'). \
+        Precedence: flag > env > file > default. Durations: 250ms, 10s, 5m, 1h. Sizes: 512KiB, 256MiB, 1GiB."
+)]
+pub struct Cli {
+    /// TOML file with settings (keys are flag names with `_` for `-`)
+    #[arg(long, env = "CHATWOOT_CACHE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Chatwoot base URL, http:// or https:// (required)
+    #[arg(long, env = "CHATWOOT_CACHE_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Public proxy listener
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: String,
+
+    /// Admin listener: metrics, health, purge, webhook
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_ADMIN_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub admin_listen: String,
+
+    /// The auth header validated, forwarded and scoped on
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_TOKEN_HEADER",
+        value_name = "NAME",
+        default_value = "api_access_token"
+    )]
+    pub token_header: String,
+
+    /// How long a stored conversation is fresh
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_CACHE_TTL",
+        value_name = "DUR",
+        default_value = "10s"
+    )]
+    pub cache_ttl: String,
+
+    /// After freshness ends: serve stale at once, refresh in background
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_STALE_WHILE_REVALIDATE",
+        value_name = "DUR",
+        default_value = "30s"
+    )]
+    pub stale_while_revalidate: String,
+
+    /// After freshness ends: serve stale when the upstream fails or is shed
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_STALE_IF_ERROR",
+        value_name = "DUR",
+        default_value = "10m"
+    )]
+    pub stale_if_error: String,
+
+    /// How long an upstream 404 (or non-token 401) for a key is remembered (0 = off)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_NEGATIVE_TTL",
+        value_name = "DUR",
+        default_value = "5s"
+    )]
+    pub negative_ttl: String,
+
+    /// How long a token the upstream answered "Invalid Access Token" is refused locally (0 = off)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_AUTH_NEGATIVE_TTL",
+        value_name = "DUR",
+        default_value = "10s"
+    )]
+    pub auth_negative_ttl: String,
+
+    /// Bound on stored bytes (bodies + headers + key)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_CACHE_MAX_BYTES",
+        value_name = "SIZE",
+        default_value = "256MiB"
+    )]
+    pub cache_max_bytes: String,
+
+    /// Larger upstream bodies are forwarded, never stored
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_MAX_OBJECT_BYTES",
+        value_name = "SIZE",
+        default_value = "4MiB"
+    )]
+    pub max_object_bytes: String,
+
+    /// Whole upstream response deadline
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_TIMEOUT",
+        value_name = "DUR",
+        default_value = "15s"
+    )]
+    pub upstream_timeout: String,
+
+    /// TCP + TLS connect deadline
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_CONNECT_TIMEOUT",
+        value_name = "DUR",
+        default_value = "2s"
+    )]
+    pub upstream_connect_timeout: String,
+
+    /// Concurrent upstream requests, all routes together
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_MAX_IN_FLIGHT",
+        value_name = "N",
+        default_value = "256"
+    )]
+    pub upstream_max_in_flight: String,
+
+    /// How long a request may wait for an upstream slot
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_QUEUE_TIMEOUT",
+        value_name = "DUR",
+        default_value = "1s"
+    )]
+    pub upstream_queue_timeout: String,
+
+    /// Circuit breaker observation window
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_BREAKER_WINDOW",
+        value_name = "DUR",
+        default_value = "10s"
+    )]
+    pub breaker_window: String,
+
+    /// Completions in the window before the breaker may open
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_BREAKER_MIN_REQUESTS",
+        value_name = "N",
+        default_value = "20"
+    )]
+    pub breaker_min_requests: String,
+
+    /// Failure share that opens the breaker
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_BREAKER_FAILURE_RATIO",
+        value_name = "F",
+        default_value = "0.5"
+    )]
+    pub breaker_failure_ratio: String,
+
+    /// First open period; doubles while probes fail, up to 60s
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_BREAKER_OPEN",
+        value_name = "DUR",
+        default_value = "5s"
+    )]
+    pub breaker_open: String,
+
+    /// Extra CA bundle for https:// upstreams (webpki roots always trusted)
+    #[arg(long, env = "CHATWOOT_CACHE_UPSTREAM_CA_FILE", value_name = "PEM")]
+    pub upstream_ca_file: Option<String>,
+
+    /// Terminate TLS on --listen (needs --tls-key-file)
+    #[arg(long, env = "CHATWOOT_CACHE_TLS_CERT_FILE", value_name = "PEM")]
+    pub tls_cert_file: Option<String>,
+
+    /// Private key for --tls-cert-file
+    #[arg(long, env = "CHATWOOT_CACHE_TLS_KEY_FILE", value_name = "PEM")]
+    pub tls_key_file: Option<String>,
+
+    /// Bearer token for the purge API; without it the purge API is off
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_ADMIN_TOKEN",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Enables and verifies Chatwoot webhook invalidation
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+
+    /// How long in-flight requests may drain after SIGTERM
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_SHUTDOWN_TIMEOUT",
+        value_name = "DUR",
+        default_value = "25s"
+    )]
+    pub shutdown_timeout: String,
+
+    /// Slow-client guard: time to send a request head (also the idle keep-alive limit)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_CLIENT_HEADER_TIMEOUT",
+        value_name = "DUR",
+        default_value = "20s"
+    )]
+    pub client_header_timeout: String,
+
+    /// Log line format on stderr: text or json
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_LOG_FORMAT",
+        value_name = "text|json",
+        default_value = "text"
+    )]
+    pub log_format: String,
+
+    /// Log level; RUST_LOG directives are honoured too
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
+}
+
+/// A start-up configuration problem. `Invalid` → exit code 2, `Io` → exit code 1 (SPEC §2, §10).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The value of a setting cannot be used.
+    #[error("--{setting}: {problem}")]
+    Invalid { setting: String, problem: String },
+    /// A file named by a setting cannot be read.
+    #[error("--{setting}: cannot read {path}: {source}")]
+    Io {
+        setting: String,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    /// The process exit code SPEC assigns to this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Invalid { .. } => 2,
+            ConfigError::Io { .. } => 1,
+        }
+    }
+
+    fn invalid(setting: &str, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            setting: setting.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the upstream lives. Kept pre-split so forwarding never re-parses it.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix without trailing slash ("" for a bare host).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+}
+
+/// The validated settings the library runs on. Built by [`Config::load`] from argv/env/file, or
+/// directly by tests.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub upstream: UpstreamUrl,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub token_header: HeaderName,
+    pub cache_ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub negative_ttl: Duration,
+    pub auth_negative_ttl: Duration,
+    pub cache_max_bytes: u64,
+    pub max_object_bytes: u64,
+    pub upstream_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_max_in_flight: usize,
+    pub upstream_queue_timeout: Duration,
+    pub breaker_window: Duration,
+    pub breaker_min_requests: u32,
+    pub breaker_failure_ratio: f64,
+    pub breaker_open: Duration,
+    pub upstream_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub shutdown_timeout: Duration,
+    pub client_header_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// One raw setting value and where it came from (for error messages).
+struct Raw {
+    value: String,
+    origin: &'static str,
+}
+
+/// Resolves each setting's raw string by precedence; knows nothing about types.
+struct Sources<'a> {
+    matches: &'a ArgMatches,
+    file: BTreeMap<String, toml::Value>,
+}
+
+impl Sources<'_> {
+    /// flag > env > file > default, for the clap argument `id` (snake_case = TOML key).
+    fn get(&self, id: &str) -> Result<Option<Raw>, ConfigError> {
+        let source = self.matches.value_source(id);
+        let from_clap = || {
+            self.matches.get_one::<String>(id).map(|v| Raw {
+                value: v.clone(),
+                origin: match source {
+                    Some(ValueSource::EnvVariable) => "environment",
+                    Some(ValueSource::CommandLine) => "command line",
+                    _ => "default",
+                },
+            })
+        };
+        match source {
+            Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable) => Ok(from_clap()),
+            _ => match self.file.get(id) {
+                Some(v) => Ok(Some(Raw {
+                    value: toml_scalar(id, v)?,
+                    origin: "config file",
+                })),
+                None => Ok(from_clap()),
+            },
+        }
+    }
+
+    fn required(&self, id: &str) -> Result<Raw, ConfigError> {
+        self.get(id)?.ok_or_else(|| {
+            ConfigError::invalid(
+                &flag(id),
+                format!(
+                    "is required (flag, CHATWOOT_CACHE_{} or `{id}` in --config)",
+                    id.to_ascii_uppercase()
+                ),
+            )
+        })
+    }
+}
+
+fn flag(id: &str) -> String {
+    id.replace('_', "-")
+}
+
+fn toml_scalar(id: &str, v: &toml::Value) -> Result<String, ConfigError> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        _ => Err(ConfigError::invalid(
+            &flag(id),
+            "must be a string or number in the config file",
+        )),
+    }
+}
+
+impl Config {
+    /// Parses the process arguments and environment. Errors carry their exit code.
+    pub fn load() -> Result<Config, ConfigError> {
+        let matches = Cli::command().get_matches();
+        Config::from_matches(&matches)
+    }
+
+    /// Parses an explicit argument list (tests; the environment still applies).
+    pub fn try_from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command()
+            .try_get_matches_from(args)
+            .map_err(|e| ConfigError::invalid("args", e.to_string()))?;
+        Config::from_matches(&matches)
+    }
+
+    /// Builds a validated config from clap matches plus the optional TOML file.
+    pub fn from_matches(matches: &ArgMatches) -> Result<Config, ConfigError> {
+        let file = match matches.get_one::<PathBuf>("config") {
+            Some(path) => read_config_file(path)?,
+            None => BTreeMap::new(),
+        };
+        let src = Sources { matches, file };
+
+        let upstream = parse_upstream(&src.required("upstream")?)?;
+        let listen = parse_with(&src, "listen", parse_addr)?;
+        let admin_listen = parse_with(&src, "admin_listen", parse_addr)?;
+        let token_header = parse_with(&src, "token_header", parse_header_name)?;
+        let cache_ttl = parse_with(&src, "cache_ttl", parse_duration)?;
+        let stale_while_revalidate = parse_with(&src, "stale_while_revalidate", parse_duration)?;
+        let stale_if_error = parse_with(&src, "stale_if_error", parse_duration)?;
+        let negative_ttl = parse_with(&src, "negative_ttl", parse_duration)?;
+        let auth_negative_ttl = parse_with(&src, "auth_negative_ttl", parse_duration)?;
+        let cache_max_bytes = parse_with(&src, "cache_max_bytes", parse_size)?;
+        let max_object_bytes = parse_with(&src, "max_object_bytes", parse_size)?;
+        let upstream_timeout = parse_with(&src, "upstream_timeout", parse_positive_duration)?;
+        let upstream_connect_timeout =
+            parse_with(&src, "upstream_connect_timeout", parse_positive_duration)?;
+        let upstream_max_in_flight = parse_with(&src, "upstream_max_in_flight", |s| {
+            parse_count(s).map(|n| n as usize)
+        })?;
+        let upstream_queue_timeout = parse_with(&src, "upstream_queue_timeout", parse_duration)?;
+        let breaker_window = parse_with(&src, "breaker_window", parse_positive_duration)?;
+        let breaker_min_requests = parse_with(&src, "breaker_min_requests", |s| {
+            parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+        })?;
+        let breaker_failure_ratio = parse_with(&src, "breaker_failure_ratio", parse_ratio)?;
+        let breaker_open = parse_with(&src, "breaker_open", parse_positive_duration)?;
+        let shutdown_timeout = parse_with(&src, "shutdown_timeout", parse_duration)?;
+        let client_header_timeout =
+            parse_with(&src, "client_header_timeout", parse_positive_duration)?;
+        let log_format = parse_with(&src, "log_format", |s| match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("must be text or json, not {other:?}")),
+        })?;
+        let log_level = parse_with(&src, "log_level", |s| {
+            tracing_subscriber::EnvFilter::try_new(s)
+                .map(|_| s.to_string())
+                .map_err(|e| format!("invalid log level {s:?}: {e}"))
+        })?;
+
+        let upstream_ca_file = optional_file(&src, "upstream_ca_file")?;
+        let tls_cert_file = optional_file(&src, "tls_cert_file")?;
+        let tls_key_file = optional_file(&src, "tls_key_file")?;
+        let admin_token = optional_secret(&src, "admin_token")?;
+        let webhook_secret = optional_secret(&src, "webhook_secret")?;
+
+        match (&tls_cert_file, &tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "tls-cert-file",
+                    "needs --tls-key-file as well",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "tls-key-file",
+                    "needs --tls-cert-file as well",
+                ));
+            }
+            _ => {}
+        }
+        if listen == admin_listen && listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "admin-listen",
+                format!("must differ from --listen ({listen})"),
+            ));
+        }
+        if max_object_bytes > cache_max_bytes {
+            return Err(ConfigError::invalid(
+                "max-object-bytes",
+                format!(
+                    "{max_object_bytes} bytes is larger than --cache-max-bytes ({cache_max_bytes} bytes)"
+                ),
+            ));
+        }
+
+        Ok(Config {
+            upstream,
+            listen,
+            admin_listen,
+            token_header,
+            cache_ttl,
+            stale_while_revalidate,
+            stale_if_error,
+            negative_ttl,
+            auth_negative_ttl,
+            cache_max_bytes,
+            max_object_bytes,
+            upstream_timeout,
+            upstream_connect_timeout,
+            upstream_max_in_flight,
+            upstream_queue_timeout,
+            breaker_window,
+            breaker_min_requests,
+            breaker_failure_ratio,
+            breaker_open,
+            upstream_ca_file,
+            tls_cert_file,
+            tls_key_file,
+            admin_token,
+            webhook_secret,
+            shutdown_timeout,
+            client_header_timeout,
+            log_format,
+            log_level,
+        })
+    }
+
+    /// A config with SPEC defaults for the given upstream; what tests and benches start from.
+    pub fn for_upstream(upstream: &str) -> Result<Config, ConfigError> {
+        Config::try_from_args(["chatwoot-cache", "--upstream", upstream])
+    }
+}
+
+fn read_config_file(path: &std::path::Path) -> Result<BTreeMap<String, toml::Value>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        setting: "config".into(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let msg = e.message().replace('\n', " ");
+        ConfigError::invalid("config", format!("{}: {}", path.display(), msg.trim()))
+    })?;
+    let known: Vec<String> = Cli::command()
+        .get_arguments()
+        .map(|a| a.get_id().as_str().to_string())
+        .collect();
+    let mut out = BTreeMap::new();
+    for (key, value) in table {
+        if key == "config" || !known.contains(&key) {
+            return Err(ConfigError::invalid(
+                "config",
+                format!("{}: unknown setting `{key}`", path.display()),
+            ));
+        }
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
+fn parse_with<T>(
+    src: &Sources<'_>,
+    id: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    let raw = src.required(id)?;
+    parse(raw.value.trim()).map_err(|problem| with_origin(id, &raw, problem))
+}
+
+fn with_origin(id: &str, raw: &Raw, problem: String) -> ConfigError {
+    let problem = match raw.origin {
+        "command line" | "default" => problem,
+        "environment" => format!(
+            "{problem} (from CHATWOOT_CACHE_{})",
+            id.to_ascii_uppercase()
+        ),
+        other => format!("{problem} (from {other})"),
+    };
+    ConfigError::invalid(&flag(id), problem)
+}
+
+fn optional_file(src: &Sources<'_>, id: &str) -> Result<Option<PathBuf>, ConfigError> {
+    match src.get(id)? {
+        None => Ok(None),
+        Some(raw) if raw.value.is_empty() => Ok(None),
+        Some(raw) => {
+            let path = PathBuf::from(&raw.value);
+            // Unreadable files stop start-up with exit 1 (SPEC §10), before any socket is bound.
+            std::fs::metadata(&path)
+                .and_then(|m| {
+                    if m.is_file() {
+                        std::fs::File::open(&path).map(|_| ())
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                })
+                .map_err(|source| ConfigError::Io {
+                    setting: flag(id),
+                    path: raw.value.clone(),
+                    source,
+                })?;
+            Ok(Some(path))
+        }
+    }
+}
+
+fn optional_secret(src: &Sources<'_>, id: &str) -> Result<Option<String>, ConfigError> {
+    match src.get(id)? {
+        None => Ok(None),
+        Some(raw) if raw.value.is_empty() => Ok(None),
+        Some(raw) if raw.value.len() < 8 => Err(with_origin(
+            id,
+            &raw,
+            "must be at least 8 characters".into(),
+        )),
+        Some(raw) => Ok(Some(raw.value)),
+    }
+}
+
+fn parse_upstream(raw: &Raw) -> Result<UpstreamUrl, ConfigError> {
+    let err = |p: String| with_origin("upstream", raw, p);
+    let uri: Uri = raw
+        .value
+        .trim()
+        .parse()
+        .map_err(|_| err(format!("invalid URL {:?}", raw.value)))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => {
+            return Err(err(format!(
+                "{:?} must start with http:// or https://",
+                raw.value
+            )));
+        }
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| err(format!("{:?} has no host", raw.value)))?;
+    if authority.as_str().contains('@') {
+        return Err(err("must not contain credentials".into()));
+    }
+    if uri.query().is_some() {
+        return Err(err("must not contain a query string".into()));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(UpstreamUrl {
+        scheme,
+        authority,
+        base_path,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid address {s:?} (expected IP:PORT, e.g. 0.0.0.0:8080)"))
+}
+
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(s.as_bytes()).map_err(|_| format!("invalid header name {s:?}"))
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h` (and combinations such as `1m30s`; `0` means zero).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|_| format!("invalid duration {s:?}"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("must be greater than zero, not {s:?}"));
+    }
+    Ok(d)
+}
+
+/// Parses `512KiB`, `256MiB`, `1GiB`, plain bytes (`1048576`, `100B`), and decimal `KB/MB/GB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid size {s:?} (e.g. 512KiB, 256MiB, 1GiB)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("invalid number {s:?}")),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        Ok(_) => Err(format!("must be in (0, 1], not {s:?}")),
+        Err(_) => Err(format!("invalid number {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_duration("banana"),
+            Err("invalid duration \"banana\"".to_string())
+        );
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("1.5GiB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        assert!(parse_size("18446744073709551615GiB").is_err());
+    }
+
+    fn err_of(args: &[&str]) -> String {
+        let mut v = vec!["chatwoot-cache"];
+        v.extend_from_slice(args);
+        Config::try_from_args(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        assert_eq!(
+            err_of(&["--upstream", "http://x", "--upstream-timeout", "banana"]),
+            "--upstream-timeout: invalid duration \"banana\""
+        );
+        assert!(err_of(&["--upstream", "ftp://x"]).starts_with("--upstream:"));
+        assert!(
+            err_of(&["--upstream", "http://x", "--breaker-failure-ratio", "2"])
+                .starts_with("--breaker-failure-ratio:")
+        );
+        assert!(
+            err_of(&["--upstream", "http://x", "--tls-cert-file", "Cargo.toml"])
+                .starts_with("--tls-cert-file:")
+        );
+        assert!(
+            err_of(&["--upstream", "http://x", "--cache-max-bytes", "1KiB"])
+                .starts_with("--max-object-bytes:")
+        );
+    }
+
+    #[test]
+    fn defaults_match_spec() {
+        let c = Config::for_upstream("https://app.chatwoot.com/").unwrap();
+        assert_eq!(c.cache_ttl, Duration::from_secs(10));
+        assert_eq!(c.stale_while_revalidate, Duration::from_secs(30));
+        assert_eq!(c.stale_if_error, Duration::from_secs(600));
+        assert_eq!(c.cache_max_bytes, 256 << 20);
+        assert_eq!(c.max_object_bytes, 4 << 20);
+        assert_eq!(c.upstream_max_in_flight, 256);
+        assert_eq!(c.breaker_min_requests, 20);
+        assert_eq!(c.token_header, "api_access_token");
+        assert!(c.upstream.is_https());
+        assert_eq!(c.upstream.base_path, "");
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+    }
+}

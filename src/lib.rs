@@ -1,0 +1,35 @@
+//! chatwoot-cache: a caching reverse proxy for the Chatwoot REST API.
+//!
+//! The request path, in the order a request meets the modules:
+//!
+//! - [`server`]: accept loops (plain or TLS), HTTP/1.1 + h2, graceful shutdown.
+//! - [`proxy`]: the per-request handler that ties everything together.
+//! - [`routing`]: classifies a request (conversation / protected / other) on its raw path and
+//!   finds what a write invalidates.
+//! - [`auth`]: token header validation and the keyed token *scope*.
+//! - [`cache`]: the conversation store, freshness, revalidation and single-flight fetches.
+//! - [`invalidation`]: O(1) generation counters bumped by writes, purges and webhooks.
+//! - [`upstream`]: the pooled HTTP/HTTPS client and request/response header rewriting.
+//! - [`protect`]: the upstream concurrency limit and the circuit breaker.
+//! - [`admin`]: health, readiness, metrics, purge API and webhook on the admin listener.
+//! - [`metrics`], [`access_log`], [`error`], [`body`], [`config`]: supporting pieces.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod invalidation;
+pub mod metrics;
+pub mod protect;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use proxy::Proxy;

@@ -1,0 +1,456 @@
+//! Circuit breaker: Closed → Open → HalfOpen (SPEC §6).
+//!
+//! - **Closed**: completions are counted in a sliding window (`--breaker-window`, in 10 buckets).
+//!   Once at least `--breaker-min-requests` completed and the failure share reaches
+//!   `--breaker-failure-ratio`, it opens.
+//! - **Open** for `--breaker-open` (or an upstream `Retry-After`, whichever is longer): every
+//!   request is rejected locally with the time left.
+//! - **HalfOpen**: exactly one request (the probe) goes through. Success closes the breaker;
+//!   failure reopens it for twice the previous period, up to 60 s.
+//!
+//! Completions that were admitted before the breaker opened are ignored once it has (their
+//! [`Ticket`] carries the epoch they were admitted in), so late stragglers cannot close it.
+//! Time is `tokio::time::Instant`, so tests run on paused time.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::time::Instant;
+
+/// The longest open period while probes keep failing.
+pub const MAX_OPEN: Duration = Duration::from_secs(60);
+const BUCKETS: usize = 10;
+
+/// Breaker settings.
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub window: Duration,
+    pub min_requests: u32,
+    pub failure_ratio: f64,
+    pub open: Duration,
+}
+
+/// The state, as exported by `chatwoot_cache_breaker_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
+}
+
+/// How an upstream exchange ended, as far as the breaker cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// Connect error, timeout, garbage, 500/502/503/504, 429. `retry_after` from a 429/503.
+    Failure {
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Whether a request may go upstream.
+#[derive(Debug)]
+pub enum Admission {
+    Allowed(Ticket),
+    /// Rejected locally; the upstream is open for `retry_after` more.
+    Rejected {
+        retry_after: Duration,
+    },
+}
+
+/// Proof of admission; report the outcome with [`Breaker::record`]. A probe ticket dropped
+/// without a result (client gone, shed) frees the probe slot for the next request.
+#[derive(Debug)]
+pub struct Ticket {
+    epoch: u64,
+    probe: bool,
+    recorded: bool,
+    breaker: Option<std::sync::Weak<Breaker>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.probe
+            && !self.recorded
+            && let Some(b) = self.breaker.take().and_then(|w| w.upgrade())
+        {
+            b.release_probe(self.epoch);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    start: Option<Instant>,
+    total: u32,
+    failures: u32,
+}
+
+#[derive(Debug)]
+enum State {
+    Closed,
+    Open { until: Instant, period: Duration },
+    HalfOpen { probing: bool, period: Duration },
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    epoch: u64,
+    buckets: [Bucket; BUCKETS],
+}
+
+/// The breaker. Shared as `Arc<Breaker>`; cheap uncontended mutex on each admission.
+#[derive(Debug)]
+pub struct Breaker {
+    cfg: BreakerConfig,
+    inner: Mutex<Inner>,
+    gauge: IntGauge,
+    me: std::sync::Weak<Breaker>,
+}
+
+impl Breaker {
+    pub fn new(cfg: BreakerConfig, gauge: IntGauge) -> std::sync::Arc<Self> {
+        gauge.set(BreakerState::Closed as i64);
+        std::sync::Arc::new_cyclic(|me| Breaker {
+            cfg,
+            inner: Mutex::new(Inner {
+                state: State::Closed,
+                epoch: 0,
+                buckets: [Bucket::default(); BUCKETS],
+            }),
+            gauge,
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the state half-written (every update is a
+        // single assignment), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> BreakerState {
+        match self.lock().state {
+            State::Closed => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Decides whether one request may go upstream now.
+    pub fn admit(&self) -> Admission {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let epoch = inner.epoch;
+        match inner.state {
+            State::Closed => Admission::Allowed(self.ticket(epoch, false)),
+            State::Open { until, period } if now >= until => {
+                inner.state = State::HalfOpen {
+                    probing: true,
+                    period,
+                };
+                self.gauge.set(BreakerState::HalfOpen as i64);
+                Admission::Allowed(self.ticket(epoch, true))
+            }
+            State::Open { until, .. } => Admission::Rejected {
+                retry_after: until - now,
+            },
+            State::HalfOpen {
+                probing: false,
+                period,
+            } => {
+                inner.state = State::HalfOpen {
+                    probing: true,
+                    period,
+                };
+                Admission::Allowed(self.ticket(epoch, true))
+            }
+            // A probe is out; its answer decides, typically within a second.
+            State::HalfOpen { probing: true, .. } => Admission::Rejected {
+                retry_after: Duration::from_secs(1),
+            },
+        }
+    }
+
+    fn ticket(&self, epoch: u64, probe: bool) -> Ticket {
+        Ticket {
+            epoch,
+            probe,
+            recorded: false,
+            breaker: probe.then(|| self.me.clone()),
+        }
+    }
+
+    /// Reports how an admitted request ended.
+    pub fn record(&self, mut ticket: Ticket, outcome: Outcome) {
+        ticket.recorded = true;
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if ticket.epoch != inner.epoch {
+            return; // admitted under an earlier state; its news is stale
+        }
+        match (&inner.state, ticket.probe) {
+            (State::HalfOpen { period, .. }, true) => {
+                let period = *period;
+                match outcome {
+                    Outcome::Success => self.close(&mut inner),
+                    Outcome::Failure { retry_after } => {
+                        let next = (period * 2).min(MAX_OPEN);
+                        self.open(&mut inner, now, next, retry_after);
+                    }
+                }
+            }
+            (State::Closed, false) => {
+                let failed = matches!(outcome, Outcome::Failure { .. });
+                let bucket = self.bucket(&mut inner, now);
+                bucket.total += 1;
+                bucket.failures += u32::from(failed);
+                if failed {
+                    let (total, failures) = self.window_counts(&inner, now);
+                    if total >= self.cfg.min_requests
+                        && f64::from(failures) >= self.cfg.failure_ratio * f64::from(total)
+                    {
+                        let retry_after = match outcome {
+                            Outcome::Failure { retry_after } => retry_after,
+                            Outcome::Success => None,
+                        };
+                        self.open(&mut inner, now, self.cfg.open, retry_after);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn release_probe(&self, epoch: u64) {
+        let mut inner = self.lock();
+        if inner.epoch == epoch
+            && let State::HalfOpen { period, .. } = inner.state
+        {
+            inner.state = State::HalfOpen {
+                probing: false,
+                period,
+            };
+        }
+    }
+
+    fn open(
+        &self,
+        inner: &mut Inner,
+        now: Instant,
+        period: Duration,
+        retry_after: Option<Duration>,
+    ) {
+        let hold = retry_after.map_or(period, |r| r.max(period));
+        inner.state = State::Open {
+            until: now + hold,
+            period,
+        };
+        inner.epoch += 1;
+        self.gauge.set(BreakerState::Open as i64);
+        tracing::warn!(
+            open_for_ms = hold.as_millis() as u64,
+            "circuit breaker opened"
+        );
+    }
+
+    fn close(&self, inner: &mut Inner) {
+        inner.state = State::Closed;
+        inner.epoch += 1;
+        inner.buckets = [Bucket::default(); BUCKETS];
+        self.gauge.set(BreakerState::Closed as i64);
+        tracing::info!("circuit breaker closed");
+    }
+
+    fn bucket_len(&self) -> Duration {
+        (self.cfg.window / BUCKETS as u32).max(Duration::from_millis(1))
+    }
+
+    /// The bucket for `now`, recycled if it belongs to an older turn of the ring.
+    fn bucket<'a>(&self, inner: &'a mut Inner, now: Instant) -> &'a mut Bucket {
+        let len = self.bucket_len();
+        let slot_start = |t: Instant| -> (usize, u128) {
+            // Position in an absolute bucket sequence, measured from a fixed origin.
+            let n = t.elapsed_since_origin().as_nanos() / len.as_nanos();
+            ((n % BUCKETS as u128) as usize, n)
+        };
+        let (idx, n) = slot_start(now);
+        let b = &mut inner.buckets[idx];
+        let current = b.start.map(|s| slot_start(s).1 == n).unwrap_or(false);
+        if !current {
+            *b = Bucket {
+                start: Some(now),
+                total: 0,
+                failures: 0,
+            };
+        }
+        b
+    }
+
+    fn window_counts(&self, inner: &Inner, now: Instant) -> (u32, u32) {
+        inner
+            .buckets
+            .iter()
+            .filter(|b| {
+                b.start
+                    .is_some_and(|s| now.saturating_duration_since(s) < self.cfg.window)
+            })
+            .fold((0, 0), |(t, f), b| (t + b.total, f + b.failures))
+    }
+}
+
+/// A fixed origin for bucket arithmetic (tokio's `Instant` has no epoch).
+trait SinceOrigin {
+    fn elapsed_since_origin(&self) -> Duration;
+}
+
+impl SinceOrigin for Instant {
+    fn elapsed_since_origin(&self) -> Duration {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(|| {
+            std::time::Instant::now()
+                .checked_sub(Duration::from_secs(3600))
+                .unwrap_or_else(std::time::Instant::now)
+        });
+        self.into_std().saturating_duration_since(origin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn breaker(min: u32) -> Arc<Breaker> {
+        Breaker::new(
+            BreakerConfig {
+                window: Duration::from_secs(10),
+                min_requests: min,
+                failure_ratio: 0.5,
+                open: Duration::from_secs(5),
+            },
+            IntGauge::new("b", "b").unwrap(),
+        )
+    }
+
+    fn run(b: &Breaker, outcome: Outcome) -> bool {
+        match b.admit() {
+            Admission::Allowed(t) => {
+                b.record(t, outcome);
+                true
+            }
+            Admission::Rejected { .. } => false,
+        }
+    }
+
+    const FAIL: Outcome = Outcome::Failure { retry_after: None };
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_only_after_min_requests_and_ratio() {
+        let b = breaker(4);
+        assert!(run(&b, FAIL));
+        assert!(run(&b, FAIL));
+        assert!(run(&b, FAIL));
+        assert_eq!(b.state(), BreakerState::Closed, "below min requests");
+        assert!(run(&b, FAIL));
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.gauge.get(), 2);
+        match b.admit() {
+            Admission::Rejected { retry_after } => assert_eq!(retry_after, Duration::from_secs(5)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_keep_it_closed() {
+        let b = breaker(4);
+        for _ in 0..10 {
+            assert!(run(&b, Outcome::Success));
+            assert!(run(&b, Outcome::Success));
+            assert!(run(&b, FAIL));
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_failures_leave_the_window() {
+        let b = breaker(4);
+        for _ in 0..3 {
+            run(&b, FAIL);
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        run(&b, FAIL);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_then_backoff_doubles_to_sixty() {
+        let b = breaker(1);
+        run(&b, FAIL);
+        let mut expected = Duration::from_secs(5);
+        for _ in 0..6 {
+            assert_eq!(b.state(), BreakerState::Open);
+            tokio::time::advance(expected).await;
+            let probe = match b.admit() {
+                Admission::Allowed(t) => t,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            assert!(
+                matches!(b.admit(), Admission::Rejected { .. }),
+                "one probe at a time"
+            );
+            b.record(probe, FAIL);
+            expected = (expected * 2).min(MAX_OPEN);
+            match b.admit() {
+                Admission::Rejected { retry_after } => assert_eq!(retry_after, expected),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(expected, MAX_OPEN);
+        tokio::time::advance(expected).await;
+        assert!(run(&b, Outcome::Success));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.gauge.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_a_floor() {
+        let b = breaker(1);
+        run(
+            &b,
+            Outcome::Failure {
+                retry_after: Some(Duration::from_secs(30)),
+            },
+        );
+        match b.admit() {
+            Admission::Rejected { retry_after } => assert_eq!(retry_after, Duration::from_secs(30)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_probe_frees_the_slot_and_stragglers_are_ignored() {
+        let b = breaker(1);
+        let straggler = match b.admit() {
+            Admission::Allowed(t) => t,
+            _ => unreachable!(),
+        };
+        run(&b, FAIL);
+        b.record(straggler, Outcome::Success);
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "a pre-open success must not close it"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probe = match b.admit() {
+            Admission::Allowed(t) => t,
+            _ => unreachable!(),
+        };
+        drop(probe);
+        assert!(matches!(b.admit(), Admission::Allowed(_)), "slot freed");
+    }
+}

@@ -1,0 +1,63 @@
+//! Upstream protection (SPEC §6): a global concurrency limit with a queue deadline, and a
+//! circuit breaker. Both sit in front of every upstream request, all routes together.
+
+mod breaker;
+mod limiter;
+
+pub use breaker::{Admission, Breaker, BreakerConfig, BreakerState, Outcome, Ticket};
+pub use limiter::{Limiter, QueueTimeout, UpstreamPermit};
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use http::header::RETRY_AFTER;
+
+/// Reads `Retry-After` as delta-seconds or an HTTP date; absurd values are capped at one hour.
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate::parse_http_date(v).ok()?;
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(Duration::from_secs(3600)))
+}
+
+/// Whole seconds a client should wait, at least 1 (SPEC §6: `Retry-After` is client latency).
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_retry_after(&h), None);
+        h.insert(RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(RETRY_AFTER, "999999".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(3600)));
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        h.insert(RETRY_AFTER, soon.parse().unwrap());
+        let d = parse_retry_after(&h).unwrap();
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), None);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1200)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(5)), 5);
+    }
+}

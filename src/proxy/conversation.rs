@@ -1,0 +1,575 @@
+//! The conversation route (SPEC §5): answer from the store when allowed, otherwise fetch or
+//! revalidate through a single flight, and fall back to stale data when the upstream fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::{Answer, Proxy};
+use crate::body::{RequestBody, ResponseBody, UpstreamBody};
+use crate::cache::flight::Role;
+use crate::cache::rules::{
+    self, FetchResult, Forwarded, LargeBody, is_invalid_token_body, negative_entry, positive_entry,
+    refreshed,
+};
+use crate::cache::{CacheKey, Entry, Freshness};
+use crate::metrics::{RevalidationOutcome, XCache};
+use crate::routing::RouteLabel;
+use crate::upstream::{ClientInfo, UpstreamError, is_failure_status, strip_response_hop_by_hop};
+
+impl Proxy {
+    pub(crate) async fn conversation(
+        self: &Arc<Self>,
+        key: CacheKey,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Answer {
+        let head = req.method() == Method::HEAD;
+        let now = Instant::now();
+        let stored = self.store.lookup(&key, now).await;
+        if let Some(entry) = &stored {
+            match self.store.policy.freshness(entry, now) {
+                Freshness::Fresh { remaining } => {
+                    let status = cache_status_hit(remaining, None);
+                    return render(entry, &req, now, XCache::Hit, status, head);
+                }
+                Freshness::StaleWhileRevalidate { stale_for } => {
+                    self.revalidate_in_background(key, entry.clone(), &req, client);
+                    let status = cache_status_hit_stale(stale_for);
+                    return render(entry, &req, now, XCache::Stale, status, head);
+                }
+                Freshness::MustRevalidate => {}
+            }
+        }
+        let prior = stored.filter(|e| !e.is_negative());
+        let (flight, role) = self.start_fetch(key, prior.clone(), &req, client);
+        if role == Role::Waiter {
+            self.metrics.coalesced.inc();
+        }
+        let result = flight.await;
+        let collapsed = role == Role::Waiter;
+        let now = Instant::now();
+        match &*result {
+            FetchResult::Entry {
+                entry,
+                xcache,
+                fwd_status,
+                detail,
+                stored,
+            } => {
+                let status = cache_status_forward(
+                    prior.is_some(),
+                    Some(*fwd_status),
+                    *stored,
+                    *detail,
+                    collapsed,
+                );
+                render(entry, &req, now, *xcache, status, head)
+            }
+            FetchResult::Forward(fwd) => {
+                if is_failure_status(fwd.status)
+                    && let Some(stale) = prior
+                        .as_ref()
+                        .filter(|e| self.store.policy.usable_if_error(e, now))
+                {
+                    return stale_if_error(stale, &req, now, fwd.status.as_u16(), head);
+                }
+                forwarded(fwd, prior.is_some(), collapsed, head)
+            }
+            FetchResult::Failed(err) => {
+                if let Some(stale) = prior
+                    .as_ref()
+                    .filter(|e| self.store.policy.usable_if_error(e, now))
+                {
+                    return stale_if_error(stale, &req, now, err.fwd_status(), head);
+                }
+                let mut answer = Answer::local(err.to_local(), self.token_header_name());
+                answer.response.headers_mut().insert(
+                    super::CACHE_STATUS.clone(),
+                    HeaderValue::from_static("chatwoot-cache; fwd=miss; detail=upstream-failed"),
+                );
+                answer
+            }
+            FetchResult::TooLarge(slot) => {
+                let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match taken {
+                    Some(large) => too_large(large, head),
+                    // Someone else is streaming the only copy; fetch our own, uncached.
+                    None => {
+                        self.forward(req, client, crate::routing::Route::Protected, None)
+                            .await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Joins or starts the single flight for `key`.
+    fn start_fetch(
+        self: &Arc<Self>,
+        key: CacheKey,
+        prior: Option<Arc<Entry>>,
+        req: &Request<Incoming>,
+        client: ClientInfo,
+    ) -> (crate::cache::flight::FlightFuture<FetchResult>, Role) {
+        let stamp = self.store.stamp(&key);
+        self.store.flights.join_or_start(
+            key,
+            stamp,
+            || {
+                let upstream_req = self.fetch_request(req, client);
+                let proxy = Arc::clone(self);
+                async move {
+                    match upstream_req {
+                        Ok(r) => proxy.fetch(key, r, prior, stamp).await,
+                        Err(_) => FetchResult::Failed(UpstreamError::BadResponse(
+                            "cannot build upstream request".into(),
+                        )),
+                    }
+                }
+            },
+            || FetchResult::Failed(UpstreamError::BadResponse("fetch task failed".into())),
+        )
+    }
+
+    /// Starts (at most one) background revalidation for a stale entry.
+    fn revalidate_in_background(
+        self: &Arc<Self>,
+        key: CacheKey,
+        entry: Arc<Entry>,
+        req: &Request<Incoming>,
+        client: ClientInfo,
+    ) {
+        // Dropping the handle is fine: the flight's task runs to completion on its own.
+        let _ = self.start_fetch(key, Some(entry), req, client);
+    }
+
+    /// The upstream GET for a fetch: the client's end-to-end headers minus its conditionals
+    /// and ranges (the proxy sets its own validators), asking for an identity encoding.
+    fn fetch_request(
+        &self,
+        req: &Request<Incoming>,
+        client: ClientInfo,
+    ) -> Result<Request<RequestBody>, http::Error> {
+        let mut r = self.upstream.request(
+            &Method::GET,
+            req.uri(),
+            req.headers(),
+            &client,
+            false,
+            RequestBody::Empty,
+        )?;
+        let h = r.headers_mut();
+        for name in [
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+            header::IF_RANGE,
+            header::RANGE,
+            header::CONTENT_LENGTH,
+        ] {
+            h.remove(name);
+        }
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        Ok(r)
+    }
+
+    /// One upstream exchange for `key`, applying the storage and revalidation rules.
+    async fn fetch(
+        self: Arc<Self>,
+        key: CacheKey,
+        mut req: Request<RequestBody>,
+        prior: Option<Arc<Entry>>,
+        stamp: u64,
+    ) -> FetchResult {
+        if let Some(p) = &prior {
+            if let Some(etag) = &p.upstream_etag {
+                req.headers_mut()
+                    .insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = &p.upstream_last_modified {
+                req.headers_mut()
+                    .insert(header::IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+        let revalidation = |outcome| {
+            if prior.is_some() {
+                self.metrics.revalidation(outcome);
+            }
+        };
+        let start = Instant::now();
+        let exchange = match self
+            .upstream
+            .send(RouteLabel::Conversation, req, None, false)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                revalidation(RevalidationOutcome::Error);
+                return FetchResult::Failed(e);
+            }
+        };
+        let (mut parts, incoming) = exchange.response.into_parts();
+        let status = parts.status;
+        strip_response_hop_by_hop(status, &mut parts.headers);
+        let headers = parts.headers;
+        let timeout = self.upstream.timeout();
+        let body = UpstreamBody::new(incoming, timeout, exchange.permit);
+        let deadline = start + timeout;
+        let policy = &self.store.policy;
+        let max = policy.max_object_bytes;
+
+        if status == StatusCode::OK
+            && !is_encoded(&headers)
+            && content_length(&headers).is_some_and(|n| n > max)
+        {
+            return FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
+                status,
+                headers,
+                body,
+            })));
+        }
+        let bytes = match collect_limited(body, max, deadline).await {
+            Ok(b) => b,
+            Err(Collect::TooLarge(body)) => {
+                return FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
+                    status,
+                    headers,
+                    body,
+                })));
+            }
+            Err(Collect::Timeout) => {
+                revalidation(RevalidationOutcome::Error);
+                return FetchResult::Failed(UpstreamError::Timeout);
+            }
+            Err(Collect::Broken(detail)) => {
+                revalidation(RevalidationOutcome::Error);
+                return FetchResult::Failed(UpstreamError::BadResponse(detail));
+            }
+        };
+        let now = Instant::now();
+
+        if status == StatusCode::NOT_MODIFIED
+            && let Some(prior) = prior.as_deref()
+        {
+            let entry = Arc::new(refreshed(prior, Some(&headers), stamp, now));
+            self.store.insert(key, entry.clone()).await;
+            revalidation(RevalidationOutcome::NotModified);
+            return FetchResult::Entry {
+                entry,
+                xcache: XCache::Revalidated,
+                fwd_status: 304,
+                detail: None,
+                stored: true,
+            };
+        }
+        match status {
+            StatusCode::OK if !is_encoded(&headers) => {
+                let Some(probe) = rules::probe(&bytes, key.account, key.conversation) else {
+                    return FetchResult::Forward(Forwarded {
+                        status,
+                        headers,
+                        body: bytes,
+                    });
+                };
+                if let Some(prior) = prior.as_deref() {
+                    if let (Some(old), Some(new)) = (&prior.updated_at, &probe.updated_at)
+                        && new < old
+                    {
+                        // updated_at only moves forward: keep the newer stored body.
+                        let entry = Arc::new(refreshed(prior, None, stamp, now));
+                        self.store.insert(key, entry.clone()).await;
+                        revalidation(RevalidationOutcome::Older);
+                        tracing::info!(
+                            account = key.account,
+                            conversation = key.conversation,
+                            "upstream sent an older updated_at; kept the stored entry"
+                        );
+                        return FetchResult::Entry {
+                            entry,
+                            xcache: XCache::Revalidated,
+                            fwd_status: 200,
+                            detail: Some("older-upstream"),
+                            stored: false,
+                        };
+                    }
+                    if prior.updated_at == probe.updated_at && prior.body == bytes {
+                        let entry =
+                            Arc::new(positive_entry(&headers, bytes, probe, stamp, policy, now));
+                        self.store.insert(key, entry.clone()).await;
+                        revalidation(RevalidationOutcome::Unchanged);
+                        return FetchResult::Entry {
+                            entry,
+                            xcache: XCache::Revalidated,
+                            fwd_status: 200,
+                            detail: None,
+                            stored: true,
+                        };
+                    }
+                    revalidation(RevalidationOutcome::Changed);
+                }
+                let entry = Arc::new(positive_entry(&headers, bytes, probe, stamp, policy, now));
+                self.store.insert(key, entry.clone()).await;
+                FetchResult::Entry {
+                    entry,
+                    xcache: XCache::Miss,
+                    fwd_status: 200,
+                    detail: None,
+                    stored: true,
+                }
+            }
+            StatusCode::UNAUTHORIZED if is_invalid_token_body(&bytes) => {
+                revalidation(RevalidationOutcome::Changed);
+                self.token_refused(key.scope);
+                FetchResult::Forward(Forwarded {
+                    status,
+                    headers,
+                    body: bytes,
+                })
+            }
+            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED => {
+                // This user may not see this conversation (or it is gone): remember that for
+                // --negative-ttl, and never keep serving an older 200 for the key.
+                revalidation(RevalidationOutcome::Changed);
+                if policy.negative_ttl.is_zero() {
+                    self.store.remove(&key).await;
+                    return FetchResult::Forward(Forwarded {
+                        status,
+                        headers,
+                        body: bytes,
+                    });
+                }
+                let entry = Arc::new(negative_entry(status, &headers, bytes, stamp, policy, now));
+                self.store.remove(&key).await;
+                self.store.insert(key, entry.clone()).await;
+                FetchResult::Entry {
+                    entry,
+                    xcache: XCache::Miss,
+                    fwd_status: status.as_u16(),
+                    detail: None,
+                    stored: true,
+                }
+            }
+            _ => {
+                if is_failure_status(status) {
+                    revalidation(RevalidationOutcome::Error);
+                }
+                FetchResult::Forward(Forwarded {
+                    status,
+                    headers,
+                    body: bytes,
+                })
+            }
+        }
+    }
+}
+
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+enum Collect {
+    /// Over the limit: the body so far is replayed ahead of the rest.
+    TooLarge(UpstreamBody),
+    Timeout,
+    Broken(String),
+}
+
+/// Reads a whole body of at most `limit` bytes before `deadline`.
+async fn collect_limited(
+    mut body: UpstreamBody,
+    limit: u64,
+    deadline: Instant,
+) -> Result<Bytes, Collect> {
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(Collect::Timeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(Collect::Broken(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() as u64 > limit {
+                return Err(Collect::TooLarge(body.with_prefix(buf.freeze())));
+            }
+        }
+    }
+}
+
+fn render(
+    entry: &Entry,
+    req: &Request<Incoming>,
+    now: Instant,
+    xcache: XCache,
+    cache_status: HeaderValue,
+    head: bool,
+) -> Answer {
+    let not_modified = entry.not_modified_for(req.headers());
+    Answer {
+        response: entry.render(now, xcache, cache_status, head, not_modified),
+        cache: xcache,
+        upstream_status: None,
+    }
+}
+
+fn stale_if_error(
+    entry: &Entry,
+    req: &Request<Incoming>,
+    now: Instant,
+    fwd_status: u16,
+    head: bool,
+) -> Answer {
+    let status = header_value(format!(
+        "chatwoot-cache; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
+    ));
+    let mut answer = render(entry, req, now, XCache::Stale, status, head);
+    answer.upstream_status = Some(fwd_status);
+    answer
+}
+
+fn forwarded(fwd: &Forwarded, had_prior: bool, collapsed: bool, head: bool) -> Answer {
+    let mut resp = Response::new(if head {
+        ResponseBody::empty()
+    } else {
+        ResponseBody::full(fwd.body.clone())
+    });
+    *resp.status_mut() = fwd.status;
+    *resp.headers_mut() = fwd.headers.clone();
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(fwd.body.len()));
+    resp.headers_mut().insert(
+        super::CACHE_STATUS.clone(),
+        cache_status_forward(had_prior, Some(fwd.status.as_u16()), false, None, collapsed),
+    );
+    Answer {
+        response: resp,
+        cache: XCache::Miss,
+        upstream_status: Some(fwd.status.as_u16()),
+    }
+}
+
+fn too_large(large: LargeBody, head: bool) -> Answer {
+    let status = large.status;
+    let mut resp = Response::new(if head {
+        ResponseBody::empty()
+    } else {
+        ResponseBody::upstream(large.body)
+    });
+    *resp.status_mut() = status;
+    *resp.headers_mut() = large.headers;
+    resp.headers_mut().insert(
+        super::CACHE_STATUS.clone(),
+        HeaderValue::from_static("chatwoot-cache; fwd=miss; fwd-status=200; detail=too-large"),
+    );
+    Answer {
+        response: resp,
+        cache: XCache::Miss,
+        upstream_status: Some(status.as_u16()),
+    }
+}
+
+fn header_value(s: String) -> HeaderValue {
+    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("chatwoot-cache"))
+}
+
+/// `chatwoot-cache; hit; ttl=7` (RFC 9211).
+fn cache_status_hit(remaining: Duration, detail: Option<&str>) -> HeaderValue {
+    let ttl = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
+    match detail {
+        None => header_value(format!("chatwoot-cache; hit; ttl={ttl}")),
+        Some(d) => header_value(format!("chatwoot-cache; hit; ttl={ttl}; detail={d}")),
+    }
+}
+
+/// `chatwoot-cache; hit; ttl=-3; detail=stale-while-revalidate`: negative ttl = stale for.
+fn cache_status_hit_stale(stale_for: Duration) -> HeaderValue {
+    header_value(format!(
+        "chatwoot-cache; hit; ttl=-{}; detail=stale-while-revalidate",
+        stale_for.as_secs()
+    ))
+}
+
+/// `chatwoot-cache; fwd=miss; stored`, `chatwoot-cache; fwd=stale; fwd-status=304`, ….
+fn cache_status_forward(
+    had_prior: bool,
+    fwd_status: Option<u16>,
+    stored: bool,
+    detail: Option<&str>,
+    collapsed: bool,
+) -> HeaderValue {
+    let mut s = String::from(if had_prior {
+        "chatwoot-cache; fwd=stale"
+    } else {
+        "chatwoot-cache; fwd=miss"
+    });
+    // SPEC's canonical first-store form is `fwd=miss; stored` without a status.
+    if let Some(code) = fwd_status
+        && (had_prior || code != 200 || !stored)
+    {
+        s.push_str("; fwd-status=");
+        s.push_str(&code.to_string());
+    }
+    if stored {
+        s.push_str("; stored");
+    }
+    if collapsed {
+        s.push_str("; collapsed");
+    }
+    if let Some(d) = detail {
+        s.push_str("; detail=");
+        s.push_str(d);
+    }
+    header_value(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_status_strings() {
+        assert_eq!(
+            cache_status_hit(Duration::from_millis(6200), None),
+            "chatwoot-cache; hit; ttl=7"
+        );
+        assert_eq!(
+            cache_status_forward(false, Some(200), true, None, false),
+            "chatwoot-cache; fwd=miss; stored"
+        );
+        assert_eq!(
+            cache_status_forward(true, Some(304), true, None, true),
+            "chatwoot-cache; fwd=stale; fwd-status=304; stored; collapsed"
+        );
+        assert_eq!(
+            cache_status_forward(false, Some(500), false, None, false),
+            "chatwoot-cache; fwd=miss; fwd-status=500"
+        );
+        assert_eq!(
+            cache_status_hit_stale(Duration::from_secs(3)),
+            "chatwoot-cache; hit; ttl=-3; detail=stale-while-revalidate"
+        );
+    }
+}

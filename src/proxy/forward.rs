@@ -1,0 +1,192 @@
+//! Transparent pass-through (SPEC §3): protected and other routes, non-canonical conversation
+//! spellings, alternate-auth requests, and HTTP/1.1 upgrades (ActionCable on `/cable`).
+//!
+//! Bodies stream both ways. A 2xx write invalidates what it touched *before* its response
+//! headers are returned, so a read sent after the write's response cannot see the old body.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{Answer, Proxy};
+use crate::auth::Scope;
+use crate::body::{Progress, RequestBody, ResponseBody, UpstreamBody};
+use crate::cache::rules::is_invalid_token_body;
+use crate::error::LocalError;
+use crate::metrics::{InvalidationSource, XCache};
+use crate::routing::{self, Route, WriteTarget};
+use crate::upstream::{ClientInfo, strip_response_hop_by_hop};
+
+/// Largest 401 body read to look for "Invalid Access Token" (Chatwoot's is 32 bytes).
+const AUTH_BODY_PEEK: u64 = 4096;
+
+impl Proxy {
+    /// Forwards a request unchanged (bar hop-by-hop and `X-Forwarded-*`); `X-Cache: BYPASS`.
+    pub(crate) async fn forward(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        client: ClientInfo,
+        route: Route,
+        scope: Option<Scope>,
+    ) -> Answer {
+        let upgrade = is_upgrade_request(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, incoming) = req.into_parts();
+        let (body, progress) = if incoming.is_end_stream() {
+            (RequestBody::Empty, None)
+        } else {
+            let progress = Progress::new();
+            (
+                RequestBody::Client {
+                    inner: incoming,
+                    progress: progress.clone(),
+                },
+                Some(progress),
+            )
+        };
+        let upstream_req = match self.upstream.request(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &client,
+            upgrade,
+            body,
+        ) {
+            Ok(r) => r,
+            Err(_) => return Answer::local(LocalError::BadGateway, self.token_header_name()),
+        };
+        let exchange = match self
+            .upstream
+            .send(route.label(), upstream_req, progress.as_deref(), upgrade)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => return Answer::local(e.to_local(), self.token_header_name()),
+        };
+        let mut response = exchange.response;
+        let status = response.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                // A 101 we did not ask for cannot be relayed.
+                return Answer::local(LocalError::BadGateway, self.token_header_name());
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            let mut headers = std::mem::take(response.headers_mut());
+            strip_response_hop_by_hop(status, &mut headers);
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
+            return Answer {
+                response: resp,
+                cache: XCache::Bypass,
+                upstream_status: Some(101),
+            };
+        }
+        let (mut resp_parts, resp_body) = response.into_parts();
+        strip_response_hop_by_hop(status, &mut resp_parts.headers);
+
+        if status.is_success() && routing::is_write(&parts.method) {
+            self.invalidate_after_write(parts.uri.path());
+        }
+
+        let body = UpstreamBody::new(resp_body, self.upstream.timeout(), exchange.permit);
+        let response_body = match scope {
+            Some(scope)
+                if status == StatusCode::UNAUTHORIZED && small_body(&resp_parts.headers) =>
+            {
+                // Read the (tiny) 401 to learn whether the token itself was refused.
+                match body.collect().await {
+                    Ok(collected) => {
+                        let bytes = collected.to_bytes();
+                        if is_invalid_token_body(&bytes) {
+                            self.token_refused(scope);
+                        }
+                        ResponseBody::full(bytes)
+                    }
+                    Err(_) => {
+                        return Answer::local(LocalError::BadGateway, self.token_header_name());
+                    }
+                }
+            }
+            _ => ResponseBody::upstream(body),
+        };
+        let mut resp = Response::from_parts(resp_parts, response_body);
+        *resp.version_mut() = Version::HTTP_11;
+        Answer {
+            response: resp,
+            cache: XCache::Bypass,
+            upstream_status: Some(status.as_u16()),
+        }
+    }
+
+    /// SPEC §7.1 write-through: the conversation (all scopes) or the whole account.
+    pub(crate) fn invalidate_after_write(&self, path: &str) {
+        match routing::write_target(path) {
+            Some(WriteTarget::Conversation {
+                account,
+                conversation,
+            }) => {
+                self.invalidate_conversation(account, conversation);
+                self.metrics.invalidation(InvalidationSource::Write);
+            }
+            Some(WriteTarget::Account { account }) => {
+                self.invalidate_account(account);
+                self.metrics.invalidation(InvalidationSource::Write);
+            }
+            None => {}
+        }
+    }
+
+    /// The upstream called this token invalid: refuse it locally for a while and drop every
+    /// entry stored under its scope.
+    pub(crate) fn token_refused(&self, scope: Scope) {
+        self.invalid_tokens.insert(scope);
+        self.store.generations.bump_scope(scope);
+    }
+}
+
+fn small_body(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .is_some_and(|n| n <= AUTH_BODY_PEEK)
+}
+
+/// HTTP/1.1 `Connection: upgrade` + `Upgrade: …` (h2 has no upgrades).
+fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Copies bytes both ways between the client and upstream once both sides switched protocols.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+}

@@ -1,0 +1,196 @@
+//! The per-request handler: classify → check the token → cache or forward → log.
+//!
+//! [`Proxy::handle`] never fails: every problem becomes a response (SPEC error bodies for the
+//! proxy's own answers), and every response carries `X-Cache`.
+
+mod conversation;
+mod forward;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::access_log::AccessGuard;
+use crate::auth::{self, Credentials, InvalidTokens, Scoper, TokenHeader};
+use crate::body::ResponseBody;
+use crate::cache::{CacheKey, CachePolicy, Store};
+use crate::config::Config;
+use crate::error::LocalError;
+use crate::metrics::{AuthRejection, Metrics, XCache};
+use crate::routing::{self, Route};
+use crate::tls::TlsError;
+use crate::upstream::{ClientInfo, Upstream};
+
+pub use crate::cache::entry::{CACHE_STATUS, X_CACHE};
+
+/// A start-up failure building the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("no secure randomness available for the token scope key")]
+    Random,
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Proxy {
+    pub config: Config,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    token_header: TokenHeader,
+    scoper: Scoper,
+    invalid_tokens: InvalidTokens,
+    ready: AtomicBool,
+}
+
+/// What a handler produced, before the access-log guard is attached.
+pub(crate) struct Answer {
+    pub response: Response<ResponseBody>,
+    pub cache: XCache,
+    pub upstream_status: Option<u16>,
+}
+
+impl Answer {
+    pub fn local(err: LocalError, token_header: &str) -> Answer {
+        Answer {
+            response: err.response(token_header),
+            cache: XCache::Local,
+            upstream_status: None,
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Result<Arc<Proxy>, StartupError> {
+        let metrics = Arc::new(Metrics::new()?);
+        let upstream = Upstream::new(&config, metrics.clone())?;
+        let policy = CachePolicy {
+            ttl: config.cache_ttl,
+            stale_while_revalidate: config.stale_while_revalidate,
+            stale_if_error: config.stale_if_error,
+            negative_ttl: config.negative_ttl,
+            max_object_bytes: config.max_object_bytes,
+        };
+        let store = Store::new(config.cache_max_bytes, policy, metrics.clone());
+        Ok(Arc::new(Proxy {
+            token_header: TokenHeader::new(config.token_header.clone()),
+            scoper: Scoper::random().map_err(|_| StartupError::Random)?,
+            invalid_tokens: InvalidTokens::new(config.auth_negative_ttl),
+            ready: AtomicBool::new(true),
+            config,
+            upstream,
+            metrics,
+            store,
+        }))
+    }
+
+    /// Readiness for `/readyz`: false from SIGTERM on.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn token_header_name(&self) -> &str {
+        self.token_header.name().as_str()
+    }
+
+    /// Handles one request on the public listener.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let route = routing::classify(&method, uri.path(), uri.query().is_some());
+        let answer = self.dispatch(route, req, client).await;
+        let Answer {
+            mut response,
+            cache,
+            upstream_status,
+        } = answer;
+        response
+            .headers_mut()
+            .insert(X_CACHE.clone(), cache.header_value());
+        let guard = AccessGuard::new(
+            method,
+            uri,
+            route.label(),
+            response.status().as_u16(),
+            cache,
+            upstream_status,
+            start,
+            self.metrics.clone(),
+        );
+        response.body_mut().set_guard(guard);
+        response
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        route: Route,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Answer {
+        if req.method() == Method::CONNECT {
+            return Answer::local(LocalError::MethodNotAllowed, self.token_header_name());
+        }
+        if route == Route::Other {
+            return self.forward(req, client, route, None).await;
+        }
+        let scope = match auth::inspect(req.headers(), req.uri().query(), &self.token_header) {
+            Credentials::Alternate => return self.forward(req, client, route, None).await,
+            Credentials::Missing => {
+                return self.reject(LocalError::MissingToken, AuthRejection::Missing);
+            }
+            Credentials::Malformed => {
+                return self.reject(LocalError::MalformedToken, AuthRejection::Malformed);
+            }
+            Credentials::Token(value) => self.scoper.scope(value.as_bytes()),
+        };
+        if self.invalid_tokens.contains(scope) {
+            return self.reject(LocalError::InvalidToken, AuthRejection::Invalid);
+        }
+        match route {
+            Route::Conversation {
+                account,
+                conversation,
+            } => {
+                let key = CacheKey {
+                    account,
+                    conversation,
+                    scope,
+                };
+                self.conversation(key, req, client).await
+            }
+            _ => self.forward(req, client, route, Some(scope)).await,
+        }
+    }
+
+    fn reject(&self, err: LocalError, reason: AuthRejection) -> Answer {
+        self.metrics.auth_rejection(reason);
+        Answer::local(err, self.token_header_name())
+    }
+
+    /// Invalidates (a, c) for every scope (write-through, webhook).
+    pub fn invalidate_conversation(&self, account: u64, conversation: u64) {
+        self.store
+            .generations
+            .bump_conversation(account, conversation);
+    }
+
+    /// Invalidates every entry of account `a`.
+    pub fn invalidate_account(&self, account: u64) {
+        self.store.generations.bump_account(account);
+    }
+}

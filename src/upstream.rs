@@ -1,0 +1,529 @@
+//! The upstream side: a pooled HTTP/HTTPS client, request and response header rewriting
+//! (hop-by-hop removal, `X-Forwarded-*`, `Host`), and [`Upstream::send`], which runs every
+//! upstream exchange through the breaker, the concurrency limit, deadlines and metrics.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::{BoxError, Progress, RequestBody};
+use crate::config::{Config, UpstreamUrl};
+use crate::error::LocalError;
+use crate::metrics::{Metrics, ShedReason};
+use crate::protect::{self, Admission, Breaker, BreakerConfig, Limiter, Outcome, UpstreamPermit};
+use crate::routing::RouteLabel;
+use crate::tls::{self, TlsError};
+
+/// Why an upstream exchange produced no usable response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("upstream timed out")]
+    Timeout,
+    #[error("invalid upstream response: {0}")]
+    BadResponse(String),
+    #[error("shed: no upstream slot within the queue timeout")]
+    Shed,
+    #[error("circuit breaker open")]
+    BreakerOpen { retry_after: Duration },
+}
+
+impl UpstreamError {
+    /// The local answer SPEC §4/§6 assigns.
+    pub fn to_local(&self) -> LocalError {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::BadResponse(_) => LocalError::BadGateway,
+            UpstreamError::Timeout => LocalError::Timeout,
+            UpstreamError::Shed => LocalError::Unavailable { retry_after: 1 },
+            UpstreamError::BreakerOpen { retry_after } => LocalError::Unavailable {
+                retry_after: protect::retry_after_secs(*retry_after),
+            },
+        }
+    }
+
+    /// The `fwd-status` a stale answer reports for this failure.
+    pub fn fwd_status(&self) -> u16 {
+        self.to_local().status().as_u16()
+    }
+
+    /// Whether the request was kept from the upstream (no upstream request was made).
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Shed | UpstreamError::BreakerOpen { .. }
+        )
+    }
+}
+
+/// A response whose headers arrived; the permit must travel with its body.
+pub struct Exchange {
+    pub response: Response<Incoming>,
+    pub permit: Option<UpstreamPermit>,
+}
+
+/// Connect deadline over TCP *and* TLS (hyper's connect timeout covers TCP only).
+#[derive(Clone)]
+pub struct Connector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+/// The connect deadline elapsed.
+#[derive(Debug, thiserror::Error)]
+#[error("connect timed out after {0:?}")]
+pub struct ConnectTimeout(Duration);
+
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>> + Send>>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let fut = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
+            }
+        })
+    }
+}
+
+type HttpClient = Client<Connector, RequestBody>;
+
+/// The upstream: where it is, how to reach it, and what protects it.
+pub struct Upstream {
+    client: HttpClient,
+    /// HTTP/1.1-only client for upgrades (h2 has no `Upgrade`).
+    upgrade_client: HttpClient,
+    url: UpstreamUrl,
+    host: HeaderValue,
+    timeout: Duration,
+    limiter: Limiter,
+    breaker: Arc<Breaker>,
+    metrics: Arc<Metrics>,
+}
+
+fn build_client(cfg: &Config, h2: bool) -> Result<HttpClient, TlsError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.upstream_connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let tls = tls::client_config(cfg.upstream_ca_file.as_deref())?;
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    let https = if h2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
+    let connector = Connector {
+        inner: https,
+        timeout: cfg.upstream_connect_timeout,
+    };
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(cfg.upstream_max_in_flight.min(1024))
+        .build(connector))
+}
+
+impl Upstream {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Upstream, TlsError> {
+        let host = HeaderValue::from_str(cfg.upstream.authority.as_str())
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        Ok(Upstream {
+            client: build_client(cfg, cfg.upstream.is_https())?,
+            upgrade_client: build_client(cfg, false)?,
+            url: cfg.upstream.clone(),
+            host,
+            timeout: cfg.upstream_timeout,
+            limiter: Limiter::new(
+                cfg.upstream_max_in_flight,
+                cfg.upstream_queue_timeout,
+                metrics.upstream_in_flight.clone(),
+            ),
+            breaker: Breaker::new(
+                BreakerConfig {
+                    window: cfg.breaker_window,
+                    min_requests: cfg.breaker_min_requests,
+                    failure_ratio: cfg.breaker_failure_ratio,
+                    open: cfg.breaker_open,
+                },
+                metrics.breaker_state.clone(),
+            ),
+            metrics,
+        })
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The absolute-form upstream URI for a client request's path and query.
+    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let mut b = Uri::builder()
+            .scheme(self.url.scheme.clone())
+            .authority(self.url.authority.clone());
+        b = match (self.url.base_path.is_empty(), pq) {
+            (true, Some(pq)) => b.path_and_query(pq.clone()),
+            (true, None) => b.path_and_query("/"),
+            (false, pq) => b.path_and_query(format!(
+                "{}{}",
+                self.url.base_path,
+                pq.map_or("/", |p| p.as_str())
+            )),
+        };
+        b.build()
+    }
+
+    /// Sends one request through breaker → limiter → client, with the upstream deadline.
+    /// `progress` lets a still-uploading request body extend the deadline.
+    pub async fn send(
+        &self,
+        route: RouteLabel,
+        req: Request<RequestBody>,
+        progress: Option<&Progress>,
+        upgrade: bool,
+    ) -> Result<Exchange, UpstreamError> {
+        let ticket = match self.breaker.admit() {
+            Admission::Allowed(t) => t,
+            Admission::Rejected { retry_after } => {
+                self.metrics.shed(ShedReason::BreakerOpen);
+                return Err(UpstreamError::BreakerOpen { retry_after });
+            }
+        };
+        let permit = match self.limiter.acquire().await {
+            Ok(p) => p,
+            Err(_) => {
+                self.metrics.shed(ShedReason::QueueTimeout);
+                return Err(UpstreamError::Shed);
+            }
+        };
+        let start = Instant::now();
+        let client = if upgrade {
+            &self.upgrade_client
+        } else {
+            &self.client
+        };
+        let result = self
+            .await_response(client.request(req), start, progress)
+            .await;
+        let elapsed = start.elapsed().as_secs_f64();
+        match result {
+            Ok(response) => {
+                let status = response.status();
+                self.metrics
+                    .observe_upstream(route, Some(status.as_u16()), elapsed);
+                self.breaker
+                    .record(ticket, breaker_outcome(status, response.headers()));
+                // An upgraded tunnel may live for hours; it must not hold a request slot.
+                let permit = (!upgrade).then_some(permit);
+                Ok(Exchange { response, permit })
+            }
+            Err(e) => {
+                self.metrics.observe_upstream(route, None, elapsed);
+                self.breaker
+                    .record(ticket, Outcome::Failure { retry_after: None });
+                tracing::warn!(route = route.as_str(), error = %e, "upstream request failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn await_response(
+        &self,
+        fut: hyper_util::client::legacy::ResponseFuture,
+        start: Instant,
+        progress: Option<&Progress>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        tokio::pin!(fut);
+        let mut deadline = start + self.timeout;
+        loop {
+            tokio::select! {
+                res = &mut fut => return res.map_err(classify_client_error),
+                _ = tokio::time::sleep_until(deadline) => {
+                    // A request body still uploading (or finished recently) moves the deadline:
+                    // the timeout measures upstream silence, not the size of the upload.
+                    match progress {
+                        Some(p) if p.last() + self.timeout > Instant::now() => {
+                            deadline = p.last() + self.timeout;
+                        }
+                        _ => return Err(UpstreamError::Timeout),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds the upstream request: same method, path, query and end-to-end headers in order;
+    /// hop-by-hop headers dropped; `X-Forwarded-*` set; `Host` = upstream authority.
+    pub fn request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        client: &ClientInfo,
+        upgrade: bool,
+        body: RequestBody,
+    ) -> Result<Request<RequestBody>, http::Error> {
+        let target = self.uri_for(uri.path_and_query())?;
+        let mut out = Request::builder()
+            .method(method.clone())
+            .uri(target)
+            .version(Version::HTTP_11)
+            .body(body)?;
+        let h = out.headers_mut();
+        let forwarded_host = headers.get(header::HOST).cloned().or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        copy_end_to_end(headers, h, upgrade);
+        h.insert(header::HOST, self.host.clone());
+        let mut xff = Vec::with_capacity(64);
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            xff.extend_from_slice(v.as_bytes());
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(client.addr.to_string().as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&xff) {
+            h.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        h.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if client.tls { "https" } else { "http" }),
+        );
+        match forwarded_host {
+            Some(v) => h.insert(X_FORWARDED_HOST.clone(), v),
+            None => h.remove(&X_FORWARDED_HOST),
+        };
+        if upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        Ok(out)
+    }
+}
+
+/// Who is on the other end of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub addr: IpAddr,
+    pub tls: bool,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive`/`Proxy-Connection`).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Whether `name` is listed in any `Connection` header of `headers`.
+fn named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+        })
+    })
+}
+
+/// Copies end-to-end headers in order. For an upgrade, `Upgrade` itself is kept.
+/// `Host` and the `X-Forwarded-*` trio are left to the caller.
+pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, keep_upgrade: bool) {
+    let has_connection = from.contains_key(header::CONNECTION);
+    to.reserve(from.len() + 4);
+    for (name, value) in from {
+        if name == header::HOST
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+        {
+            continue;
+        }
+        if is_hop_by_hop(name) && !(keep_upgrade && name == header::UPGRADE) {
+            continue;
+        }
+        if has_connection && named_in_connection(from, name) {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+/// Removes hop-by-hop headers from an upstream response in place (keeping `Upgrade` and
+/// `Connection` on a 101, which the client needs to complete the switch).
+pub fn strip_response_hop_by_hop(status: StatusCode, headers: &mut HeaderMap) {
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) && !switching {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for n in named {
+        headers.remove(&n);
+    }
+    for n in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        KEEP_ALIVE.clone(),
+        PROXY_CONNECTION.clone(),
+    ] {
+        headers.remove(&n);
+    }
+    if !switching {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether an upstream answer counts against the breaker.
+fn breaker_outcome(status: StatusCode, headers: &HeaderMap) -> Outcome {
+    match status.as_u16() {
+        429 | 503 => Outcome::Failure {
+            retry_after: protect::parse_retry_after(headers),
+        },
+        500 | 502 | 504 => Outcome::Failure { retry_after: None },
+        _ => Outcome::Success,
+    }
+}
+
+/// Whether an upstream status is a failure for stale-if-error purposes (5xx, 429).
+pub fn is_failure_status(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+fn classify_client_error(e: hyper_util::client::legacy::Error) -> UpstreamError {
+    let detail = error_chain(&e);
+    if e.is_connect() {
+        UpstreamError::Connect(detail)
+    } else {
+        UpstreamError::BadResponse(detail)
+    }
+}
+
+/// `legacy::Error`'s Display hides the cause; walk the chain for logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_dropped() {
+        let mut from = HeaderMap::new();
+        from.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        from.insert("x-secret-hop", "1".parse().unwrap());
+        from.insert("keep-alive", "timeout=5".parse().unwrap());
+        from.insert("te", "trailers".parse().unwrap());
+        from.insert("x-forwarded-proto", "spoofed".parse().unwrap());
+        from.insert("accept", "application/json".parse().unwrap());
+        from.insert("upgrade", "websocket".parse().unwrap());
+        let mut to = HeaderMap::new();
+        copy_end_to_end(&from, &mut to, false);
+        assert_eq!(to.len(), 1);
+        assert_eq!(to["accept"], "application/json");
+        let mut to = HeaderMap::new();
+        copy_end_to_end(&from, &mut to, true);
+        assert_eq!(to["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn response_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("etag", "W/\"x\"".parse().unwrap());
+        strip_response_hop_by_hop(StatusCode::OK, &mut h);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.insert("connection", "upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        strip_response_hop_by_hop(StatusCode::SWITCHING_PROTOCOLS, &mut h);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn breaker_classification() {
+        let h = HeaderMap::new();
+        assert_eq!(breaker_outcome(StatusCode::OK, &h), Outcome::Success);
+        assert_eq!(breaker_outcome(StatusCode::NOT_FOUND, &h), Outcome::Success);
+        assert_eq!(
+            breaker_outcome(StatusCode::UNAUTHORIZED, &h),
+            Outcome::Success
+        );
+        assert!(matches!(
+            breaker_outcome(StatusCode::BAD_GATEWAY, &h),
+            Outcome::Failure { .. }
+        ));
+        assert!(matches!(
+            breaker_outcome(StatusCode::TOO_MANY_REQUESTS, &h),
+            Outcome::Failure { .. }
+        ));
+        assert_eq!(
+            breaker_outcome(StatusCode::NOT_IMPLEMENTED, &h),
+            Outcome::Success
+        );
+    }
+}
