@@ -384,10 +384,12 @@ pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, keep_upgrade: bool)
         {
             continue;
         }
-        if is_hop_by_hop(name) && !(keep_upgrade && name == header::UPGRADE) {
+        let kept_upgrade = keep_upgrade && name == header::UPGRADE;
+        if kept_upgrade {
+            to.append(name.clone(), value.clone());
             continue;
         }
-        if has_connection && named_in_connection(from, name) {
+        if is_hop_by_hop(name) || (has_connection && named_in_connection(from, name)) {
             continue;
         }
         to.append(name.clone(), value.clone());
@@ -479,6 +481,7 @@ mod tests {
         from.insert("x-forwarded-proto", "spoofed".parse().unwrap());
         from.insert("accept", "application/json".parse().unwrap());
         from.insert("upgrade", "websocket".parse().unwrap());
+        from.append("connection", "upgrade".parse().unwrap());
         let mut to = HeaderMap::new();
         copy_end_to_end(&from, &mut to, false);
         assert_eq!(to.len(), 1);

@@ -1,0 +1,505 @@
+//! End-to-end: the transparent proxy (SPEC §3, §4, §8) against the fake Chatwoot.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use http_body_util::BodyExt;
+use support::*;
+
+const CONV: &str = "/api/v1/accounts/1/conversations/42";
+
+/// A missing token is refused locally with the SPEC error body, and never reaches Chatwoot.
+#[tokio::test]
+async fn missing_token_is_refused_locally() {
+    let (fake, proxy) = setup().await;
+    for path in [
+        CONV,
+        "/api/v1/accounts/1/contacts",
+        "/api/v2/accounts/1/reports",
+        "/api/v1/profile",
+    ] {
+        let r = get(&proxy.url(path), None).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(r.x_cache(), "LOCAL");
+        assert!(r.header("content-type").starts_with("application/json"));
+        assert!(
+            !r.header("date").is_empty(),
+            "every local answer carries Date"
+        );
+        let v = r.json();
+        assert_eq!(v["error"], "Missing api_access_token header");
+        assert_eq!(v["description"], "Missing api_access_token header");
+        assert_eq!(v["errors"][0]["field"], "api_access_token");
+        assert_eq!(v["errors"][0]["code"], "missing_token");
+    }
+    let empty = send(
+        Method::GET,
+        &proxy.url(CONV),
+        &[("api_access_token", "")],
+        b"",
+    )
+    .await;
+    assert_eq!(empty.json()["errors"][0]["code"], "missing_token");
+    assert_eq!(fake.requests(), 0);
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"chatwoot_cache_auth_rejections_total{reason="missing"}"#
+        ),
+        5.0
+    );
+}
+
+/// Two spellings, an over-long value or a non-visible byte are malformed.
+#[tokio::test]
+async fn malformed_tokens_are_refused() {
+    let (fake, proxy) = setup().await;
+    let long = "a".repeat(257);
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![
+            ("api_access_token", "admin-token"),
+            ("Api-Access-Token", "other"),
+        ],
+        vec![
+            ("api_access_token", "admin-token"),
+            ("api_access_token", "admin-token"),
+        ],
+        vec![("api_access_token", long.as_str())],
+        vec![("api_access_token", "has space")],
+    ];
+    for headers in cases {
+        let r = send(Method::GET, &proxy.url(CONV), &headers, b"").await;
+        assert_eq!(r.status, 401, "{headers:?}");
+        assert_eq!(r.x_cache(), "LOCAL");
+        assert_eq!(
+            r.json()["errors"][0]["code"],
+            "malformed_token",
+            "{headers:?}"
+        );
+    }
+    assert_eq!(fake.requests(), 0);
+}
+
+/// Any Rack spelling of the header is the token; it is forwarded unchanged.
+#[tokio::test]
+async fn token_spellings_are_accepted_and_forwarded_unchanged() {
+    let (fake, proxy) = setup().await;
+    let r = send(
+        Method::GET,
+        &proxy.url("/api/v1/accounts/1/contacts"),
+        &[("API-ACCESS-TOKEN", "admin-token")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "BYPASS");
+    let seen = fake.last_seen();
+    assert_eq!(seen.headers["api-access-token"], "admin-token");
+}
+
+/// devise and Authorization requests are forwarded untouched and never cached.
+#[tokio::test]
+async fn alternate_auth_bypasses_the_cache() {
+    let (fake, proxy) = setup().await;
+    for headers in [
+        vec![
+            ("authorization", "Bearer abc"),
+            ("api_access_token", "admin-token"),
+        ],
+        vec![
+            ("access-token", "a"),
+            ("client", "b"),
+            ("uid", "c@example.com"),
+            ("api_access_token", "admin-token"),
+        ],
+    ] {
+        let r = send(Method::GET, &proxy.url(CONV), &headers, b"").await;
+        assert_eq!(r.x_cache(), "BYPASS", "{headers:?}");
+        let r = send(Method::GET, &proxy.url(CONV), &headers, b"").await;
+        assert_eq!(r.x_cache(), "BYPASS");
+    }
+    assert_eq!(
+        fake.show_requests(),
+        4,
+        "every alternate-auth request reaches Chatwoot"
+    );
+}
+
+/// Other routes (widget, public API, assets) are forwarded without token checks.
+#[tokio::test]
+async fn other_routes_need_no_token() {
+    let (fake, proxy) = setup().await;
+    let r = get(&proxy.url("/echo/widget?website_token=x"), None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "BYPASS");
+    assert_eq!(fake.requests(), 1);
+}
+
+/// Forwarding rewrites exactly what SPEC §3 says and nothing else.
+#[tokio::test]
+async fn forwarding_headers() {
+    let (fake, proxy) = setup().await;
+    let r = send(
+        Method::POST,
+        &proxy.url("/echo/path?b=2&a=1&a=3"),
+        &[
+            ("host", "dashboards.internal:8443"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "spoofed"),
+            ("connection", "keep-alive, x-client-hop"),
+            ("x-client-hop", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom-one", "1"),
+            ("x-custom-two", "2"),
+        ],
+        b"hello",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = fake.last_seen();
+    assert_eq!(
+        seen.path_and_query, "/echo/path?b=2&a=1&a=3",
+        "query preserved byte for byte"
+    );
+    assert_eq!(seen.method, Method::POST);
+    let h = &seen.headers;
+    assert_eq!(h["host"], fake.addr.to_string());
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "dashboards.internal:8443");
+    assert!(
+        !h.contains_key("x-client-hop"),
+        "headers named in Connection are hop-by-hop"
+    );
+    assert!(!h.contains_key("keep-alive"));
+    assert!(!h.contains_key("connection"));
+    assert_eq!(h["x-custom-one"], "1");
+    let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    let one = names.iter().position(|n| *n == "x-custom-one").unwrap();
+    let two = names.iter().position(|n| *n == "x-custom-two").unwrap();
+    assert!(one < two, "header order preserved: {names:?}");
+    assert_eq!(r.json()["body_len"], 5);
+    // Response side: hop-by-hop named by the upstream's Connection is dropped, cookies pass.
+    assert!(r.headers.get("x-upstream-hop").is_none());
+    assert_eq!(r.header("set-cookie"), "_chatwoot_session=abc; path=/");
+}
+
+/// The first bytes of a slow upstream body reach the client before the upstream finishes.
+#[tokio::test]
+async fn response_bodies_stream() {
+    let (_fake, proxy) = setup().await;
+    let client = client();
+    let req = http::Request::get(proxy.url("/stream?chunks=6&delay_ms=200"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let start = Instant::now();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.headers()["x-cache"], "BYPASS");
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let first_at = start.elapsed();
+    assert!(first.starts_with(b"0000"));
+    let mut total = first.len();
+    while let Some(f) = body.frame().await {
+        total += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+    }
+    let all_at = start.elapsed();
+    assert_eq!(total, 6 * 1024);
+    assert!(
+        all_at >= Duration::from_millis(1000),
+        "upstream takes >= 1s: {all_at:?}"
+    );
+    assert!(
+        first_at < Duration::from_millis(600),
+        "first chunk at {first_at:?}, whole body at {all_at:?}"
+    );
+}
+
+/// A large upload streams through (the fake counts it chunk by chunk).
+#[tokio::test]
+async fn uploads_stream_through() {
+    let (_fake, proxy) = setup().await;
+    let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes, std::io::Error>::new(4);
+    let client: hyper_util::client::legacy::Client<
+        _,
+        http_body_util::channel::Channel<bytes::Bytes, std::io::Error>,
+    > = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let req = http::Request::post(proxy.url("/upload"))
+        .body(body)
+        .unwrap();
+    let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let sender = tokio::spawn(async move {
+        for _ in 0..64 {
+            tx.send_data(chunk.clone()).await.unwrap();
+        }
+    });
+    let resp = client.request(req).await.unwrap();
+    sender.await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["bytes"], 64u64 << 20);
+}
+
+/// Connect refused → 502 bad_gateway; hang → 504 upstream_timeout; garbage → 502.
+#[tokio::test]
+async fn upstream_failures_map_to_spec_errors() {
+    // Refused: a port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let proxy = start_proxy(config(&format!("http://{dead_addr}"))).await;
+    let r = get(&proxy.url("/echo"), None).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.x_cache(), "LOCAL");
+    assert_eq!(r.json()["errors"][0]["code"], "bad_gateway");
+
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.upstream_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(cfg).await;
+    fake.set_fault(Fault::Hang, Some(1));
+    let start = Instant::now();
+    let r = get(&proxy.url("/echo"), None).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["errors"][0]["code"], "upstream_timeout");
+    assert!(start.elapsed() < Duration::from_secs(2));
+
+    fake.set_fault(Fault::Garbage, Some(1));
+    let r = get(&proxy.url("/echo"), None).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["errors"][0]["code"], "bad_gateway");
+}
+
+/// An upstream that dies mid-body must not look like a complete response.
+#[tokio::test]
+async fn truncated_upstream_body_is_an_error_for_the_client() {
+    let (fake, proxy) = setup().await;
+    fake.set_fault(Fault::Truncate, Some(1));
+    let result = try_send(&client(), Method::GET, &proxy.url("/echo"), &[], b"").await;
+    assert!(
+        result.is_err(),
+        "client must see a broken body, got {result:?}"
+    );
+}
+
+/// An HTTP/1.1 upgrade (ActionCable) is tunnelled both ways.
+#[tokio::test]
+async fn websocket_upgrade_round_trip() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_fake, proxy) = setup().await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /cable HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"));
+    s.write_all(b"ping-frame-bytes").await.unwrap();
+    let mut echoed = vec![0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping-frame-bytes");
+}
+
+/// https upstream verified against a CA generated in the test (--upstream-ca-file).
+#[tokio::test]
+async fn tls_upstream_with_custom_ca() {
+    let pki = test_pki();
+    let fake = FakeChatwoot::start_tls(server_tls(&pki)).await;
+    let dir = temp_dir("ca");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let url = format!("https://localhost:{}", fake.addr.port());
+    let mut cfg = config(&url);
+    cfg.upstream_ca_file = Some(ca);
+    let proxy = start_proxy(cfg).await;
+    let r = conv(&proxy, 1, 42, "admin-token").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], 42);
+    assert_eq!(
+        fake.last_seen().headers["host"],
+        format!("localhost:{}", fake.addr.port())
+    );
+
+    // Without the CA the certificate is refused: 502, never a silent plaintext fallback.
+    let proxy = start_proxy(config(&url)).await;
+    let r = get(&proxy.url("/echo"), None).await;
+    assert_eq!(r.status, 502);
+}
+
+/// The proxy terminates TLS itself when given a certificate.
+#[tokio::test]
+async fn client_side_tls() {
+    let pki = test_pki();
+    let fake = FakeChatwoot::start().await;
+    let proxy = start_proxy_tls(config(&fake.url()), Some(server_tls(&pki))).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(chatwoot_cache::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let req = http::Request::get(format!("https://localhost:{}/echo", proxy.addr.port()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2, "ALPN offers h2");
+    assert_eq!(fake.last_seen().headers["x-forwarded-proto"], "https");
+}
+
+/// Health, readiness and metrics on the admin listener.
+#[tokio::test]
+async fn admin_endpoints() {
+    let (_fake, proxy) = setup().await;
+    assert_eq!(get(&proxy.admin_url("/healthz"), None).await.status, 200);
+    assert_eq!(get(&proxy.admin_url("/readyz"), None).await.status, 200);
+    let _ = get(&proxy.url("/echo"), None).await;
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"chatwoot_cache_requests_total{cache="bypass",route="other",status="2xx"}"#
+        ),
+        1.0
+    );
+    assert!(m.contains(
+        "chatwoot_cache_request_duration_seconds_bucket{cache=\"bypass\",route=\"other\""
+    ));
+    assert_eq!(
+        metric(
+            &m,
+            r#"chatwoot_cache_upstream_requests_total{route="other",status="2xx"}"#
+        ),
+        1.0
+    );
+    assert!(!m.contains("admin-token"), "no token in metrics");
+    assert_eq!(get(&proxy.admin_url("/nope"), None).await.status, 404);
+}
+
+/// Oversized headers get 431; a proxy never forwards them.
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let (fake, proxy) = setup().await;
+    let big = "x".repeat(70 * 1024);
+    let r = try_send(
+        &client(),
+        Method::GET,
+        &proxy.url("/echo"),
+        &[("x-big", big.as_str())],
+        b"",
+    )
+    .await;
+    match r {
+        Ok(r) => assert_eq!(r.status, 431),
+        Err(e) => panic!("expected a 431, got {e}"),
+    }
+    assert_eq!(fake.requests(), 0);
+}
+
+/// Content-Length + Transfer-Encoding: never forwarded as an ambiguous message; the upstream
+/// sees one chunk-framed request, and a request smuggled in the body is not executed.
+#[tokio::test]
+async fn conflicting_framing_cannot_smuggle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (fake, proxy) = setup().await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /echo/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 400") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = fake.seen();
+    assert!(
+        seen.iter().all(|s| s.path_and_query != "/echo/smuggled"),
+        "smuggled request reached upstream"
+    );
+    for s in &seen {
+        let both =
+            s.headers.contains_key("content-length") && s.headers.contains_key("transfer-encoding");
+        assert!(!both, "ambiguous framing forwarded");
+    }
+}
+
+/// A client that sends nothing (or a head too slowly) is disconnected.
+#[tokio::test]
+async fn slow_header_clients_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.client_header_timeout = Duration::from_millis(500);
+    let proxy = start_proxy(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "connection must be closed by the proxy");
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "a silent connection must be closed too");
+    assert_eq!(fake.requests(), 0);
+}
+
+/// SIGTERM-equivalent: readiness drops at once, in-flight requests finish, then exit.
+#[tokio::test]
+async fn graceful_shutdown_drains_in_flight() {
+    let fake = FakeChatwoot::start().await;
+    let mut proxy = start_proxy(config(&fake.url())).await;
+    fake.set_delay(Duration::from_millis(800));
+    let url = proxy.url("/echo/slow");
+    let slow = tokio::spawn(async move { get(&url, None).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let done = proxy.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&proxy.admin_url("/readyz"), None).await.status, 503);
+    assert!(
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
+        "listener closed"
+    );
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "in-flight request completed");
+    tokio::time::timeout(Duration::from_secs(3), done)
+        .await
+        .unwrap()
+        .unwrap();
+}
