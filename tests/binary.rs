@@ -1,0 +1,278 @@
+//! The built binary, black-box: configuration errors and exit codes (SPEC §2, §10), precedence
+//! flag > env > file > default, `--help`, port in use, and SIGTERM drain with a real signal.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chatwoot-cache"));
+    // The test environment must not leak settings into the binary.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CHATWOOT_CACHE_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Invalid values stop start-up with exit 2 and one line naming the setting.
+#[test]
+fn invalid_settings_exit_2_with_one_line() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--upstream", "http://x", "--upstream-timeout", "banana"], "error: --upstream-timeout: invalid duration \"banana\""),
+        (&["--upstream", "http://x", "--cache-max-bytes", "lots"], "error: --cache-max-bytes:"),
+        (&["--upstream", "http://x", "--breaker-failure-ratio", "1.5"], "error: --breaker-failure-ratio:"),
+        (&["--upstream", "http://x", "--upstream-max-in-flight", "0"], "error: --upstream-max-in-flight:"),
+        (&["--upstream", "http://x", "--log-format", "xml"], "error: --log-format:"),
+        (&["--upstream", "ftp://x"], "error: --upstream:"),
+        (&["--upstream", "http://x", "--listen", "nowhere"], "error: --listen:"),
+        (&["--upstream", "http://x", "--tls-cert-file", "Cargo.toml"], "error: --tls-cert-file: needs --tls-key-file"),
+        (&[], "error: --upstream: is required"),
+    ];
+    for (args, expected) in cases {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err:?}");
+        assert!(err.starts_with(expected), "{args:?}: {err:?}");
+    }
+    let o = run(&["--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// An environment variable names its source in the error.
+#[test]
+fn env_errors_name_the_variable() {
+    let o = bin()
+        .args(["--upstream", "http://x"])
+        .env("CHATWOOT_CACHE_CACHE_TTL", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: --cache-ttl: invalid duration \"soon\" (from CHATWOOT_CACHE_CACHE_TTL)"
+    );
+}
+
+/// An unreadable file is exit 1, one line.
+#[test]
+fn unreadable_files_exit_1() {
+    for args in [
+        vec!["--upstream", "http://x", "--config", "/nonexistent/chatwoot-cache.toml"],
+        vec!["--upstream", "https://x", "--upstream-ca-file", "/nonexistent/ca.pem"],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1);
+    }
+}
+
+/// `--help` documents every SPEC setting with its default.
+#[test]
+fn help_lists_every_setting_and_default() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for (flag, default) in [
+        ("--upstream", ""),
+        ("--listen", "0.0.0.0:8080"),
+        ("--admin-listen", "0.0.0.0:9090"),
+        ("--token-header", "api_access_token"),
+        ("--cache-ttl", "10s"),
+        ("--stale-while-revalidate", "30s"),
+        ("--stale-if-error", "10m"),
+        ("--negative-ttl", "5s"),
+        ("--auth-negative-ttl", "10s"),
+        ("--cache-max-bytes", "256MiB"),
+        ("--max-object-bytes", "4MiB"),
+        ("--upstream-timeout", "15s"),
+        ("--upstream-connect-timeout", "2s"),
+        ("--upstream-max-in-flight", "256"),
+        ("--upstream-queue-timeout", "1s"),
+        ("--breaker-window", "10s"),
+        ("--breaker-min-requests", "20"),
+        ("--breaker-failure-ratio", "0.5"),
+        ("--breaker-open", "5s"),
+        ("--upstream-ca-file", ""),
+        ("--tls-cert-file", ""),
+        ("--tls-key-file", ""),
+        ("--admin-token", ""),
+        ("--webhook-secret", ""),
+        ("--shutdown-timeout", "25s"),
+        ("--log-format", "text"),
+        ("--log-level", "info"),
+    ] {
+        let at = help.find(&format!("{flag} ")).unwrap_or_else(|| panic!("{flag} missing from --help"));
+        let env = format!("CHATWOOT_CACHE_{}", flag.trim_start_matches("--").replace('-', "_").to_uppercase());
+        let section = &help[at..];
+        let section = &section[..section[2..].find("\n      --").map_or(section.len(), |i| i + 2)];
+        assert!(section.contains(&env), "{flag}: env {env} not documented");
+        if !default.is_empty() {
+            assert!(section.contains(&format!("[default: {default}]")), "{flag}: default {default} not documented");
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Spawns the binary and waits until it logs that it listens.
+fn spawn(args: &[&str], envs: &[(&str, &str)]) -> (Child, BufReader<std::process::ChildStderr>) {
+    let mut child = bin()
+        .args(args)
+        .envs(envs.iter().copied())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut line = String::new();
+    while Instant::now() < deadline {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains("listening") {
+            return (child, err);
+        }
+    }
+    let _ = child.kill();
+    panic!("binary did not start: {line}");
+}
+
+/// A port already in use is exit 1 with one clear line.
+#[test]
+fn port_in_use_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let o = run(&["--upstream", "http://127.0.0.1:9", "--listen", &listen, "--admin-listen", &admin]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with(&format!("error: --listen {listen}:")), "{err}");
+}
+
+/// Precedence flag > env > file > default, checked on the running binary's behaviour
+/// (the token header it validates).
+#[tokio::test]
+async fn precedence_flag_env_file_default() {
+    let fake = FakeChatwoot::start().await;
+    let dir = temp_dir("precedence");
+    let file = dir.join("config.toml");
+    std::fs::write(
+        &file,
+        format!("upstream = \"{}\"\ntoken_header = \"x-from-file\"\ncache_ttl = \"1m\"\n", fake.url()),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let check = |header: &'static str, port: u16| async move {
+        let url = format!("http://127.0.0.1:{port}/api/v1/accounts/1/contacts");
+        let r = send(http::Method::GET, &url, &[(header, "admin-token")], b"").await;
+        // Forwarded (the proxy accepted it as the token header) or refused locally.
+        r.x_cache().to_string()
+    };
+    // file beats default
+    let p = free_port();
+    let (mut child, _e) = spawn(
+        &["--config", &file, "--listen", &format!("127.0.0.1:{p}"), "--admin-listen", &format!("127.0.0.1:{}", free_port())],
+        &[],
+    );
+    assert_eq!(check("x-from-file", p).await, "BYPASS");
+    assert_eq!(check("api_access_token", p).await, "LOCAL");
+    child.kill().unwrap();
+    let _ = child.wait();
+    // env beats file
+    let p = free_port();
+    let (mut child, _e) = spawn(
+        &["--config", &file, "--listen", &format!("127.0.0.1:{p}"), "--admin-listen", &format!("127.0.0.1:{}", free_port())],
+        &[("CHATWOOT_CACHE_TOKEN_HEADER", "x-from-env")],
+    );
+    assert_eq!(check("x-from-env", p).await, "BYPASS");
+    assert_eq!(check("x-from-file", p).await, "LOCAL");
+    child.kill().unwrap();
+    let _ = child.wait();
+    // flag beats env
+    let p = free_port();
+    let (mut child, _e) = spawn(
+        &[
+            "--config",
+            &file,
+            "--token-header",
+            "x-from-flag",
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        &[("CHATWOOT_CACHE_TOKEN_HEADER", "x-from-env")],
+    );
+    assert_eq!(check("x-from-flag", p).await, "BYPASS");
+    assert_eq!(check("x-from-env", p).await, "LOCAL");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
+/// SIGTERM: /readyz 503 at once, the slow in-flight request completes, exit 0; the access log
+/// never contains the token.
+#[tokio::test]
+async fn sigterm_drains_and_exits_0() {
+    let fake = FakeChatwoot::start().await;
+    fake.set_delay(Duration::from_millis(1500));
+    let p = free_port();
+    let a = free_port();
+    let (mut child, mut err) = spawn(
+        &[
+            "--upstream",
+            &fake.url(),
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{a}"),
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{p}/api/v1/accounts/1/conversations/42");
+    let slow = tokio::spawn(async move { get(&url, Some("admin-token")).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = try_send(&client(), http::Method::GET, &format!("http://127.0.0.1:{a}/readyz"), &[], b"").await;
+    assert_eq!(ready.map(|r| r.status.as_u16()).ok(), Some(503), "readiness drops at once");
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "in-flight request completed during the drain");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut err, &mut logs).unwrap();
+    let access: Vec<&str> = logs.lines().filter(|l| l.contains("\"target\":\"access\"")).collect();
+    assert_eq!(access.len(), 1, "one access line per request: {logs}");
+    let line: serde_json::Value = serde_json::from_str(access[0]).unwrap();
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/api/v1/accounts/1/conversations/42");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["cache"], "MISS");
+    assert_eq!(line["upstream_status"], 200);
+    assert!(line["duration_ms"].as_f64().unwrap() >= 1000.0);
+    assert!(!logs.contains("admin-token"), "the token never reaches a log");
+}
