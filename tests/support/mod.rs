@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+#[allow(unused_imports)]
 pub use fake::{FakeChatwoot, Fault};
 
 /// A running proxy.
