@@ -37,15 +37,23 @@ async fn start_origin(body: Bytes) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let body = body.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req| {
                     let body = body.clone();
                     async move {
                         let mut r = Response::new(Full::new(body));
-                        r.headers_mut().insert("content-type", "application/json; charset=utf-8".parse().unwrap());
-                        r.headers_mut().insert("cache-control", "max-age=0, private, must-revalidate".parse().unwrap());
+                        r.headers_mut().insert(
+                            "content-type",
+                            "application/json; charset=utf-8".parse().unwrap(),
+                        );
+                        r.headers_mut().insert(
+                            "cache-control",
+                            "max-age=0, private, must-revalidate".parse().unwrap(),
+                        );
                         Ok::<_, Infallible>(r)
                     }
                 });
@@ -61,7 +69,9 @@ async fn start_origin(body: Bytes) -> SocketAddr {
 async fn connect(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
     let stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     send
 }
@@ -72,7 +82,10 @@ async fn roundtrip(send: &mut SendRequest<Empty<Bytes>>, uri: &str, token: Optio
     if let Some(t) = token {
         b = b.header("api_access_token", t);
     }
-    let resp = send.send_request(b.body(Empty::new()).unwrap()).await.unwrap();
+    let resp = send
+        .send_request(b.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
     resp.into_body().collect().await.unwrap().to_bytes().len()
 }
 
@@ -93,7 +106,13 @@ fn hit_path(c: &mut Criterion) {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = public.local_addr().unwrap();
         let proxy = Proxy::new(cfg).unwrap();
-        tokio::spawn(server::run(proxy, public, admin, None, std::future::pending::<()>()));
+        tokio::spawn(server::run(
+            proxy,
+            public,
+            admin,
+            None,
+            std::future::pending::<()>(),
+        ));
         (addr, origin)
     });
     let uri = "/api/v1/accounts/1/conversations/42";
@@ -115,7 +134,9 @@ fn hit_path(c: &mut Criterion) {
 fn key_derivation(c: &mut Criterion) {
     let scoper = Scoper::random().unwrap();
     let token = b"x9Wq3hZ1nR4kL7pT2mV8cB5d";
-    c.bench_function("key/scope_hmac", |b| b.iter(|| scoper.scope(black_box(token))));
+    c.bench_function("key/scope_hmac", |b| {
+        b.iter(|| scoper.scope(black_box(token)))
+    });
 }
 
 fn storage_rules(c: &mut Criterion) {

@@ -27,7 +27,8 @@ use hyper_util::rt::TokioExecutor;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fake = fake::FakeChatwoot::start().await;
     let listen = std::env::var("DEMO_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
-    let admin_listen = std::env::var("DEMO_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into());
+    let admin_listen =
+        std::env::var("DEMO_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into());
     let config = Config::try_from_args([
         "chatwoot-cache",
         "--upstream",
@@ -48,22 +49,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("cannot listen on {listen} ({e}); set DEMO_LISTEN=127.0.0.1:18080"))?;
     let admin = tokio::net::TcpListener::bind(&admin_listen)
         .await
-        .map_err(|e| format!("cannot listen on {admin_listen} ({e}); set DEMO_ADMIN_LISTEN=127.0.0.1:19090"))?;
+        .map_err(|e| {
+            format!("cannot listen on {admin_listen} ({e}); set DEMO_ADMIN_LISTEN=127.0.0.1:19090")
+        })?;
     let proxy = Proxy::new(config)?;
     let server = tokio::spawn(server::run(proxy, public, admin, None, async {
         let _ = tokio::signal::ctrl_c().await;
     }));
 
-    println!("\nfake Chatwoot on {} — chatwoot-cache on http://{listen} (admin http://{admin_listen})\n", fake.url());
+    println!(
+        "\nfake Chatwoot on {} — chatwoot-cache on http://{listen} (admin http://{admin_listen})\n",
+        fake.url()
+    );
     let base = format!("http://{listen}");
     let conv = format!("{base}/api/v1/accounts/1/conversations/42");
     show(Method::GET, &conv, &[("api_access_token", "admin-token")]).await?;
     show(Method::GET, &conv, &[("api_access_token", "admin-token")]).await?;
     show(Method::GET, &conv, &[("api_access_token", "agent-token")]).await?;
     show(Method::GET, &conv, &[]).await?;
-    show(Method::POST, &format!("{conv}/toggle_priority"), &[("api_access_token", "admin-token")]).await?;
+    show(
+        Method::POST,
+        &format!("{conv}/toggle_priority"),
+        &[("api_access_token", "admin-token")],
+    )
+    .await?;
     show(Method::GET, &conv, &[("api_access_token", "admin-token")]).await?;
-    println!("\nChatwoot saw {} requests for the 6 above.", fake.requests());
+    println!(
+        "\nChatwoot saw {} requests for the 6 above.",
+        fake.requests()
+    );
     println!(
         "\nTry it:\n  curl -si -H 'api_access_token: admin-token' {conv}\n  \
          curl -s http://{admin_listen}/metrics | grep chatwoot_cache_requests_total\n  \
@@ -75,7 +89,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Sends one request and prints the status line, X-Cache and Cache-Status.
-async fn show(method: Method, url: &str, headers: &[(&str, &str)]) -> Result<(), Box<dyn std::error::Error>> {
+async fn show(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(), Box<dyn std::error::Error>> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = Request::builder().method(method.clone()).uri(url);
     for (k, v) in headers {
@@ -85,7 +103,12 @@ async fn show(method: Method, url: &str, headers: &[(&str, &str)]) -> Result<(),
     let status = resp.status();
     let h = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
-    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    let get = |n: &str| {
+        h.get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    };
     let token = headers.first().map(|(_, t)| *t).unwrap_or("(none)");
     let detail = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()

@@ -32,14 +32,35 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn invalid_settings_exit_2_with_one_line() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--upstream", "http://x", "--upstream-timeout", "banana"], "error: --upstream-timeout: invalid duration \"banana\""),
-        (&["--upstream", "http://x", "--cache-max-bytes", "lots"], "error: --cache-max-bytes:"),
-        (&["--upstream", "http://x", "--breaker-failure-ratio", "1.5"], "error: --breaker-failure-ratio:"),
-        (&["--upstream", "http://x", "--upstream-max-in-flight", "0"], "error: --upstream-max-in-flight:"),
-        (&["--upstream", "http://x", "--log-format", "xml"], "error: --log-format:"),
+        (
+            &["--upstream", "http://x", "--upstream-timeout", "banana"],
+            "error: --upstream-timeout: invalid duration \"banana\"",
+        ),
+        (
+            &["--upstream", "http://x", "--cache-max-bytes", "lots"],
+            "error: --cache-max-bytes:",
+        ),
+        (
+            &["--upstream", "http://x", "--breaker-failure-ratio", "1.5"],
+            "error: --breaker-failure-ratio:",
+        ),
+        (
+            &["--upstream", "http://x", "--upstream-max-in-flight", "0"],
+            "error: --upstream-max-in-flight:",
+        ),
+        (
+            &["--upstream", "http://x", "--log-format", "xml"],
+            "error: --log-format:",
+        ),
         (&["--upstream", "ftp://x"], "error: --upstream:"),
-        (&["--upstream", "http://x", "--listen", "nowhere"], "error: --listen:"),
-        (&["--upstream", "http://x", "--tls-cert-file", "Cargo.toml"], "error: --tls-cert-file: needs --tls-key-file"),
+        (
+            &["--upstream", "http://x", "--listen", "nowhere"],
+            "error: --listen:",
+        ),
+        (
+            &["--upstream", "http://x", "--tls-cert-file", "Cargo.toml"],
+            "error: --tls-cert-file: needs --tls-key-file",
+        ),
         (&[], "error: --upstream: is required"),
     ];
     for (args, expected) in cases {
@@ -72,8 +93,18 @@ fn env_errors_name_the_variable() {
 #[test]
 fn unreadable_files_exit_1() {
     for args in [
-        vec!["--upstream", "http://x", "--config", "/nonexistent/chatwoot-cache.toml"],
-        vec!["--upstream", "https://x", "--upstream-ca-file", "/nonexistent/ca.pem"],
+        vec![
+            "--upstream",
+            "http://x",
+            "--config",
+            "/nonexistent/chatwoot-cache.toml",
+        ],
+        vec![
+            "--upstream",
+            "https://x",
+            "--upstream-ca-file",
+            "/nonexistent/ca.pem",
+        ],
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
@@ -116,19 +147,35 @@ fn help_lists_every_setting_and_default() {
         ("--log-format", "text"),
         ("--log-level", "info"),
     ] {
-        let at = help.find(&format!("{flag} ")).unwrap_or_else(|| panic!("{flag} missing from --help"));
-        let env = format!("CHATWOOT_CACHE_{}", flag.trim_start_matches("--").replace('-', "_").to_uppercase());
+        let at = help
+            .find(&format!("{flag} "))
+            .unwrap_or_else(|| panic!("{flag} missing from --help"));
+        let env = format!(
+            "CHATWOOT_CACHE_{}",
+            flag.trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase()
+        );
         let section = &help[at..];
-        let section = &section[..section[2..].find("\n      --").map_or(section.len(), |i| i + 2)];
+        let section = &section[..section[2..]
+            .find("\n      --")
+            .map_or(section.len(), |i| i + 2)];
         assert!(section.contains(&env), "{flag}: env {env} not documented");
         if !default.is_empty() {
-            assert!(section.contains(&format!("[default: {default}]")), "{flag}: default {default} not documented");
+            assert!(
+                section.contains(&format!("[default: {default}]")),
+                "{flag}: default {default} not documented"
+            );
         }
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Spawns the binary and waits until it logs that it listens.
@@ -163,11 +210,21 @@ fn port_in_use_exits_1() {
     let port = taken.local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let admin = format!("127.0.0.1:{}", free_port());
-    let o = run(&["--upstream", "http://127.0.0.1:9", "--listen", &listen, "--admin-listen", &admin]);
+    let o = run(&[
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        &listen,
+        "--admin-listen",
+        &admin,
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with(&format!("error: --listen {listen}:")), "{err}");
+    assert!(
+        err.starts_with(&format!("error: --listen {listen}:")),
+        "{err}"
+    );
 }
 
 /// Precedence flag > env > file > default, checked on the running binary's behaviour
@@ -179,7 +236,10 @@ async fn precedence_flag_env_file_default() {
     let file = dir.join("config.toml");
     std::fs::write(
         &file,
-        format!("upstream = \"{}\"\ntoken_header = \"x-from-file\"\ncache_ttl = \"1m\"\n", fake.url()),
+        format!(
+            "upstream = \"{}\"\ntoken_header = \"x-from-file\"\ncache_ttl = \"1m\"\n",
+            fake.url()
+        ),
     )
     .unwrap();
     let file = file.to_str().unwrap().to_string();
@@ -192,7 +252,14 @@ async fn precedence_flag_env_file_default() {
     // file beats default
     let p = free_port();
     let (mut child, _e) = spawn(
-        &["--config", &file, "--listen", &format!("127.0.0.1:{p}"), "--admin-listen", &format!("127.0.0.1:{}", free_port())],
+        &[
+            "--config",
+            &file,
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
         &[],
     );
     assert_eq!(check("x-from-file", p).await, "BYPASS");
@@ -202,7 +269,14 @@ async fn precedence_flag_env_file_default() {
     // env beats file
     let p = free_port();
     let (mut child, _e) = spawn(
-        &["--config", &file, "--listen", &format!("127.0.0.1:{p}"), "--admin-listen", &format!("127.0.0.1:{}", free_port())],
+        &[
+            "--config",
+            &file,
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
         &[("CHATWOOT_CACHE_TOKEN_HEADER", "x-from-env")],
     );
     assert_eq!(check("x-from-env", p).await, "BYPASS");
@@ -254,18 +328,41 @@ async fn sigterm_drains_and_exits_0() {
     let url = format!("http://127.0.0.1:{p}/api/v1/accounts/1/conversations/42");
     let slow = tokio::spawn(async move { get(&url, Some("admin-token")).await });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = try_send(&client(), http::Method::GET, &format!("http://127.0.0.1:{a}/readyz"), &[], b"").await;
-    assert_eq!(ready.map(|r| r.status.as_u16()).ok(), Some(503), "readiness drops at once");
+    let ready = try_send(
+        &client(),
+        http::Method::GET,
+        &format!("http://127.0.0.1:{a}/readyz"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        ready.map(|r| r.status.as_u16()).ok(),
+        Some(503),
+        "readiness drops at once"
+    );
     let r = slow.await.unwrap();
-    assert_eq!(r.status, 200, "in-flight request completed during the drain");
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(
+        r.status, 200,
+        "in-flight request completed during the drain"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let mut logs = String::new();
     std::io::Read::read_to_string(&mut err, &mut logs).unwrap();
-    let access: Vec<&str> = logs.lines().filter(|l| l.contains("\"target\":\"access\"")).collect();
+    let access: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .collect();
     assert_eq!(access.len(), 1, "one access line per request: {logs}");
     let line: serde_json::Value = serde_json::from_str(access[0]).unwrap();
     assert_eq!(line["method"], "GET");
@@ -274,5 +371,8 @@ async fn sigterm_drains_and_exits_0() {
     assert_eq!(line["cache"], "MISS");
     assert_eq!(line["upstream_status"], 200);
     assert!(line["duration_ms"].as_f64().unwrap() >= 1000.0);
-    assert!(!logs.contains("admin-token"), "the token never reaches a log");
+    assert!(
+        !logs.contains("admin-token"),
+        "the token never reaches a log"
+    );
 }

@@ -70,7 +70,9 @@ impl Proxy {
                     *detail,
                     collapsed,
                 );
-                render(entry, &req, now, *xcache, status, head)
+                let mut answer = render(entry, &req, now, *xcache, status, head);
+                answer.upstream_status = Some(*fwd_status);
+                answer
             }
             FetchResult::Forward(fwd) => {
                 if is_failure_status(fwd.status)
