@@ -11,7 +11,6 @@
 //! Ports: `DEMO_LISTEN` / `DEMO_ADMIN_LISTEN` override the defaults.
 
 #[path = "../tests/support/fake.rs"]
-#[allow(dead_code)]
 mod fake;
 
 use std::time::Duration;

@@ -200,6 +200,7 @@ fn spawn(args: &[&str], envs: &[(&str, &str)]) -> (Child, BufReader<std::process
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("binary did not start: {line}");
 }
 
