@@ -208,7 +208,8 @@ impl Upstream {
         b.build()
     }
 
-    /// Sends one request through breaker → limiter → client, with the upstream deadline.
+    /// Sends one request through breaker → limiter → breaker re-check → client, with the
+    /// upstream deadline.
     /// `progress` lets a still-uploading request body extend the deadline.
     pub async fn send(
         &self,
@@ -229,6 +230,15 @@ impl Upstream {
             Err(_) => {
                 self.metrics.shed(ShedReason::QueueTimeout);
                 return Err(UpstreamError::Shed);
+            }
+        };
+        // The breaker may have opened while this request waited for a slot (behind the very
+        // failures that opened it): then it must not go out now, except as the probe.
+        let ticket = match self.breaker.recheck(ticket) {
+            Admission::Allowed(t) => t,
+            Admission::Rejected { retry_after } => {
+                self.metrics.shed(ShedReason::BreakerOpen);
+                return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
         let start = Instant::now();

@@ -174,6 +174,20 @@ impl Breaker {
         }
     }
 
+    /// Re-checks an admission after the request waited for an upstream slot. If the breaker
+    /// opened (or closed again) while it waited, the old ticket is void: the request is
+    /// admitted afresh under the current state (as the probe, if one is due) or rejected.
+    /// Without this, requests queued behind the failures that opened the breaker would reach
+    /// the upstream while it is open (SPEC §6: while open, only probes).
+    pub fn recheck(&self, ticket: Ticket) -> Admission {
+        if self.lock().epoch == ticket.epoch {
+            return Admission::Allowed(ticket);
+        }
+        // A void probe ticket frees nothing on drop: `release_probe` checks the epoch.
+        drop(ticket);
+        self.admit()
+    }
+
     fn ticket(&self, epoch: u64, probe: bool) -> Ticket {
         Ticket {
             epoch,
@@ -429,6 +443,46 @@ mod tests {
             Admission::Rejected { retry_after } => assert_eq!(retry_after, Duration::from_secs(30)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recheck_voids_tickets_issued_before_the_breaker_opened() {
+        let b = breaker(1);
+        let queued = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        let still_valid = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        run(&b, FAIL);
+        assert!(
+            matches!(b.recheck(queued), Admission::Rejected { .. }),
+            "opened while it waited"
+        );
+        // Once the open period is over, a voided ticket may become the probe.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probe = match b.recheck(still_valid) {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        // The probe's own ticket survives a recheck.
+        let probe = match b.recheck(probe) {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        b.record(probe, Outcome::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+        let t = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            matches!(b.recheck(t), Admission::Allowed(_)),
+            "closed: kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]

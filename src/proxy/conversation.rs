@@ -102,10 +102,30 @@ impl Proxy {
                 let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                 match taken {
                     Some(large) => too_large(large, head),
-                    // Someone else is streaming the only copy; fetch our own, uncached.
+                    // Someone else is streaming the only copy; fetch our own, uncached. It is
+                    // still the conversation route: labelled so in metrics, and `MISS` with a
+                    // `Cache-Status` (SPEC §3: BYPASS is for protected and other routes).
                     None => {
-                        self.forward(req, client, crate::routing::Route::Protected, None)
-                            .await
+                        let route = crate::routing::Route::Conversation {
+                            account: key.account,
+                            conversation: key.conversation,
+                        };
+                        let mut answer = self.forward(req, client, route, None).await;
+                        if answer.cache == XCache::Bypass {
+                            answer.cache = XCache::Miss;
+                            let status = answer.response.status().as_u16();
+                            answer.response.headers_mut().insert(
+                                super::CACHE_STATUS.clone(),
+                                cache_status_forward(
+                                    false,
+                                    Some(status),
+                                    false,
+                                    Some("too-large"),
+                                    false,
+                                ),
+                            );
+                        }
+                        answer
                     }
                 }
             }
@@ -408,7 +428,7 @@ async fn collect_limited(
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(Collect::Timeout),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(exact_size(buf)),
             Ok(Some(Err(e))) => return Err(Collect::Broken(e.to_string())),
             Ok(Some(Ok(f))) => f,
         };
@@ -418,6 +438,19 @@ async fn collect_limited(
                 return Err(Collect::TooLarge(body.with_prefix(buf.freeze())));
             }
         }
+    }
+}
+
+/// The collected body as `Bytes` that own exactly its length. A body that arrived in several
+/// frames grew `buf` by doubling, and a frozen `BytesMut` keeps its whole capacity alive while
+/// the entry's weight counts only the length: measured, a 5 KB body read in 1 KiB frames held
+/// 8 KiB, so `--cache-max-bytes` would under-count the heap by up to ~2x. Single-frame bodies
+/// (the usual case) already fit exactly and are not copied.
+fn exact_size(buf: BytesMut) -> Bytes {
+    if buf.capacity() > buf.len() {
+        Bytes::copy_from_slice(&buf)
+    } else {
+        buf.freeze()
     }
 }
 
@@ -508,9 +541,10 @@ fn cache_status_hit(remaining: Duration, detail: Option<&str>) -> HeaderValue {
 
 /// `chatwoot-cache; hit; ttl=-3; detail=stale-while-revalidate`: negative ttl = stale for.
 fn cache_status_hit_stale(stale_for: Duration) -> HeaderValue {
+    // Rounded up: a response past its TTL reports at least `ttl=-1`, never `ttl=-0`.
+    let secs = (stale_for.as_secs() + u64::from(stale_for.subsec_nanos() > 0)).max(1);
     header_value(format!(
-        "chatwoot-cache; hit; ttl=-{}; detail=stale-while-revalidate",
-        stale_for.as_secs()
+        "chatwoot-cache; hit; ttl=-{secs}; detail=stale-while-revalidate"
     ))
 }
 
@@ -550,6 +584,22 @@ fn cache_status_forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_bodies_own_exactly_their_length() {
+        // Grown past its length (as by several frames): copied into an exact allocation.
+        let mut grown = BytesMut::with_capacity(8192);
+        grown.extend_from_slice(&[7u8; 5023]);
+        let grown_ptr = grown.as_ptr();
+        let out = exact_size(grown);
+        assert_eq!(out.len(), 5023);
+        assert_ne!(out.as_ptr(), grown_ptr, "the oversized buffer was kept");
+        // Already exact: shared, not copied.
+        let mut exact = BytesMut::with_capacity(16);
+        exact.extend_from_slice(&[1u8; 16]);
+        let exact_ptr = exact.as_ptr();
+        assert_eq!(exact_size(exact).as_ptr(), exact_ptr);
+    }
 
     #[test]
     fn cache_status_strings() {

@@ -81,6 +81,13 @@ pub struct Seen {
 pub struct State {
     pub requests: AtomicUsize,
     pub show_requests: AtomicUsize,
+    /// Requests being handled now (until their response head is returned; a streamed body
+    /// is not counted) and the most seen at once: see `max_concurrency()`.
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+    /// Answer with `Connection: close`, so every upstream request opens a new connection:
+    /// socket-level faults then hit every request, and dropping the fake refuses connects.
+    pub close_connections: std::sync::atomic::AtomicBool,
     pub seen: Mutex<Vec<Seen>>,
     pub conversations: Mutex<HashMap<(u64, u64), Conversation>>,
     pub tokens: Mutex<HashMap<String, TokenKind>>,
@@ -91,6 +98,14 @@ pub struct State {
     pub lag_updated_at: Mutex<Option<String>>,
     /// Disable Rails' ETag/304 (to exercise same-bytes revalidation).
     pub no_etag: std::sync::atomic::AtomicBool,
+    /// Extra headers on show `200`s (e.g. `Set-Cookie`, a fixed `Date`), replacing any
+    /// header of the same name.
+    pub show_headers: Mutex<Vec<(String, String)>>,
+    /// Delay *after* a show `200` was rendered (slow network, not slow database): the body
+    /// reflects the state when the request arrived.
+    pub show_post_delay: Mutex<Duration>,
+    /// Stream show `200` bodies in 1 KiB chunks without `Content-Length`.
+    pub chunked_show: std::sync::atomic::AtomicBool,
 }
 
 /// A running fake.
@@ -202,6 +217,26 @@ impl FakeChatwoot {
         *self.state.fault.lock().unwrap() = None;
     }
 
+    /// The most requests the fake handled at once (since start or the last reset).
+    pub fn max_concurrency(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn reset_max_concurrency(&self) {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.max_in_flight.store(now, Ordering::SeqCst);
+    }
+
+    /// Requests being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// See [`State::close_connections`].
+    pub fn set_close_connections(&self, on: bool) {
+        self.state.close_connections.store(on, Ordering::SeqCst);
+    }
+
     pub fn add_conversation(&self, account: u64, id: u64, updated_at: &str) {
         self.state.conversations.lock().unwrap().insert(
             (account, id),
@@ -293,7 +328,7 @@ async fn serve_conn(
     }
     let svc = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(state, req).await) }
+        async move { Ok::<_, Infallible>(handle_tracked(state, req).await) }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     match tls {
@@ -310,6 +345,27 @@ async fn serve_conn(
                 .await;
         }
     }
+}
+
+/// [`handle`] plus the concurrency gauge and the `close_connections` knob.
+async fn handle_tracked(state: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
+    /// Leaves the gauge even when the request future is dropped (a hung request whose
+    /// client gave up).
+    struct Leave(Arc<State>);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _leave = Leave(state.clone());
+    let mut r = handle(state.clone(), req).await;
+    if state.close_connections.load(Ordering::SeqCst) {
+        r.headers_mut()
+            .insert("connection", "close".parse().unwrap());
+    }
+    r
 }
 
 /// Takes the current fault if it applies at this level (socket-level or HTTP-level).
@@ -684,7 +740,41 @@ async fn account_api(state: Arc<State>, req: Request<Incoming>) -> Response<Fake
     );
     r.headers_mut()
         .insert("x-runtime", "0.012345".parse().unwrap());
-    r
+    show_knobs(&state, r).await
+}
+
+/// Applies `show_headers`, `show_post_delay` and `chunked_show` to a show `200`.
+async fn show_knobs(state: &State, r: Response<FakeBody>) -> Response<FakeBody> {
+    let extra = state.show_headers.lock().unwrap().clone();
+    let post_delay = *state.show_post_delay.lock().unwrap();
+    let chunked = state.chunked_show.load(Ordering::SeqCst);
+    if !post_delay.is_zero() {
+        tokio::time::sleep(post_delay).await;
+    }
+    let (mut parts, body) = r.into_parts();
+    for (k, v) in extra {
+        parts.headers.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    if !chunked {
+        return Response::from_parts(parts, body);
+    }
+    let bytes = body.collect().await.expect("full body").to_bytes();
+    parts.headers.remove("content-length");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        for chunk in bytes.chunks(1024) {
+            let frame = Frame::data(Bytes::copy_from_slice(chunk));
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)));
+    Response::from_parts(parts, body)
 }
 
 /// Adds one second and one microsecond to a decimal timestamp text.
