@@ -422,7 +422,13 @@ async fn upstream_incident_drill() {
         assert!(Instant::now() < fresh_deadline, "new data never served");
         tokio::time::sleep(ms(50)).await;
     };
-    assert_eq!(fresh.x_cache(), "MISS", "changed upstream: replaced");
+    // The fetch that replaced the entry may have been made by a load task for the same key;
+    // this request then sees the new entry as a HIT.
+    assert!(
+        matches!(fresh.x_cache(), "MISS" | "HIT"),
+        "changed upstream: replaced, got {}",
+        fresh.x_cache()
+    );
     // A further second of healthy load.
     tokio::time::sleep(ms(1000)).await;
 

@@ -129,6 +129,8 @@ async fn stale_if_error_covers_every_failure_kind() {
     ];
     let n_cases = cases.len();
     for (name, fault, code) in cases {
+        // A failed revalidation holds off the next one for min(ttl, 1s) = 200ms.
+        tokio::time::sleep(ms(220)).await;
         let before = fake.requests();
         fake.set_fault(fault, Some(1));
         let start = Instant::now();
@@ -149,7 +151,8 @@ async fn stale_if_error_covers_every_failure_kind() {
 
     // Connect refused: the upstream is gone.
     drop(fake);
-    tokio::time::sleep(ms(50)).await;
+    // Past the previous case's failure backoff, so this is a real connect attempt.
+    tokio::time::sleep(ms(220)).await;
     let r = conv(&proxy, 1, 42, ADMIN).await;
     assert_eq!(r.status, 200, "refused: {r:?}");
     assert_eq!(r.x_cache(), "STALE");
@@ -866,5 +869,50 @@ async fn upstream_requests_and_durations_are_counted() {
             r#"chatwoot_cache_upstream_request_duration_seconds_count{route="other"}"#
         ),
         1.0
+    );
+}
+
+/// After a failed revalidation the key is served stale without new upstream attempts for
+/// min(ttl, 1s): sequential requests do not each hit a failing upstream (nginx's
+/// `proxy_cache_use_stale` does), then the next attempt goes out, and recovery is seen.
+#[tokio::test]
+async fn a_failed_revalidation_backs_off_per_key() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start_proxy(stale_config(&fake)).await;
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    tokio::time::sleep(ms(250)).await;
+    fake.set_fault(http_500(), None);
+    let before = fake.requests();
+    let start = Instant::now();
+    let mut answers = 0;
+    while start.elapsed() < ms(150) {
+        let r = conv(&proxy, 1, 42, ADMIN).await;
+        assert_eq!(r.x_cache(), "STALE");
+        assert_eq!(
+            r.header("cache-status"),
+            "chatwoot-cache; fwd=stale; fwd-status=500; detail=stale-if-error"
+        );
+        answers += 1;
+    }
+    assert!(answers > 5, "{answers}");
+    assert_eq!(
+        fake.requests() - before,
+        1,
+        "{answers} sequential stale answers, one upstream attempt"
+    );
+    // The backoff (200ms here) is over: one more attempt, still failing.
+    tokio::time::sleep(ms(250)).await;
+    let r = conv(&proxy, 1, 42, ADMIN).await;
+    assert_eq!(r.x_cache(), "STALE");
+    assert_eq!(fake.requests() - before, 2);
+    // Healthy again: the next attempt after the backoff refreshes the entry.
+    fake.clear_fault();
+    tokio::time::sleep(ms(250)).await;
+    let r = conv(&proxy, 1, 42, ADMIN).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        matches!(r.x_cache(), "REVALIDATED" | "MISS"),
+        "{}",
+        r.x_cache()
     );
 }

@@ -40,6 +40,27 @@ pub struct Entry {
     pub lifetime: Duration,
     /// Bytes counted against `--cache-max-bytes`.
     pub weight: u32,
+    /// Set when revalidating this entry failed: for a short while it is served stale without
+    /// asking the upstream again (see [`FailureMark`]).
+    pub failure: FailureMark,
+}
+
+/// The longest an entry is served stale-if-error without trying the upstream again after a
+/// failed revalidation (the cache TTL, when shorter, is used instead). Coalescing already makes
+/// concurrent requests share one attempt; this stops *sequential* requests for a key from each
+/// hitting a failing upstream (nginx's `proxy_cache_use_stale` keeps hammering it) before the
+/// circuit breaker has seen enough failures to open.
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A failed revalidation remembered on the entry it tried to refresh.
+#[derive(Debug, Default)]
+pub struct FailureMark {
+    /// Milliseconds after `stored_at` until which the entry is not revalidated; 0 = none.
+    until_ms: std::sync::atomic::AtomicU64,
+    /// The `fwd-status` of that failure.
+    status: std::sync::atomic::AtomicU16,
+    /// The breaker's recovery count when it failed: a recovery since ends the backoff.
+    recoveries: std::sync::atomic::AtomicU64,
 }
 
 impl Entry {
@@ -49,6 +70,30 @@ impl Entry {
 
     pub fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.stored_at)
+    }
+
+    /// Remembers that revalidating this entry failed with `fwd_status` at `now`; it is not
+    /// revalidated again for `backoff`.
+    pub fn note_failure(&self, now: Instant, fwd_status: u16, backoff: Duration, recoveries: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let until = self.age(now) + backoff;
+        self.failure.status.store(fwd_status, Relaxed);
+        self.failure.recoveries.store(recoveries, Relaxed);
+        self.failure.until_ms.store(
+            u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+
+    /// The `fwd-status` of a revalidation failure still within its backoff, if any. The
+    /// backoff ends early once the circuit breaker has recovered (`recoveries` moved on).
+    pub fn recent_failure(&self, now: Instant, recoveries: u64) -> Option<u16> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let until = self.failure.until_ms.load(Relaxed);
+        (until > 0
+            && (self.age(now).as_millis() as u64) < until
+            && self.failure.recoveries.load(Relaxed) == recoveries)
+            .then(|| self.failure.status.load(Relaxed))
     }
 
     /// Bytes this entry holds: body, header names and values, key, plus fixed bookkeeping.

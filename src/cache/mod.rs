@@ -83,6 +83,11 @@ impl CachePolicy {
         }
     }
 
+    /// How long a failed revalidation holds off the next one for the same entry.
+    pub fn failure_backoff(&self) -> Duration {
+        self.ttl.min(entry::FAILURE_BACKOFF)
+    }
+
     /// Whether a positive entry may still be served because the upstream failed.
     pub fn usable_if_error(&self, entry: &Entry, now: Instant) -> bool {
         !entry.is_negative() && entry.age(now) < self.ttl + self.stale_if_error

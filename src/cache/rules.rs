@@ -172,6 +172,7 @@ pub fn positive_entry(
         stamp,
         lifetime: policy.positive_lifetime(),
         weight,
+        failure: Default::default(),
     }
 }
 
@@ -200,6 +201,7 @@ pub fn negative_entry(
         stamp,
         lifetime: policy.negative_ttl,
         weight,
+        failure: Default::default(),
     }
 }
 
@@ -237,6 +239,7 @@ pub fn refreshed(
         stamp,
         lifetime: prior.lifetime,
         weight: prior.weight,
+        failure: Default::default(),
     }
 }
 

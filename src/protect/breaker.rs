@@ -105,6 +105,9 @@ struct Inner {
 #[derive(Debug)]
 pub struct Breaker {
     cfg: BreakerConfig,
+    /// Incremented each time the breaker closes after having been open: "the upstream
+    /// recovered". Lets per-key failure backoffs end at once on recovery.
+    recoveries: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
     gauge: IntGauge,
     me: std::sync::Weak<Breaker>,
@@ -115,6 +118,7 @@ impl Breaker {
         gauge.set(BreakerState::Closed as i64);
         std::sync::Arc::new_cyclic(|me| Breaker {
             cfg,
+            recoveries: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 epoch: 0,
@@ -270,7 +274,14 @@ impl Breaker {
         );
     }
 
+    /// How many times the breaker has closed after being open.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn close(&self, inner: &mut Inner) {
+        self.recoveries
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         inner.state = State::Closed;
         inner.epoch += 1;
         inner.buckets = [Bucket::default(); BUCKETS];

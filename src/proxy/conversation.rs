@@ -40,11 +40,25 @@ impl Proxy {
                     return render(entry, &req, now, XCache::Hit, status, head);
                 }
                 Freshness::StaleWhileRevalidate { stale_for } => {
-                    self.revalidate_in_background(key, entry.clone(), &req, client);
+                    if entry
+                        .recent_failure(now, self.upstream.breaker().recoveries())
+                        .is_none()
+                    {
+                        self.revalidate_in_background(key, entry.clone(), &req, client);
+                    }
                     let status = cache_status_hit_stale(stale_for);
                     return render(entry, &req, now, XCache::Stale, status, head);
                 }
-                Freshness::MustRevalidate => {}
+                Freshness::MustRevalidate => {
+                    // Revalidating this entry just failed: answer stale at once rather than
+                    // hand the failing upstream another request for the same key.
+                    if let Some(fwd_status) =
+                        entry.recent_failure(now, self.upstream.breaker().recoveries())
+                        && self.store.policy.usable_if_error(entry, now)
+                    {
+                        return stale_if_error(entry, &req, now, fwd_status, head);
+                    }
+                }
             }
         }
         let prior = stored.filter(|e| !e.is_negative());
@@ -229,6 +243,18 @@ impl Proxy {
                 self.metrics.revalidation(outcome);
             }
         };
+        // A failed revalidation: counted, and remembered on the entry for a short backoff.
+        let failed = |fwd_status: u16| {
+            if let Some(p) = &prior {
+                self.metrics.revalidation(RevalidationOutcome::Error);
+                p.note_failure(
+                    Instant::now(),
+                    fwd_status,
+                    self.store.policy.failure_backoff(),
+                    self.upstream.breaker().recoveries(),
+                );
+            }
+        };
         let start = Instant::now();
         let exchange = match self
             .upstream
@@ -237,7 +263,7 @@ impl Proxy {
         {
             Ok(x) => x,
             Err(e) => {
-                revalidation(RevalidationOutcome::Error);
+                failed(e.fwd_status());
                 return FetchResult::Failed(e);
             }
         };
@@ -271,12 +297,13 @@ impl Proxy {
                 })));
             }
             Err(Collect::Timeout) => {
-                revalidation(RevalidationOutcome::Error);
+                failed(UpstreamError::Timeout.fwd_status());
                 return FetchResult::Failed(UpstreamError::Timeout);
             }
             Err(Collect::Broken(detail)) => {
-                revalidation(RevalidationOutcome::Error);
-                return FetchResult::Failed(UpstreamError::BadResponse(detail));
+                let e = UpstreamError::BadResponse(detail);
+                failed(e.fwd_status());
+                return FetchResult::Failed(e);
             }
         };
         let now = Instant::now();
@@ -384,7 +411,7 @@ impl Proxy {
             }
             _ => {
                 if is_failure_status(status) {
-                    revalidation(RevalidationOutcome::Error);
+                    failed(status.as_u16());
                 }
                 FetchResult::Forward(Forwarded {
                     status,
