@@ -50,7 +50,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Respo
 }
 
 async fn metrics(proxy: &Proxy) -> Response<ResponseBody> {
-    let (entries, bytes) = proxy.store.usage().await;
+    let (entries, bytes) = proxy.store.usage();
     proxy
         .metrics
         .entries
@@ -117,20 +117,19 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
     };
     let purged = match scope {
         PurgeScope::All => {
-            let n = proxy.store.purge(|_| true).await;
+            let n = proxy.store.purge(|_| true);
             proxy.store.generations.bump_all();
             n
         }
         PurgeScope::Account(a) => {
-            let n = proxy.store.purge(|k: &CacheKey| k.account == a).await;
+            let n = proxy.store.purge(|k: &CacheKey| k.account == a);
             proxy.invalidate_account(a);
             n
         }
         PurgeScope::Conversation(a, c) => {
             let n = proxy
                 .store
-                .purge(|k: &CacheKey| k.account == a && k.conversation == c)
-                .await;
+                .purge(|k: &CacheKey| k.account == a && k.conversation == c);
             proxy.invalidate_conversation(a, c);
             n
         }

@@ -26,8 +26,6 @@ use crate::upstream::ClientInfo;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most header fields in one request; more gets 431.
-pub const MAX_HEADERS: usize = 128;
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,8 +36,9 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         // Slow-header (slowloris) guard; also closes idle keep-alive connections.
         .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192))
-        .max_headers(MAX_HEADERS);
+        // hyper's default limit of 100 header fields applies (more → 431). Raising it makes
+        // hyper allocate the header index array on the heap for every request.
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())

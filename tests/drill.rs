@@ -270,7 +270,7 @@ async fn upstream_incident_drill() {
     for w in warmers {
         w.await.unwrap();
     }
-    let (entries_before, bytes_before) = proxy.proxy.store.usage().await;
+    let (entries_before, bytes_before) = proxy.proxy.store.usage();
     assert_eq!(entries_before, (TOKENS as u64) * CONVERSATIONS);
 
     // The load: 16 tasks, each its own keep-alive client; 1 in 8 requests during the outage
@@ -441,7 +441,7 @@ async fn upstream_incident_drill() {
     let (first_open, half_opens) = watcher.await.unwrap();
     let end = origin.elapsed();
     let rss_after = rss_kib();
-    let (entries_after, bytes_after) = proxy.proxy.store.usage().await;
+    let (entries_after, bytes_after) = proxy.proxy.store.usage();
     let m = metrics_text(&proxy).await;
     switch.refuse().await;
 

@@ -97,13 +97,12 @@ impl Entry {
     }
 
     /// Bytes this entry holds: body, header names and values, key, plus fixed bookkeeping.
-    pub fn compute_weight(headers: &HeaderMap, body: &Bytes, etag: &Option<HeaderValue>) -> u32 {
+    pub fn compute_weight(headers: &HeaderMap, body: &Bytes) -> u32 {
         let header_bytes: usize = headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
-        let etag_bytes = etag.as_ref().map_or(0, |e| e.len());
-        let total = body.len() + header_bytes + etag_bytes + ENTRY_OVERHEAD;
+        let total = body.len() + header_bytes + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -149,6 +148,12 @@ impl Entry {
             if let Some(v) = self.headers.get(header::VARY) {
                 h.insert(header::VARY, v.clone());
             }
+            if let Some(e) = &self.etag {
+                h.insert(header::ETAG, e.clone());
+            }
+            if let Some(lm) = &self.last_modified {
+                h.insert(header::LAST_MODIFIED, lm.clone());
+            }
             r
         } else {
             let body = if head {
@@ -161,17 +166,23 @@ impl Entry {
             *r.headers_mut() = self.headers.clone();
             r
         };
+        // `headers` already holds ETag and Last-Modified (see `rules::positive_entry`).
         let h = resp.headers_mut();
-        if let Some(e) = &self.etag {
-            h.insert(header::ETAG, e.clone());
-        }
-        if let Some(lm) = &self.last_modified {
-            h.insert(header::LAST_MODIFIED, lm.clone());
-        }
-        h.insert(header::AGE, HeaderValue::from(self.age(now).as_secs()));
+        h.insert(header::AGE, small_number(self.age(now).as_secs()));
         h.insert(X_CACHE.clone(), xcache.header_value());
         h.insert(CACHE_STATUS.clone(), cache_status);
         resp
+    }
+}
+
+/// A header value for a small number without allocating: values up to 1023 come from a table
+/// built once (cloning a shared `HeaderValue` is a reference-count increment).
+pub fn small_number(n: u64) -> HeaderValue {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect());
+    match table.get(n as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
     }
 }
 

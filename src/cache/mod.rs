@@ -1,7 +1,8 @@
 //! The conversation cache (SPEC §5): the store, its key, storage rules and single-flight.
 //!
 //! - [`CacheKey`] is built here: (account, conversation, token scope). Two tokens never share one.
-//! - [`Store`] wraps a byte-weighted moka cache. Freshness is decided on our own clock
+//! - [`Store`] wraps a byte-weighted moka cache (the synchronous flavour: a lookup never
+//!   awaits, so the hit path needs no future of its own). Freshness is decided on our own clock
 //!   (`tokio::time::Instant` in each [`Entry`]); moka's per-entry expiry only reclaims memory.
 //! - Validity against writes/purges/webhooks is the generation stamp
 //!   ([`crate::invalidation::Generations`]) checked on every lookup: O(1) per write.
@@ -16,8 +17,8 @@ pub mod rules;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::sync::Cache;
 use tokio::time::Instant;
 
 pub use entry::Entry;
@@ -157,8 +158,8 @@ impl Store {
 
     /// A usable entry for `key`: present, not invalidated since its fetch began, and (for a
     /// negative entry) still within the negative TTL.
-    pub async fn lookup(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
-        let entry = self.entries.get(key).await?;
+    pub fn lookup(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
+        let entry = self.entries.get(key)?;
         if entry.stamp != self.stamp(key)
             || (entry.is_negative() && entry.age(now) >= self.policy.negative_ttl)
         {
@@ -168,20 +169,20 @@ impl Store {
     }
 
     /// Stores `entry` unless it was invalidated while it was being fetched.
-    pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+    pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
         if entry.stamp == self.stamp(&key) {
-            self.entries.insert(key, entry).await;
+            self.entries.insert(key, entry);
         }
     }
 
     /// Drops whatever is stored for `key`.
-    pub async fn remove(&self, key: &CacheKey) {
-        self.entries.invalidate(key).await;
+    pub fn remove(&self, key: &CacheKey) {
+        self.entries.invalidate(key);
     }
 
     /// Removes every valid entry matching `pred` and returns how many (purge API: a scan is
     /// fine for rare admin calls). Entries already dead by generation are removed uncounted.
-    pub async fn purge(&self, pred: impl Fn(&CacheKey) -> bool) -> usize {
+    pub fn purge(&self, pred: impl Fn(&CacheKey) -> bool) -> usize {
         let keys: Vec<(CacheKey, u64)> = self
             .entries
             .iter()
@@ -190,7 +191,7 @@ impl Store {
             .collect();
         let mut removed = 0;
         for (key, _) in keys {
-            if let Some(v) = self.entries.remove(&key).await
+            if let Some(v) = self.entries.remove(&key)
                 && v.stamp == self.stamp(&key)
             {
                 removed += 1;
@@ -200,8 +201,8 @@ impl Store {
     }
 
     /// Entry count and weighted bytes, after applying pending housekeeping.
-    pub async fn usage(&self) -> (u64, u64) {
-        self.entries.run_pending_tasks().await;
+    pub fn usage(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks();
         (self.entries.entry_count(), self.entries.weighted_size())
     }
 }

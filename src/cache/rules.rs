@@ -150,14 +150,21 @@ pub fn positive_entry(
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
-    let headers = stored_headers(upstream_headers, body.len());
+    let mut headers = stored_headers(upstream_headers, body.len());
     let etag = Some(strong_etag(&body));
     let last_modified_secs = probe.updated_at.as_ref().and_then(Decimal::whole_seconds);
     let last_modified = last_modified_secs.and_then(|s| {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
         HeaderValue::from_str(&httpdate::fmt_http_date(t)).ok()
     });
-    let weight = Entry::compute_weight(&headers, &body, &etag);
+    // The replayed header block carries our validators, so a hit only clones it.
+    if let Some(e) = &etag {
+        headers.insert(header::ETAG, e.clone());
+    }
+    if let Some(lm) = &last_modified {
+        headers.insert(header::LAST_MODIFIED, lm.clone());
+    }
+    let weight = Entry::compute_weight(&headers, &body);
     Entry {
         status: StatusCode::OK,
         headers,
@@ -186,7 +193,7 @@ pub fn negative_entry(
     now: Instant,
 ) -> Entry {
     let headers = stored_headers(upstream_headers, body.len());
-    let weight = Entry::compute_weight(&headers, &body, &None);
+    let weight = Entry::compute_weight(&headers, &body);
     Entry {
         status,
         headers,

@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{Answer, Proxy};
+use super::{Answer, Next, Proxy};
 use crate::body::{RequestBody, ResponseBody, UpstreamBody};
 use crate::cache::flight::Role;
 use crate::cache::rules::{
@@ -24,30 +24,34 @@ use crate::routing::RouteLabel;
 use crate::upstream::{ClientInfo, UpstreamError, is_failure_status, strip_response_hop_by_hop};
 
 impl Proxy {
-    pub(crate) async fn conversation(
+    /// The conversation route as far as the store can answer it: a fresh entry (`HIT`), a
+    /// stale one within stale-while-revalidate (`STALE`, with one background revalidation), or
+    /// one whose revalidation just failed (stale-if-error during the failure backoff).
+    /// Anything else needs the upstream: [`Next::Fetch`].
+    pub(crate) fn conversation_local(
         self: &Arc<Self>,
         key: CacheKey,
-        req: Request<Incoming>,
+        req: &Request<Incoming>,
         client: ClientInfo,
-    ) -> Answer {
+        now: Instant,
+    ) -> Next {
         let head = req.method() == Method::HEAD;
-        let now = Instant::now();
-        let stored = self.store.lookup(&key, now).await;
+        let stored = self.store.lookup(&key, now);
         if let Some(entry) = &stored {
             match self.store.policy.freshness(entry, now) {
                 Freshness::Fresh { remaining } => {
-                    let status = cache_status_hit(remaining, None);
-                    return render(entry, &req, now, XCache::Hit, status, head);
+                    let status = cache_status_hit(remaining);
+                    return Next::Answer(render(entry, req, now, XCache::Hit, status, head));
                 }
                 Freshness::StaleWhileRevalidate { stale_for } => {
                     if entry
                         .recent_failure(now, self.upstream.breaker().recoveries())
                         .is_none()
                     {
-                        self.revalidate_in_background(key, entry.clone(), &req, client);
+                        self.revalidate_in_background(key, entry.clone(), req, client);
                     }
                     let status = cache_status_hit_stale(stale_for);
-                    return render(entry, &req, now, XCache::Stale, status, head);
+                    return Next::Answer(render(entry, req, now, XCache::Stale, status, head));
                 }
                 Freshness::MustRevalidate => {
                     // Revalidating this entry just failed: answer stale at once rather than
@@ -56,11 +60,24 @@ impl Proxy {
                         entry.recent_failure(now, self.upstream.breaker().recoveries())
                         && self.store.policy.usable_if_error(entry, now)
                     {
-                        return stale_if_error(entry, &req, now, fwd_status, head);
+                        return Next::Answer(stale_if_error(entry, req, now, fwd_status, head));
                     }
                 }
             }
         }
+        Next::Fetch { key, stored }
+    }
+
+    /// The conversation route when the store cannot answer alone: fetch or revalidate through
+    /// the single flight, then render, fall back to stale, or forward.
+    pub(crate) async fn conversation_upstream(
+        self: &Arc<Self>,
+        key: CacheKey,
+        req: Request<Incoming>,
+        client: ClientInfo,
+        stored: Option<Arc<Entry>>,
+    ) -> Answer {
+        let head = req.method() == Method::HEAD;
         let prior = stored.filter(|e| !e.is_negative());
         let (flight, role) = self.start_fetch(key, prior.clone(), &req, client);
         if role == Role::Waiter {
@@ -312,7 +329,7 @@ impl Proxy {
             && let Some(prior) = prior.as_deref()
         {
             let entry = Arc::new(refreshed(prior, Some(&headers), stamp, now));
-            self.store.insert(key, entry.clone()).await;
+            self.store.insert(key, entry.clone());
             revalidation(RevalidationOutcome::NotModified);
             return FetchResult::Entry {
                 entry,
@@ -337,7 +354,7 @@ impl Proxy {
                     {
                         // updated_at only moves forward: keep the newer stored body.
                         let entry = Arc::new(refreshed(prior, None, stamp, now));
-                        self.store.insert(key, entry.clone()).await;
+                        self.store.insert(key, entry.clone());
                         revalidation(RevalidationOutcome::Older);
                         tracing::info!(
                             account = key.account,
@@ -355,7 +372,7 @@ impl Proxy {
                     if prior.updated_at == probe.updated_at && prior.body == bytes {
                         let entry =
                             Arc::new(positive_entry(&headers, bytes, probe, stamp, policy, now));
-                        self.store.insert(key, entry.clone()).await;
+                        self.store.insert(key, entry.clone());
                         revalidation(RevalidationOutcome::Unchanged);
                         return FetchResult::Entry {
                             entry,
@@ -368,7 +385,7 @@ impl Proxy {
                     revalidation(RevalidationOutcome::Changed);
                 }
                 let entry = Arc::new(positive_entry(&headers, bytes, probe, stamp, policy, now));
-                self.store.insert(key, entry.clone()).await;
+                self.store.insert(key, entry.clone());
                 FetchResult::Entry {
                     entry,
                     xcache: XCache::Miss,
@@ -391,7 +408,7 @@ impl Proxy {
                 // --negative-ttl, and never keep serving an older 200 for the key.
                 revalidation(RevalidationOutcome::Changed);
                 if policy.negative_ttl.is_zero() {
-                    self.store.remove(&key).await;
+                    self.store.remove(&key);
                     return FetchResult::Forward(Forwarded {
                         status,
                         headers,
@@ -399,8 +416,8 @@ impl Proxy {
                     });
                 }
                 let entry = Arc::new(negative_entry(status, &headers, bytes, stamp, policy, now));
-                self.store.remove(&key).await;
-                self.store.insert(key, entry.clone()).await;
+                self.store.remove(&key);
+                self.store.insert(key, entry.clone());
                 FetchResult::Entry {
                     entry,
                     xcache: XCache::Miss,
@@ -557,12 +574,19 @@ fn header_value(s: String) -> HeaderValue {
     HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("chatwoot-cache"))
 }
 
-/// `chatwoot-cache; hit; ttl=7` (RFC 9211).
-fn cache_status_hit(remaining: Duration, detail: Option<&str>) -> HeaderValue {
+/// `chatwoot-cache; hit; ttl=7` (RFC 9211). The common values come from a table built once,
+/// so a hit does not format or allocate.
+fn cache_status_hit(remaining: Duration) -> HeaderValue {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
     let ttl = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
-    match detail {
+    let table = TABLE.get_or_init(|| {
+        (0..1024u64)
+            .map(|n| header_value(format!("chatwoot-cache; hit; ttl={n}")))
+            .collect()
+    });
+    match table.get(ttl as usize) {
+        Some(v) => v.clone(),
         None => header_value(format!("chatwoot-cache; hit; ttl={ttl}")),
-        Some(d) => header_value(format!("chatwoot-cache; hit; ttl={ttl}; detail={d}")),
     }
 }
 
@@ -631,7 +655,7 @@ mod tests {
     #[test]
     fn cache_status_strings() {
         assert_eq!(
-            cache_status_hit(Duration::from_millis(6200), None),
+            cache_status_hit(Duration::from_millis(6200)),
             "chatwoot-cache; hit; ttl=7"
         );
         assert_eq!(

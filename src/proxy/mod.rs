@@ -49,6 +49,19 @@ pub struct Proxy {
     ready: AtomicBool,
 }
 
+/// The outcome of [`Proxy::decide`].
+pub(crate) enum Next {
+    /// Answered locally: a refusal or a cache hit.
+    Answer(Answer),
+    /// Forward to the upstream (`scope` set when a token was validated).
+    Forward { scope: Option<crate::auth::Scope> },
+    /// The conversation route needs the upstream (miss or revalidation).
+    Fetch {
+        key: CacheKey,
+        stored: Option<Arc<crate::cache::Entry>>,
+    },
+}
+
 /// What a handler produced, before the access-log guard is attached.
 pub(crate) struct Answer {
     pub response: Response<ResponseBody>,
@@ -104,16 +117,26 @@ impl Proxy {
     }
 
     /// Handles one request on the public listener.
+    ///
+    /// Everything the proxy can answer without the upstream (token refusals, cache hits,
+    /// stale-while-revalidate) is decided synchronously by [`Proxy::decide`]; only requests that
+    /// need the upstream await the (boxed, cold) forwarding or fetching futures. That keeps this
+    /// future small and the hit path free of future moves.
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: ClientInfo,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
-        let method = req.method().clone();
-        let uri = req.uri().clone();
-        let route = routing::classify(&method, uri.path(), uri.query().is_some());
-        let answer = self.dispatch(route, req, client).await;
+        let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let answer = match self.decide(route, &req, client, start) {
+            Next::Answer(answer) => answer,
+            Next::Forward { scope } => Box::pin(self.forward(req, client, route, scope)).await,
+            Next::Fetch { key, stored } => {
+                Box::pin(self.conversation_upstream(key, req, client, stored)).await
+            }
+        };
         let Answer {
             mut response,
             cache,
@@ -136,30 +159,37 @@ impl Proxy {
         response
     }
 
-    async fn dispatch(
+    /// What to do with a request, decided without awaiting anything.
+    fn decide(
         self: &Arc<Self>,
         route: Route,
-        req: Request<Incoming>,
+        req: &Request<Incoming>,
         client: ClientInfo,
-    ) -> Answer {
+        now: Instant,
+    ) -> Next {
         if req.method() == Method::CONNECT {
-            return Answer::local(LocalError::MethodNotAllowed, self.token_header_name());
+            return Next::Answer(Answer::local(
+                LocalError::MethodNotAllowed,
+                self.token_header_name(),
+            ));
         }
         if route == Route::Other {
-            return self.forward(req, client, route, None).await;
+            return Next::Forward { scope: None };
         }
         let scope = match auth::inspect(req.headers(), req.uri().query(), &self.token_header) {
-            Credentials::Alternate => return self.forward(req, client, route, None).await,
+            Credentials::Alternate => return Next::Forward { scope: None },
             Credentials::Missing => {
-                return self.reject(LocalError::MissingToken, AuthRejection::Missing);
+                return Next::Answer(self.reject(LocalError::MissingToken, AuthRejection::Missing));
             }
             Credentials::Malformed => {
-                return self.reject(LocalError::MalformedToken, AuthRejection::Malformed);
+                return Next::Answer(
+                    self.reject(LocalError::MalformedToken, AuthRejection::Malformed),
+                );
             }
             Credentials::Token(value) => self.scoper.scope(value.as_bytes()),
         };
         if self.invalid_tokens.contains(scope) {
-            return self.reject(LocalError::InvalidToken, AuthRejection::Invalid);
+            return Next::Answer(self.reject(LocalError::InvalidToken, AuthRejection::Invalid));
         }
         match route {
             Route::Conversation {
@@ -171,9 +201,9 @@ impl Proxy {
                     conversation,
                     scope,
                 };
-                self.conversation(key, req, client).await
+                self.conversation_local(key, req, client, now)
             }
-            _ => self.forward(req, client, route, Some(scope)).await,
+            _ => Next::Forward { scope: Some(scope) },
         }
     }
 
