@@ -13,7 +13,12 @@ use tokio::time::Instant;
 use crate::metrics::{Metrics, XCache};
 use crate::routing::RouteLabel;
 
-/// Records one request when dropped or finished.
+/// Status logged for a request whose client went away before an answer existed (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Records one request when finished — or when dropped: a request abandoned by its client
+/// before the proxy had an answer is still logged and counted (status 499, `complete=false`),
+/// so a brown-out where clients give up does not look like a traffic drop.
 pub struct AccessGuard {
     method: Method,
     uri: Uri,
@@ -23,17 +28,15 @@ pub struct AccessGuard {
     upstream_status: Option<u16>,
     start: Instant,
     metrics: Arc<Metrics>,
+    done: bool,
 }
 
 impl AccessGuard {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    /// Starts the record of a request; until [`AccessGuard::answered`] it reads as abandoned.
+    pub fn start(
         method: Method,
         uri: Uri,
         route: RouteLabel,
-        status: u16,
-        cache: XCache,
-        upstream_status: Option<u16>,
         start: Instant,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -41,16 +44,32 @@ impl AccessGuard {
             method,
             uri,
             route,
-            status,
-            cache,
-            upstream_status,
+            status: CLIENT_CLOSED,
+            cache: XCache::Local,
+            upstream_status: None,
             start,
             metrics,
+            done: false,
         }
     }
 
-    /// Writes the log line and the request metrics.
-    pub fn finish(self, complete: bool) {
+    /// The answer the client is getting.
+    pub fn answered(&mut self, status: u16, cache: XCache, upstream_status: Option<u16>) {
+        self.status = status;
+        self.cache = cache;
+        self.upstream_status = upstream_status;
+    }
+
+    /// Writes the log line and the request metrics (once).
+    pub fn finish(mut self, complete: bool) {
+        self.record(complete);
+    }
+
+    fn record(&mut self, complete: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
         let elapsed = self.start.elapsed();
         self.metrics
             .observe_request(self.route, self.cache, self.status, elapsed.as_secs_f64());
@@ -65,5 +84,11 @@ impl AccessGuard {
             upstream_status,
             complete,
         );
+    }
+}
+
+impl Drop for AccessGuard {
+    fn drop(&mut self) {
+        self.record(false);
     }
 }

@@ -97,7 +97,11 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The auth scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim);
     if !presented.is_some_and(|p| invalidation::secrets_equal(p.as_bytes(), admin_token.as_bytes()))
     {

@@ -249,27 +249,62 @@ pub enum RequestBody {
     Client {
         inner: Incoming,
         progress: Arc<Progress>,
+        /// How long the client may stall mid-body before the upload is abandoned.
+        idle: Duration,
+        stall: Option<Pin<Box<Sleep>>>,
     },
 }
 
+impl RequestBody {
+    /// The client's body, streamed, failing if the client stops sending for `idle`.
+    pub fn client(inner: Incoming, progress: Arc<Progress>, idle: Duration) -> Self {
+        RequestBody::Client {
+            inner,
+            progress,
+            idle,
+            stall: None,
+        }
+    }
+}
+
+/// The client stopped sending its request body.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body stalled for {0:?}")]
+pub struct ClientBodyStalled(pub Duration);
+
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Client { inner, progress } => {
-                let res = ready!(Pin::new(inner).poll_frame(cx));
-                progress.touch();
-                if res.is_none() {
-                    progress.done.store(true, Ordering::Relaxed);
+            RequestBody::Client {
+                inner,
+                progress,
+                idle,
+                stall,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(res) => {
+                    progress.touch();
+                    if let Some(s) = stall.as_mut() {
+                        s.as_mut().reset(Instant::now() + *idle);
+                    }
+                    if res.is_none() {
+                        progress.done.store(true, Ordering::Relaxed);
+                    }
+                    Poll::Ready(res.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
                 }
-                Poll::Ready(res)
-            }
+                Poll::Pending => {
+                    let idle = *idle;
+                    let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    ready!(timer.as_mut().poll(cx));
+                    Poll::Ready(Some(Err(Box::new(ClientBodyStalled(idle)))))
+                }
+            },
         }
     }
 

@@ -126,7 +126,9 @@ pub struct Cli {
     )]
     pub max_object_bytes: String,
 
-    /// Whole upstream response deadline
+    /// Upstream deadline: the whole response on the conversation route; for streamed
+    /// pass-through, the longest upstream silence (before headers, after the last uploaded byte,
+    /// and between body chunks)
     #[arg(
         long,
         env = "CHATWOOT_CACHE_UPSTREAM_TIMEOUT",
@@ -237,7 +239,8 @@ pub struct Cli {
     )]
     pub shutdown_timeout: String,
 
-    /// Slow-client guard: time to send a request head (also the idle keep-alive limit)
+    /// Slow-client guard: time to send a request head (also the idle keep-alive limit), and
+    /// how long a client may stall sending a body or reading a response
     #[arg(
         long,
         env = "CHATWOOT_CACHE_CLIENT_HEADER_TIMEOUT",
@@ -471,7 +474,15 @@ impl Config {
             parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
         })?;
         let breaker_failure_ratio = parse_with(&src, "breaker_failure_ratio", parse_ratio)?;
-        let breaker_open = parse_with(&src, "breaker_open", parse_positive_duration)?;
+        let breaker_open = parse_with(&src, "breaker_open", |s| {
+            let d = parse_positive_duration(s)?;
+            // Open periods double while probes fail, up to 60 s (SPEC §2): a first period above
+            // the cap would make the doubling shrink it.
+            if d > Duration::from_secs(60) {
+                return Err(format!("{s:?} is above the 60s cap on open periods"));
+            }
+            Ok(d)
+        })?;
         let shutdown_timeout = parse_with(&src, "shutdown_timeout", parse_duration)?;
         let client_header_timeout =
             parse_with(&src, "client_header_timeout", parse_positive_duration)?;

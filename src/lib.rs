@@ -2,7 +2,8 @@
 //!
 //! The request path, in the order a request meets the modules:
 //!
-//! - [`server`]: accept loops (plain or TLS), HTTP/1.1 + h2, graceful shutdown.
+//! - [`server`]: accept loops (plain or TLS), HTTP/1.1 + h2, graceful shutdown;
+//!   [`client_io`] puts a write deadline on client sockets.
 //! - [`proxy`]: the per-request handler that ties everything together.
 //! - [`routing`]: classifies a request (conversation / protected / other) on its raw path and
 //!   finds what a write invalidates.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod cache;
+pub mod client_io;
 pub mod config;
 pub mod error;
 pub mod invalidation;

@@ -20,6 +20,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::client_io::WriteDeadline;
 
 use crate::proxy::Proxy;
 use crate::upstream::ClientInfo;
@@ -60,6 +63,9 @@ pub async fn run(
     let builder = Arc::new(http_builder(header_timeout));
     let acceptor = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
+    // Cancels connections that have not sent a request yet (handshake, first byte), which
+    // hyper's graceful shutdown does not see: they must not hold up the drain.
+    let stopping = CancellationToken::new();
 
     let admin_task = tokio::spawn(admin_loop(proxy.clone(), admin, builder.clone()));
 
@@ -68,13 +74,18 @@ pub async fn run(
         tokio::select! {
             accepted = public.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let watcher = graceful.watcher();
-                    let proxy = proxy.clone();
-                    let builder = builder.clone();
-                    let acceptor = acceptor.clone();
+                    let conn = PublicConn {
+                        proxy: proxy.clone(),
+                        builder: builder.clone(),
+                        acceptor: acceptor.clone(),
+                        peer,
+                        header_timeout,
+                        watcher: graceful.watcher(),
+                        stopping: stopping.clone(),
+                    };
                     tokio::spawn(async move {
                         let _ = stream.set_nodelay(true);
-                        serve_public(proxy, builder, acceptor, stream, peer, header_timeout, watcher).await;
+                        conn.serve(stream).await;
                     });
                 }
                 Err(e) => accept_backoff(e).await,
@@ -85,6 +96,7 @@ pub async fn run(
 
     proxy.set_ready(false);
     drop(public);
+    stopping.cancel();
     let drain = proxy.config.shutdown_timeout;
     tracing::info!(
         in_flight_connections = graceful.count(),
@@ -100,55 +112,111 @@ pub async fn run(
     admin_task.abort();
 }
 
-async fn serve_public(
+/// One accepted public connection, before and while it is served.
+struct PublicConn {
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     acceptor: Option<TlsAcceptor>,
-    stream: TcpStream,
     peer: SocketAddr,
     header_timeout: Duration,
     watcher: hyper_util::server::graceful::Watcher,
-) {
-    let client = ClientInfo {
-        addr: peer.ip().to_canonical(),
-        tls: acceptor.is_some(),
-    };
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-    });
-    match acceptor {
-        Some(acceptor) => {
-            let tls =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
+    stopping: CancellationToken,
+}
+
+impl PublicConn {
+    async fn serve(self, stream: TcpStream) {
+        let PublicConn {
+            proxy,
+            builder,
+            acceptor,
+            peer,
+            header_timeout,
+            watcher,
+            stopping,
+        } = self;
+        let client = ClientInfo {
+            addr: peer.ip().to_canonical(),
+            tls: acceptor.is_some(),
+        };
+        let metrics = proxy.metrics.clone();
+        // Writes to the client may stall for as long as a request head may take to arrive.
+        let write_limit = proxy.config.client_header_timeout;
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+        });
+        let result = match acceptor {
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                let tls = tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    },
+                    _ = stopping.cancelled() => return,
                 };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let io = TokioIo::new(WriteDeadline::new(tls, write_limit));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                watcher.watch(conn.into_owned()).await
             }
+            None => {
+                // hyper's header timeout starts after protocol detection; a client that
+                // connects and sends nothing would otherwise hold the socket forever.
+                let mut probe = [0u8; 1];
+                let first_byte = tokio::time::timeout(header_timeout, stream.peek(&mut probe));
+                tokio::select! {
+                    r = first_byte => if !matches!(r, Ok(Ok(n)) if n > 0) {
+                        return;
+                    },
+                    _ = stopping.cancelled() => return,
+                }
+                let io = TokioIo::new(WriteDeadline::new(stream, write_limit));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                watcher.watch(conn.into_owned()).await
+            }
+        };
+        if let Err(e) = result {
+            connection_error(&metrics, peer, e.as_ref());
         }
-        None => {
-            // hyper's header timeout starts after protocol detection; a client that connects
-            // and sends nothing would otherwise hold the socket forever.
-            let mut probe = [0u8; 1];
-            if !matches!(tokio::time::timeout(header_timeout, stream.peek(&mut probe)).await, Ok(Ok(n)) if n > 0)
-            {
-                return;
-            }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+    }
+}
+
+/// A connection hyper ended with an error. For requests hyper refused itself (a head too large
+/// → 431, a malformed head → 400) nothing reached the proxy's handler, so this is where they
+/// are logged and counted; their answers carry no `X-Cache` (hyper writes them).
+fn connection_error(
+    metrics: &crate::metrics::Metrics,
+    peer: SocketAddr,
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) {
+    let status = e.downcast_ref::<hyper::Error>().and_then(|h| {
+        if h.is_parse_too_large() {
+            Some(431)
+        } else if h.is_parse() {
+            Some(400)
+        } else {
+            None
         }
+    });
+    match status {
+        Some(status) => {
+            metrics.observe_request(
+                crate::routing::RouteLabel::Other,
+                crate::metrics::XCache::Local,
+                status,
+                0.0,
+            );
+            tracing::info!(target: "access", %peer, status, cache = "LOCAL", complete = true, "request refused by the HTTP parser");
+        }
+        None => tracing::debug!(%peer, error = %e, "connection ended with an error"),
     }
 }
 

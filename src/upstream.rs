@@ -24,7 +24,9 @@ use crate::body::{BoxError, Progress, RequestBody};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::LocalError;
 use crate::metrics::{Metrics, ShedReason};
-use crate::protect::{self, Admission, Breaker, BreakerConfig, Limiter, Outcome, UpstreamPermit};
+use crate::protect::{
+    self, Admission, Breaker, BreakerConfig, Limiter, Outcome, Ticket, UpstreamPermit,
+};
 use crate::routing::RouteLabel;
 use crate::tls::{self, TlsError};
 
@@ -74,6 +76,52 @@ impl UpstreamError {
 pub struct Exchange {
     pub response: Response<Incoming>,
     pub permit: Option<UpstreamPermit>,
+    /// When the caller asked to judge the exchange after reading the body (see
+    /// [`Upstream::send`]): finish it with [`Completion::finish`]. Dropping it counts the
+    /// exchange as its headers said.
+    pub completion: Option<Completion>,
+}
+
+/// An exchange whose outcome (breaker, metrics) waits until its body has been read, so that a
+/// body that breaks or stalls after good headers counts as the failure it is.
+pub struct Completion {
+    ticket: Option<Ticket>,
+    route: RouteLabel,
+    start: Instant,
+    status: StatusCode,
+    header_outcome: Outcome,
+    breaker: Arc<Breaker>,
+    metrics: Arc<Metrics>,
+}
+
+impl Completion {
+    /// Records the exchange: `Ok` if the body arrived whole, else the body's failure.
+    pub fn finish(mut self, body: Result<(), &UpstreamError>) {
+        let outcome = match body {
+            Ok(()) => self.header_outcome,
+            Err(e) => {
+                tracing::warn!(route = self.route.as_str(), error = %e, "upstream body failed");
+                Outcome::Failure { retry_after: None }
+            }
+        };
+        self.record(outcome, body.is_ok());
+    }
+
+    fn record(&mut self, outcome: Outcome, body_ok: bool) {
+        if let Some(ticket) = self.ticket.take() {
+            let status = body_ok.then_some(self.status.as_u16());
+            self.metrics
+                .observe_upstream(self.route, status, self.start.elapsed().as_secs_f64());
+            self.breaker.record(ticket, outcome);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let outcome = self.header_outcome;
+        self.record(outcome, true);
+    }
 }
 
 /// Connect deadline over TCP *and* TLS (hyper's connect timeout covers TCP only).
@@ -121,6 +169,8 @@ pub struct Upstream {
     upgrade_client: HttpClient,
     url: UpstreamUrl,
     host: HeaderValue,
+    /// Never dropped as hop-by-hop: the proxy validated and scoped on it.
+    token_header: crate::auth::TokenHeader,
     timeout: Duration,
     limiter: Limiter,
     breaker: Arc<Breaker>,
@@ -150,7 +200,11 @@ fn build_client(cfg: &Config, h2: bool) -> Result<HttpClient, TlsError> {
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Below Puma's 20 s persistent_timeout, so the proxy never reuses a connection the
+        // app server is about to close (a race that shows up as sporadic 502s).
+        .pool_idle_timeout(Duration::from_secs(15))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(cfg.upstream_max_in_flight.min(1024))
         .build(connector))
 }
@@ -164,6 +218,7 @@ impl Upstream {
             upgrade_client: build_client(cfg, false)?,
             url: cfg.upstream.clone(),
             host,
+            token_header: crate::auth::TokenHeader::new(cfg.token_header.clone()),
             timeout: cfg.upstream_timeout,
             limiter: Limiter::new(
                 cfg.upstream_max_in_flight,
@@ -210,13 +265,16 @@ impl Upstream {
 
     /// Sends one request through breaker → limiter → breaker re-check → client, with the
     /// upstream deadline.
-    /// `progress` lets a still-uploading request body extend the deadline.
+    /// `progress` lets a still-uploading request body extend the deadline. With
+    /// `defer_outcome`, the breaker and the upstream metrics hear about the exchange only when
+    /// the returned [`Completion`] is finished (after the caller read the body).
     pub async fn send(
         &self,
         route: RouteLabel,
         req: Request<RequestBody>,
         progress: Option<&Progress>,
         upgrade: bool,
+        defer_outcome: bool,
     ) -> Result<Exchange, UpstreamError> {
         let ticket = match self.breaker.admit() {
             Admission::Allowed(t) => t,
@@ -234,13 +292,14 @@ impl Upstream {
         };
         // The breaker may have opened while this request waited for a slot (behind the very
         // failures that opened it): then it must not go out now, except as the probe.
-        let ticket = match self.breaker.recheck(ticket) {
+        let mut ticket = match self.breaker.recheck(ticket) {
             Admission::Allowed(t) => t,
             Admission::Rejected { retry_after } => {
                 self.metrics.shed(ShedReason::BreakerOpen);
                 return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
+        ticket.mark_sent();
         let start = Instant::now();
         let client = if upgrade {
             &self.upgrade_client
@@ -254,13 +313,30 @@ impl Upstream {
         match result {
             Ok(response) => {
                 let status = response.status();
-                self.metrics
-                    .observe_upstream(route, Some(status.as_u16()), elapsed);
-                self.breaker
-                    .record(ticket, breaker_outcome(status, response.headers()));
+                let outcome = breaker_outcome(status, response.headers());
                 // An upgraded tunnel may live for hours; it must not hold a request slot.
                 let permit = (!upgrade).then_some(permit);
-                Ok(Exchange { response, permit })
+                let completion = if defer_outcome {
+                    Some(Completion {
+                        ticket: Some(ticket),
+                        route,
+                        start,
+                        status,
+                        header_outcome: outcome,
+                        breaker: self.breaker.clone(),
+                        metrics: self.metrics.clone(),
+                    })
+                } else {
+                    self.metrics
+                        .observe_upstream(route, Some(status.as_u16()), elapsed);
+                    self.breaker.record(ticket, outcome);
+                    None
+                };
+                Ok(Exchange {
+                    response,
+                    permit,
+                    completion,
+                })
             }
             Err(e) => {
                 self.metrics.observe_upstream(route, None, elapsed);
@@ -319,7 +395,7 @@ impl Upstream {
             uri.authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        copy_end_to_end(headers, h, upgrade);
+        copy_end_to_end(headers, h, upgrade, &self.token_header);
         h.insert(header::HOST, self.host.clone());
         let mut xff = Vec::with_capacity(64);
         for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -382,8 +458,15 @@ fn named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
 }
 
 /// Copies end-to-end headers in order. For an upgrade, `Upgrade` itself is kept.
-/// `Host` and the `X-Forwarded-*` trio are left to the caller.
-pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, keep_upgrade: bool) {
+/// `Host` and the `X-Forwarded-*` trio are left to the caller. The token header is never
+/// dropped, even when a `Connection` header names it: the proxy validated and scoped the
+/// request on it, so Chatwoot must authenticate the same value.
+pub fn copy_end_to_end(
+    from: &HeaderMap,
+    to: &mut HeaderMap,
+    keep_upgrade: bool,
+    token: &crate::auth::TokenHeader,
+) {
     let has_connection = from.contains_key(header::CONNECTION);
     to.reserve(from.len() + 4);
     for (name, value) in from {
@@ -399,7 +482,9 @@ pub fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap, keep_upgrade: bool)
             to.append(name.clone(), value.clone());
             continue;
         }
-        if is_hop_by_hop(name) || (has_connection && named_in_connection(from, name)) {
+        if is_hop_by_hop(name)
+            || (has_connection && named_in_connection(from, name) && !token.matches(name))
+        {
             continue;
         }
         to.append(name.clone(), value.clone());
@@ -481,6 +566,20 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
+    fn tok() -> crate::auth::TokenHeader {
+        crate::auth::TokenHeader::new(HeaderName::from_static("api_access_token"))
+    }
+
+    #[test]
+    fn the_token_header_survives_being_named_in_connection() {
+        let mut from = HeaderMap::new();
+        from.insert("connection", "api_access_token".parse().unwrap());
+        from.insert("api_access_token", "t".parse().unwrap());
+        let mut to = HeaderMap::new();
+        copy_end_to_end(&from, &mut to, false, &tok());
+        assert_eq!(to["api_access_token"], "t");
+    }
+
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
         let mut from = HeaderMap::new();
@@ -493,11 +592,11 @@ mod tests {
         from.insert("upgrade", "websocket".parse().unwrap());
         from.append("connection", "upgrade".parse().unwrap());
         let mut to = HeaderMap::new();
-        copy_end_to_end(&from, &mut to, false);
+        copy_end_to_end(&from, &mut to, false, &tok());
         assert_eq!(to.len(), 1);
         assert_eq!(to["accept"], "application/json");
         let mut to = HeaderMap::new();
-        copy_end_to_end(&from, &mut to, true);
+        copy_end_to_end(&from, &mut to, true, &tok());
         assert_eq!(to["upgrade"], "websocket");
     }
 

@@ -59,14 +59,27 @@ pub enum Admission {
     },
 }
 
-/// Proof of admission; report the outcome with [`Breaker::record`]. A probe ticket dropped
-/// without a result (client gone, shed) frees the probe slot for the next request.
+/// Proof of admission; report the outcome with [`Breaker::record`].
+///
+/// A probe ticket dropped without a result frees the probe slot for the next request if the
+/// probe never went out (shed while queueing). Once it was sent ([`Ticket::mark_sent`]), a drop
+/// (the client hung up before the upstream answered) counts as a failed probe: otherwise
+/// impatient clients would turn every request into a probe and the open period would never
+/// double.
 #[derive(Debug)]
 pub struct Ticket {
     epoch: u64,
     probe: bool,
+    sent: bool,
     recorded: bool,
     breaker: Option<std::sync::Weak<Breaker>>,
+}
+
+impl Ticket {
+    /// The request is on its way to the upstream.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
 }
 
 impl Drop for Ticket {
@@ -75,7 +88,11 @@ impl Drop for Ticket {
             && !self.recorded
             && let Some(b) = self.breaker.take().and_then(|w| w.upgrade())
         {
-            b.release_probe(self.epoch);
+            if self.sent {
+                b.probe_abandoned(self.epoch);
+            } else {
+                b.release_probe(self.epoch);
+            }
         }
     }
 }
@@ -196,6 +213,7 @@ impl Breaker {
         Ticket {
             epoch,
             probe,
+            sent: false,
             recorded: false,
             breaker: probe.then(|| self.me.clone()),
         }
@@ -207,7 +225,24 @@ impl Breaker {
         let now = Instant::now();
         let mut inner = self.lock();
         if ticket.epoch != inner.epoch {
-            return; // admitted under an earlier state; its news is stale
+            // Admitted under an earlier state; its news is stale — except an upstream
+            // `Retry-After` while open, which is a floor on the open period (SPEC §6).
+            if let (
+                State::Open { until, period },
+                Outcome::Failure {
+                    retry_after: Some(ra),
+                },
+            ) = (&inner.state, outcome)
+            {
+                let floor = now + ra;
+                if floor > *until {
+                    inner.state = State::Open {
+                        until: floor,
+                        period: *period,
+                    };
+                }
+            }
+            return;
         }
         match (&inner.state, ticket.probe) {
             (State::HalfOpen { period, .. }, true) => {
@@ -239,6 +274,18 @@ impl Breaker {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A sent probe whose outcome will never be known: treated as a failed probe.
+    fn probe_abandoned(&self, epoch: u64) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.epoch == epoch
+            && let State::HalfOpen { period, .. } = inner.state
+        {
+            let next = (period * 2).min(MAX_OPEN);
+            self.open(&mut inner, now, next, None);
         }
     }
 
@@ -494,6 +541,48 @@ mod tests {
             matches!(b.recheck(t), Admission::Allowed(_)),
             "closed: kept"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_sent_probe_reopens_with_doubled_period() {
+        let b = breaker(1);
+        run(&b, FAIL);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let mut probe = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        probe.mark_sent();
+        drop(probe);
+        assert_eq!(b.state(), BreakerState::Open);
+        match b.admit() {
+            Admission::Rejected { retry_after } => {
+                assert_eq!(retry_after, Duration::from_secs(10))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stragglers_retry_after_extends_the_open_period() {
+        let b = breaker(1);
+        let straggler = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        run(&b, FAIL);
+        b.record(
+            straggler,
+            Outcome::Failure {
+                retry_after: Some(Duration::from_secs(30)),
+            },
+        );
+        match b.admit() {
+            Admission::Rejected { retry_after } => {
+                assert_eq!(retry_after, Duration::from_secs(30))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,7 +60,10 @@ impl Proxy {
                         entry.recent_failure(now, self.upstream.breaker().recoveries())
                         && self.store.policy.usable_if_error(entry, now)
                     {
-                        return Next::Answer(stale_if_error(entry, req, now, fwd_status, head));
+                        let mut answer = stale_if_error(entry, req, now, fwd_status, head);
+                        // Nothing was sent upstream this time: the log must not suggest otherwise.
+                        answer.upstream_status = None;
+                        return Next::Answer(answer);
                     }
                 }
             }
@@ -272,10 +275,19 @@ impl Proxy {
                 );
             }
         };
+        // The upstream answered, but with something that is neither stored nor a failure
+        // (a 403, a 3xx, a 200 that is not storable): the stored entry no longer describes
+        // what Chatwoot says, so it must not keep being served (not even as stale).
+        let superseded = || {
+            if prior.is_some() {
+                self.store.remove(&key);
+                self.metrics.revalidation(RevalidationOutcome::Changed);
+            }
+        };
         let start = Instant::now();
         let exchange = match self
             .upstream
-            .send(RouteLabel::Conversation, req, None, false)
+            .send(RouteLabel::Conversation, req, None, false, true)
             .await
         {
             Ok(x) => x,
@@ -284,6 +296,9 @@ impl Proxy {
                 return FetchResult::Failed(e);
             }
         };
+        // The exchange counts (breaker, metrics) once its body has been read: a body that breaks
+        // or stalls after good headers is an upstream failure too.
+        let completion = exchange.completion;
         let (mut parts, incoming) = exchange.response.into_parts();
         let status = parts.status;
         strip_response_hop_by_hop(status, &mut parts.headers);
@@ -298,6 +313,7 @@ impl Proxy {
             && !is_encoded(&headers)
             && content_length(&headers).is_some_and(|n| n > max)
         {
+            superseded();
             return FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
                 status,
                 headers,
@@ -307,6 +323,9 @@ impl Proxy {
         let bytes = match collect_limited(body, max, deadline).await {
             Ok(b) => b,
             Err(Collect::TooLarge(body)) => {
+                if !is_failure_status(status) {
+                    superseded();
+                }
                 return FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
                     status,
                     headers,
@@ -314,15 +333,25 @@ impl Proxy {
                 })));
             }
             Err(Collect::Timeout) => {
-                failed(UpstreamError::Timeout.fwd_status());
-                return FetchResult::Failed(UpstreamError::Timeout);
+                let e = UpstreamError::Timeout;
+                failed(e.fwd_status());
+                if let Some(c) = completion {
+                    c.finish(Err(&e));
+                }
+                return FetchResult::Failed(e);
             }
             Err(Collect::Broken(detail)) => {
                 let e = UpstreamError::BadResponse(detail);
                 failed(e.fwd_status());
+                if let Some(c) = completion {
+                    c.finish(Err(&e));
+                }
                 return FetchResult::Failed(e);
             }
         };
+        if let Some(c) = completion {
+            c.finish(Ok(()));
+        }
         let now = Instant::now();
 
         if status == StatusCode::NOT_MODIFIED
@@ -342,6 +371,7 @@ impl Proxy {
         match status {
             StatusCode::OK if !is_encoded(&headers) => {
                 let Some(probe) = rules::probe(&bytes, key.account, key.conversation) else {
+                    superseded();
                     return FetchResult::Forward(Forwarded {
                         status,
                         headers,
@@ -366,7 +396,7 @@ impl Proxy {
                             xcache: XCache::Revalidated,
                             fwd_status: 200,
                             detail: Some("older-upstream"),
-                            stored: false,
+                            stored: true,
                         };
                     }
                     if prior.updated_at == probe.updated_at && prior.body == bytes {
@@ -429,6 +459,8 @@ impl Proxy {
             _ => {
                 if is_failure_status(status) {
                     failed(status.as_u16());
+                } else {
+                    superseded();
                 }
                 FetchResult::Forward(Forwarded {
                     status,

@@ -20,7 +20,25 @@ use crate::cache::rules::is_invalid_token_body;
 use crate::error::LocalError;
 use crate::metrics::{InvalidationSource, XCache};
 use crate::routing::{self, Route, WriteTarget};
-use crate::upstream::{ClientInfo, strip_response_hop_by_hop};
+use crate::upstream::{ClientInfo, UpstreamError, strip_response_hop_by_hop};
+
+/// `POST` here rotates the caller's token (Chatwoot `ProfilesController#reset_access_token`).
+const RESET_ACCESS_TOKEN: &str = "/api/v1/profile/reset_access_token";
+
+/// Invalidates what a write touches when dropped armed (see [`Proxy::forward`]).
+struct WriteGuard<'a> {
+    proxy: &'a Proxy,
+    path: &'a str,
+    armed: bool,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.proxy.invalidate_after_write(self.path);
+        }
+    }
+}
 
 /// Largest 401 body read to look for "Invalid Access Token" (Chatwoot's is 32 bytes).
 const AUTH_BODY_PEEK: u64 = 4096;
@@ -42,10 +60,11 @@ impl Proxy {
         } else {
             let progress = Progress::new();
             (
-                RequestBody::Client {
-                    inner: incoming,
-                    progress: progress.clone(),
-                },
+                RequestBody::client(
+                    incoming,
+                    progress.clone(),
+                    self.config.client_header_timeout,
+                ),
                 Some(progress),
             )
         };
@@ -60,13 +79,34 @@ impl Proxy {
             Ok(r) => r,
             Err(_) => return Answer::local(LocalError::BadGateway, self.token_header_name()),
         };
+        // A write may commit upstream even if its answer never arrives (timeout, reset, the
+        // client hanging up first): armed until a definite answer says otherwise.
+        let mut write = routing::is_write(&parts.method).then(|| WriteGuard {
+            proxy: self,
+            path: parts.uri.path(),
+            armed: true,
+        });
         let exchange = match self
             .upstream
-            .send(route.label(), upstream_req, progress.as_deref(), upgrade)
+            .send(
+                route.label(),
+                upstream_req,
+                progress.as_deref(),
+                upgrade,
+                false,
+            )
             .await
         {
             Ok(x) => x,
-            Err(e) => return Answer::local(e.to_local(), self.token_header_name()),
+            Err(e) => {
+                // Never sent (shed, breaker, connect failure): nothing can have committed.
+                if (e.is_local() || matches!(e, UpstreamError::Connect(_)))
+                    && let Some(w) = write.as_mut()
+                {
+                    w.armed = false;
+                }
+                return Answer::local(e.to_local(), self.token_header_name());
+            }
         };
         let mut response = exchange.response;
         let status = response.status();
@@ -91,10 +131,17 @@ impl Proxy {
         let (mut resp_parts, resp_body) = response.into_parts();
         strip_response_hop_by_hop(status, &mut resp_parts.headers);
 
-        if status.is_success() && routing::is_write(&parts.method) {
-            self.invalidate_after_write(parts.uri.path());
+        if let Some(mut w) = write.take() {
+            // Invalidate now, before the response is returned, on a 2xx; disarm otherwise.
+            w.armed = status.is_success();
+            if w.armed
+                && parts.uri.path() == RESET_ACCESS_TOKEN
+                && let Some(scope) = scope
+            {
+                // The token that made this call is dead upstream from now on.
+                self.token_refused(scope);
+            }
         }
-
         let body = UpstreamBody::new(resp_body, self.upstream.timeout(), exchange.permit);
         let response_body = match scope {
             Some(scope)

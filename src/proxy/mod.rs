@@ -129,7 +129,14 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let start = Instant::now();
         let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
-        let (method, uri) = (req.method().clone(), req.uri().clone());
+        // Created first, so a request dropped mid-way (client gone) is still logged.
+        let mut guard = AccessGuard::start(
+            req.method().clone(),
+            req.uri().clone(),
+            route.label(),
+            start,
+            self.metrics.clone(),
+        );
         let answer = match self.decide(route, &req, client, start) {
             Next::Answer(answer) => answer,
             Next::Forward { scope } => Box::pin(self.forward(req, client, route, scope)).await,
@@ -145,16 +152,7 @@ impl Proxy {
         response
             .headers_mut()
             .insert(X_CACHE.clone(), cache.header_value());
-        let guard = AccessGuard::new(
-            method,
-            uri,
-            route.label(),
-            response.status().as_u16(),
-            cache,
-            upstream_status,
-            start,
-            self.metrics.clone(),
-        );
+        guard.answered(response.status().as_u16(), cache, upstream_status);
         response.body_mut().set_guard(guard);
         response
     }
