@@ -50,6 +50,8 @@ pub struct Proxy {
 }
 
 /// The outcome of [`Proxy::decide`].
+// The large variant is the hot one (a cache hit); boxing it would allocate on every hit.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Next {
     /// Answered locally: a refusal or a cache hit.
     Answer(Answer),
