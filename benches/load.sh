@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# Load benchmark of chatwoot-cache against nginx and a bare hyper floor (issue 5).
+#
+#   bash benches/load.sh
+#
+# One command, fresh Debian machine: installs wrk, nginx-light (and curl/python3 if missing)
+# with apt-get, builds `chatwoot-cache` and `examples/bench_origin.rs` in release mode, then
+# starts on 127.0.0.1 (ports picked at run time, nothing else is contacted):
+#   origin          fake Chatwoot (bench_origin origin): ~8 KB conversations, token required
+#   floor           bench_origin floor: the same hyper stack returning bytes from memory
+#   nginx-cache     nginx proxy_cache, 1 worker, per-token key (benches/load/nginx.conf.template)
+#   nginx-pass      the same nginx, second server block: plain proxy_pass, no cache
+#   chatwoot-cache  release binary, --log-level warn, --cache-ttl 1h
+# and runs the same wrk client (-t$THREADS -c$CONNS -d$DURATION --latency, benches/load/wrk.lua)
+# against each target for the workloads hit, miss (pass-through), mixed (90/10) and many
+# tokens (1000 tokens x 100 conversations). Prints one markdown table with req/s, p50, p99 and
+# server CPU per request (utime+stime from /proc over the run), plus the issue-5 ratios from
+# the same run, and writes benches/results/latest.{md,png,jsonl}.
+#
+# Both caches keep entries fresh for CACHE_TTL (default 1h: chatwoot-cache --cache-ttl and nginx
+# proxy_cache_valid 200), so no workload measures expiry: with nginx at 10s, its entries expire
+# while the 100k-key many-tokens workload is warmed and measured (CACHE_TTL=10s shows that).
+#
+# Each target is measured ROUNDS times for DURATION, interleaved with the other targets of the
+# workload; the table shows the median round (req/s, p50, p99) and CPU per request pooled over
+# all rounds, with the req/s range to show the noise.
+#
+# Environment: DURATION (4s), ROUNDS (3), THREADS (2), CONNS (64), MANY_TOKENS (1000), CONVS (100), CACHE_TTL,
+# BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1, BENCH_KEEP_WORK=1 (keep logs/configs).
+# The coalescing check ("2,000 concurrent requests for one cold key") is benches/coalesce.sh.
+set -euo pipefail
+
+# shellcheck source=load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
+
+DURATION=${DURATION:-4s}
+ROUNDS=${ROUNDS:-3}
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-64}
+MANY_TOKENS=${MANY_TOKENS:-1000}
+CONVS=${CONVS:-100}
+CACHE_TTL=${CACHE_TTL:-1h}
+RESULTS_DIR="$BENCH_DIR/results"
+
+bench_init
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
+    ensure_tools wrk:wrk nginx:nginx-light curl:curl python3:python3 setsid:util-linux
+fi
+if [[ -z "${BENCH_SKIP_BUILD:-}" ]]; then
+    build_binaries
+else
+    PROXY_BIN="$ROOT_DIR/target/release/chatwoot-cache"
+    ORIGIN_BIN="$ROOT_DIR/target/release/examples/bench_origin"
+fi
+BUILD_DONE=$(date +%s)
+
+mapfile -t PORTS < <(pick_ports 6)
+ORIGIN_PORT=${PORTS[0]} FLOOR_PORT=${PORTS[1]} NGINX_CACHE_PORT=${PORTS[2]}
+NGINX_PASS_PORT=${PORTS[3]} PROXY_PORT=${PORTS[4]} PROXY_ADMIN_PORT=${PORTS[5]}
+
+log "starting origin :$ORIGIN_PORT, floor :$FLOOR_PORT, nginx :$NGINX_CACHE_PORT/:$NGINX_PASS_PORT, chatwoot-cache :$PROXY_PORT"
+start_origin origin "$ORIGIN_PORT"
+ORIGIN_PID=$LAST_PID
+start_bg floor "$ORIGIN_BIN" floor --listen "127.0.0.1:$FLOOR_PORT"
+FLOOR_PID=$LAST_PID
+wait_http "http://127.0.0.1:$FLOOR_PORT/"
+start_nginx "$ORIGIN_PORT" "$NGINX_CACHE_PORT" "$NGINX_PASS_PORT" "$CACHE_TTL"
+# The access log is info-level: --log-level warn turns it off, as nginx runs with access_log off.
+start_proxy proxy "$ORIGIN_PORT" "$PROXY_PORT" "$PROXY_ADMIN_PORT" \
+    --log-level warn --cache-ttl "$CACHE_TTL" --cache-max-bytes 4GiB
+PROXY_PID=$LAST_PID
+
+nginx_pids() { echo "$NGINX_PID" "$(children_of "$NGINX_PID" | tr '\n' ' ')"; }
+
+# ---- sanity: every target answers a conversation with 200 and a ~8 KB body before we measure
+TOKEN1=$(printf 'bench%019d' 1)
+check_200() {   # check_200 NAME URL
+    local out code size
+    out=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 \
+        -H "api_access_token: $TOKEN1" "$2") || true
+    read -r code size <<<"$out"
+    [[ "$code" == 200 && "$size" -gt 4000 ]] || die "$1: GET $2 gave '$out' (want 200, ~8 KB); logs: $WORK"
+}
+for path in /api/v1/accounts/1/conversations/1 /api/v1/accounts/1/conversations/1/messages; do
+    check_200 origin "http://127.0.0.1:$ORIGIN_PORT$path"
+    check_200 nginx-cache "http://127.0.0.1:$NGINX_CACHE_PORT$path"
+    check_200 nginx-pass "http://127.0.0.1:$NGINX_PASS_PORT$path"
+    check_200 chatwoot-cache "http://127.0.0.1:$PROXY_PORT$path"
+done
+check_200 floor "http://127.0.0.1:$FLOOR_PORT/api/v1/accounts/1/conversations/1"
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ORIGIN_PORT/api/v1/accounts/1/conversations/1")
+[[ "$code" == 401 ]] || die "origin without token gave $code, want 401"
+
+# ---- measurement
+CLK_TCK=$(getconf CLK_TCK)
+NCPU=$(nproc)
+RAW="$WORK/results.jsonl"
+: >"$RAW"
+WARM_RAW="$WORK/warm.jsonl"
+: >"$WARM_RAW"
+
+# measure WORKLOAD TARGET URL MODE TOKENS PIDS_FUNCTION
+measure() {
+    local workload=$1 target=$2 url=$3 mode=$4 tokens=$5 pids_fn=$6
+    local pids out origin_before origin_after srv0 srv1 org0 org1 m0 m1 t0 t1 wrk_cpu conn0 conn1
+    pids=$($pids_fn)
+    local counts
+    counts=$(origin_count "$ORIGIN_PORT" total connections) || exit 1
+    read -r origin_before conn0 <<<"$counts"
+    # shellcheck disable=SC2086 # a list of pids
+    srv0=$(cpu_ticks $pids)
+    org0=$(cpu_ticks "$ORIGIN_PID")
+    m0=$(machine_ticks)
+    t0=$(date +%s%N)
+    out="$WORK/wrk-$workload-$target-${ROUND:-1}.txt"
+    # wrk's own CPU (user+sys seconds) via the bash `time` keyword
+    local TIMEFORMAT='%U %S'
+    {
+        time BENCH_MODE=$mode BENCH_TOKENS=$tokens BENCH_CONVS=$CONVS \
+            timeout 120 wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency --timeout 5s \
+            -s "$LOAD_DIR/wrk.lua" "$url" >"$out" 2>&1
+    } 2>"$WORK/time-$workload-$target-${ROUND:-1}.txt" || die "wrk failed for $workload/$target: $(tail -5 "$out")"
+    t1=$(date +%s%N)
+    m1=$(machine_ticks)
+    # shellcheck disable=SC2086
+    srv1=$(cpu_ticks $pids)
+    org1=$(cpu_ticks "$ORIGIN_PID")
+    counts=$(origin_count "$ORIGIN_PORT" total connections) || exit 1
+    read -r origin_after conn1 <<<"$counts"
+    wrk_cpu=$(tail -1 "$WORK/time-$workload-$target-${ROUND:-1}.txt")
+    local json
+    json=$(grep '^BENCH_JSON ' "$out" | sed 's/^BENCH_JSON //') || die "no BENCH_JSON in $out"
+    local uses_origin=true
+    [[ $target == floor ]] && uses_origin=false
+    printf '{"workload":"%s","target":"%s","round":%d,"wrk":%s,"server_ticks":%d,"origin_ticks":%d,"origin_requests":%d,"origin_connections":%d,"uses_origin":%s,"wall_ns":%d,"machine_busy_ticks":%d,"machine_idle_ticks":%d,"wrk_cpu_s":%s,"clk_tck":%d,"ncpu":%d,"server_pids":"%s"}\n' \
+        "$workload" "$target" "${ROUND:-1}" "$json" $((srv1 - srv0)) $((org1 - org0)) \
+        $((origin_after - origin_before)) $((conn1 - conn0 - 1)) "$uses_origin" $((t1 - t0)) \
+        $(( ${m1% *} - ${m0% *} )) $(( ${m1#* } - ${m0#* } )) \
+        "$(awk '{printf "%.3f", $1 + $2}' <<<"$wrk_cpu")" "$CLK_TCK" "$NCPU" "$pids" >>"$RAW"
+    python3 "$LOAD_DIR/report.py" line "$RAW" >&2
+}
+
+floor_pids() { echo "$FLOOR_PID"; }
+origin_pids() { echo "$ORIGIN_PID"; }
+proxy_pids() { echo "$PROXY_PID"; }
+
+# warm NAME PORT TOKENS PIDS_FUNCTION : requests every (token, conversation) once (cold: stored
+# misses), recording time and CPU, so the cold fill is reported too.
+warm() {
+    local name=$1 port=$2 tokens=$3 pids_fn=$4 out pids srv0 srv1 org0 org1 t0 t1
+    pids=$($pids_fn)
+    # shellcheck disable=SC2086
+    srv0=$(cpu_ticks $pids)
+    org0=$(cpu_ticks "$ORIGIN_PID")
+    t0=$(date +%s%N)
+    out=$("$ORIGIN_BIN" walk --base "http://127.0.0.1:$port" --tokens "$tokens" --convs "$CONVS" \
+        --concurrency "$CONNS") || die "warming $name failed: $out"
+    t1=$(date +%s%N)
+    # shellcheck disable=SC2086
+    srv1=$(cpu_ticks $pids)
+    org1=$(cpu_ticks "$ORIGIN_PID")
+    printf '{"target":"%s","tokens":%d,"walk":%s,"wall_ns":%d,"server_ticks":%d,"origin_ticks":%d,"clk_tck":%d}\n' \
+        "$name" "$tokens" "$out" $((t1 - t0)) $((srv1 - srv0)) $((org1 - org0)) "$CLK_TCK" >>"$WARM_RAW"
+    log "warmed $name ($tokens token(s) x $CONVS conversations): $out"
+}
+
+# run_workload WORKLOAD MODE TOKENS TARGET... : ROUNDS rounds over the targets, the order
+# rotated each round, so a disturbance (another process on the machine) hits every target alike.
+# TARGET is name=port=pids_function.
+run_workload() {
+    local workload=$1 mode=$2 tokens=$3; shift 3
+    local targets=("$@") n=$# r i spec name port fn
+    for ((r = 0; r < ROUNDS; r++)); do
+        for ((i = 0; i < n; i++)); do
+            spec=${targets[$(((i + r) % n))]}
+            IFS='=' read -r name port fn <<<"$spec"
+            ROUND=$((r + 1)) measure "$workload" "$name" "http://127.0.0.1:$port" "$mode" "$tokens" "$fn"
+        done
+    done
+}
+
+log "workload hit: warm, then floor / nginx-cache / chatwoot-cache ($ROUNDS rounds of $DURATION)"
+warm nginx-cache "$NGINX_CACHE_PORT" 1 nginx_pids
+warm chatwoot-cache "$PROXY_PORT" 1 proxy_pids
+run_workload hit hit 1 "floor=$FLOOR_PORT=floor_pids" "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" \
+    "chatwoot-cache=$PROXY_PORT=proxy_pids"
+
+log "workload miss (pass-through GET .../conversations/{c}/messages): origin direct / nginx-pass / chatwoot-cache"
+run_workload miss miss 1 "origin-direct=$ORIGIN_PORT=origin_pids" "nginx-pass=$NGINX_PASS_PORT=nginx_pids" \
+    "chatwoot-cache=$PROXY_PORT=proxy_pids"
+
+log "workload mixed (90% cached conversation paths, 10% pass-through)"
+run_workload mixed mixed 1 "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" "chatwoot-cache=$PROXY_PORT=proxy_pids"
+
+log "workload many tokens ($MANY_TOKENS tokens x $CONVS conversations): warm, then measure"
+warm nginx-cache "$NGINX_CACHE_PORT" "$MANY_TOKENS" nginx_pids
+warm chatwoot-cache "$PROXY_PORT" "$MANY_TOKENS" proxy_pids
+run_workload many many "$MANY_TOKENS" "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" \
+    "chatwoot-cache=$PROXY_PORT=proxy_pids"
+
+# ---- liveness after the load: the proxy must still be up and serving
+kill -0 "$PROXY_PID" 2>/dev/null || die "chatwoot-cache exited during the run (log: $WORK/proxy.log)"
+check_200 chatwoot-cache-after "http://127.0.0.1:$PROXY_PORT/api/v1/accounts/1/conversations/1"
+curl -s --max-time 2 "http://127.0.0.1:$PROXY_ADMIN_PORT/metrics" >"$WORK/proxy-metrics.txt" || true
+PROXY_LOG_LINES=$(grep -c . "$WORK/proxy.log" || true)
+PROXY_LOG_SAMPLE=$(head -c 300 "$WORK/proxy.log" | head -3 | tr '\n' ' ' || true)
+NGINX_ERRORS=$(grep -c -E '\[(error|crit|alert|emerg)\]' "$NGINX_PREFIX/error.log" || true)
+
+# ---- report (table from this run only)
+mkdir -p "$RESULTS_DIR"
+cp "$RAW" "$RESULTS_DIR/latest.jsonl"
+M_NPROC=$NCPU \
+M_CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown) \
+M_KERNEL=$(uname -srm) \
+M_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+M_GIT=$(cd "$ROOT_DIR" && git describe --always --dirty 2>/dev/null || echo unknown) \
+M_WRK="wrk -t$THREADS -c$CONNS -d$DURATION --latency --timeout 5s -s benches/load/wrk.lua" \
+M_ROUNDS=$ROUNDS \
+M_NGINX=$(nginx -v 2>&1 | sed 's/.*: //') \
+M_LOADAVG_START=$LOADAVG_START \
+M_LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg) \
+M_PROXY_LOG_LINES=${PROXY_LOG_LINES:-0} \
+M_PROXY_LOG_SAMPLE=${PROXY_LOG_SAMPLE:-} \
+M_NGINX_ERROR_LINES=${NGINX_ERRORS:-0} \
+M_CACHE_TTL=$CACHE_TTL \
+M_MANY_TOKENS=$MANY_TOKENS \
+M_CONVS=$CONVS \
+    python3 -c 'import json, os; print(json.dumps({k[2:].lower(): v for k, v in os.environ.items() if k.startswith("M_")}))' \
+    >"$WORK/machine.json"
+TABLE_RC=0
+python3 "$LOAD_DIR/report.py" table "$RAW" "$WORK/machine.json" "$RESULTS_DIR/latest.md" "$WARM_RAW" || TABLE_RC=$?
+[[ -s "$RESULTS_DIR/latest.md" ]] || die "report.py failed (rc $TABLE_RC)"
+echo
+cat "$RESULTS_DIR/latest.md"
+echo
+
+PLOT_PY=""
+if python3 -c 'import matplotlib' >/dev/null 2>&1; then
+    PLOT_PY=python3
+else
+    VENV="${XDG_CACHE_HOME:-$HOME/.cache}/chatwoot-cache-bench/venv"
+    if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import matplotlib' >/dev/null 2>&1; then
+        log "installing matplotlib into $VENV (for the plot)"
+        if ! python3 -m venv "$VENV" >"$WORK/pip.log" 2>&1; then
+            # Debian ships venv/ensurepip separately
+            rm -rf "$VENV"
+            as_root apt-get install -y --no-install-recommends python3-venv >>"$WORK/pip.log" 2>&1 || true
+            python3 -m venv "$VENV" >>"$WORK/pip.log" 2>&1 || true
+        fi
+        if [[ -x "$VENV/bin/pip" ]]; then
+            "$VENV/bin/pip" install -q matplotlib >>"$WORK/pip.log" 2>&1 || true
+        fi
+    fi
+    "$VENV/bin/python" -c 'import matplotlib' >/dev/null 2>&1 && PLOT_PY="$VENV/bin/python"
+fi
+if [[ -n "$PLOT_PY" ]] && "$PLOT_PY" "$LOAD_DIR/report.py" plot "$RAW" "$RESULTS_DIR/latest.png" >"$WORK/plot.log" 2>&1; then
+    log "plot: $RESULTS_DIR/latest.png"
+else
+    log "plot NOT written (matplotlib unavailable or plotting failed: see $WORK/plot.log / pip.log); the table is complete"
+    BENCH_KEEP_WORK=1
+fi
+log "table: $RESULTS_DIR/latest.md; raw: $RESULTS_DIR/latest.jsonl"
+log "measured part took $(( $(date +%s) - BUILD_DONE )) s (after the build)"
+if [[ $TABLE_RC -ne 0 ]]; then
+    BENCH_KEEP_WORK=1
+    die "some runs had non-200 answers or socket errors (see the table); numbers are not valid"
+fi

@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+"""Turns the raw rows written by benches/load.sh (one JSON object per wrk run) into the table
+and the plot. Only numbers from the given file are used: never compare across runs.
+
+    report.py line  RAW                 one-line summary of the last row (progress)
+    report.py table RAW MACHINE OUT.md [WARM]
+                                        markdown table + issue-5 ratios (+ the cold fill from
+                                        WARM); exit 3 if a run had non-200 answers or socket errors
+    report.py plot  RAW OUT.png         throughput / p99 / CPU per request (needs matplotlib)
+"""
+
+import json
+import sys
+
+WORKLOAD_ORDER = ["hit", "miss", "mixed", "many"]
+WORKLOAD_LABEL = {
+    "hit": "hit",
+    "miss": "miss (pass-through)",
+    "mixed": "mixed 90/10",
+    "many": "many tokens",
+}
+TARGET_ORDER = ["floor", "origin-direct", "nginx-cache", "nginx-pass", "chatwoot-cache"]
+TARGET_LABEL = {
+    "floor": "bare hyper floor",
+    "origin-direct": "origin direct",
+    "nginx-cache": "nginx proxy_cache",
+    "nginx-pass": "nginx proxy_pass",
+    "chatwoot-cache": "chatwoot-cache",
+}
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(derive(json.loads(line)))
+    return rows
+
+
+def derive(r):
+    w = r["wrk"]
+    tck = r["clk_tck"]
+    reqs = max(w["requests"], 1)
+    dur_s = w["duration_us"] / 1e6
+    wall_s = r["wall_ns"] / 1e9
+    d = dict(r)
+    d["requests"] = w["requests"]
+    d["rps"] = w["requests"] / dur_s if dur_s > 0 else 0.0
+    d["p50_ms"] = w["p50_us"] / 1000.0
+    d["p99_ms"] = w["p99_us"] / 1000.0
+    d["cpu_us"] = r["server_ticks"] / tck * 1e6 / reqs
+    own_origin = r["target"] == "origin-direct"
+    d["origin_cpu_us"] = (
+        r["origin_ticks"] / tck * 1e6 / reqs if r["uses_origin"] and not own_origin else None
+    )
+    e = w["errors"]
+    d["socket_errors"] = e["connect"] + e["read"] + e["write"] + e["timeout"]
+    d["bad"] = w["non200"] + w["empty200"] + d["socket_errors"]
+    measured = r["server_ticks"] + (0 if own_origin else r["origin_ticks"]) + r["wrk_cpu_s"] * tck
+    capacity = wall_s * tck * r["ncpu"]
+    d["wrk_cpu_pct"] = 100.0 * r["wrk_cpu_s"] / wall_s / r["ncpu"] if wall_s else 0.0
+    d["other_cpu_pct"] = max(0.0, 100.0 * (r["machine_busy_ticks"] - measured) / capacity) if capacity else 0.0
+    return d
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def aggregate(rows):
+    """One row per (workload, target): medians of the rounds for req/s, p50, p99; CPU per
+    request and the CPU shares pooled over all rounds; counts summed."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["target"]), []).append(r)
+    out = []
+    for (workload, target), rs in groups.items():
+        tck = rs[0]["clk_tck"]
+        ncpu = rs[0]["ncpu"]
+        reqs = max(sum(r["requests"] for r in rs), 1)
+        own_origin = target == "origin-direct"
+        server_ticks = sum(r["server_ticks"] for r in rs)
+        origin_ticks = sum(r["origin_ticks"] for r in rs)
+        wrk_s = sum(r["wrk_cpu_s"] for r in rs)
+        wall_s = sum(r["wall_ns"] for r in rs) / 1e9
+        busy = sum(r["machine_busy_ticks"] for r in rs)
+        measured = server_ticks + (0 if own_origin else origin_ticks) + wrk_s * tck
+        capacity = wall_s * tck * ncpu
+        a = {
+            "workload": workload,
+            "target": target,
+            "rounds": len(rs),
+            "requests": reqs,
+            "rps": median([r["rps"] for r in rs]),
+            "rps_min": min(r["rps"] for r in rs),
+            "rps_max": max(r["rps"] for r in rs),
+            "p50_ms": median([r["p50_ms"] for r in rs]),
+            "p99_ms": median([r["p99_ms"] for r in rs]),
+            "cpu_us": server_ticks / tck * 1e6 / reqs,
+            "origin_cpu_us": origin_ticks / tck * 1e6 / reqs
+            if rs[0]["uses_origin"] and not own_origin
+            else None,
+            "uses_origin": rs[0]["uses_origin"],
+            "origin_requests": sum(r["origin_requests"] for r in rs),
+            "origin_connections": sum(r.get("origin_connections", 0) for r in rs),
+            "non200": sum(r["wrk"]["non200"] + r["wrk"]["empty200"] for r in rs),
+            "socket_errors": sum(r["socket_errors"] for r in rs),
+            "wrk_cpu_pct": 100.0 * wrk_s / wall_s / ncpu if wall_s else 0.0,
+            "other_cpu_pct": max(0.0, 100.0 * (busy - measured) / capacity) if capacity else 0.0,
+        }
+        a["bad"] = a["non200"] + a["socket_errors"]
+        xc = {}
+        for r in rs:
+            for k, v in r["wrk"].get("x_cache_sampled", {}).items():
+                xc[k] = xc.get(k, 0) + v
+        a["x_cache_sampled"] = xc
+        out.append(a)
+    return out
+
+
+def find(rows, workload, target):
+    for r in rows:
+        if r["workload"] == workload and r["target"] == target:
+            return r
+    return None
+
+
+def fmt_int(x):
+    return f"{x:,.0f}"
+
+
+def line(raw):
+    r = load(raw)[-1]
+    origin = f", origin {r['origin_cpu_us']:.1f} µs/req" if r["origin_cpu_us"] is not None else ""
+    print(
+        f"  {r['workload']:>5} {r['target']:<15} #{r.get('round', 1)} {fmt_int(r['rps']):>9} req/s  p50 {r['p50_ms']:.2f} ms"
+        f"  p99 {r['p99_ms']:.2f} ms  {r['cpu_us']:.1f} µs CPU/req{origin}"
+        f"  origin reqs {r['origin_requests']} (conns {r.get('origin_connections', '?')})  non-200 {r['wrk']['non200']}"
+        f"  socket errors {r['socket_errors']}  other CPU {r['other_cpu_pct']:.0f}%"
+    )
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def table(raw, machine_path, out, warm_path=None):
+    rows = aggregate(load(raw))
+    try:
+        with open(machine_path) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        m = {}
+    rows.sort(
+        key=lambda r: (
+            WORKLOAD_ORDER.index(r["workload"]) if r["workload"] in WORKLOAD_ORDER else 99,
+            TARGET_ORDER.index(r["target"]) if r["target"] in TARGET_ORDER else 99,
+        )
+    )
+    L = []
+    L.append("# chatwoot-cache load benchmark (issue 5)")
+    L.append("")
+    L.append(
+        f"Machine: {m.get('nproc', '?')} CPUs, {m.get('cpu_model', '?')}, kernel {m.get('kernel', '?')}. "
+        f"Run {m.get('date', '?')}, git {m.get('git', '?')}, {m.get('nginx', 'nginx ?')}. "
+        f"Load average at start {m.get('loadavg_start', '?')}, at end {m.get('loadavg_end', '?')}."
+    )
+    L.append("")
+    L.append(
+        f"Client for every target: `{m.get('wrk', 'wrk')}`, {m.get('rounds', 1)} rounds per target interleaved "
+        "with the other targets of the workload (median round shown; CPU/request pooled over the rounds), "
+        "one token and 100 conversations "
+        f"(many tokens: {m.get('many_tokens', 1000)} tokens x {m.get('convs', 100)} conversations); "
+        "wrk, servers and the fake origin share this machine."
+    )
+    L.append("")
+    L.append(
+        "| workload | target | req/s (median) | req/s range | p50 ms | p99 ms | µs CPU/req (server) | µs CPU/req (origin) "
+        "| origin reqs (new conns) | non-200 / socket errors | wrk CPU | other CPU |"
+    )
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        origin_cpu = f"{r['origin_cpu_us']:.1f}" if r["origin_cpu_us"] is not None else "–"
+        origin_reqs = (
+            f"{fmt_int(r['origin_requests'])} ({fmt_int(r.get('origin_connections', 0))})"
+            if r["uses_origin"]
+            else "–"
+        )
+        bad = f"{r['non200']} / {r['socket_errors']}"
+        if r["bad"]:
+            bad = f"**{bad} INVALID**"
+        L.append(
+            f"| {WORKLOAD_LABEL.get(r['workload'], r['workload'])} "
+            f"| {TARGET_LABEL.get(r['target'], r['target'])} "
+            f"| {fmt_int(r['rps'])} | {fmt_int(r['rps_min'])}–{fmt_int(r['rps_max'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us']:.1f} "
+            f"| {origin_cpu} | {origin_reqs} | {bad} | {r['wrk_cpu_pct']:.0f}% | {r['other_cpu_pct']:.0f}% |"
+        )
+    L.append("")
+
+    hp = find(rows, "hit", "chatwoot-cache")
+    hn = find(rows, "hit", "nginx-cache")
+    hf = find(rows, "hit", "floor")
+    mp = find(rows, "miss", "chatwoot-cache")
+    mn = find(rows, "miss", "nginx-pass")
+    goals = [
+        ("hit throughput, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["rps"], hn["rps"]), ">=", 1.5),
+        ("hit CPU/request, chatwoot-cache / bare floor", hp and hf and ratio(hp["cpu_us"], hf["cpu_us"]), "<=", 1.3),
+        ("hit p99, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["p99_ms"], hn["p99_ms"]), "<=", None),
+        ("miss CPU/request, chatwoot-cache / nginx proxy_pass", mp and mn and ratio(mp["cpu_us"], mn["cpu_us"]), "<=", 1.0),
+    ]
+    L.append("Issue-5 ratios (this run only):")
+    L.append("")
+    L.append("| ratio | value | goal | met |")
+    L.append("|---|---:|---:|---|")
+    for name, v, op, goal in goals:
+        if v is None:
+            L.append(f"| {name} | n/a | {op} {goal} | n/a |")
+            continue
+        if goal is None:
+            L.append(f"| {name} | {v:.2f}x | lower is better | (informational) |")
+            continue
+        ok = v >= goal if op == ">=" else v <= goal
+        L.append(f"| {name} | {v:.2f}x | {op} {goal}x | {'yes' if ok else '**no**'} |")
+    extra = []
+    for wl in ("mixed", "many"):
+        p, n = find(rows, wl, "chatwoot-cache"), find(rows, wl, "nginx-cache")
+        if p and n:
+            extra.append(
+                f"{WORKLOAD_LABEL[wl]}: throughput {ratio(p['rps'], n['rps']):.2f}x, "
+                f"CPU/request {ratio(p['cpu_us'], n['cpu_us']):.2f}x, p99 {ratio(p['p99_ms'], n['p99_ms']):.2f}x of nginx proxy_cache"
+            )
+    if mp and mn and mp["origin_cpu_us"] is not None and mn["origin_cpu_us"] is not None:
+        extra.append(
+            f"miss: origin CPU/request behind chatwoot-cache {mp['origin_cpu_us']:.1f} µs vs behind nginx "
+            f"{mn['origin_cpu_us']:.1f} µs (the origin's own cost; not part of the ratio)"
+        )
+    if extra:
+        L.append("")
+        L.extend(f"- {x}" for x in extra)
+    warm = []
+    if warm_path:
+        try:
+            with open(warm_path) as f:
+                warm = [json.loads(x) for x in f if x.strip()]
+        except (OSError, ValueError):
+            warm = []
+    warm = [w for w in warm if w["tokens"] > 1]
+    if warm:
+        L.append("")
+        L.append(
+            "Cold fill before the many-tokens workload: every (token, conversation) requested once, all stored "
+            "misses (`bench_origin walk`, same concurrency as wrk, not wrk itself):"
+        )
+        L.append("")
+        L.append("| target | requests | seconds | req/s | µs CPU/req (server) | µs CPU/req (origin) | all 200 | X-Cache |")
+        L.append("|---|---:|---:|---:|---:|---:|---|---|")
+        for w in warm:
+            n = max(w["walk"]["requests"], 1)
+            secs = w["wall_ns"] / 1e9
+            tck = w["clk_tck"]
+            ok = w["walk"]["ok_200"] == w["walk"]["requests"] and not w["walk"]["errors"]
+            L.append(
+                f"| {TARGET_LABEL.get(w['target'], w['target'])} | {fmt_int(n)} | {secs:.1f} | {fmt_int(n / secs)} "
+                f"| {w['server_ticks'] / tck * 1e6 / n:.1f} | {w['origin_ticks'] / tck * 1e6 / n:.1f} "
+                f"| {'yes' if ok else '**no**'} | {', '.join(f'{k} {v}' for k, v in w['walk']['x_cache'].items())} |"
+            )
+    L.append("")
+    L.append("Notes:")
+    L.append("")
+    L.append(
+        "- µs CPU/req = (utime+stime delta over the wrk run, from /proc/<pid>/stat, in CLK_TCK ticks) / requests. "
+        "nginx = master + worker (+ cache manager/loader); chatwoot-cache = its one process; the origin is counted "
+        "separately. Kernel softirq work done outside the process is not included for anyone."
+    )
+    L.append(
+        "- chatwoot-cache runs with `--log-level warn`: its access log is info-level, so it is **off** here "
+        "(nginx runs with `access_log off`). With the default `--log-level info` every request also writes a log line."
+    )
+    L.append(
+        f"- chatwoot-cache: `--cache-ttl {m.get('cache_ttl', '?')} --cache-max-bytes 4GiB`; nginx: "
+        f"`proxy_cache_valid 200 {m.get('cache_ttl', '?')}` (the same freshness, so no workload measures expiry), "
+        "`proxy_cache_lock`, `proxy_cache_use_stale updating` + `proxy_cache_background_update` (its equivalent of "
+        "stale-while-revalidate), key `$request_method|$uri|$http_api_access_token`, 1 worker. "
+        "'origin reqs' counts requests that reached the fake origin during the run (≈0 for a pure hit run), "
+        "'new conns' the connections it accepted meanwhile (≈0 when keep-alive to the origin works)."
+    )
+    L.append(
+        "- bare hyper floor = `bench_origin floor`: the same hyper HTTP/1.1 server stack returning one prebuilt ~8 KB "
+        "conversation from memory (no routing, no token check)."
+    )
+    L.append(
+        "- 'other CPU' = machine-wide busy CPU not used by the measured server, the origin or wrk, as a share of all "
+        "CPUs (other processes such as concurrent builds, plus kernel work). Well above ~5% means the numbers are noisy."
+    )
+    if int(m.get("proxy_log_lines", 0) or 0):
+        sample = str(m.get("proxy_log_sample", "")).replace("`", "'").replace("|", "/")
+        L.append(
+            f"- **chatwoot-cache wrote {m['proxy_log_lines']} line(s) to stderr** at `--log-level warn` "
+            f"(expected none; writing them costs CPU in every row above). First: `{sample}`"
+        )
+    if int(m.get("nginx_error_lines", 0) or 0):
+        L.append(f"- nginx logged {m['nginx_error_lines']} error line(s) during the run.")
+    for r in rows:
+        if r["workload"] in ("hit", "many") and r["target"] in ("nginx-cache", "chatwoot-cache"):
+            other = {k: v for k, v in r["x_cache_sampled"].items() if k != "HIT"}
+            if other:
+                L.append(
+                    f"- {r['workload']}/{r['target']}: not every answer was a cache hit (sampled X-Cache: "
+                    f"{r['x_cache_sampled']})."
+                )
+    L.append(
+        "- nginx runs 1 worker process (the setup issue 5 asks for); chatwoot-cache's tokio runtime and the "
+        "origin/floor use a worker thread per CPU. On this machine wrk shares the same CPUs."
+    )
+    invalid = [r for r in rows if r["bad"]]
+    if invalid:
+        L.append(
+            "- **INVALID rows** (non-200 answers or socket errors): "
+            + ", ".join(f"{r['workload']}/{r['target']}" for r in invalid)
+        )
+    L.append("")
+    text = "\n".join(L)
+    with open(out, "w") as f:
+        f.write(text)
+    return 3 if invalid else 0
+
+
+def plot(raw, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(load(raw))
+    workloads = [w for w in WORKLOAD_ORDER if any(r["workload"] == w for r in rows)]
+    metrics = [("rps", "req/s, median round; bars: range (higher is better)"), ("p99_ms", "p99 latency, ms (lower is better)"),
+               ("cpu_us", "server µs CPU / request (lower is better)")]
+    colors = {"floor": "#999999", "origin-direct": "#bbbbbb", "nginx-cache": "#2a9d8f",
+              "nginx-pass": "#8ab17d", "chatwoot-cache": "#e76f51"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(16, 5))
+    for ax, (key, title) in zip(axes, metrics):
+        x = 0.0
+        ticks, labels = [], []
+        for w in workloads:
+            group = [r for r in rows if r["workload"] == w]
+            group.sort(key=lambda r: TARGET_ORDER.index(r["target"]) if r["target"] in TARGET_ORDER else 99)
+            start = x
+            for r in group:
+                yerr = None
+                if key == "rps":
+                    yerr = [[r["rps"] - r["rps_min"]], [r["rps_max"] - r["rps"]]]
+                ax.bar(x, r[key], width=0.8, color=colors.get(r["target"], "#555555"),
+                       label=TARGET_LABEL.get(r["target"], r["target"]), yerr=yerr, capsize=3,
+                       error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
+                if key == "rps":
+                    # inside the bar, clear of the range whiskers
+                    ax.text(x, r[key] * 0.03, f"{r[key]:,.0f}", ha="center", va="bottom", fontsize=7,
+                            rotation=90, color="white")
+                else:
+                    ax.text(x, r[key], f"{r[key]:.2f}" if key == "p99_ms" else f"{r[key]:.1f}",
+                            ha="center", va="bottom", fontsize=7)
+                x += 1
+            ticks.append((start + x - 1) / 2)
+            labels.append(WORKLOAD_LABEL.get(w, w))
+            x += 0.8
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+    handles, labels = [], []
+    for ax in axes:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle("chatwoot-cache vs nginx vs bare hyper floor (one run, same machine)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.savefig(out, dpi=110)
+    return 0
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "line":
+        line(argv[1])
+        return 0
+    if len(argv) in (4, 5) and argv[0] == "table":
+        return table(*argv[1:])
+    if len(argv) == 3 and argv[0] == "plot":
+        return plot(argv[1], argv[2])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,609 @@
+//! Load-benchmark helper for `benches/load.sh` and `benches/coalesce.sh`: a fast fake Chatwoot
+//! origin, the "bare hyper" floor, and a burst client. Not part of the proxy.
+//!
+//! ```text
+//! bench_origin origin --listen 127.0.0.1:PORT [--delay-ms N] [--threads N]
+//! bench_origin floor  --listen 127.0.0.1:PORT [--threads N]
+//! bench_origin burst  --url http://127.0.0.1:PORT/path --token T [--n 2000] [--timeout-ms 30000]
+//! bench_origin walk   --base http://127.0.0.1:PORT [--account 1] [--tokens 1] [--convs 100]
+//!                     [--concurrency 64]
+//! ```
+//!
+//! - `origin`: `GET /api/v1/accounts/{a}/conversations/{c}` answers a ~8 KB conversation shaped
+//!   like `tests/support/conversation-sample.json` (more messages, so it is ~8 KB), with `id` /
+//!   `account_id` from the path, a float `updated_at`, Chatwoot's
+//!   `Cache-Control: max-age=0, private, must-revalidate` and a Rails-style weak ETag
+//!   (`W/"<32 hex of SHA-256 of the body>"`, as Rack::ETag makes it); a matching
+//!   `If-None-Match` gets `304`. `GET .../conversations/{c}/messages` answers the same bytes (a
+//!   forwarded, never cached route for the pass-through workload). Both need the
+//!   `api_access_token` header (else Chatwoot's devise `401`). Rendered bodies are memoised per
+//!   path, so the origin costs little CPU. `GET /__count` returns the request counters as JSON
+//!   (the `/__count` requests themselves are not counted); `--delay-ms` delays every counted
+//!   answer (to make concurrent requests overlap). `connections` counts accepted connections
+//!   (the `/__count` connections included).
+//! - `floor`: the same server stack answering every request with one prebuilt conversation body
+//!   from memory, no parsing, no checks: the floor a caching proxy's hit path is compared with.
+//! - `burst`: opens N keep-alive connections, waits until all are connected, then sends one GET
+//!   on each at the same moment and waits for every answer. Prints one JSON line with status and
+//!   `X-Cache` counts. Exit code 0 only if every request got a `200`.
+//! - `walk`: requests every (token, conversation) pair of the load benchmark once (tokens
+//!   `bench` + 19 digits, as `benches/load/wrk.lua` makes them), over `--concurrency`
+//!   keep-alive connections, to warm a cache. Prints one JSON line; exit code 0 only if every
+//!   request got a `200`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+const SAMPLE: &str = include_str!("../tests/support/conversation-sample.json");
+const TARGET_BODY_BYTES: usize = 8 * 1024;
+const CACHE_CONTROL: &str = "max-age=0, private, must-revalidate";
+const CONTENT_TYPE: &str = "application/json; charset=utf-8";
+const MEMO_LIMIT: usize = 100_000;
+
+/// Connections accepted by this server (reported by `/__count`: a proxy that does not reuse
+/// upstream connections shows up here).
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+fn usage() -> ! {
+    eprintln!(
+        "usage:\n  bench_origin origin --listen ADDR [--delay-ms N] [--threads N]\n  \
+         bench_origin floor --listen ADDR [--threads N]\n  \
+         bench_origin burst --url URL --token T [--n N] [--timeout-ms MS]\n  \
+         bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N]"
+    );
+    std::process::exit(2)
+}
+
+struct Args {
+    mode: String,
+    opts: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut it = std::env::args().skip(1);
+        let mode = it.next().unwrap_or_else(|| usage());
+        let mut opts = HashMap::new();
+        while let Some(k) = it.next() {
+            let Some(name) = k.strip_prefix("--") else {
+                usage()
+            };
+            let v = it.next().unwrap_or_else(|| usage());
+            opts.insert(name.to_string(), v);
+        }
+        Args { mode, opts }
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.opts.get(k).map(String::as_str)
+    }
+    fn num(&self, k: &str, default: u64) -> u64 {
+        self.get(k)
+            .map(|v| v.parse().unwrap_or_else(|_| usage()))
+            .unwrap_or(default)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let threads = args.num("threads", 0) as usize;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if threads > 0 {
+        rt.worker_threads(threads);
+    }
+    let rt = rt.build().expect("tokio runtime");
+    let code = rt.block_on(async move {
+        match args.mode.as_str() {
+            "origin" | "floor" => {
+                let listen = args.get("listen").unwrap_or_else(|| usage()).to_string();
+                let listener = TcpListener::bind(&listen).await.unwrap_or_else(|e| {
+                    eprintln!("bench_origin: cannot listen on {listen}: {e}");
+                    std::process::exit(1)
+                });
+                let template = Template::new();
+                if args.mode == "floor" {
+                    serve_floor(listener, template).await
+                } else {
+                    let delay = Duration::from_millis(args.num("delay-ms", 0));
+                    serve_origin(listener, template, delay).await
+                }
+            }
+            "burst" => burst(&args).await,
+            "walk" => walk(&args).await,
+            _ => usage(),
+        }
+    });
+    std::process::exit(code)
+}
+
+// ---------------------------------------------------------------- bodies
+
+/// The sample conversation, padded with more messages to ~8 KB, serialised once with
+/// placeholders, so a body for (account, conversation) is a few string replacements.
+struct Template {
+    json: String,
+}
+
+impl Template {
+    fn new() -> Template {
+        let mut v: serde_json::Value = serde_json::from_str(SAMPLE).expect("sample json");
+        let first = v["messages"][0].clone();
+        let mut n = 1u64;
+        loop {
+            let len = serde_json::to_string(&v).unwrap().len();
+            if len >= TARGET_BODY_BYTES - 400 {
+                break;
+            }
+            let mut m = first.clone();
+            m["id"] = (9021 + n).into();
+            m["content"] = format!(
+                "Follow-up message {n}: the invoice for order #{} is attached.",
+                4000 + n
+            )
+            .into();
+            m["message_type"] = (n % 2).into();
+            v["messages"].as_array_mut().unwrap().push(m);
+            n += 1;
+        }
+        v["id"] = "@@ID@@".into();
+        v["account_id"] = "@@ACCOUNT@@".into();
+        v["updated_at"] = "@@UPDATED_AT@@".into();
+        for m in v["messages"].as_array_mut().unwrap() {
+            m["conversation_id"] = "@@ID@@".into();
+            m["account_id"] = "@@ACCOUNT@@".into();
+        }
+        if let Some(m) = v
+            .get_mut("last_non_activity_message")
+            .filter(|m| m.is_object())
+        {
+            m["conversation_id"] = "@@ID@@".into();
+            m["account_id"] = "@@ACCOUNT@@".into();
+        }
+        Template {
+            json: serde_json::to_string(&v).unwrap(),
+        }
+    }
+
+    /// (body, weak ETag) for one conversation. `updated_at` is a float with microseconds,
+    /// stable per conversation so revalidations can get `304`.
+    fn render(&self, account: u64, conversation: u64) -> (Bytes, HeaderValue) {
+        let updated_at = format!(
+            "{}.{:06}",
+            1_765_182_000u64 + conversation % 1_000_000,
+            482_917
+        );
+        let body = self
+            .json
+            .replace("\"@@ID@@\"", &conversation.to_string())
+            .replace("\"@@ACCOUNT@@\"", &account.to_string())
+            .replace("\"@@UPDATED_AT@@\"", &updated_at);
+        let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let etag = HeaderValue::from_str(&format!("W/\"{hex}\"")).unwrap();
+        (Bytes::from(body), etag)
+    }
+}
+
+// ---------------------------------------------------------------- servers
+
+async fn serve_loop<F, Fut>(listener: TcpListener, handler: F) -> i32
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(_) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let fut = handler(req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn conversation_response(body: Bytes, etag: HeaderValue) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_CONTROL),
+    );
+    h.insert(header::ETAG, etag);
+    r
+}
+
+async fn serve_floor(listener: TcpListener, template: Template) -> i32 {
+    let (body, etag) = template.render(1, 1);
+    serve_loop(listener, move |_req| {
+        let r = conversation_response(body.clone(), etag.clone());
+        async move { r }
+    })
+    .await
+}
+
+#[derive(Default)]
+struct Counters {
+    total: AtomicU64,
+    conversation: AtomicU64,
+    messages: AtomicU64,
+    not_modified: AtomicU64,
+    unauthorized: AtomicU64,
+    not_found: AtomicU64,
+}
+
+struct Origin {
+    template: Template,
+    memo: RwLock<HashMap<(u64, u64), (Bytes, HeaderValue)>>,
+    counters: Counters,
+    delay: Duration,
+}
+
+impl Origin {
+    fn body(&self, a: u64, c: u64) -> (Bytes, HeaderValue) {
+        if let Some(hit) = self.memo.read().unwrap().get(&(a, c)) {
+            return hit.clone();
+        }
+        let rendered = self.template.render(a, c);
+        let mut memo = self.memo.write().unwrap();
+        if memo.len() < MEMO_LIMIT {
+            memo.insert((a, c), rendered.clone());
+        }
+        rendered
+    }
+
+    fn counts_json(&self) -> String {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "{{\"total\":{},\"conversation\":{},\"messages\":{},\"not_modified\":{},\"unauthorized\":{},\"not_found\":{},\"connections\":{}}}",
+            l(&c.total),
+            l(&c.conversation),
+            l(&c.messages),
+            l(&c.not_modified),
+            l(&c.unauthorized),
+            l(&c.not_found),
+            CONNECTIONS.load(Ordering::Relaxed)
+        )
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if path == "/__count" {
+            let mut r = Response::new(Full::new(Bytes::from(self.counts_json())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return r;
+        }
+        self.counters.total.fetch_add(1, Ordering::Relaxed);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let route = parse_route(path);
+        let Some((a, c, messages)) = route.filter(|_| req.method() == http::Method::GET) else {
+            self.counters.not_found.fetch_add(1, Ordering::Relaxed);
+            return json_error(
+                StatusCode::NOT_FOUND,
+                r#"{"error":"Resource could not be found"}"#,
+            );
+        };
+        let token_ok = req
+            .headers()
+            .get("api_access_token")
+            .is_some_and(|v| !v.is_empty());
+        if !token_ok {
+            self.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":["You need to sign in or sign up before continuing."]}"#,
+            );
+        }
+        if messages {
+            self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.conversation.fetch_add(1, Ordering::Relaxed);
+        }
+        let (body, etag) = self.body(a, c);
+        if req.headers().get(header::IF_NONE_MATCH) == Some(&etag) {
+            self.counters.not_modified.fetch_add(1, Ordering::Relaxed);
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static(CACHE_CONTROL),
+            );
+            r.headers_mut().insert(header::ETAG, etag);
+            return r;
+        }
+        conversation_response(body, etag)
+    }
+}
+
+fn json_error(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// `/api/v1/accounts/{a}/conversations/{c}` → (a, c, false);
+/// `/api/v1/accounts/{a}/conversations/{c}/messages` → (a, c, true).
+fn parse_route(path: &str) -> Option<(u64, u64, bool)> {
+    let rest = path.strip_prefix("/api/v1/accounts/")?;
+    let (a, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("conversations/")?;
+    let (c, messages) = match rest.split_once('/') {
+        None => (rest, false),
+        Some((c, "messages")) => (c, true),
+        Some(_) => return None,
+    };
+    Some((a.parse().ok()?, c.parse().ok()?, messages))
+}
+
+async fn serve_origin(listener: TcpListener, template: Template, delay: Duration) -> i32 {
+    let origin = Arc::new(Origin {
+        template,
+        memo: RwLock::new(HashMap::new()),
+        counters: Counters::default(),
+        delay,
+    });
+    serve_loop(listener, move |req| origin.clone().handle(req)).await
+}
+
+// ---------------------------------------------------------------- burst client
+
+async fn burst(args: &Args) -> i32 {
+    let url: http::Uri = args
+        .get("url")
+        .unwrap_or_else(|| usage())
+        .parse()
+        .unwrap_or_else(|_| usage());
+    let token = args.get("token").unwrap_or_else(|| usage()).to_string();
+    let n = args.num("n", 2000) as usize;
+    let timeout = Duration::from_millis(args.num("timeout-ms", 30_000));
+    let authority = url.authority().unwrap_or_else(|| usage()).clone();
+    let addr: SocketAddr = authority.as_str().parse().unwrap_or_else(|_| {
+        eprintln!("burst: --url must use a literal IP:port");
+        std::process::exit(2)
+    });
+    let path = url
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or("/".into());
+
+    let connected = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let (go_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let connected = connected.clone();
+        let mut go_rx = go_tx.subscribe();
+        let path = path.clone();
+        let token = token.clone();
+        let host = authority.to_string();
+        tasks.push(tokio::spawn(async move {
+            let conn = async {
+                let stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .map_err(std::io::Error::other)
+            };
+            let conn = tokio::time::timeout(Duration::from_secs(20), conn).await;
+            connected.wait().await;
+            let (mut send, conn) = match conn {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(format!("connect: {e}")),
+                Err(_) => return Err("connect: timeout".to_string()),
+            };
+            tokio::spawn(conn);
+            let _ = go_rx.recv().await;
+            let start = Instant::now();
+            let req = Request::get(path.as_str())
+                .header(header::HOST, host)
+                .header("api_access_token", token)
+                .body(Empty::new())
+                .unwrap();
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let status = resp.status().as_u16();
+            let x_cache = resp
+                .headers()
+                .get("x-cache")
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| {
+                    resp.headers()
+                        .get("x-cache-status")
+                        .and_then(|v| v.to_str().ok())
+                })
+                .unwrap_or("-")
+                .to_string();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            Ok((status, x_cache, body.to_bytes().len(), start.elapsed()))
+        }));
+    }
+    connected.wait().await;
+    let start = Instant::now();
+    let _ = go_tx.send(());
+    let all = futures_util::future::join_all(tasks);
+    let results = match tokio::time::timeout(timeout, all).await {
+        Ok(r) => r,
+        Err(_) => {
+            println!(
+                "{{\"n\":{n},\"error\":\"timeout after {} ms\"}}",
+                timeout.as_millis()
+            );
+            return 1;
+        }
+    };
+    let elapsed = start.elapsed();
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut x_cache: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut ok = 0u64;
+    let mut max_latency = Duration::ZERO;
+    let mut min_body = usize::MAX;
+    for r in results {
+        match r {
+            Ok(Ok((status, xc, len, lat))) => {
+                *statuses.entry(status.to_string()).or_default() += 1;
+                *x_cache.entry(xc).or_default() += 1;
+                if status == 200 && len > 0 {
+                    ok += 1;
+                }
+                max_latency = max_latency.max(lat);
+                min_body = min_body.min(len);
+            }
+            Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+            Err(e) => *errors.entry(format!("task: {e}")).or_default() += 1,
+        }
+    }
+    let map = |m: &BTreeMap<String, u64>| serde_json::to_string(m).unwrap();
+    println!(
+        "{{\"n\":{n},\"ok_200\":{ok},\"statuses\":{},\"x_cache\":{},\"errors\":{},\"elapsed_ms\":{:.1},\"max_latency_ms\":{:.1},\"min_body_bytes\":{}}}",
+        map(&statuses),
+        map(&x_cache),
+        map(&errors),
+        elapsed.as_secs_f64() * 1e3,
+        max_latency.as_secs_f64() * 1e3,
+        if min_body == usize::MAX { 0 } else { min_body }
+    );
+    if ok as usize == n { 0 } else { 1 }
+}
+
+// ---------------------------------------------------------------- walk (cache warmer)
+
+async fn walk(args: &Args) -> i32 {
+    let base: http::Uri = args
+        .get("base")
+        .unwrap_or_else(|| usage())
+        .parse()
+        .unwrap_or_else(|_| usage());
+    let authority = base.authority().unwrap_or_else(|| usage()).clone();
+    let addr: SocketAddr = authority.as_str().parse().unwrap_or_else(|_| {
+        eprintln!("walk: --base must use a literal IP:port");
+        std::process::exit(2)
+    });
+    let account = args.num("account", 1);
+    let tokens = args.num("tokens", 1);
+    let convs = args.num("convs", 100);
+    let concurrency = args.num("concurrency", 64).max(1);
+    let total = tokens * convs;
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let next = next.clone();
+        let host = authority.to_string();
+        workers.push(tokio::spawn(async move {
+            let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+            let mut x_cache: BTreeMap<String, u64> = BTreeMap::new();
+            let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                // same numbering as wrk.lua: token 1..=T, conversation 1..=C
+                let (t, c) = (i % tokens + 1, i / tokens + 1);
+                send.ready().await.map_err(|e| e.to_string())?;
+                let req = Request::get(format!("/api/v1/accounts/{account}/conversations/{c}"))
+                    .header(header::HOST, host.as_str())
+                    .header("api_access_token", format!("bench{t:019}"))
+                    .body(Empty::new())
+                    .unwrap();
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                *statuses
+                    .entry(resp.status().as_u16().to_string())
+                    .or_default() += 1;
+                let xc = resp
+                    .headers()
+                    .get("x-cache")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                *x_cache.entry(xc).or_default() += 1;
+                resp.into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>((statuses, x_cache))
+        }));
+    }
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut x_cache: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for w in workers {
+        match w.await {
+            Ok(Ok((s, x))) => {
+                for (k, v) in s {
+                    *statuses.entry(k).or_default() += v;
+                }
+                for (k, v) in x {
+                    *x_cache.entry(k).or_default() += v;
+                }
+            }
+            Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+            Err(e) => *errors.entry(format!("task: {e}")).or_default() += 1,
+        }
+    }
+    let ok = statuses.get("200").copied().unwrap_or(0);
+    let map = |m: &BTreeMap<String, u64>| serde_json::to_string(m).unwrap();
+    println!(
+        "{{\"requests\":{total},\"ok_200\":{ok},\"statuses\":{},\"x_cache\":{},\"errors\":{},\"elapsed_ms\":{:.1}}}",
+        map(&statuses),
+        map(&x_cache),
+        map(&errors),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    if ok == total && errors.is_empty() {
+        0
+    } else {
+        1
+    }
+}
