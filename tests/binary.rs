@@ -328,25 +328,40 @@ async fn sigterm_drains_and_exits_0() {
     );
     let url = format!("http://127.0.0.1:{p}/api/v1/accounts/1/conversations/42");
     let slow = tokio::spawn(async move { get(&url, Some("admin-token")).await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // SIGTERM only once the slow request is really in flight (start-up time varies).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.in_flight() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.in_flight(), 1, "the slow request reached the upstream");
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = try_send(
-        &client(),
-        http::Method::GET,
-        &format!("http://127.0.0.1:{a}/readyz"),
-        &[],
-        b"",
-    )
-    .await;
+    let mut ready = None;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        ready = try_send(
+            &client(),
+            http::Method::GET,
+            &format!("http://127.0.0.1:{a}/readyz"),
+            &[],
+            b"",
+        )
+        .await
+        .map(|r| r.status.as_u16())
+        .ok();
+        if ready == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, Some(503), "readiness drops at once");
     assert_eq!(
-        ready.map(|r| r.status.as_u16()).ok(),
-        Some(503),
-        "readiness drops at once"
+        fake.in_flight(),
+        1,
+        "…while the request is still in flight (draining)"
     );
     let r = slow.await.unwrap();
     assert_eq!(

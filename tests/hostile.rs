@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -67,39 +69,90 @@ fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
-/// 200 random requests (and raw random bytes) then a normal request still works.
-#[tokio::test]
-async fn random_requests_never_break_the_proxy() {
-    let (fake, proxy) = setup().await;
-    let mut runner = TestRunner::new(PropConfig {
-        cases: 200,
-        ..PropConfig::default()
+/// Name prefix of the runtime threads [`random_requests_never_break_the_proxy`] watches.
+const WATCHED_THREADS: &str = "hostile-watched";
+
+/// Panics seen on watched threads (location and message).
+static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static PANICKED: AtomicBool = AtomicBool::new(false);
+
+/// Installs (once) a panic hook that records panics on threads named [`WATCHED_THREADS`] and
+/// then runs the previous hook. tokio catches a panic in a spawned task (a connection task) and
+/// only drops the task, so without this a panicking request handler would go unnoticed. Panics
+/// on any other thread (other tests in this binary) are not recorded.
+fn watch_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let watched = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with(WATCHED_THREADS));
+            if watched {
+                PANICKED.store(true, Ordering::SeqCst);
+                if let Ok(mut v) = PANICS.lock() {
+                    v.push(info.to_string());
+                }
+            }
+            previous(info);
+        }));
     });
-    let mut cases = Vec::new();
-    for _ in 0..200 {
-        cases.push(request_strategy().new_tree(&mut runner).unwrap().current());
-    }
-    let junk = prop::collection::vec(any::<u8>(), 1..200);
-    for _ in 0..50 {
-        cases.push(junk.new_tree(&mut runner).unwrap().current());
-    }
-    for bytes in &cases {
-        let out = raw(proxy.addr, bytes).await;
-        if !out.is_empty() {
-            let head = String::from_utf8_lossy(&out[..out.len().min(12)]).to_string();
-            assert!(
-                head.starts_with("HTTP/1."),
-                "non-HTTP answer {head:?} to {:?}",
-                String::from_utf8_lossy(bytes)
-            );
+}
+
+/// 200 random requests (and raw random bytes): every answer is HTTP, no proxy (or fake) task
+/// panics, and afterwards a normal request still works.
+///
+/// The proxy and the fake run on a dedicated runtime whose threads are named, so the panic
+/// hook can attribute panics to them (a `#[tokio::test]` runtime would share the test thread).
+#[test]
+fn random_requests_never_break_the_proxy() {
+    watch_panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(WATCHED_THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // On a multi-thread runtime every spawned task (accept loops, connections, the
+        // upstream client) runs on the watched worker threads.
+        let (fake, proxy) = setup().await;
+        let mut runner = TestRunner::new(PropConfig {
+            cases: 200,
+            ..PropConfig::default()
+        });
+        let mut cases = Vec::new();
+        for _ in 0..200 {
+            cases.push(request_strategy().new_tree(&mut runner).unwrap().current());
         }
-    }
-    // Still healthy and still correct.
-    assert_eq!(get(&proxy.admin_url("/healthz"), None).await.status, 200);
-    let r = conv(&proxy, 1, 42, "admin-token").await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["id"], 42);
-    let _ = fake.requests();
+        let junk = prop::collection::vec(any::<u8>(), 1..200);
+        for _ in 0..50 {
+            cases.push(junk.new_tree(&mut runner).unwrap().current());
+        }
+        for bytes in &cases {
+            let out = raw(proxy.addr, bytes).await;
+            if !out.is_empty() {
+                let head = String::from_utf8_lossy(&out[..out.len().min(12)]).to_string();
+                assert!(
+                    head.starts_with("HTTP/1."),
+                    "non-HTTP answer {head:?} to {:?}",
+                    String::from_utf8_lossy(bytes)
+                );
+            }
+        }
+        // Still healthy and still correct.
+        assert_eq!(get(&proxy.admin_url("/healthz"), None).await.status, 200);
+        let r = conv(&proxy, 1, 42, "admin-token").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["id"], 42);
+        let _ = fake.requests();
+    });
+    drop(rt);
+    assert!(
+        !PANICKED.load(Ordering::SeqCst),
+        "a task panicked while handling hostile input: {:?}",
+        PANICS.lock().map(|v| v.clone()).unwrap_or_default()
+    );
 }
 
 /// A non-canonical spelling is never answered from the cache, even once the canonical key is

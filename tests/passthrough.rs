@@ -10,6 +10,92 @@ use support::*;
 
 const CONV: &str = "/api/v1/accounts/1/conversations/42";
 
+/// Polls `cond` every 10 ms until it holds; false if `limit` passes first.
+async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One HTTP/1.1 response parsed off a raw socket.
+#[derive(Debug)]
+struct RawResponse {
+    status_line: String,
+    body: Vec<u8>,
+}
+
+/// Splits raw bytes into the complete responses they hold (Content-Length or chunked framing;
+/// a response without either runs to the end). Panics on a truncated response.
+fn parse_responses(mut raw: &[u8]) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("incomplete head: {:?}", String::from_utf8_lossy(raw)));
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        raw = &raw[end + 4..];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if let Some(len) = find("content-length") {
+            let len: usize = len.parse().unwrap();
+            assert!(raw.len() >= len, "truncated body");
+            body.extend_from_slice(&raw[..len]);
+            raw = &raw[len..];
+        } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                let nl = raw
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .expect("chunk size");
+                let size = usize::from_str_radix(
+                    String::from_utf8_lossy(&raw[..nl])
+                        .split(';')
+                        .next()
+                        .unwrap()
+                        .trim(),
+                    16,
+                )
+                .unwrap();
+                raw = &raw[nl + 2..];
+                if size == 0 {
+                    let trailer_end = raw
+                        .windows(2)
+                        .position(|w| w == b"\r\n")
+                        .expect("last chunk");
+                    raw = &raw[trailer_end + 2..];
+                    break;
+                }
+                body.extend_from_slice(&raw[..size]);
+                raw = &raw[size + 2..];
+            }
+        } else {
+            body.extend_from_slice(raw);
+            raw = &[];
+        }
+        out.push(RawResponse { status_line, body });
+    }
+    out
+}
+
 /// A missing token is refused locally with the SPEC error body, and never reaches Chatwoot.
 #[tokio::test]
 async fn missing_token_is_refused_locally() {
@@ -219,10 +305,12 @@ async fn response_bodies_stream() {
     );
 }
 
-/// A large upload streams through (the fake counts it chunk by chunk).
+/// A large upload streams through: the first 1 MiB reaches the upstream while the client still
+/// holds back the rest (a proxy that buffers the body first would never get there), then all
+/// 64 MiB arrive intact.
 #[tokio::test]
 async fn uploads_stream_through() {
-    let (_fake, proxy) = setup().await;
+    let (fake, proxy) = setup().await;
     let (mut tx, body) = http_body_util::channel::Channel::<bytes::Bytes, std::io::Error>::new(4);
     let client: hyper_util::client::legacy::Client<
         _,
@@ -232,17 +320,33 @@ async fn uploads_stream_through() {
     let req = http::Request::post(proxy.url("/upload"))
         .body(body)
         .unwrap();
+    let response = tokio::spawn(async move { client.request(req).await });
     let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
-    let sender = tokio::spawn(async move {
-        for _ in 0..64 {
-            tx.send_data(chunk.clone()).await.unwrap();
-        }
-    });
-    let resp = client.request(req).await.unwrap();
-    sender.await.unwrap();
+    tx.send_data(chunk.clone()).await.unwrap();
+    let first_arrived =
+        wait_until(Duration::from_secs(5), || fake.upload_progress() >= 1 << 20).await;
+    assert!(
+        first_arrived,
+        "the first MiB must reach the upstream before the client sends more; the upstream has \
+         {} bytes",
+        fake.upload_progress()
+    );
+    assert_eq!(fake.upload_progress(), 1 << 20, "nothing else was sent yet");
+    assert!(!response.is_finished(), "the upload is still open");
+    for _ in 1..64 {
+        tx.send_data(chunk.clone()).await.unwrap();
+    }
+    drop(tx);
+    let resp = tokio::time::timeout(Duration::from_secs(30), response)
+        .await
+        .expect("upload response in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["bytes"], 64u64 << 20);
+    assert_eq!(fake.upload_progress(), 64 << 20);
 }
 
 /// Connect refused → 502 bad_gateway; hang → 504 upstream_timeout; garbage → 502.
@@ -291,7 +395,7 @@ async fn truncated_upstream_body_is_an_error_for_the_client() {
 #[tokio::test]
 async fn websocket_upgrade_round_trip() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_fake, proxy) = setup().await;
+    let (fake, proxy) = setup().await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(
         b"GET /cable HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -316,6 +420,26 @@ async fn websocket_upgrade_round_trip() {
         .unwrap()
         .unwrap();
     assert_eq!(&echoed, b"ping-frame-bytes");
+    // The upstream saw a real upgrade request, handshake headers intact.
+    let seen = fake.last_seen();
+    assert_eq!(seen.path_and_query, "/cable");
+    let h = &seen.headers;
+    let value = |name: &str| {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    assert_eq!(value("upgrade"), "websocket", "{h:?}");
+    assert!(
+        value("connection")
+            .split(',')
+            .any(|t| t.trim() == "upgrade"),
+        "Connection must name upgrade: {h:?}"
+    );
+    assert_eq!(h["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+    assert_eq!(h["sec-websocket-version"], "13");
 }
 
 /// https upstream verified against a CA generated in the test (--upstream-ca-file).
@@ -426,8 +550,10 @@ async fn oversized_headers_get_431() {
     assert_eq!(fake.requests(), 0);
 }
 
-/// Content-Length + Transfer-Encoding: never forwarded as an ambiguous message; the upstream
-/// sees one chunk-framed request, and a request smuggled in the body is not executed.
+/// Content-Length + Transfer-Encoding: Transfer-Encoding wins (RFC 9112 §6.3), so the upstream
+/// sees exactly one request to /echo/a with the chunked (empty) body and no Content-Length; the
+/// request smuggled after it never runs, and the proxy closes the client connection after the
+/// first response instead of parsing the leftover bytes.
 #[tokio::test]
 async fn conflicting_framing_cannot_smuggle() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -440,23 +566,36 @@ async fn conflicting_framing_cannot_smuggle() {
     .await
     .unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
     assert!(
-        text.starts_with("HTTP/1.1 400") || text.starts_with("HTTP/1.1 200"),
-        "{text}"
+        matches!(closed, Ok(Ok(_))),
+        "the proxy must close the connection after the first response: {closed:?}, read {:?}",
+        String::from_utf8_lossy(&out)
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let responses = parse_responses(&out);
+    assert_eq!(
+        responses.len(),
+        1,
+        "exactly one response on the wire: {responses:?}"
+    );
+    let r = &responses[0];
+    assert!(r.status_line.starts_with("HTTP/1.1 200"), "{r:?}");
+    let echoed: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(echoed["body_len"], 0, "the chunked body is empty: {echoed}");
     let seen = fake.seen();
-    assert!(
-        seen.iter().all(|s| s.path_and_query != "/echo/smuggled"),
-        "smuggled request reached upstream"
+    assert_eq!(
+        seen.iter()
+            .map(|s| s.path_and_query.as_str())
+            .collect::<Vec<_>>(),
+        ["/echo/a"],
+        "exactly one upstream request, never the smuggled one"
     );
-    for s in &seen {
-        let both =
-            s.headers.contains_key("content-length") && s.headers.contains_key("transfer-encoding");
-        assert!(!both, "ambiguous framing forwarded");
-    }
+    assert_eq!(seen[0].method, Method::POST);
+    assert!(
+        !seen[0].headers.contains_key("content-length"),
+        "the client's Content-Length is dropped: {:?}",
+        seen[0].headers
+    );
 }
 
 /// A client that sends nothing (or a head too slowly) is disconnected.
@@ -488,10 +627,22 @@ async fn graceful_shutdown_drains_in_flight() {
     fake.set_delay(Duration::from_millis(800));
     let url = proxy.url("/echo/slow");
     let slow = tokio::spawn(async move { get(&url, None).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || fake.in_flight() == 1).await,
+        "the slow request reached the upstream"
+    );
     let done = proxy.shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(get(&proxy.admin_url("/readyz"), None).await.status, 503);
+    let mut ready = 0;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        ready = get(&proxy.admin_url("/readyz"), None).await.status.as_u16();
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, 503, "readiness drops at once");
+    assert_eq!(fake.in_flight(), 1, "…while the request is still in flight");
     assert!(
         tokio::net::TcpStream::connect(proxy.addr).await.is_err(),
         "listener closed"
@@ -502,4 +653,84 @@ async fn graceful_shutdown_drains_in_flight() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A token header that the client also names in `Connection` is still forwarded unchanged:
+/// the proxy validated and scoped that token, so Chatwoot must authenticate the same one
+/// (dropping it as hop-by-hop would make the two disagree, and turn every such request into
+/// Chatwoot's 401).
+#[tokio::test]
+async fn token_named_in_connection_is_still_forwarded() {
+    let (fake, proxy) = setup().await;
+    for (path, name, connection) in [
+        (
+            "/api/v1/accounts/1/contacts",
+            "api_access_token",
+            "api_access_token",
+        ),
+        (
+            "/api/v1/accounts/1/contacts",
+            "Api-Access-Token",
+            "keep-alive, Api-Access-Token",
+        ),
+        (CONV, "api_access_token", "api_access_token"),
+    ] {
+        let before = fake.requests();
+        let r = send(
+            Method::GET,
+            &proxy.url(path),
+            &[(name, "admin-token"), ("connection", connection)],
+            b"",
+        )
+        .await;
+        assert_eq!(fake.requests(), before + 1, "{path}: reached the upstream");
+        let seen = fake.last_seen();
+        let forwarded: Vec<_> = seen
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str().replace('-', "_") == "api_access_token")
+            .map(|(_, v)| v.to_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            forwarded,
+            ["admin-token"],
+            "{path} (Connection: {connection}): token forwarded once, unchanged: {:?}",
+            seen.headers
+        );
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+}
+
+/// Graceful shutdown does not wait for a client that connected and never sent a byte: with a
+/// 20 s header timeout and nothing in flight, the server finishes well under 1.5 s.
+#[tokio::test]
+async fn graceful_shutdown_does_not_wait_for_idle_connections() {
+    use tokio::io::AsyncReadExt;
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.client_header_timeout = Duration::from_secs(20);
+    let mut proxy = start_proxy(cfg).await;
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Accepts happen in order: once a later connection is answered, the idle one has been
+    // accepted by the proxy (not just queued in the kernel).
+    let r = send(
+        Method::GET,
+        &proxy.url("/echo/after-idle"),
+        &[("connection", "close")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let start = Instant::now();
+    let done = proxy.shutdown();
+    let finished = tokio::time::timeout(Duration::from_millis(1500), done).await;
+    assert!(
+        matches!(finished, Ok(Ok(()))),
+        "shutdown still waiting after {:?} for a connection that never sent a request",
+        start.elapsed()
+    );
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(1), idle.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "the idle connection is closed");
+    assert!(buf.is_empty(), "nothing is sent to it: {buf:?}");
 }

@@ -66,6 +66,12 @@ pub enum Fault {
     Truncate,
     /// Never answer.
     Hang,
+    /// Send headers promising `Content-Length: 5000` and a few bytes, then neither finish nor
+    /// close (until the peer goes away).
+    Stall,
+    /// Send a chunked body (no `Content-Length`) of two 1 KiB chunks, then break the
+    /// connection without the terminating chunk.
+    TruncateChunked,
 }
 
 /// One request the fake saw.
@@ -106,6 +112,10 @@ pub struct State {
     pub show_post_delay: Mutex<Duration>,
     /// Stream show `200` bodies in 1 KiB chunks without `Content-Length`.
     pub chunked_show: std::sync::atomic::AtomicBool,
+    /// TCP connections accepted (every one, TLS or not, faulted or not).
+    pub connections: AtomicUsize,
+    /// Body bytes `/upload` has received so far in the current upload (reset when one starts).
+    pub upload_progress: std::sync::atomic::AtomicU64,
 }
 
 /// A running fake.
@@ -174,6 +184,7 @@ impl FakeChatwoot {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -230,6 +241,16 @@ impl FakeChatwoot {
     /// Requests being handled right now.
     pub fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far (see [`State::connections`]).
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Bytes the current (or last) `/upload` has received so far.
+    pub fn upload_progress(&self) -> u64 {
+        self.state.upload_progress.load(Ordering::SeqCst)
     }
 
     /// See [`State::close_connections`].
@@ -487,6 +508,48 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<FakeBody>
                     .insert("content-length", "5000".parse().unwrap());
                 return r;
             }
+            Fault::Stall => {
+                let (tx, rx) =
+                    tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"{\"id\":42,\"acc"))))
+                        .await;
+                    // Silence, but the body stays open until the receiver is dropped.
+                    tx.closed().await;
+                });
+                let body = StreamBody::new(tokio_stream_from(rx));
+                let mut r = Response::new(BodyExt::boxed(body));
+                r.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                r.headers_mut()
+                    .insert("content-length", "5000".parse().unwrap());
+                return r;
+            }
+            Fault::TruncateChunked => {
+                let (tx, rx) =
+                    tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+                tokio::spawn(async move {
+                    for _ in 0..2 {
+                        let chunk = Bytes::from(vec![b'c'; 1024]);
+                        if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "died",
+                        )))
+                        .await;
+                });
+                let body = StreamBody::new(tokio_stream_from(rx));
+                let mut r = Response::new(BodyExt::boxed(body));
+                r.headers_mut()
+                    .insert("content-type", "text/plain".parse().unwrap());
+                return r;
+            }
             Fault::Reset | Fault::Garbage => {
                 unreachable!("socket-level faults are handled per connection")
             }
@@ -496,7 +559,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<FakeBody>
     match (req.method().clone(), path.as_str()) {
         (_, p) if p.starts_with("/echo") => echo(req).await,
         (Method::GET, "/stream") => stream(req.uri().query().unwrap_or("")),
-        (_, "/upload") => upload(req).await,
+        (_, "/upload") => upload(&state, req).await,
         (Method::GET, "/cable") => cable(req),
         (_, p) if p.starts_with("/api/v1/accounts/") => account_api(state, req).await,
         _ => json_error(404, r#"{"error":"Resource could not be found"}"#),
@@ -574,7 +637,9 @@ fn stream(query: &str) -> Response<FakeBody> {
 }
 
 /// Consumes the body chunk by chunk (never buffering it) and reports size and a checksum.
-async fn upload(req: Request<Incoming>) -> Response<FakeBody> {
+/// Progress is published in [`State::upload_progress`] as each frame arrives.
+async fn upload(state: &State, req: Request<Incoming>) -> Response<FakeBody> {
+    state.upload_progress.store(0, Ordering::SeqCst);
     let mut body = req.into_body();
     let mut total: u64 = 0;
     let mut sum: u64 = 0;
@@ -583,6 +648,7 @@ async fn upload(req: Request<Incoming>) -> Response<FakeBody> {
             Ok(f) => {
                 if let Ok(d) = f.into_data() {
                     total += d.len() as u64;
+                    state.upload_progress.store(total, Ordering::SeqCst);
                     for b in d.iter() {
                         sum = sum.wrapping_mul(31).wrapping_add(u64::from(*b));
                     }
