@@ -494,6 +494,10 @@ pub fn copy_end_to_end(
 /// Removes hop-by-hop headers from an upstream response in place (keeping `Upgrade` and
 /// `Connection` on a 101, which the client needs to complete the switch).
 pub fn strip_response_hop_by_hop(status: StatusCode, headers: &mut HeaderMap) {
+    // Most responses carry none: one pass over the names beats eight hashed removals.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) && !switching {
         headers
