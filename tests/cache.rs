@@ -1656,3 +1656,32 @@ async fn metrics_count_and_never_show_tokens() {
     }
     assert!(!m.contains("/api/v1"), "raw paths in /metrics");
 }
+
+// === 13. hostile values ===
+
+/// An `updated_at` too large for an HTTP date (year 10000 and later, or past what
+/// `SystemTime` can hold) is upstream data: the conversation is still stored and served,
+/// only without `Last-Modified` (before, formatting it panicked the fetch).
+#[tokio::test]
+async fn huge_updated_at_is_stored_without_last_modified() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start(&fake, |_| {}).await;
+    for (c, updated_at) in [
+        (70, "253402300800"),
+        (71, "9900000000000000000"),
+        (72, "18446744073709551615.5"),
+    ] {
+        fake.add_conversation(1, c, updated_at);
+        let miss = get_conv(&proxy, 1, c, ADMIN).await;
+        assert_eq!(miss.status, 200, "{updated_at}: {}", miss.text());
+        assert_eq!(miss.x_cache(), "MISS");
+        assert!(miss.text().contains(updated_at));
+        let hit = get_conv(&proxy, 1, c, ADMIN).await;
+        assert_eq!(hit.x_cache(), "HIT", "{updated_at}: stored");
+        assert_eq!(hit.body, miss.body);
+        for r in [&miss, &hit] {
+            assert!(r.headers.get("last-modified").is_none(), "{updated_at}");
+            assert!(r.headers.get("etag").is_some());
+        }
+    }
+}

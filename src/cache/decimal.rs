@@ -96,6 +96,11 @@ impl Decimal {
         s.parse().ok()
     }
 
+    /// Heap bytes this value holds (its digits), for an entry's weight.
+    pub fn heap_bytes(&self) -> usize {
+        self.digits.len()
+    }
+
     fn cmp_magnitude(&self, other: &Decimal) -> Ordering {
         match (self.digits.is_empty(), other.digits.is_empty()) {
             (true, true) => return Ordering::Equal,

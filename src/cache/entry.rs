@@ -23,14 +23,14 @@ pub struct Entry {
     /// `Cache-Control`, our `Content-Length`; never `Set-Cookie` or auth headers).
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// Strong ETag of the body (positive entries).
-    pub etag: Option<HeaderValue>,
-    /// From `updated_at` whole seconds.
-    pub last_modified: Option<HeaderValue>,
-    /// Unix seconds of `last_modified`, for `If-Modified-Since`.
+    /// Unix seconds of the `Last-Modified` in `headers` (from `updated_at` whole seconds), for
+    /// `If-Modified-Since`. The strong ETag and `Last-Modified` themselves live in `headers`
+    /// only (see [`Entry::etag`], [`Entry::last_modified`]).
     pub last_modified_secs: Option<u64>,
     pub updated_at: Option<Decimal>,
-    /// Validators the upstream gave, replayed on revalidation.
+    /// Validators the upstream gave, replayed on revalidation. Like every value in `headers`
+    /// they are slices of one exact-size copy owned by the entry (see
+    /// [`super::rules`]), never of the upstream connection's read buffer.
     pub upstream_etag: Option<HeaderValue>,
     pub upstream_last_modified: Option<HeaderValue>,
     pub stored_at: Instant,
@@ -72,6 +72,26 @@ impl Entry {
         now.saturating_duration_since(self.stored_at)
     }
 
+    /// Our strong ETag of the body (positive entries only).
+    pub fn etag(&self) -> Option<&HeaderValue> {
+        self.validator(header::ETAG)
+    }
+
+    /// Our `Last-Modified` (positive entries with a representable `updated_at` only).
+    pub fn last_modified(&self) -> Option<&HeaderValue> {
+        self.validator(header::LAST_MODIFIED)
+    }
+
+    /// The upstream's own validators are never stored in `headers` (`rules::never_stored`),
+    /// so a validator there is always ours.
+    fn validator(&self, name: HeaderName) -> Option<&HeaderValue> {
+        if self.is_negative() {
+            None
+        } else {
+            self.headers.get(name)
+        }
+    }
+
     /// Remembers that revalidating this entry failed with `fwd_status` at `now`; it is not
     /// revalidated again for `backoff`.
     pub fn note_failure(&self, now: Instant, fwd_status: u16, backoff: Duration, recoveries: u64) {
@@ -96,13 +116,20 @@ impl Entry {
             .then(|| self.failure.status.load(Relaxed))
     }
 
-    /// Bytes this entry holds: body, header names and values, key, plus fixed bookkeeping.
-    pub fn compute_weight(headers: &HeaderMap, body: &Bytes) -> u32 {
-        let header_bytes: usize = headers
+    /// Bytes this entry is weighed as against `--cache-max-bytes`: the body, the stored header
+    /// map (names, values and the map's own slots: [`header_map_bytes`]), `extra_bytes` held
+    /// outside the map (the upstream validators, `updated_at`'s digits), and the fixed
+    /// per-entry bookkeeping [`ENTRY_OVERHEAD`].
+    pub fn compute_weight(headers: &HeaderMap, body: &Bytes, extra_bytes: usize) -> u32 {
+        let header_text: usize = headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
-        let total = body.len() + header_bytes + ENTRY_OVERHEAD;
+        let total = body.len()
+            + header_text
+            + header_map_bytes(headers.len())
+            + extra_bytes
+            + ENTRY_OVERHEAD;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -113,7 +140,9 @@ impl Entry {
             return false;
         }
         if let Some(inm) = req.get(header::IF_NONE_MATCH) {
-            let Some(etag) = &self.etag else { return false };
+            let Some(etag) = self.etag() else {
+                return false;
+            };
             return etag_list_matches(inm.as_bytes(), etag.as_bytes());
         }
         if let (Some(ims), Some(lm)) = (req.get(header::IF_MODIFIED_SINCE), self.last_modified_secs)
@@ -148,10 +177,10 @@ impl Entry {
             if let Some(v) = self.headers.get(header::VARY) {
                 h.insert(header::VARY, v.clone());
             }
-            if let Some(e) = &self.etag {
+            if let Some(e) = self.etag() {
                 h.insert(header::ETAG, e.clone());
             }
-            if let Some(lm) = &self.last_modified {
+            if let Some(lm) = self.last_modified() {
                 h.insert(header::LAST_MODIFIED, lm.clone());
             }
             r
@@ -186,24 +215,58 @@ pub fn small_number(n: u64) -> HeaderValue {
     }
 }
 
-/// Fixed per-entry bookkeeping counted in the weight: the key (32 B), the `Entry` struct and
-/// moka's per-entry node, rounded.
-pub const ENTRY_OVERHEAD: usize = 32 + 160;
+/// Fixed per-entry bookkeeping counted in the weight: the `Arc<Entry>` allocation (344 bytes:
+/// the struct holds the header map's and the body's handles inline), the shared-buffer headers
+/// of the body and of the one allocation holding the entry's header values (24 bytes each),
+/// and moka's per-entry cost (its node with the key, deque and timer-wheel links, hash-table
+/// slot and share of table growth: ~280 bytes, by difference).
+///
+/// Measured, not estimated, with a counting global allocator (tests/memory.rs, which fails
+/// if the heap per entry exceeds 1.25 x the weight): real heap growth per stored entry minus
+/// the body, the header names and values, the header map's slots (`header_map_bytes`) and
+/// the validators/`updated_at` digits came to ~570 B/entry for 2000 entries stored through
+/// the proxy, and ~620-650 B/entry for 2000-16000 entries inserted into a bare `Store` (fewer
+/// standard header names, whose text is counted but costs no heap). Rounded up. Not included:
+/// malloc's own per-allocation overhead (~15 allocations per entry; the same test estimates
+/// it at ~200 B/entry for glibc).
+pub const ENTRY_OVERHEAD: usize = 640;
+
+/// The heap of a stored header map holding `values` values, as `rules` builds it (exact-size
+/// entries, see `rules::exact_size_map`): one slot per value (http's private
+/// `Bucket { hash: u16, key: HeaderName, value: HeaderValue, links: Option<Links> }` — 104
+/// bytes on 64-bit; an extra value of a repeated name takes a smaller slot, so this is an upper
+/// bound) and a power-of-two index of 4-byte positions. tests/memory.rs checks this against the
+/// allocator.
+pub fn header_map_bytes(values: usize) -> usize {
+    if values == 0 {
+        return 0;
+    }
+    values * HEADER_SLOT + 4 * (values + values / 3).next_power_of_two()
+}
+
+/// One header-map slot: `u16` hash, name, value and two `usize` links behind an `Option`.
+pub const HEADER_SLOT: usize =
+    (2 + size_of::<HeaderName>() + size_of::<HeaderValue>() + size_of::<Option<(usize, usize)>>())
+        .next_multiple_of(align_of::<usize>());
 
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// Strong ETag for a body: the first 128 bits of its SHA-256, quoted.
 pub fn strong_etag(body: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(&strong_etag_text(body))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+/// The text of [`strong_etag`], without allocating.
+pub fn strong_etag_text(body: &[u8]) -> [u8; 34] {
     let digest = ring::digest::digest(&ring::digest::SHA256, body);
-    let mut s = String::with_capacity(34);
-    s.push('"');
-    for b in &digest.as_ref()[..16] {
-        s.push(char::from(HEX[(b >> 4) as usize]));
-        s.push(char::from(HEX[(b & 15) as usize]));
+    let mut out = [b'"'; 34];
+    for (i, b) in digest.as_ref()[..16].iter().enumerate() {
+        out[1 + 2 * i] = HEX[(b >> 4) as usize];
+        out[2 + 2 * i] = HEX[(b & 15) as usize];
     }
-    s.push('"');
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    out
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

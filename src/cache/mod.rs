@@ -158,11 +158,18 @@ impl Store {
 
     /// A usable entry for `key`: present, not invalidated since its fetch began, and (for a
     /// negative entry) still within the negative TTL.
+    ///
+    /// An entry found dead is removed here, so it stops holding capacity until moka's expiry
+    /// and the `entries`/`stored_bytes` gauges and `evictions_total{cause="explicit"}` show
+    /// invalidations. Benign race: a valid entry inserted for `key` between the `get` and the
+    /// removal (a fetch finishing concurrently) is removed too; that costs one extra miss,
+    /// never a wrong answer.
     pub fn lookup(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
         if entry.stamp != self.stamp(key)
             || (entry.is_negative() && entry.age(now) >= self.policy.negative_ttl)
         {
+            self.entries.invalidate(key);
             return None;
         }
         Some(entry)
@@ -204,5 +211,82 @@ impl Store {
     pub fn usage(&self) -> (u64, u64) {
         self.entries.run_pending_tasks();
         (self.entries.entry_count(), self.entries.weighted_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            ttl: Duration::from_secs(10),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
+            max_object_bytes: 1 << 22,
+        }
+    }
+
+    fn explicit_evictions(metrics: &Metrics) -> String {
+        let (text, _) = metrics.render();
+        String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("chatwoot_cache_evictions_total{cause=\"explicit\"}"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn lookup_removes_dead_entries() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let store = Store::new(1 << 20, policy(), metrics.clone());
+        let now = Instant::now();
+        let key = CacheKey {
+            account: 1,
+            conversation: 42,
+            scope: Scope(7),
+        };
+        let body = Bytes::from_static(br#"{"id":42}"#);
+        let probe = rules::probe(&body, 1, 42).unwrap();
+        let entry = rules::positive_entry(
+            &HeaderMap::new(),
+            body,
+            probe,
+            store.stamp(&key),
+            &store.policy,
+            now,
+        );
+        store.insert(key, Arc::new(entry));
+        assert!(store.lookup(&key, now).is_some());
+        assert_eq!(store.usage().0, 1);
+
+        // Invalidated by generation: gone from the store, counted as an explicit removal.
+        store.generations.bump_conversation(1, 42);
+        assert!(store.lookup(&key, now).is_none());
+        assert_eq!(store.usage(), (0, 0));
+        assert!(explicit_evictions(&metrics).ends_with(" 1"));
+
+        // A negative entry past the negative TTL: removed as well.
+        let entry = rules::negative_entry(
+            StatusCode::NOT_FOUND,
+            &HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+            store.stamp(&key),
+            &store.policy,
+            now,
+        );
+        store.insert(key, Arc::new(entry));
+        assert!(store.lookup(&key, now).is_some());
+        assert!(
+            store
+                .lookup(&key, now + store.policy.negative_ttl)
+                .is_none()
+        );
+        assert_eq!(store.usage(), (0, 0));
+        assert!(explicit_evictions(&metrics).ends_with(" 2"));
     }
 }

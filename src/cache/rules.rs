@@ -1,5 +1,6 @@
 //! What may be stored (SPEC §5) and how entries are built from upstream answers.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 
 use super::CachePolicy;
 use super::decimal::Decimal;
-use super::entry::{Entry, strong_etag};
+use super::entry::{Entry, strong_etag_text};
 use crate::body::UpstreamBody;
 use crate::metrics::XCache;
 use crate::upstream::UpstreamError;
@@ -124,21 +125,145 @@ fn never_stored(name: &HeaderName) -> bool {
     )
 }
 
-/// The header block an entry replays, with `Content-Length` set and a `Date` guaranteed.
-pub fn stored_headers(upstream: &HeaderMap, body_len: usize) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(upstream.len() + 2);
+/// Names of common non-standard response headers (Rails' defaults, proxies in front of
+/// Chatwoot), shared as statics. A custom name taken from an upstream response owns a small
+/// allocation of its own (plus a shared-buffer header once cloned); a stored map that uses
+/// one of these instead costs nothing for the name.
+static SHARED_NAMES: [HeaderName; 8] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-runtime"),
+    HeaderName::from_static("x-download-options"),
+    HeaderName::from_static("x-permitted-cross-domain-policies"),
+    HeaderName::from_static("x-ratelimit-limit"),
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("x-ratelimit-reset"),
+    HeaderName::from_static("cf-ray"),
+];
+
+fn stored_name(name: &HeaderName) -> HeaderName {
+    SHARED_NAMES
+        .iter()
+        .find(|n| n.as_str() == name.as_str())
+        .unwrap_or(name)
+        .clone()
+}
+
+/// A header (name, value bytes) on its way into an entry.
+type Field<'a> = (HeaderName, Cow<'a, [u8]>);
+
+/// The upstream headers an entry replays, in order, with `Content-Length` set and a `Date`
+/// guaranteed. Values still borrow from `upstream`.
+fn replayed_fields(upstream: &HeaderMap, body_len: usize) -> Vec<Field<'_>> {
+    let mut fields: Vec<Field<'_>> = Vec::with_capacity(upstream.len() + 4);
+    let mut has_date = false;
     for (name, value) in upstream {
         if !never_stored(name) {
-            out.append(name.clone(), value.clone());
+            has_date |= name == header::DATE;
+            fields.push((stored_name(name), Cow::Borrowed(value.as_bytes())));
         }
     }
-    out.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
-    if !out.contains_key(header::DATE)
-        && let Ok(d) = HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
-    {
-        out.insert(header::DATE, d);
+    fields.push((
+        header::CONTENT_LENGTH,
+        Cow::Owned(body_len.to_string().into_bytes()),
+    ));
+    if !has_date {
+        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+        fields.push((header::DATE, Cow::Owned(now.into_bytes())));
     }
-    out
+    fields
+}
+
+/// What an entry owns of its headers: the replayed map and the upstream validators. Every
+/// value is a slice of one exact-size copy made for the entry.
+struct OwnedHeaders {
+    map: HeaderMap,
+    upstream_etag: Option<HeaderValue>,
+    upstream_last_modified: Option<HeaderValue>,
+}
+
+impl OwnedHeaders {
+    /// Copies every value of `fields` and the validators into one allocation and builds the
+    /// map. Why copy: hyper parses a response's header values as slices of the connection's
+    /// read buffer (~8 KiB), so keeping an upstream `HeaderValue` keeps that whole buffer
+    /// alive. Measured with a counting allocator: an entry pinned one or two such buffers,
+    /// ~3.9x the bytes it was weighed as.
+    fn build(
+        fields: Vec<Field<'_>>,
+        upstream_etag: Option<&[u8]>,
+        upstream_last_modified: Option<&[u8]>,
+    ) -> OwnedHeaders {
+        let total = fields.iter().map(|(_, v)| v.len()).sum::<usize>()
+            + upstream_etag.map_or(0, <[u8]>::len)
+            + upstream_last_modified.map_or(0, <[u8]>::len);
+        let mut buf = Vec::with_capacity(total);
+        for (_, v) in &fields {
+            buf.extend_from_slice(v);
+        }
+        buf.extend_from_slice(upstream_etag.unwrap_or_default());
+        buf.extend_from_slice(upstream_last_modified.unwrap_or_default());
+        let buf = Bytes::from(buf);
+        let mut at = 0;
+        let mut next = |len: usize| {
+            let range = at..at + len;
+            at += len;
+            // Every value was a valid header value (or our own ASCII), so this cannot fail.
+            HeaderValue::from_maybe_shared(buf.slice(range)).ok()
+        };
+        let mut map = HeaderMap::with_capacity(fields.len());
+        for (name, v) in fields {
+            if let Some(value) = next(v.len()) {
+                map.append(name, value);
+            }
+        }
+        let map = exact_size_map(map);
+        let upstream_etag = upstream_etag.and_then(|v| next(v.len()));
+        let upstream_last_modified = upstream_last_modified.and_then(|v| next(v.len()));
+        OwnedHeaders {
+            map,
+            upstream_etag,
+            upstream_last_modified,
+        }
+    }
+
+    /// Bytes held for the entry outside the map (weighed by [`Entry::compute_weight`]).
+    fn validator_bytes(&self) -> usize {
+        self.upstream_etag.as_ref().map_or(0, HeaderValue::len)
+            + self
+                .upstream_last_modified
+                .as_ref()
+                .map_or(0, HeaderValue::len)
+    }
+}
+
+/// `map` with no spare slots. `HeaderMap::with_capacity(n)` rounds its table up to a power of
+/// two and allocates ~3/4 of that many 104-byte slots: 24 (2.5 KB) for 13 headers. `Clone`
+/// allocates the slots for exactly `len()` values (measured: 13 headers → 1480 bytes including
+/// the 32-entry index), so a map built with `with_capacity(n)` is cloned once. The index keeps
+/// the builder's power-of-two size, which [`super::entry::header_map_bytes`] accounts for.
+fn exact_size_map(map: HeaderMap) -> HeaderMap {
+    map.clone()
+}
+
+/// The header block an entry replays, with `Content-Length` set and a `Date` guaranteed,
+/// owning its values (see [`OwnedHeaders::build`]).
+pub fn stored_headers(upstream: &HeaderMap, body_len: usize) -> HeaderMap {
+    OwnedHeaders::build(replayed_fields(upstream, body_len), None, None).map
+}
+
+/// The earliest time `httpdate` cannot format (10000-01-01T00:00:00Z): it panics for years
+/// past 9999.
+const HTTP_DATE_LIMIT_SECS: u64 = 253_402_300_800;
+
+/// `Last-Modified` text for `updated_at` whole seconds, if representable. `updated_at` is
+/// upstream data: a year past 9999 would panic in `httpdate`, and a huge value would
+/// overflow `SystemTime` (a panic with `+`); such an entry is stored without
+/// `Last-Modified`.
+fn http_date(secs: u64) -> Option<String> {
+    if secs >= HTTP_DATE_LIMIT_SECS {
+        return None;
+    }
+    let t = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))?;
+    Some(httpdate::fmt_http_date(t))
 }
 
 /// Builds a positive entry from a storable 200.
@@ -150,31 +275,37 @@ pub fn positive_entry(
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
-    let mut headers = stored_headers(upstream_headers, body.len());
-    let etag = Some(strong_etag(&body));
-    let last_modified_secs = probe.updated_at.as_ref().and_then(Decimal::whole_seconds);
-    let last_modified = last_modified_secs.and_then(|s| {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
-        HeaderValue::from_str(&httpdate::fmt_http_date(t)).ok()
-    });
+    let mut fields = replayed_fields(upstream_headers, body.len());
     // The replayed header block carries our validators, so a hit only clones it.
-    if let Some(e) = &etag {
-        headers.insert(header::ETAG, e.clone());
-    }
-    if let Some(lm) = &last_modified {
-        headers.insert(header::LAST_MODIFIED, lm.clone());
-    }
-    let weight = Entry::compute_weight(&headers, &body);
+    fields.push((header::ETAG, Cow::Owned(strong_etag_text(&body).to_vec())));
+    let last_modified = probe
+        .updated_at
+        .as_ref()
+        .and_then(Decimal::whole_seconds)
+        .and_then(|s| Some((s, http_date(s)?)));
+    let last_modified_secs = last_modified.map(|(secs, text)| {
+        fields.push((header::LAST_MODIFIED, Cow::Owned(text.into_bytes())));
+        secs
+    });
+    let owned = OwnedHeaders::build(
+        fields,
+        upstream_headers
+            .get(header::ETAG)
+            .map(HeaderValue::as_bytes),
+        upstream_headers
+            .get(header::LAST_MODIFIED)
+            .map(HeaderValue::as_bytes),
+    );
+    let extra = owned.validator_bytes() + probe.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
+    let weight = Entry::compute_weight(&owned.map, &body, extra);
     Entry {
         status: StatusCode::OK,
-        headers,
+        headers: owned.map,
         body,
-        etag,
-        last_modified,
         last_modified_secs,
         updated_at: probe.updated_at,
-        upstream_etag: upstream_headers.get(header::ETAG).cloned(),
-        upstream_last_modified: upstream_headers.get(header::LAST_MODIFIED).cloned(),
+        upstream_etag: owned.upstream_etag,
+        upstream_last_modified: owned.upstream_last_modified,
         stored_at: now,
         stamp,
         lifetime: policy.positive_lifetime(),
@@ -193,13 +324,11 @@ pub fn negative_entry(
     now: Instant,
 ) -> Entry {
     let headers = stored_headers(upstream_headers, body.len());
-    let weight = Entry::compute_weight(&headers, &body);
+    let weight = Entry::compute_weight(&headers, &body, 0);
     Entry {
         status,
         headers,
         body,
-        etag: None,
-        last_modified: None,
         last_modified_secs: None,
         updated_at: None,
         upstream_etag: None,
@@ -213,39 +342,68 @@ pub fn negative_entry(
 }
 
 /// A copy of `prior` made fresh again (upstream said 304, or sent an older body). A 304's
-/// `Date` and validators replace the stored ones (RFC 9111 §4.3.4).
+/// `Date`, `Cache-Control`, `Expires` and `ETag` replace the stored ones (RFC 9111 §4.3.4);
+/// they are copied (with the rest of the block) into a new exact-size buffer, never kept as
+/// slices of the 304's read buffer.
 pub fn refreshed(
     prior: &Entry,
     not_modified: Option<&HeaderMap>,
     stamp: u64,
     now: Instant,
 ) -> Entry {
-    let mut headers = prior.headers.clone();
-    let mut upstream_etag = prior.upstream_etag.clone();
-    if let Some(h) = not_modified {
-        for name in [header::DATE, header::CACHE_CONTROL, header::EXPIRES] {
-            if let Some(v) = h.get(&name) {
-                headers.insert(name, v.clone());
+    let (headers, upstream_etag, upstream_last_modified, weight) = match not_modified {
+        // Same content: share the prior's map (its clone is exact) and buffer.
+        None => (
+            prior.headers.clone(),
+            prior.upstream_etag.clone(),
+            prior.upstream_last_modified.clone(),
+            prior.weight,
+        ),
+        Some(h) => {
+            let mut fields: Vec<Field<'_>> = prior
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), Cow::Borrowed(v.as_bytes())))
+                .collect();
+            for name in [header::DATE, header::CACHE_CONTROL, header::EXPIRES] {
+                if let Some(v) = h.get(&name) {
+                    // `insert` semantics: the 304's value replaces every stored one.
+                    fields.retain(|(n, _)| *n != name);
+                    fields.push((name, Cow::Borrowed(v.as_bytes())));
+                }
             }
+            let etag = h.get(header::ETAG).or(prior.upstream_etag.as_ref());
+            let owned = OwnedHeaders::build(
+                fields,
+                etag.map(HeaderValue::as_bytes),
+                prior
+                    .upstream_last_modified
+                    .as_ref()
+                    .map(HeaderValue::as_bytes),
+            );
+            let extra =
+                owned.validator_bytes() + prior.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
+            let weight = Entry::compute_weight(&owned.map, &prior.body, extra);
+            (
+                owned.map,
+                owned.upstream_etag,
+                owned.upstream_last_modified,
+                weight,
+            )
         }
-        if let Some(e) = h.get(header::ETAG) {
-            upstream_etag = Some(e.clone());
-        }
-    }
+    };
     Entry {
         status: prior.status,
         headers,
         body: prior.body.clone(),
-        etag: prior.etag.clone(),
-        last_modified: prior.last_modified.clone(),
         last_modified_secs: prior.last_modified_secs,
         updated_at: prior.updated_at.clone(),
         upstream_etag,
-        upstream_last_modified: prior.upstream_last_modified.clone(),
+        upstream_last_modified,
         stored_at: now,
         stamp,
         lifetime: prior.lifetime,
-        weight: prior.weight,
+        weight,
         failure: Default::default(),
     }
 }
@@ -315,5 +473,214 @@ mod tests {
         assert_eq!(s["content-length"], "10");
         assert_eq!(s["cache-control"], "max-age=0, private, must-revalidate");
         assert!(s.contains_key("date"));
+    }
+
+    fn test_policy() -> CachePolicy {
+        CachePolicy {
+            ttl: std::time::Duration::from_secs(10),
+            stale_while_revalidate: std::time::Duration::from_secs(30),
+            stale_if_error: std::time::Duration::from_secs(600),
+            negative_ttl: std::time::Duration::from_secs(5),
+            max_object_bytes: 1 << 22,
+        }
+    }
+
+    /// A response head as hyper hands it over: every value a slice of the connection's read
+    /// buffer (returned too, to check nothing kept points into it).
+    fn parsed_head(fields: &[(&'static str, &str)]) -> (HeaderMap, Bytes) {
+        let mut buf = vec![b' '; 8192];
+        let mut ranges = vec![];
+        let mut at = 0;
+        for (_, v) in fields {
+            buf[at..at + v.len()].copy_from_slice(v.as_bytes());
+            ranges.push(at..at + v.len());
+            at += v.len();
+        }
+        let buf = Bytes::from(buf);
+        let mut map = HeaderMap::new();
+        for ((name, _), r) in fields.iter().zip(ranges) {
+            map.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_maybe_shared(buf.slice(r)).unwrap(),
+            );
+        }
+        (map, buf)
+    }
+
+    /// Every value the entry keeps: the replayed map and the upstream validators.
+    fn kept_values(e: &Entry) -> Vec<&HeaderValue> {
+        e.headers
+            .values()
+            .chain(&e.upstream_etag)
+            .chain(&e.upstream_last_modified)
+            .collect()
+    }
+
+    /// Asserts the entry keeps no slice of `read_buf`, and holds its values in one
+    /// contiguous copy (one allocation) sized exactly for them.
+    fn assert_owns_values(e: &Entry, read_buf: &Bytes) {
+        let values = kept_values(e);
+        let buf = read_buf.as_ptr_range();
+        for v in &values {
+            assert!(
+                !buf.contains(&v.as_bytes().as_ptr()),
+                "{v:?} still points into the upstream read buffer"
+            );
+        }
+        let start = values
+            .iter()
+            .map(|v| v.as_bytes().as_ptr_range().start)
+            .min();
+        let end = values.iter().map(|v| v.as_bytes().as_ptr_range().end).max();
+        let total: usize = values.iter().map(|v| v.len()).sum();
+        assert_eq!(
+            end.unwrap() as usize - start.unwrap() as usize,
+            total,
+            "values are not one exact copy"
+        );
+    }
+
+    const HEAD: &[(&str, &str)] = &[
+        ("content-type", "application/json; charset=utf-8"),
+        ("cache-control", "max-age=0, private, must-revalidate"),
+        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
+        ("last-modified", "Mon, 08 Dec 2025 08:20:00 GMT"),
+        ("x-request-id", "5c1b2a7e-3f0e-4f7d-9a6e-0b9f1d2c3e4f"),
+        ("x-custom-thing", "kept"),
+        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
+        ("vary", "Origin"),
+        ("vary", "Accept-Encoding"),
+    ];
+
+    #[test]
+    fn entries_own_their_header_values() {
+        let policy = test_policy();
+        let now = Instant::now();
+        let (head, read_buf) = parsed_head(HEAD);
+        let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
+        let p = probe(&body, 1, 42).unwrap();
+        let e = positive_entry(&head, body, p, 0, &policy, now);
+        assert_owns_values(&e, &read_buf);
+        assert_eq!(e.upstream_etag.as_ref().unwrap(), HEAD[2].1);
+        assert_eq!(e.upstream_last_modified.as_ref().unwrap(), HEAD[3].1);
+        assert_eq!(e.headers["x-custom-thing"], "kept");
+        assert_eq!(e.headers.get_all("vary").iter().count(), 2);
+        assert_eq!(e.etag(), Some(&super::super::entry::strong_etag(&e.body)));
+        assert_eq!(e.last_modified().unwrap(), "Mon, 08 Dec 2025 08:20:00 GMT");
+        assert_eq!(e.last_modified_secs, Some(1765182000));
+
+        // A 304 refreshes Date, Cache-Control, Expires and the upstream ETag: copied too.
+        let (nm, nm_buf) = parsed_head(&[
+            ("date", "Tue, 09 Dec 2025 10:00:00 GMT"),
+            ("cache-control", "max-age=0, private"),
+            ("expires", "Tue, 09 Dec 2025 10:00:00 GMT"),
+            ("etag", "W/\"fedcba9876543210fedcba9876543210\""),
+        ]);
+        let r = refreshed(&e, Some(&nm), 1, now);
+        assert_owns_values(&r, &nm_buf);
+        assert_owns_values(&r, &read_buf);
+        assert_eq!(r.headers["date"], "Tue, 09 Dec 2025 10:00:00 GMT");
+        assert_eq!(r.headers.get_all("cache-control").iter().count(), 1);
+        assert_eq!(r.headers["expires"], "Tue, 09 Dec 2025 10:00:00 GMT");
+        assert_eq!(r.upstream_etag.as_ref().unwrap(), nm.get("etag").unwrap());
+        assert_eq!(r.upstream_last_modified, e.upstream_last_modified);
+        assert_eq!(r.etag(), e.etag());
+        assert_eq!(r.headers.len(), e.headers.len() + 1, "Expires added");
+        assert_eq!(
+            r.weight,
+            Entry::compute_weight(
+                &r.headers,
+                &r.body,
+                HEAD[2].1.len() + HEAD[3].1.len() + "1765182000482917".len()
+            ),
+            "weight recomputed for the refreshed headers"
+        );
+        assert!(r.weight > e.weight);
+
+        // An older upstream body: the prior's header block is shared as it is.
+        let kept = refreshed(&e, None, 2, now);
+        assert_eq!(kept.weight, e.weight);
+        assert_eq!(
+            kept.headers["date"].as_bytes().as_ptr(),
+            e.headers["date"].as_bytes().as_ptr()
+        );
+    }
+
+    #[test]
+    fn weight_counts_text_slots_validators_and_overhead() {
+        let (head, _) = parsed_head(HEAD);
+        let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
+        let p = probe(&body, 1, 42).unwrap();
+        let e = positive_entry(&head, body.clone(), p, 0, &test_policy(), Instant::now());
+        let text: usize = e
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        let validators = HEAD[2].1.len() + HEAD[3].1.len();
+        let n = e.headers.len();
+        assert_eq!(
+            e.weight as usize,
+            body.len()
+                + text
+                + n * super::super::entry::HEADER_SLOT
+                + 4 * (n + n / 3).next_power_of_two()
+                + validators
+                + "1765182000482917".len()
+                + super::super::entry::ENTRY_OVERHEAD
+        );
+    }
+
+    #[tokio::test]
+    async fn unrepresentable_updated_at_is_stored_without_last_modified() {
+        use http_body_util::BodyExt;
+
+        let policy = test_policy();
+        let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
+        let store = super::super::Store::new(1 << 20, policy.clone(), metrics);
+        let now = Instant::now();
+        let (head, _) = parsed_head(&HEAD[..2]);
+        // Year 10000 (httpdate panics), past `SystemTime` (adding overflows), past u64.
+        for (id, updated_at) in [
+            (1, "253402300800"),
+            (2, "253402300800.000001"),
+            (3, "9.9e18"),
+            (4, "9900000000000000000"),
+            (5, "18446744073709551615"),
+            (6, "1e19"),
+        ] {
+            let key = super::super::CacheKey {
+                account: 1,
+                conversation: id,
+                scope: crate::auth::Scope(7),
+            };
+            let body = Bytes::from(format!(r#"{{"id":{id},"updated_at":{updated_at}}}"#));
+            let p = probe(&body, 1, id).expect("storable");
+            let e = positive_entry(&head, body.clone(), p, store.stamp(&key), &policy, now);
+            assert!(e.last_modified().is_none(), "{updated_at}");
+            assert_eq!(e.last_modified_secs, None, "{updated_at}");
+            assert!(e.etag().is_some());
+            store.insert(key, Arc::new(e));
+            let stored = store.lookup(&key, now).expect("stored");
+            let resp = stored.render(
+                now,
+                XCache::Hit,
+                HeaderValue::from_static("chatwoot-cache; hit"),
+                false,
+                false,
+            );
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(!resp.headers().contains_key(header::LAST_MODIFIED));
+            assert!(resp.headers().contains_key(header::ETAG));
+            let served = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(served, body, "{updated_at}");
+        }
+        // The last second httpdate can format still gets its Last-Modified.
+        let body = Bytes::from_static(br#"{"id":9,"updated_at":253402300799.9}"#);
+        let p = probe(&body, 1, 9).unwrap();
+        let e = positive_entry(&head, body, p, 0, &policy, now);
+        assert_eq!(e.last_modified().unwrap(), "Fri, 31 Dec 9999 23:59:59 GMT");
+        assert_eq!(e.last_modified_secs, Some(253402300799));
+        assert_eq!(http_date(u64::MAX), None);
     }
 }

@@ -1,0 +1,287 @@
+//! Does `--cache-max-bytes` bound the real heap? Every allocation of this test binary is
+//! counted (`#[global_allocator]`, this binary only) and the heap a stored entry really holds
+//! is compared with the weight it is counted as.
+//!
+//! - `heap_per_entry_matches_weight`: stores thousands of distinct conversations (several
+//!   tokens) through the proxy against the fake, then asserts heap growth per entry ≤ 1.25 ×
+//!   the weight per entry, and that purging everything gives the heap back.
+//! - `stored_headers_own_exactly_their_values`: the header block of an entry is one exact
+//!   copy of its values (not slices of the upstream read buffer) in a map without spare slots,
+//!   costing exactly what `header_map_bytes` says.
+//!
+//! The tests run one at a time (`SERIAL`): the global counter sees every thread.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatwoot_cache::cache::entry::{ENTRY_OVERHEAD, HEADER_SLOT, header_map_bytes};
+use chatwoot_cache::cache::rules;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use support::*;
+
+/// Live bytes requested from the allocator, all threads.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// Live allocations, and their estimated footprint in glibc malloc chunks (size + 8-byte
+/// header, rounded up to 16, at least 32): reported, not asserted.
+static LIVE_ALLOCS: AtomicIsize = AtomicIsize::new(0);
+static LIVE_CHUNKS: AtomicIsize = AtomicIsize::new(0);
+
+thread_local! {
+    /// Live bytes requested by this thread (allocations minus frees made here).
+    static THREAD_LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+struct Counting;
+
+fn chunk(size: usize) -> isize {
+    ((size + 8 + 15) & !15).max(32) as isize
+}
+
+fn count(delta: isize) {
+    LIVE.fetch_add(delta, Relaxed);
+    // `try_with`: the slot may be gone while a thread exits.
+    let _ = THREAD_LIVE.try_with(|c| c.set(c.get() + delta));
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        count(l.size() as isize);
+        LIVE_ALLOCS.fetch_add(1, Relaxed);
+        LIVE_CHUNKS.fetch_add(chunk(l.size()), Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        count(l.size() as isize);
+        LIVE_ALLOCS.fetch_add(1, Relaxed);
+        LIVE_CHUNKS.fetch_add(chunk(l.size()), Relaxed);
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        count(-(l.size() as isize));
+        LIVE_ALLOCS.fetch_sub(1, Relaxed);
+        LIVE_CHUNKS.fetch_sub(chunk(l.size()), Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - l.size() as isize);
+        LIVE_CHUNKS.fetch_add(chunk(new_size) - chunk(l.size()), Relaxed);
+        unsafe { System.realloc(p, l, new_size) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn live() -> isize {
+    LIVE.load(Relaxed)
+}
+
+/// (allocations, malloc-chunk bytes) live now.
+fn footprint() -> (isize, isize) {
+    (LIVE_ALLOCS.load(Relaxed), LIVE_CHUNKS.load(Relaxed))
+}
+
+fn thread_live() -> isize {
+    THREAD_LIVE.with(Cell::get)
+}
+
+/// Tokens, each its own cache scope: every conversation is stored once per token.
+const TOKENS: [&str; 4] = ["admin-token", "mem-token-1", "mem-token-2", "mem-token-3"];
+/// Conversations per token for warming up and for the measurement.
+const WARM: u64 = 50;
+const MEASURED: u64 = 500;
+const FIRST_ID: u64 = 10_000;
+
+/// GETs conversation `id` through the proxy with every token at once (each a miss); returns
+/// the body bytes.
+async fn fetch_misses(client: &TestClient, proxy: &ProxyHandle, id: u64) -> u64 {
+    let url = proxy.url(&format!("/api/v1/accounts/1/conversations/{id}"));
+    let get = |token: &'static str| {
+        let url = url.clone();
+        async move {
+            let r = try_send(
+                client,
+                Method::GET,
+                &url,
+                &[("api_access_token", token)],
+                b"",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("conversation {id}: {e}"));
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.x_cache(), "MISS", "conversation {id} with {token}");
+            r.body.len() as u64
+        }
+    };
+    let [a, b, c, d] = TOKENS;
+    let (a, b, c, d) = tokio::join!(get(a), get(b), get(c), get(d));
+    a + b + c + d
+}
+
+/// Drops what the fake remembers per request, so its log is not counted as the proxy's.
+fn forget_requests(fake: &FakeChatwoot) {
+    let mut seen = fake.state.seen.lock().unwrap();
+    seen.clear();
+    seen.shrink_to_fit();
+}
+
+/// Housekeeping done and the heap settled: lets background tasks (connection handlers,
+/// moka's deferred frees) finish, then reads the live bytes.
+async fn settled_live(proxy: &ProxyHandle, fake: &FakeChatwoot) -> isize {
+    for _ in 0..3 {
+        forget_requests(fake);
+        proxy.proxy.store.usage();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    live()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_per_entry_matches_weight() {
+    let _serial = SERIAL.lock().await;
+    let started = std::time::Instant::now();
+    let fake = FakeChatwoot::start().await;
+    for t in &TOKENS[1..] {
+        fake.add_user(t, "admin", None);
+    }
+    for c in 0..WARM + MEASURED {
+        fake.add_conversation(1, FIRST_ID + c, "1765182000.482917");
+    }
+    let mut cfg = config(&fake.url());
+    // Nothing may expire while measuring.
+    cfg.cache_ttl = Duration::from_secs(600);
+    let proxy = start_proxy(cfg).await;
+    let client = client();
+
+    // Warm up the runtime, both connection pools, the fake's and the proxy's tables, and
+    // moka (its node pools and first table sizes) with entries of their own.
+    for c in 0..WARM {
+        fetch_misses(&client, &proxy, FIRST_ID + c).await;
+    }
+    assert_eq!(proxy.proxy.store.usage().0, WARM * TOKENS.len() as u64);
+
+    // Drop the warm-up entries: the measured entries grow moka's tables from a small size, so
+    // that growth is counted in their cost.
+    proxy.proxy.store.purge(|_| true);
+    let base = settled_live(&proxy, &fake).await;
+    let base_footprint = footprint();
+    let mut body_bytes = 0;
+    for c in WARM..WARM + MEASURED {
+        body_bytes += fetch_misses(&client, &proxy, FIRST_ID + c).await;
+    }
+    let stored = settled_live(&proxy, &fake).await;
+    let stored_footprint = footprint();
+    let (n, weight) = proxy.proxy.store.usage();
+    assert_eq!(n, MEASURED * TOKENS.len() as u64, "every fetch was stored");
+    let heap = (stored - base) as f64 / n as f64;
+    let weighed = weight as f64 / n as f64;
+    let body = body_bytes as f64 / n as f64;
+    let allocs = (stored_footprint.0 - base_footprint.0) as f64 / n as f64;
+    let chunks = (stored_footprint.1 - base_footprint.1) as f64 / n as f64;
+    eprintln!(
+        "memory: {n} entries: weight {weighed:.0} B/entry, real heap {heap:.0} B/entry \
+         (heap/weight {:.3}), body {body:.0} B/entry; beyond the body: weighed {:.0} B, \
+         real {:.0} B; ENTRY_OVERHEAD {ENTRY_OVERHEAD}; {allocs:.1} allocations/entry, \
+         ~{chunks:.0} B/entry in glibc malloc chunks ({:.3} x weight)",
+        heap / weighed,
+        weighed - body,
+        heap - body,
+        chunks / weighed,
+    );
+    assert!(
+        heap <= 1.25 * weighed,
+        "an entry holds {heap:.0} B of heap but is weighed as {weighed:.0} B: \
+         --cache-max-bytes would not bound memory"
+    );
+
+    // Purging everything gives the memory back: nothing else holds the entries or parts of
+    // them (read buffers, header blocks). What may stay is moka's table growth, a few
+    // bytes per entry.
+    let purged = proxy.proxy.store.purge(|_| true);
+    assert_eq!(purged as u64, n);
+    assert_eq!(proxy.proxy.store.usage(), (0, 0));
+    let after = settled_live(&proxy, &fake).await;
+    eprintln!(
+        "memory: after purging all {purged}: heap {:+} B vs the baseline ({:.1} B per entry \
+         stored); {:.1}s",
+        after - base,
+        (after - base) as f64 / n as f64,
+        started.elapsed().as_secs_f64()
+    );
+    let margin = 64 * n as isize;
+    assert!(
+        after - base <= margin,
+        "after purging everything the heap is {} B above the baseline (allowed {margin} B)",
+        after - base
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_headers_own_exactly_their_values() {
+    let _serial = SERIAL.lock().await;
+    // An upstream head parsed the way hyper does it: every value a slice of one read buffer.
+    let head: &[(&str, &str)] = &[
+        ("content-type", "application/json; charset=utf-8"),
+        ("cache-control", "max-age=0, private, must-revalidate"),
+        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
+        ("x-request-id", "5c1b2a7e-3f0e-4f7d-9a6e-0b9f1d2c3e4f"),
+        ("x-runtime", "0.041237"),
+        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
+        ("x-frame-options", "SAMEORIGIN"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "strict-origin-when-cross-origin"),
+        ("vary", "Origin"),
+        ("set-cookie", "_chatwoot_session=secret"),
+    ];
+    let before = thread_live();
+    let mut read_buf = vec![0u8; 8192];
+    let mut upstream = HeaderMap::new();
+    let mut at = 0;
+    let mut ranges = vec![];
+    for (_, v) in head {
+        read_buf[at..at + v.len()].copy_from_slice(v.as_bytes());
+        ranges.push(at..at + v.len());
+        at += v.len();
+    }
+    let read_buf = Bytes::from(read_buf);
+    for ((name, _), r) in head.iter().zip(ranges) {
+        upstream.append(
+            HeaderName::from_static(name),
+            HeaderValue::from_maybe_shared(read_buf.slice(r)).unwrap(),
+        );
+    }
+    drop(read_buf);
+
+    let start = thread_live();
+    let stored = rules::stored_headers(&upstream, 4018);
+    let built = thread_live() - start;
+    drop(upstream);
+    let kept = thread_live() - before;
+
+    // Dropped: set-cookie and the upstream etag; added: content-length. All names here are
+    // standard or shared statics, so the map's slots and one buffer of values are all.
+    assert_eq!(stored.len(), head.len() - 2 + 1);
+    let values: usize = stored.values().map(HeaderValue::len).sum();
+    // One buffer for all the values: its bytes plus the `bytes` crate's shared header.
+    let expected = header_map_bytes(stored.len()) + values + 3 * size_of::<usize>();
+    eprintln!(
+        "stored headers: {} values ({values} B of text): built {built} B, kept after the \
+         upstream head is gone {kept} B, expected {expected} B (slot {HEADER_SLOT} B)",
+        stored.len(),
+    );
+    assert_eq!(
+        kept as usize, expected,
+        "the stored header block holds more than its map and one copy of its values \
+         (a pinned upstream read buffer, or spare map slots)"
+    );
+    assert_eq!(stored["content-length"], "4018");
+    assert_eq!(stored["x-runtime"], "0.041237");
+    assert!(!stored.contains_key("set-cookie") && !stored.contains_key("etag"));
+}
