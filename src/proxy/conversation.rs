@@ -174,7 +174,12 @@ impl Proxy {
         req: &Request<Incoming>,
         client: ClientInfo,
     ) -> (crate::cache::flight::FlightFuture<FetchResult>, Role) {
-        let stamp = self.store.stamp(&key);
+        // A revalidation runs under the stamp its prior entry was valid for (checked at lookup):
+        // if a write lands in between, whatever it stores — even a kept "older" body — is
+        // rejected by the store instead of pinning pre-write data under the new stamp.
+        let stamp = prior
+            .as_ref()
+            .map_or_else(|| self.store.stamp(&key), |p| p.stamp);
         self.store.flights.join_or_start(
             key,
             stamp,
