@@ -374,7 +374,8 @@ impl Upstream {
     }
 
     /// Builds the upstream request: same method, path, query and end-to-end headers in order;
-    /// hop-by-hop headers dropped; `X-Forwarded-*` set; `Host` = upstream authority.
+    /// hop-by-hop headers dropped; `X-Forwarded-*` set; `Host` = upstream authority. Copies the
+    /// client's headers (see [`Upstream::request_owned`] for the pass-through fast path).
     pub fn request(
         &self,
         method: &Method,
@@ -384,28 +385,58 @@ impl Upstream {
         upgrade: bool,
         body: RequestBody,
     ) -> Result<Request<RequestBody>, http::Error> {
+        let (forwarded_host, xff) = forwarded_values(uri, headers, client);
+        let mut h = HeaderMap::with_capacity(headers.len() + 4);
+        copy_end_to_end(headers, &mut h, upgrade, &self.token_header);
+        self.finish_request(method, uri, h, forwarded_host, xff, client, upgrade, body)
+    }
+
+    /// As [`Upstream::request`], taking the client's headers by value: when they hold nothing
+    /// hop-by-hop (the usual case) they are rewritten in place — `Host` and `X-Forwarded-*`
+    /// replaced where they stand, order kept — instead of copied into a new map.
+    pub fn request_owned(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: HeaderMap,
+        client: &ClientInfo,
+        upgrade: bool,
+        body: RequestBody,
+    ) -> Result<Request<RequestBody>, http::Error> {
+        if upgrade || headers.keys().any(is_hop_by_hop) {
+            return self.request(method, uri, &headers, client, upgrade, body);
+        }
+        let (forwarded_host, xff) = forwarded_values(uri, &headers, client);
+        self.finish_request(
+            method,
+            uri,
+            headers,
+            forwarded_host,
+            xff,
+            client,
+            upgrade,
+            body,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_request(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        mut h: HeaderMap,
+        forwarded_host: Option<HeaderValue>,
+        xff: Option<HeaderValue>,
+        client: &ClientInfo,
+        upgrade: bool,
+        body: RequestBody,
+    ) -> Result<Request<RequestBody>, http::Error> {
         let target = self.uri_for(uri.path_and_query())?;
-        let mut out = Request::builder()
-            .method(method.clone())
-            .uri(target)
-            .version(Version::HTTP_11)
-            .body(body)?;
-        let h = out.headers_mut();
-        let forwarded_host = headers.get(header::HOST).cloned().or_else(|| {
-            uri.authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        copy_end_to_end(headers, h, upgrade, &self.token_header);
         h.insert(header::HOST, self.host.clone());
-        let mut xff = Vec::with_capacity(64);
-        for v in headers.get_all(&X_FORWARDED_FOR) {
-            xff.extend_from_slice(v.as_bytes());
-            xff.extend_from_slice(b", ");
-        }
-        xff.extend_from_slice(client.addr.to_string().as_bytes());
-        if let Ok(v) = HeaderValue::from_bytes(&xff) {
-            h.insert(X_FORWARDED_FOR.clone(), v);
-        }
+        match xff {
+            Some(v) => h.insert(X_FORWARDED_FOR.clone(), v),
+            None => h.remove(&X_FORWARDED_FOR),
+        };
         h.insert(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(if client.tls { "https" } else { "http" }),
@@ -417,8 +448,34 @@ impl Upstream {
         if upgrade {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
+        let mut out = Request::builder()
+            .method(method.clone())
+            .uri(target)
+            .version(Version::HTTP_11)
+            .body(body)?;
+        *out.headers_mut() = h;
         Ok(out)
     }
+}
+
+/// `X-Forwarded-Host` (the client's `Host`, or the authority of an absolute-form / h2 request)
+/// and `X-Forwarded-For` (the client's chain plus the client address).
+fn forwarded_values(
+    uri: &Uri,
+    headers: &HeaderMap,
+    client: &ClientInfo,
+) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    let forwarded_host = headers.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let mut xff = Vec::with_capacity(64);
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        xff.extend_from_slice(v.as_bytes());
+        xff.extend_from_slice(b", ");
+    }
+    xff.extend_from_slice(client.addr.to_string().as_bytes());
+    (forwarded_host, HeaderValue::from_bytes(&xff).ok())
 }
 
 /// Who is on the other end of a client connection.

@@ -734,3 +734,37 @@ async fn graceful_shutdown_does_not_wait_for_idle_connections() {
     assert!(closed.is_ok(), "the idle connection is closed");
     assert!(buf.is_empty(), "nothing is sent to it: {buf:?}");
 }
+
+/// The common case (no hop-by-hop headers) rewrites the client's headers in place: the same
+/// rewriting as the copying path, order kept, spoofed forwarding headers replaced.
+#[tokio::test]
+async fn forwarding_headers_without_hop_by_hop() {
+    let (fake, proxy) = setup().await;
+    let r = send(
+        Method::GET,
+        &proxy.url("/echo/plain?q=1"),
+        &[
+            ("host", "dash.internal"),
+            ("x-first", "1"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "spoofed"),
+            ("x-last", "2"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = fake.last_seen();
+    let h = &seen.headers;
+    assert_eq!(h["host"], fake.addr.to_string());
+    assert_eq!(h["x-forwarded-for"], "198.51.100.7, 127.0.0.1");
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "dash.internal");
+    let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    let first = names.iter().position(|n| *n == "x-first").unwrap();
+    let last = names.iter().position(|n| *n == "x-last").unwrap();
+    assert!(first < last, "order kept: {names:?}");
+    assert_eq!(seen.path_and_query, "/echo/plain?q=1");
+}

@@ -54,7 +54,7 @@ impl Proxy {
     ) -> Answer {
         let upgrade = is_upgrade_request(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
         let (body, progress) = if incoming.is_end_stream() {
             (RequestBody::Empty, None)
         } else {
@@ -68,10 +68,11 @@ impl Proxy {
                 Some(progress),
             )
         };
-        let upstream_req = match self.upstream.request(
+        let headers = std::mem::take(&mut parts.headers);
+        let upstream_req = match self.upstream.request_owned(
             &parts.method,
             &parts.uri,
-            &parts.headers,
+            headers,
             &client,
             upgrade,
             body,
