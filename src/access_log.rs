@@ -77,7 +77,7 @@ impl AccessGuard {
         tracing::info!(
             target: "access",
             method = %self.method,
-            path = %self.uri.path(),
+            path = %LoggedPath(self.uri.path()),
             status = self.status,
             cache = self.cache.as_str(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -90,5 +90,49 @@ impl AccessGuard {
 impl Drop for AccessGuard {
     fn drop(&mut self) {
         self.record(false);
+    }
+}
+
+/// The path as logged: Chatwoot's public client API puts bearer-like identifiers in the path
+/// (`/public/api/v1/inboxes/{inbox_identifier}/contacts/{contact_identifier}/…`, which alone
+/// authorise reading a contact's conversations); those segments are masked.
+struct LoggedPath<'a>(&'a str);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const PUBLIC: &str = "/public/api/v1/inboxes/";
+        let Some(rest) = self.0.strip_prefix(PUBLIC) else {
+            return f.write_str(self.0);
+        };
+        f.write_str(PUBLIC)?;
+        for (i, seg) in rest.split('/').enumerate() {
+            if i > 0 {
+                f.write_str("/")?;
+            }
+            // 0: inbox identifier, 2: contact identifier (after "contacts").
+            f.write_str(if i == 0 || i == 2 { "*" } else { seg })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoggedPath;
+
+    #[test]
+    fn public_api_identifiers_are_masked() {
+        assert_eq!(
+            LoggedPath("/public/api/v1/inboxes/AbC123/contacts/xyz/conversations/4").to_string(),
+            "/public/api/v1/inboxes/*/contacts/*/conversations/4"
+        );
+        assert_eq!(
+            LoggedPath("/public/api/v1/inboxes/AbC123").to_string(),
+            "/public/api/v1/inboxes/*"
+        );
+        assert_eq!(
+            LoggedPath("/api/v1/accounts/1/conversations/4").to_string(),
+            "/api/v1/accounts/1/conversations/4"
+        );
     }
 }

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    init_logging(&config);
+    let _log_guard = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,17 +30,21 @@ fn main() -> ExitCode {
     runtime.block_on(serve(config))
 }
 
-fn init_logging(config: &Config) {
+/// Logs to stderr through a non-blocking writer (a stalled log pipe must not stall requests);
+/// the returned guard flushes the queue when `main` returns.
+fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     // RUST_LOG directives win over --log-level when set.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(false).init(),
     }
+    guard
 }
 
 async fn serve(config: Config) -> ExitCode {
@@ -87,8 +91,18 @@ async fn serve(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+/// The first SIGTERM (Kubernetes) or SIGINT (Ctrl-C) starts the graceful drain; a second one
+/// ends the process at once (an operator who presses Ctrl-C twice means it).
 async fn shutdown_signal() {
+    one_signal().await;
+    tokio::spawn(async {
+        one_signal().await;
+        eprintln!("second signal: exiting without waiting for the drain");
+        std::process::exit(130);
+    });
+}
+
+async fn one_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

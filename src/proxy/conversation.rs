@@ -81,6 +81,22 @@ impl Proxy {
         stored: Option<Arc<Entry>>,
     ) -> Answer {
         let head = req.method() == Method::HEAD;
+        // A fetch for this key may have finished between our lookup and now (it left the
+        // flight map after storing): answer from what it stored instead of fetching again.
+        let now = Instant::now();
+        if let Some(entry) = self.store.lookup(&key, now)
+            && !stored.as_ref().is_some_and(|s| Arc::ptr_eq(s, &entry))
+            && let Freshness::Fresh { remaining } = self.store.policy.freshness(&entry, now)
+        {
+            return render(
+                &entry,
+                &req,
+                now,
+                XCache::Hit,
+                cache_status_hit(remaining),
+                head,
+            );
+        }
         let prior = stored.filter(|e| !e.is_negative());
         let (flight, role) = self.start_fetch(key, prior.clone(), &req, client);
         if role == Role::Waiter {
