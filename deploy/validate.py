@@ -72,6 +72,7 @@ FLAGS = {
     "admin-token": "secret",
     "webhook-secret": "secret",
     "shutdown-timeout": "duration",
+    "client-header-timeout": "duration",
     "log-format": "logformat",
     "log-level": "str",
 }

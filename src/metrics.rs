@@ -112,10 +112,10 @@ pub enum AuthRejection {
 }
 const AUTH_REASONS: [&str; 3] = ["missing", "malformed", "invalid"];
 
-/// Buckets from 50µs (cache hits) to 30s (slow upstream calls).
-const LATENCY_BUCKETS: [f64; 18] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0,
+/// Buckets from 10µs (cache hits take tens of µs) to 30s (slow upstream calls).
+const LATENCY_BUCKETS: [f64; 20] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
 /// All metrics of one proxy instance.
