@@ -732,9 +732,19 @@ async fn requests_queued_before_the_breaker_opened_are_not_sent() {
             }
         }
     }
-    assert_eq!(fake.requests(), 4, "nothing after the breaker opened");
-    assert_eq!((failed, rejected), (4, 2));
-    assert_eq!(sample(&proxy, SHED_BREAKER).await, 2.0);
+    // The 4th failure opens the breaker. A queued request can still legitimately go out
+    // before that 4th answer arrives (a slot frees as soon as an earlier failure's body ends,
+    // and the breaker cannot know the 4th will fail), so 5 sent is possible under load; what
+    // must never happen is a queued request going out after the breaker opened, which is
+    // what let all 6 through before the recheck existed.
+    let sent = fake.requests();
+    assert!(
+        (4..=5).contains(&sent),
+        "{sent} sent; queued requests went out after opening"
+    );
+    assert_eq!((failed, rejected), (sent, 6 - sent));
+    assert!(rejected >= 1);
+    assert_eq!(sample(&proxy, SHED_BREAKER).await, rejected as f64);
     assert_eq!(sample(&proxy, BREAKER_STATE).await, 2.0);
     assert_eq!(sample(&proxy, IN_FLIGHT).await, 0.0);
 }
