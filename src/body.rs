@@ -216,7 +216,6 @@ impl Body for UpstreamBody {
 pub struct Progress {
     base: Instant,
     last_ms: AtomicU64,
-    done: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -224,7 +223,6 @@ impl Progress {
         Arc::new(Progress {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
-            done: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -236,10 +234,6 @@ impl Progress {
     /// The instant of the last uploaded chunk (or the start).
     pub fn last(&self) -> Instant {
         self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::Relaxed)
     }
 }
 
@@ -292,9 +286,6 @@ impl Body for RequestBody {
                     progress.touch();
                     if let Some(s) = stall.as_mut() {
                         s.as_mut().reset(Instant::now() + *idle);
-                    }
-                    if res.is_none() {
-                        progress.done.store(true, Ordering::Relaxed);
                     }
                     Poll::Ready(res.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
                 }

@@ -34,10 +34,6 @@ impl<S> WriteDeadline<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Called with the inner write's poll result: arms the timer on the first `Pending`,
     /// disarms it on progress, and turns a too-long wait into an error.
     fn track<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {

@@ -492,7 +492,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive`/`Proxy-Connection`).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER
@@ -584,6 +584,16 @@ pub fn strip_response_hop_by_hop(status: StatusCode, headers: &mut HeaderMap) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
+}
+
+/// A message's `Content-Length`, if present and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Whether an upstream answer counts against the breaker.

@@ -99,30 +99,23 @@ pub fn is_invalid_token_body(body: &[u8]) -> bool {
 /// Response headers never stored or replayed: hop-by-hop, cookies, devise_token_auth's
 /// rotating credentials, validators we replace with our own, and per-exchange framing.
 fn never_stored(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "set-cookie"
-            | "access-token"
-            | "client"
-            | "uid"
-            | "expiry"
-            | "token-type"
-            | "authorization"
-            | "etag"
-            | "last-modified"
-            | "age"
-            | "content-length"
-            | "x-cache"
-            | "cache-status"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authenticate"
-    )
+    crate::upstream::is_hop_by_hop(name)
+        || matches!(
+            name.as_str(),
+            "set-cookie"
+                | "access-token"
+                | "client"
+                | "uid"
+                | "expiry"
+                | "token-type"
+                | "authorization"
+                | "etag"
+                | "last-modified"
+                | "age"
+                | "content-length"
+                | "x-cache"
+                | "cache-status"
+        )
 }
 
 /// Names of common non-standard response headers (Rails' defaults, proxies in front of

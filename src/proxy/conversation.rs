@@ -21,7 +21,9 @@ use crate::cache::rules::{
 use crate::cache::{CacheKey, Entry, Freshness};
 use crate::metrics::{RevalidationOutcome, XCache};
 use crate::routing::RouteLabel;
-use crate::upstream::{ClientInfo, UpstreamError, is_failure_status, strip_response_hop_by_hop};
+use crate::upstream::{
+    ClientInfo, UpstreamError, content_length, is_failure_status, strip_response_hop_by_hop,
+};
 
 impl Proxy {
     /// The conversation route as far as the store can answer it: a fresh entry (`HIT`), a
@@ -497,15 +499,6 @@ fn is_encoded(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 enum Collect {

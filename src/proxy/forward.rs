@@ -200,11 +200,7 @@ impl Proxy {
 }
 
 fn small_body(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<u64>().ok())
-        .is_some_and(|n| n <= AUTH_BODY_PEEK)
+    crate::upstream::content_length(headers).is_some_and(|n| n <= AUTH_BODY_PEEK)
 }
 
 /// HTTP/1.1 `Connection: upgrade` + `Upgrade: …` (h2 has no upgrades).
