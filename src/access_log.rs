@@ -20,8 +20,10 @@ pub const CLIENT_CLOSED: u16 = 499;
 /// before the proxy had an answer is still logged and counted (status 499, `complete=false`),
 /// so a brown-out where clients give up does not look like a traffic drop.
 pub struct AccessGuard {
-    method: Method,
-    uri: Uri,
+    /// Method and URI for the log line, kept only while the access log is on: cloning the URI
+    /// costs an allocation and shared reference counts on the request's buffer, and the guard
+    /// (moved with every response) stays small.
+    request: Option<Box<(Method, Uri)>>,
     route: RouteLabel,
     status: u16,
     cache: XCache,
@@ -33,16 +35,15 @@ pub struct AccessGuard {
 
 impl AccessGuard {
     /// Starts the record of a request; until [`AccessGuard::answered`] it reads as abandoned.
-    pub fn start(
-        method: Method,
-        uri: Uri,
+    pub fn start<B>(
+        req: &http::Request<B>,
         route: RouteLabel,
         start: Instant,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
         AccessGuard {
-            method,
-            uri,
+            request: logging.then(|| Box::new((req.method().clone(), req.uri().clone()))),
             route,
             status: CLIENT_CLOSED,
             cache: XCache::Local,
@@ -73,11 +74,15 @@ impl AccessGuard {
         let elapsed = self.start.elapsed();
         self.metrics
             .observe_request(self.route, self.cache, self.status, elapsed.as_secs_f64());
+        let Some(request) = &self.request else {
+            return;
+        };
+        let (method, uri) = &**request;
         let upstream_status = self.upstream_status.unwrap_or(0);
         tracing::info!(
             target: "access",
-            method = %self.method,
-            path = %LoggedPath(self.uri.path()),
+            method = %method,
+            path = %LoggedPath(uri.path()),
             status = self.status,
             cache = self.cache.as_str(),
             duration_ms = elapsed.as_secs_f64() * 1000.0,

@@ -7,6 +7,7 @@
 //! The scope is HMAC-SHA256(random start-up key, token) truncated to 128 bits: a collision would
 //! hand one user another user's data, so 64 bits is not enough; the raw token never becomes a key.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -161,6 +162,45 @@ impl Scoper {
         first.copy_from_slice(&tag.as_ref()[..16]);
         Scope(u128::from_be_bytes(first))
     }
+}
+
+/// The last token one client connection presented, and its scope. Clients poll over keep-alive
+/// connections with one token, so most requests present the token of the request before:
+/// this skips the keyed hash for them. A different token is hashed (and remembered) as usual,
+/// so a connection carrying many users' tokens (a shared ingress) is still scoped per token.
+///
+/// Per connection and never shared between threads (`Cell`): the comparison runs against
+/// the previous token of the same connection only, without an early exit.
+#[derive(Default)]
+pub struct ScopeMemo(Cell<MemoSlot>);
+
+#[derive(Default)]
+struct MemoSlot {
+    token: Vec<u8>,
+    scope: Option<Scope>,
+}
+
+impl ScopeMemo {
+    pub fn scope(&self, scoper: &Scoper, token: &[u8]) -> Scope {
+        let mut slot = self.0.take();
+        let scope = match slot.scope {
+            Some(scope) if same_bytes(&slot.token, token) => scope,
+            _ => {
+                let scope = scoper.scope(token);
+                slot.token.clear();
+                slot.token.extend_from_slice(token);
+                slot.scope = Some(scope);
+                scope
+            }
+        };
+        self.0.set(slot);
+        scope
+    }
+}
+
+/// Byte equality without an early exit on the first difference.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Tokens the upstream called "Invalid Access Token", refused locally for a while.
@@ -323,6 +363,23 @@ mod tests {
         let th = TokenHeader::new(HeaderName::from_static("x-chatwoot-token"));
         let h = headers(&[("X_Chatwoot_Token", "t")]);
         assert!(matches!(inspect(&h, None, &th), Credentials::Token(_)));
+    }
+
+    #[test]
+    fn the_memo_reuses_a_scope_only_for_the_same_token() {
+        let scoper = Scoper::random().unwrap();
+        let memo = ScopeMemo::default();
+        let a = memo.scope(&scoper, b"token-a");
+        assert_eq!(a, scoper.scope(b"token-a"));
+        assert_eq!(memo.scope(&scoper, b"token-a"), a);
+        let b = memo.scope(&scoper, b"token-b");
+        assert_eq!(b, scoper.scope(b"token-b"));
+        assert_ne!(a, b);
+        // A prefix, an extension and a same-length sibling are other tokens.
+        assert_eq!(memo.scope(&scoper, b"token-"), scoper.scope(b"token-"));
+        assert_eq!(memo.scope(&scoper, b"token-bb"), scoper.scope(b"token-bb"));
+        assert_eq!(memo.scope(&scoper, b"token-c"), scoper.scope(b"token-c"));
+        assert_eq!(memo.scope(&scoper, b"token-a"), a);
     }
 
     #[test]

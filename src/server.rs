@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -141,10 +142,9 @@ impl PublicConn {
         let metrics = proxy.metrics.clone();
         // Writes to the client may stall for as long as a request head may take to arrive.
         let write_limit = proxy.config.client_header_timeout;
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-        });
+        let memo = crate::auth::ScopeMemo::default();
+        let service =
+            service_fn(move |req| proxy.handle(req, client, &memo).map(Ok::<_, Infallible>));
         let result = match acceptor {
             Some(acceptor) => {
                 let handshake =

@@ -185,17 +185,28 @@ impl Entry {
             }
             r
         } else {
-            let body = if head {
-                ResponseBody::empty()
+            let (body, content_length) = if head {
+                // hyper derives Content-Length from the body; a HEAD answer has none, so the
+                // GET body's length is stated here.
+                (
+                    ResponseBody::empty(),
+                    Some(HeaderValue::from(self.body.len())),
+                )
             } else {
-                ResponseBody::full(self.body.clone())
+                (ResponseBody::full(self.body.clone()), None)
             };
             let mut r = Response::new(body);
             *r.status_mut() = self.status;
+            // The stored block has slots for Age, X-Cache and Cache-Status (see
+            // `rules::RENDER_SLOTS`): the inserts below overwrite them in place.
             *r.headers_mut() = self.headers.clone();
+            if let Some(len) = content_length {
+                r.headers_mut().insert(header::CONTENT_LENGTH, len);
+            }
             r
         };
         // `headers` already holds ETag and Last-Modified (see `rules::positive_entry`).
+        // `Content-Length` is not stored: hyper writes it from the body's exact size.
         let h = resp.headers_mut();
         h.insert(header::AGE, small_number(self.age(now).as_secs()));
         h.insert(X_CACHE.clone(), xcache.header_value());
@@ -204,11 +215,26 @@ impl Entry {
     }
 }
 
-/// A header value for a small number without allocating: values up to 1023 come from a table
-/// built once (cloning a shared `HeaderValue` is a reference-count increment).
+/// `HeaderValue`s for a table of per-request values (Age seconds, Cache-Status TTLs), built
+/// from leaked `'static` text: cloning one copies two words. A value made at run time is a
+/// shared buffer whose reference count every hit on every worker thread would increment and
+/// decrement (the same cache line bouncing between cores). The tables are bounded and built
+/// once, so the leak is a fixed few hundred KiB.
+pub fn static_table(len: usize, text: impl Fn(usize) -> String) -> Vec<HeaderValue> {
+    (0..len)
+        .map(|n| HeaderValue::from_static(Box::leak(text(n).into_boxed_str())))
+        .collect()
+}
+
+/// Entries of the per-request header tables: one hour of seconds and then some, so Age and
+/// Cache-Status TTLs of common configurations never format or allocate.
+pub const STATIC_TABLE_LEN: usize = 4096;
+
+/// A header value for a small number without allocating: values below [`STATIC_TABLE_LEN`]
+/// come from a static table built once.
 pub fn small_number(n: u64) -> HeaderValue {
     static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect());
+    let table = TABLE.get_or_init(|| static_table(STATIC_TABLE_LEN, |n| n.to_string()));
     match table.get(n as usize) {
         Some(v) => v.clone(),
         None => HeaderValue::from(n),

@@ -144,9 +144,9 @@ fn stored_name(name: &HeaderName) -> HeaderName {
 /// A header (name, value bytes) on its way into an entry.
 type Field<'a> = (HeaderName, Cow<'a, [u8]>);
 
-/// The upstream headers an entry replays, in order, with `Content-Length` set and a `Date`
-/// guaranteed. Values still borrow from `upstream`.
-fn replayed_fields(upstream: &HeaderMap, body_len: usize) -> Vec<Field<'_>> {
+/// The upstream headers an entry replays, in order, with a `Date` guaranteed. Values still
+/// borrow from `upstream`. `Content-Length` is not stored: hyper writes it from the body.
+fn replayed_fields(upstream: &HeaderMap) -> Vec<Field<'_>> {
     let mut fields: Vec<Field<'_>> = Vec::with_capacity(upstream.len() + 4);
     let mut has_date = false;
     for (name, value) in upstream {
@@ -155,10 +155,6 @@ fn replayed_fields(upstream: &HeaderMap, body_len: usize) -> Vec<Field<'_>> {
             fields.push((stored_name(name), Cow::Borrowed(value.as_bytes())));
         }
     }
-    fields.push((
-        header::CONTENT_LENGTH,
-        Cow::Owned(body_len.to_string().into_bytes()),
-    ));
     if !has_date {
         let now = httpdate::fmt_http_date(std::time::SystemTime::now());
         fields.push((header::DATE, Cow::Owned(now.into_bytes())));
@@ -185,12 +181,23 @@ impl OwnedHeaders {
         upstream_etag: Option<&[u8]>,
         upstream_last_modified: Option<&[u8]>,
     ) -> OwnedHeaders {
-        let total = fields.iter().map(|(_, v)| v.len()).sum::<usize>()
+        // A rebuilt block (a 304 refresh) already carries the render slots: added once below.
+        let fields: Vec<Field<'_>> = fields
+            .into_iter()
+            .filter(|(name, _)| !RENDER_SLOTS.iter().any(|(slot, _)| slot == name))
+            .collect();
+        let total = fields
+            .iter()
+            .filter(|(_, v)| common_value(v).is_none())
+            .map(|(_, v)| v.len())
+            .sum::<usize>()
             + upstream_etag.map_or(0, <[u8]>::len)
             + upstream_last_modified.map_or(0, <[u8]>::len);
         let mut buf = Vec::with_capacity(total);
         for (_, v) in &fields {
-            buf.extend_from_slice(v);
+            if common_value(v).is_none() {
+                buf.extend_from_slice(v);
+            }
         }
         buf.extend_from_slice(upstream_etag.unwrap_or_default());
         buf.extend_from_slice(upstream_last_modified.unwrap_or_default());
@@ -202,11 +209,14 @@ impl OwnedHeaders {
             // Every value was a valid header value (or our own ASCII), so this cannot fail.
             HeaderValue::from_maybe_shared(buf.slice(range)).ok()
         };
-        let mut map = HeaderMap::with_capacity(fields.len());
+        let mut map = HeaderMap::with_capacity(fields.len() + RENDER_SLOTS.len());
         for (name, v) in fields {
-            if let Some(value) = next(v.len()) {
+            if let Some(value) = common_value(&v).or_else(|| next(v.len())) {
                 map.append(name, value);
             }
+        }
+        for (name, placeholder) in RENDER_SLOTS {
+            map.append(name, placeholder);
         }
         let map = exact_size_map(map);
         let upstream_etag = upstream_etag.and_then(|v| next(v.len()));
@@ -228,6 +238,48 @@ impl OwnedHeaders {
     }
 }
 
+/// Header values Chatwoot (Rails) sends on nearly every response, shared as statics: an entry
+/// that replays one of these stores nothing for it, and cloning it for a hit copies two words
+/// instead of touching the reference count of the entry's shared header buffer, a cache line
+/// that every hit on every worker thread would otherwise write.
+static COMMON_VALUES: [HeaderValue; 12] = [
+    HeaderValue::from_static("application/json; charset=utf-8"),
+    HeaderValue::from_static("max-age=0, private, must-revalidate"),
+    HeaderValue::from_static("nosniff"),
+    HeaderValue::from_static("SAMEORIGIN"),
+    HeaderValue::from_static("0"),
+    HeaderValue::from_static("1; mode=block"),
+    HeaderValue::from_static("noopen"),
+    HeaderValue::from_static("none"),
+    HeaderValue::from_static("strict-origin-when-cross-origin"),
+    HeaderValue::from_static("Origin"),
+    HeaderValue::from_static("Accept, Origin"),
+    HeaderValue::from_static("Accept-Encoding"),
+];
+
+/// Headers every rendered entry carries with a per-request value. The stored block holds a
+/// slot for each (with a placeholder value), so a hit clones the block and overwrites three
+/// values in place: a clone has no spare capacity, and adding three headers to it would
+/// regrow and rehash the map on every hit. `Entry::render` always overwrites all three.
+const RENDER_SLOTS: [(HeaderName, HeaderValue); 3] = [
+    (header::AGE, HeaderValue::from_static("0")),
+    (
+        HeaderName::from_static("x-cache"),
+        HeaderValue::from_static("HIT"),
+    ),
+    (
+        HeaderName::from_static("cache-status"),
+        HeaderValue::from_static("chatwoot-cache; hit"),
+    ),
+];
+
+fn common_value(value: &[u8]) -> Option<HeaderValue> {
+    COMMON_VALUES
+        .iter()
+        .find(|v| v.as_bytes() == value)
+        .cloned()
+}
+
 /// `map` with no spare slots. `HeaderMap::with_capacity(n)` rounds its table up to a power of
 /// two and allocates ~3/4 of that many 104-byte slots: 24 (2.5 KB) for 13 headers. `Clone`
 /// allocates the slots for exactly `len()` values (measured: 13 headers → 1480 bytes including
@@ -237,10 +289,10 @@ fn exact_size_map(map: HeaderMap) -> HeaderMap {
     map.clone()
 }
 
-/// The header block an entry replays, with `Content-Length` set and a `Date` guaranteed,
-/// owning its values (see [`OwnedHeaders::build`]).
-pub fn stored_headers(upstream: &HeaderMap, body_len: usize) -> HeaderMap {
-    OwnedHeaders::build(replayed_fields(upstream, body_len), None, None).map
+/// The header block an entry replays, with a `Date` guaranteed, owning its values (see
+/// [`OwnedHeaders::build`]).
+pub fn stored_headers(upstream: &HeaderMap) -> HeaderMap {
+    OwnedHeaders::build(replayed_fields(upstream), None, None).map
 }
 
 /// The earliest time `httpdate` cannot format (10000-01-01T00:00:00Z): it panics for years
@@ -268,7 +320,7 @@ pub fn positive_entry(
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
-    let mut fields = replayed_fields(upstream_headers, body.len());
+    let mut fields = replayed_fields(upstream_headers);
     // The replayed header block carries our validators, so a hit only clones it.
     fields.push((header::ETAG, Cow::Owned(strong_etag_text(&body).to_vec())));
     let last_modified = probe
@@ -316,7 +368,7 @@ pub fn negative_entry(
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
-    let headers = stored_headers(upstream_headers, body.len());
+    let headers = stored_headers(upstream_headers);
     let weight = Entry::compute_weight(&headers, &body, 0);
     Entry {
         status,
@@ -459,11 +511,14 @@ mod tests {
             "cache-control",
             "max-age=0, private, must-revalidate".parse().unwrap(),
         );
-        let s = stored_headers(&h, 10);
+        let s = stored_headers(&h);
         assert!(!s.contains_key("set-cookie"));
         assert!(!s.contains_key("access-token"));
         assert!(!s.contains_key("etag"));
-        assert_eq!(s["content-length"], "10");
+        assert!(
+            !s.contains_key("content-length"),
+            "hyper writes it from the body"
+        );
         assert_eq!(s["cache-control"], "max-age=0, private, must-revalidate");
         assert!(s.contains_key("date"));
     }
@@ -500,12 +555,19 @@ mod tests {
         (map, buf)
     }
 
-    /// Every value the entry keeps: the replayed map and the upstream validators.
+    /// Every value the entry keeps a copy of: the replayed map and the upstream validators,
+    /// less the shared statics (common Rails values, render-slot placeholders).
     fn kept_values(e: &Entry) -> Vec<&HeaderValue> {
         e.headers
             .values()
             .chain(&e.upstream_etag)
             .chain(&e.upstream_last_modified)
+            .filter(|v| {
+                common_value(v.as_bytes()).is_none()
+                    && !RENDER_SLOTS
+                        .iter()
+                        .any(|(_, placeholder)| placeholder == *v)
+            })
             .collect()
     }
 

@@ -620,15 +620,16 @@ fn header_value(s: String) -> HeaderValue {
     HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static("chatwoot-cache"))
 }
 
-/// `chatwoot-cache; hit; ttl=7` (RFC 9211). The common values come from a table built once,
-/// so a hit does not format or allocate.
+/// `chatwoot-cache; hit; ttl=7` (RFC 9211). The common values come from a static table built
+/// once (see [`crate::cache::entry::static_table`]), so a hit does not format or allocate.
 fn cache_status_hit(remaining: Duration) -> HeaderValue {
+    use crate::cache::entry::{STATIC_TABLE_LEN, static_table};
     static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
     let ttl = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
     let table = TABLE.get_or_init(|| {
-        (0..1024u64)
-            .map(|n| header_value(format!("chatwoot-cache; hit; ttl={n}")))
-            .collect()
+        static_table(STATIC_TABLE_LEN, |n| {
+            format!("chatwoot-cache; hit; ttl={n}")
+        })
     });
     match table.get(ttl as usize) {
         Some(v) => v.clone(),

@@ -6,15 +6,18 @@
 mod conversation;
 mod forward;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access_log::AccessGuard;
-use crate::auth::{self, Credentials, InvalidTokens, Scoper, TokenHeader};
+use crate::auth::{self, Credentials, InvalidTokens, ScopeMemo, Scoper, TokenHeader};
 use crate::body::ResponseBody;
 use crate::cache::{CacheKey, CachePolicy, Store};
 use crate::config::Config;
@@ -62,6 +65,41 @@ pub(crate) enum Next {
         key: CacheKey,
         stored: Option<Arc<crate::cache::Entry>>,
     },
+}
+
+/// The answer to one request: ready at once, or a future that needs the upstream.
+// The large variant is the hot one (a hit); boxing it would allocate on every hit.
+#[allow(clippy::large_enum_variant)]
+pub enum Handled {
+    Ready(std::future::Ready<Response<ResponseBody>>),
+    Upstream(Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>),
+}
+
+impl Future for Handled {
+    type Output = Response<ResponseBody>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Handled::Ready(response) => Pin::new(response).poll(cx),
+            Handled::Upstream(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Stamps `X-Cache` on the answer and hands the access-log guard to its body, which fires it
+/// when the response has really ended.
+fn finish(answer: Answer, mut guard: AccessGuard) -> Response<ResponseBody> {
+    let Answer {
+        mut response,
+        cache,
+        upstream_status,
+    } = answer;
+    response
+        .headers_mut()
+        .insert(X_CACHE.clone(), cache.header_value());
+    guard.answered(response.status().as_u16(), cache, upstream_status);
+    response.body_mut().set_guard(guard);
+    response
 }
 
 /// What a handler produced, before the access-log guard is attached.
@@ -121,42 +159,37 @@ impl Proxy {
     /// Handles one request on the public listener.
     ///
     /// Everything the proxy can answer without the upstream (token refusals, cache hits,
-    /// stale-while-revalidate) is decided synchronously by [`Proxy::decide`]; only requests that
-    /// need the upstream await the (boxed, cold) forwarding or fetching futures. That keeps this
-    /// future small and the hit path free of future moves.
-    pub async fn handle(
+    /// stale-while-revalidate) is decided synchronously by [`Proxy::decide`] and comes back as
+    /// a ready [`Handled`]: no future is built, moved or boxed and no `Arc` is cloned for a hit.
+    /// Only requests that need the upstream get a (boxed) future.
+    ///
+    /// `memo` belongs to the client connection (see [`ScopeMemo`]).
+    pub fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: ClientInfo,
-    ) -> Response<ResponseBody> {
+        memo: &ScopeMemo,
+    ) -> Handled {
         let start = Instant::now();
         let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
         // Created first, so a request dropped mid-way (client gone) is still logged.
-        let mut guard = AccessGuard::start(
-            req.method().clone(),
-            req.uri().clone(),
-            route.label(),
-            start,
-            self.metrics.clone(),
-        );
-        let answer = match self.decide(route, &req, client, start) {
-            Next::Answer(answer) => answer,
-            Next::Forward { scope } => Box::pin(self.forward(req, client, route, scope)).await,
-            Next::Fetch { key, stored } => {
-                Box::pin(self.conversation_upstream(key, req, client, stored)).await
+        let guard = AccessGuard::start(&req, route.label(), start, self.metrics.clone());
+        match self.decide(route, &req, client, memo, start) {
+            Next::Answer(answer) => Handled::Ready(std::future::ready(finish(answer, guard))),
+            Next::Forward { scope } => {
+                let proxy = self.clone();
+                Handled::Upstream(Box::pin(async move {
+                    finish(proxy.forward(req, client, route, scope).await, guard)
+                }))
             }
-        };
-        let Answer {
-            mut response,
-            cache,
-            upstream_status,
-        } = answer;
-        response
-            .headers_mut()
-            .insert(X_CACHE.clone(), cache.header_value());
-        guard.answered(response.status().as_u16(), cache, upstream_status);
-        response.body_mut().set_guard(guard);
-        response
+            Next::Fetch { key, stored } => {
+                let proxy = self.clone();
+                Handled::Upstream(Box::pin(async move {
+                    let answer = proxy.conversation_upstream(key, req, client, stored).await;
+                    finish(answer, guard)
+                }))
+            }
+        }
     }
 
     /// What to do with a request, decided without awaiting anything.
@@ -165,6 +198,7 @@ impl Proxy {
         route: Route,
         req: &Request<Incoming>,
         client: ClientInfo,
+        memo: &ScopeMemo,
         now: Instant,
     ) -> Next {
         if req.method() == Method::CONNECT {
@@ -186,7 +220,7 @@ impl Proxy {
                     self.reject(LocalError::MalformedToken, AuthRejection::Malformed),
                 );
             }
-            Credentials::Token(value) => self.scoper.scope(value.as_bytes()),
+            Credentials::Token(value) => memo.scope(&self.scoper, value.as_bytes()),
         };
         if self.invalid_tokens.contains(scope) {
             return Next::Answer(self.reject(LocalError::InvalidToken, AuthRejection::Invalid));
