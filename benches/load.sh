@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# Load benchmark of chatwoot-cache against nginx and a bare hyper floor (issue 5).
+# Load benchmark of chatwoot-cache against nginx, Varnish and a bare hyper floor (issue 5:
+# "beat nginx proxy_cache and Varnish on cache hits").
 #
 #   bash benches/load.sh
 #
-# One command, fresh Debian machine: installs wrk, nginx-light (and curl/python3 if missing)
-# with apt-get, builds `chatwoot-cache` and `examples/bench_origin.rs` in release mode, then
-# starts on 127.0.0.1 (ports picked at run time, nothing else is contacted):
+# One command, fresh Debian machine: installs wrk, nginx-light, varnish (and curl/python3 if
+# missing) with apt-get, builds `chatwoot-cache` and `examples/bench_origin.rs` in release mode,
+# then starts on 127.0.0.1 (ports picked at run time, nothing else is contacted):
 #   origin          fake Chatwoot (bench_origin origin): ~8 KB conversations, token required
 #   floor           bench_origin floor: the same hyper stack returning bytes from memory
 #   nginx-cache     nginx proxy_cache, 1 worker, per-token key (benches/load/nginx.conf.template)
 #   nginx-pass      the same nginx, second server block: plain proxy_pass, no cache
+#   varnish         varnishd, -s malloc,4G, 2 thread pools, per-token key (url + api_access_token),
+#                   the same route cached, everything else passed (benches/load/varnish.vcl.template),
+#                   per-request shared-memory log records masked (start_varnish in load/lib.sh)
 #   chatwoot-cache  release binary, --log-level warn, --cache-ttl 1h
 # and runs the same wrk client (-t$THREADS -c$CONNS -d$DURATION --latency, benches/load/wrk.lua)
 # against each target for the workloads hit, miss (pass-through), mixed (90/10) and many
-# tokens (1000 tokens x 100 conversations). Prints one markdown table with req/s, p50, p99 and
-# server CPU per request (utime+stime from /proc over the run), plus the issue-5 ratios from
-# the same run, and writes benches/results/latest.{md,png,jsonl}.
+# tokens (1000 tokens x 100 conversations): the caches (nginx-cache, varnish, chatwoot-cache)
+# in hit, mixed and many tokens, nginx-pass and chatwoot-cache in miss. Prints one markdown
+# table with req/s, p50, p99 and server CPU per request (utime+stime from /proc over the run),
+# plus the issue-5 ratios from the same run, and writes benches/results/latest.{md,png,jsonl}.
 #
-# Both caches keep entries fresh for CACHE_TTL (default 1h: chatwoot-cache --cache-ttl and nginx
-# proxy_cache_valid 200), so no workload measures expiry: with nginx at 10s, its entries expire
-# while the 100k-key many-tokens workload is warmed and measured (CACHE_TTL=10s shows that).
+# All caches keep entries fresh for CACHE_TTL (default 1h: chatwoot-cache --cache-ttl, nginx
+# proxy_cache_valid 200, Varnish beresp.ttl), so no workload measures expiry: with nginx at 10s,
+# its entries expire while the 100k-key many-tokens workload is warmed and measured
+# (CACHE_TTL=10s shows that).
 #
 # Each target is measured ROUNDS times for DURATION, interleaved with the other targets of the
 # workload; the table shows the median round (req/s, p50, p99) and CPU per request pooled over
 # all rounds, with the req/s range to show the noise.
 #
+# nginx runs 1 worker process, so it uses one CPU at most; varnishd (thread pools) and
+# chatwoot-cache (tokio, a worker thread per CPU) are threaded and can use every CPU (2 on the
+# benchmark machine). Note that installing Debian's nginx-light / varnish packages also enables
+# their system services (nginx on :80, varnish on :6081) on a machine running systemd; this
+# script does not use them (`systemctl disable --now nginx varnish` if unwanted).
+#
 # Environment: DURATION (4s), ROUNDS (3), THREADS (2), CONNS (64), MANY_TOKENS (1000), CONVS (100), CACHE_TTL,
-# BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1, BENCH_KEEP_WORK=1 (keep logs/configs).
+# BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1, BENCH_KEEP_WORK=1 (keep logs/configs),
+# BENCH_RESULTS_DIR (default benches/results: where latest.{md,png,jsonl} are written).
 # The coalescing check ("2,000 concurrent requests for one cold key") is benches/coalesce.sh.
 set -euo pipefail
 
@@ -40,13 +53,13 @@ CONNS=${CONNS:-64}
 MANY_TOKENS=${MANY_TOKENS:-1000}
 CONVS=${CONVS:-100}
 CACHE_TTL=${CACHE_TTL:-1h}
-RESULTS_DIR="$BENCH_DIR/results"
+RESULTS_DIR=${BENCH_RESULTS_DIR:-$BENCH_DIR/results}
 
 bench_init
 LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
-    ensure_tools wrk:wrk nginx:nginx-light curl:curl python3:python3 setsid:util-linux
+    ensure_tools wrk:wrk nginx:nginx-light varnishd:varnish curl:curl python3:python3 setsid:util-linux
 fi
 if [[ -z "${BENCH_SKIP_BUILD:-}" ]]; then
     build_binaries
@@ -56,23 +69,26 @@ else
 fi
 BUILD_DONE=$(date +%s)
 
-mapfile -t PORTS < <(pick_ports 6)
+mapfile -t PORTS < <(pick_ports 7)
 ORIGIN_PORT=${PORTS[0]} FLOOR_PORT=${PORTS[1]} NGINX_CACHE_PORT=${PORTS[2]}
-NGINX_PASS_PORT=${PORTS[3]} PROXY_PORT=${PORTS[4]} PROXY_ADMIN_PORT=${PORTS[5]}
+NGINX_PASS_PORT=${PORTS[3]} PROXY_PORT=${PORTS[4]} PROXY_ADMIN_PORT=${PORTS[5]} VARNISH_PORT=${PORTS[6]}
 
-log "starting origin :$ORIGIN_PORT, floor :$FLOOR_PORT, nginx :$NGINX_CACHE_PORT/:$NGINX_PASS_PORT, chatwoot-cache :$PROXY_PORT"
+log "starting origin :$ORIGIN_PORT, floor :$FLOOR_PORT, nginx :$NGINX_CACHE_PORT/:$NGINX_PASS_PORT, varnish :$VARNISH_PORT, chatwoot-cache :$PROXY_PORT"
 start_origin origin "$ORIGIN_PORT"
 ORIGIN_PID=$LAST_PID
 start_bg floor "$ORIGIN_BIN" floor --listen "127.0.0.1:$FLOOR_PORT"
 FLOOR_PID=$LAST_PID
 wait_http "http://127.0.0.1:$FLOOR_PORT/"
 start_nginx "$ORIGIN_PORT" "$NGINX_CACHE_PORT" "$NGINX_PASS_PORT" "$CACHE_TTL"
+start_varnish "$ORIGIN_PORT" "$VARNISH_PORT" "$CACHE_TTL"
 # The access log is info-level: --log-level warn turns it off, as nginx runs with access_log off.
 start_proxy proxy "$ORIGIN_PORT" "$PROXY_PORT" "$PROXY_ADMIN_PORT" \
     --log-level warn --cache-ttl "$CACHE_TTL" --cache-max-bytes 4GiB
 PROXY_PID=$LAST_PID
 
 nginx_pids() { echo "$NGINX_PID" "$(children_of "$NGINX_PID" | tr '\n' ' ')"; }
+# varnishd: the manager and its child (cache-main, all the worker threads)
+varnish_pids() { echo "$VARNISH_PID" "$(children_of "$VARNISH_PID" | tr '\n' ' ')"; }
 
 # ---- sanity: every target answers a conversation with 200 and a ~8 KB body before we measure
 TOKEN1=$(printf 'bench%019d' 1)
@@ -87,11 +103,25 @@ for path in /api/v1/accounts/1/conversations/1 /api/v1/accounts/1/conversations/
     check_200 origin "http://127.0.0.1:$ORIGIN_PORT$path"
     check_200 nginx-cache "http://127.0.0.1:$NGINX_CACHE_PORT$path"
     check_200 nginx-pass "http://127.0.0.1:$NGINX_PASS_PORT$path"
+    check_200 varnish "http://127.0.0.1:$VARNISH_PORT$path"
     check_200 chatwoot-cache "http://127.0.0.1:$PROXY_PORT$path"
 done
 check_200 floor "http://127.0.0.1:$FLOOR_PORT/api/v1/accounts/1/conversations/1"
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$ORIGIN_PORT/api/v1/accounts/1/conversations/1")
 [[ "$code" == 401 ]] || die "origin without token gave $code, want 401"
+# The reference caches key per token: a second request with the same token is a HIT, the same
+# URL with another token a MISS (account 2 is not used by the workloads).
+check_per_token() {   # check_per_token NAME PORT
+    local url="http://127.0.0.1:$2/api/v1/accounts/2/conversations/1" got="" t
+    for t in 1 1 2 2; do
+        got+="$(curl -s -o /dev/null -D - --max-time 5 -H "api_access_token: $(printf 'check%019d' "$t")" "$url" |
+            tr -d '\r' | sed -n 's/^[Xx]-[Cc]ache: *//p') "
+    done
+    [[ "$got" == "MISS HIT MISS HIT " ]] ||
+        die "$1: X-Cache for token 1, 1, 2, 2 on one URL was '$got' (want MISS HIT MISS HIT); logs: $WORK"
+}
+check_per_token nginx-cache "$NGINX_CACHE_PORT"
+check_per_token varnish "$VARNISH_PORT"
 
 # ---- measurement
 CLK_TCK=$(getconf CLK_TCK)
@@ -181,24 +211,27 @@ run_workload() {
     done
 }
 
-log "workload hit: warm, then floor / nginx-cache / chatwoot-cache ($ROUNDS rounds of $DURATION)"
+log "workload hit: warm, then floor / nginx-cache / varnish / chatwoot-cache ($ROUNDS rounds of $DURATION)"
 warm nginx-cache "$NGINX_CACHE_PORT" 1 nginx_pids
+warm varnish "$VARNISH_PORT" 1 varnish_pids
 warm chatwoot-cache "$PROXY_PORT" 1 proxy_pids
 run_workload hit hit 1 "floor=$FLOOR_PORT=floor_pids" "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" \
-    "chatwoot-cache=$PROXY_PORT=proxy_pids"
+    "varnish=$VARNISH_PORT=varnish_pids" "chatwoot-cache=$PROXY_PORT=proxy_pids"
 
 log "workload miss (pass-through GET .../conversations/{c}/messages): origin direct / nginx-pass / chatwoot-cache"
 run_workload miss miss 1 "origin-direct=$ORIGIN_PORT=origin_pids" "nginx-pass=$NGINX_PASS_PORT=nginx_pids" \
     "chatwoot-cache=$PROXY_PORT=proxy_pids"
 
 log "workload mixed (90% cached conversation paths, 10% pass-through)"
-run_workload mixed mixed 1 "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" "chatwoot-cache=$PROXY_PORT=proxy_pids"
+run_workload mixed mixed 1 "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" "varnish=$VARNISH_PORT=varnish_pids" \
+    "chatwoot-cache=$PROXY_PORT=proxy_pids"
 
 log "workload many tokens ($MANY_TOKENS tokens x $CONVS conversations): warm, then measure"
 warm nginx-cache "$NGINX_CACHE_PORT" "$MANY_TOKENS" nginx_pids
+warm varnish "$VARNISH_PORT" "$MANY_TOKENS" varnish_pids
 warm chatwoot-cache "$PROXY_PORT" "$MANY_TOKENS" proxy_pids
 run_workload many many "$MANY_TOKENS" "nginx-cache=$NGINX_CACHE_PORT=nginx_pids" \
-    "chatwoot-cache=$PROXY_PORT=proxy_pids"
+    "varnish=$VARNISH_PORT=varnish_pids" "chatwoot-cache=$PROXY_PORT=proxy_pids"
 
 # ---- liveness after the load: the proxy must still be up and serving
 kill -0 "$PROXY_PID" 2>/dev/null || die "chatwoot-cache exited during the run (log: $WORK/proxy.log)"
@@ -207,6 +240,9 @@ curl -s --max-time 2 "http://127.0.0.1:$PROXY_ADMIN_PORT/metrics" >"$WORK/proxy-
 PROXY_LOG_LINES=$(grep -c . "$WORK/proxy.log" || true)
 PROXY_LOG_SAMPLE=$(head -c 300 "$WORK/proxy.log" | head -3 | tr '\n' ' ' || true)
 NGINX_ERRORS=$(grep -c -E '\[(error|crit|alert|emerg)\]' "$NGINX_PREFIX/error.log" || true)
+# A varnish child that panicked or died was restarted by the manager with an empty cache.
+kill -0 "$VARNISH_PID" 2>/dev/null || log "WARNING: varnishd exited during the run (log: $WORK/varnish.log)"
+VARNISH_RESTARTS=$(grep -c -i -E 'panic|died|not responding' "$WORK/varnish.log" || true)
 
 # ---- report (table from this run only)
 mkdir -p "$RESULTS_DIR"
@@ -219,11 +255,13 @@ M_GIT=$(cd "$ROOT_DIR" && git describe --always --dirty 2>/dev/null || echo unkn
 M_WRK="wrk -t$THREADS -c$CONNS -d$DURATION --latency --timeout 5s -s benches/load/wrk.lua" \
 M_ROUNDS=$ROUNDS \
 M_NGINX=$(nginx -v 2>&1 | sed 's/.*: //') \
+M_VARNISH=$(varnishd -V 2>&1 | head -1 | sed 's/^varnishd (\([^ ]*\).*/\1/') \
 M_LOADAVG_START=$LOADAVG_START \
 M_LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg) \
 M_PROXY_LOG_LINES=${PROXY_LOG_LINES:-0} \
 M_PROXY_LOG_SAMPLE=${PROXY_LOG_SAMPLE:-} \
 M_NGINX_ERROR_LINES=${NGINX_ERRORS:-0} \
+M_VARNISH_RESTART_LINES=${VARNISH_RESTARTS:-0} \
 M_CACHE_TTL=$CACHE_TTL \
 M_MANY_TOKENS=$MANY_TOKENS \
 M_CONVS=$CONVS \

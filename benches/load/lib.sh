@@ -158,6 +158,46 @@ start_nginx() {
     wait_http "http://127.0.0.1:$cache/"
 }
 
+# start_varnish ORIGIN_PORT PORT CACHE_TTL : renders benches/load/varnish.vcl.template into
+# $WORK/varnish and starts varnishd (manager + child) in the foreground (-F) of its own process
+# group: listens on 127.0.0.1:PORT only, no CLI/admin listener (-T none), working dir (-n, its
+# shared-memory log) in $WORK, storage -s malloc,4G (the capacity of the other caches).
+# Threads: varnishd is threaded where nginx runs one worker process (one CPU at most). Varnish's
+# default 2 thread pools (one per CPU on the 2-CPU benchmark machine, the usual advice) with
+# 100..1000 threads each: 64 wrk connections plus the backend fetches never wait for a thread
+# and none is created during a run. It can use every CPU of the machine (2 here), like
+# chatwoot-cache's tokio runtime. As root, varnishd's default jail (-j unix) runs the manager
+# as user varnish and the child as vcache (both created by Debian's package); as another user
+# it runs unjailed under that user. Sets VARNISH_PID (the manager).
+# Per-request logging is off for every target (nginx access_log off, chatwoot-cache --log-level
+# warn); Varnish's equivalent is its shared-memory log (VSL, ~40 records per hit), so the
+# per-request and per-fetch records are masked with vsl_mask (errors such as FetchError,
+# VCL_Error and Error are still logged).
+VARNISH_VSL_MASK=-Begin,-End,-Link,-Timestamp,-ReqStart,-ReqMethod,-ReqURL,-ReqProtocol,-ReqHeader
+VARNISH_VSL_MASK+=,-ReqUnset,-ReqAcct,-RespProtocol,-RespStatus,-RespReason,-RespHeader,-RespUnset
+VARNISH_VSL_MASK+=,-VCL_call,-VCL_return,-Hit,-Filters,-BereqMethod,-BereqURL,-BereqProtocol
+VARNISH_VSL_MASK+=,-BereqHeader,-BereqUnset,-BereqAcct,-BerespProtocol,-BerespStatus,-BerespReason
+VARNISH_VSL_MASK+=,-BerespHeader,-BerespUnset,-Storage,-TTL,-Fetch_Body,-Length,-BackendOpen
+VARNISH_VSL_MASK+=,-BackendClose,-BackendReuse
+start_varnish() {
+    local origin=$1 port=$2 ttl=$3 dir="$WORK/varnish"
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    sed -e "s|@ORIGIN_PORT@|$origin|g" -e "s|@CACHE_TTL@|$ttl|g" \
+        "$LOAD_DIR/varnish.vcl.template" >"$dir/bench.vcl"
+    chmod 644 "$dir/bench.vcl"
+    # like nginx -t: compile the VCL first, so a broken one fails with the compiler's message
+    varnishd -C -f "$dir/bench.vcl" -n "$dir/vcc" >/dev/null 2>"$WORK/varnish-C.log" ||
+        { cat "$WORK/varnish-C.log" >&2; die "varnish VCL compile failed"; }
+    start_bg varnish varnishd -F -n "$dir/workdir" -a "127.0.0.1:$port" -T none \
+        -f "$dir/bench.vcl" -s malloc,4G \
+        -p thread_pools=2 -p thread_pool_min=100 -p thread_pool_max=1000 \
+        -p vsl_mask="$VARNISH_VSL_MASK"
+    # shellcheck disable=SC2034 # used by the scripts
+    VARNISH_PID=$LAST_PID
+    wait_http "http://127.0.0.1:$port/"
+}
+
 start_proxy() {    # start_proxy NAME ORIGIN_PORT PORT ADMIN_PORT [extra flags]
     local name=$1 origin=$2 port=$3 admin=$4; shift 4
     start_bg "$name" "$PROXY_BIN" --upstream "http://127.0.0.1:$origin" \
