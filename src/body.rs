@@ -24,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access_log::AccessGuard;
 use crate::protect::UpstreamPermit;
+use crate::upstream::pool::PooledBody;
 
 /// Boxed error type at body boundaries (what hyper accepts).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -128,14 +129,14 @@ impl Drop for ResponseBody {
 pub struct UpstreamBody {
     /// Bytes already read from `inner` (an oversized conversation body being handed over).
     prefix: Option<Bytes>,
-    inner: Incoming,
+    inner: PooledBody,
     idle: Duration,
     stall: Option<Pin<Box<Sleep>>>,
     permit: Option<UpstreamPermit>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, idle: Duration, permit: Option<UpstreamPermit>) -> Self {
+    pub fn new(inner: PooledBody, idle: Duration, permit: Option<UpstreamPermit>) -> Self {
         UpstreamBody {
             prefix: None,
             inner,

@@ -1,0 +1,390 @@
+//! HTTP/1.1 connections to the one upstream, reused most-recently-idle first.
+//!
+//! Why not hyper-util's legacy `Client`: it is built for many hosts and protocols, and a
+//! forwarded request paid for it on every exchange — a SipHash-keyed pool map and authority
+//! comparisons, a pool checkout future racing a connect future, a spawned task per response
+//! to put its connection back, and a dozen moves of its large request future (callgrind:
+//! about a fifth of the proxy's instructions per pass-through request). The proxy talks to one
+//! upstream, over HTTP/1.1 like nginx's `proxy_pass`: a stack of idle senders behind a mutex
+//! held for a push or a pop is all the pool it needs.
+//!
+//! A connection goes back to the pool when its response body has been read to the end (see
+//! [`PooledBody`]); a body dropped early takes its connection with it (HTTP/1.1 cannot abandon
+//! a response and reuse the connection). A pooled connection idle longer than the idle timeout
+//! (below Puma's 20 s keep-alive) is never reused: the app server may be closing it. A request
+//! that finds its pooled connection closed before it was written is retried on another one.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use tokio::time::Instant;
+use tower::Service;
+
+use super::Connector;
+use crate::body::{BoxError, RequestBody};
+
+type Sender = http1::SendRequest<RequestBody>;
+
+/// Why no response came back from the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// TCP or TLS connect failed or timed out: nothing was sent.
+    #[error("connect: {0}")]
+    Connect(BoxError),
+    /// The HTTP/1.1 handshake on a fresh connection failed: nothing was sent.
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+    /// The exchange failed after the request may have gone out (reset, garbage, early close).
+    #[error(transparent)]
+    Exchange(hyper::Error),
+}
+
+impl PoolError {
+    /// Whether the request certainly never reached the upstream.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, PoolError::Connect(_) | PoolError::Handshake(_))
+    }
+}
+
+/// The upstream's idle connections and how to make new ones.
+pub struct Pool {
+    connector: Connector,
+    /// `scheme://authority/` of the upstream, what the connector dials.
+    dial: Uri,
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+impl Pool {
+    pub fn new(
+        connector: Connector,
+        dial: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            connector,
+            dial,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        })
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) on a pooled or new connection. With `upgrade`
+    /// the request gets a connection of its own that can switch protocols and is never pooled.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+        upgrade: bool,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        loop {
+            let pooled = if upgrade { None } else { self.checkout() };
+            let reused = pooled.is_some();
+            let mut sender = match pooled {
+                Some(sender) => sender,
+                None => self.connect(upgrade).await?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let pool = (!upgrade).then(|| self.clone());
+                    return Ok(response.map(|body| PooledBody::new(body, sender, pool)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The pooled connection closed before the request was written (the app
+                    // server timed it out just now): nothing was sent, try another.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(PoolError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The most recently idle connection that is ready for a request, if any. Closed and
+    /// timed-out ones are dropped; one still finishing its previous exchange stays pooled.
+    fn checkout(&self) -> Option<Sender> {
+        let mut busy = Vec::new();
+        let mut found = None;
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            while let Some(entry) = idle.pop() {
+                if entry.sender.is_closed() || entry.since.elapsed() >= self.idle_timeout {
+                    continue;
+                }
+                if entry.sender.is_ready() {
+                    found = Some(entry.sender);
+                    break;
+                }
+                busy.push(entry);
+                // A few busy ones are a race with their last body; more is not worth a scan.
+                if busy.len() >= 4 {
+                    break;
+                }
+            }
+            idle.extend(busy.drain(..).rev());
+        }
+        found
+    }
+
+    /// Returns a connection whose exchange ended cleanly.
+    fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self, upgrade: bool) -> Result<Sender, PoolError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.dial.clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(PoolError::Handshake)?;
+        if upgrade {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+        }
+        Ok(sender)
+    }
+
+    /// Idle connections right now (for tests).
+    #[cfg(test)]
+    fn idle_len(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// An upstream response body that hands its connection back to the pool once read to the end.
+pub struct PooledBody {
+    inner: Incoming,
+    /// Present until the body ends; dropped with the body if it never does.
+    conn: Option<(Sender, Option<Arc<Pool>>)>,
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, sender: Sender, pool: Option<Arc<Pool>>) -> Self {
+        let mut body = PooledBody {
+            inner,
+            conn: Some((sender, pool)),
+        };
+        // A body that is empty from the start (HEAD, 204, 304) may never be polled.
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((sender, Some(pool))) = self.conn.take() {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            // The last data frame of a sized body: its reader may not poll again.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(None) => this.release(),
+            // A failed body leaves its connection unusable: dropped, not pooled.
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A keep-alive HTTP/1.1 server that counts accepted connections. With `close_first`, the
+    /// first response of the first connection says `Connection: close`.
+    async fn server(close_first: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let conn_index = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let served = Arc::new(AtomicUsize::new(0));
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                        async move {
+                            let mut r = Response::new(http_body_util::Full::new(Bytes::from(
+                                "x".repeat(1000),
+                            )));
+                            if close_first && conn_index == 1 && n == 1 {
+                                r.headers_mut()
+                                    .insert("connection", "close".parse().unwrap());
+                            }
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool_for(addr: std::net::SocketAddr, idle_timeout: Duration) -> Arc<Pool> {
+        let cfg = crate::config::Config::for_upstream(&format!("http://{addr}")).unwrap();
+        let connector = super::super::connector(&cfg).unwrap();
+        Pool::new(
+            connector,
+            format!("http://{addr}/").parse().unwrap(),
+            8,
+            idle_timeout,
+        )
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<RequestBody> {
+        Request::builder()
+            .uri("/x")
+            .header("host", addr.to_string())
+            .body(RequestBody::Empty)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_body_was_read() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool_for(addr, Duration::from_secs(15));
+        for _ in 0..5 {
+            let resp = pool.send(get(addr), false).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), 1000);
+            // Let the connection task finish the exchange.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_takes_its_connection_with_it() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool_for(addr, Duration::from_secs(15));
+        let resp = pool.send(get(addr), false).await.unwrap();
+        drop(resp);
+        let resp = pool.send(get(addr), false).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_timeout_is_not_reused() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool_for(addr, Duration::from_millis(50));
+        pool.send(get(addr), false)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        pool.send(get(addr), false)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closes_is_not_reused() {
+        // The server answers the first request with `Connection: close`.
+        let (addr, accepted) = server(true).await;
+        let pool = pool_for(addr, Duration::from_secs(15));
+        for _ in 0..3 {
+            let resp = pool.send(get(addr), false).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.into_body().collect().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // First connection closed after one exchange; the second serves the rest.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let pool = pool_for(addr, Duration::from_secs(15));
+        let Err(err) = pool.send(get(addr), false).await else {
+            panic!("a closed port answered");
+        };
+        assert!(err.is_connect(), "{err}");
+    }
+}
