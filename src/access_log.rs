@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::{Method, Uri};
 use tokio::time::Instant;
 
+use crate::client_io::Activity;
 use crate::metrics::{Metrics, XCache};
 use crate::routing::RouteLabel;
 
@@ -30,6 +31,8 @@ pub struct AccessGuard {
     upstream_status: Option<u16>,
     start: Instant,
     metrics: Arc<Metrics>,
+    /// The client connection's request accounting (see [`crate::client_io`]).
+    activity: Arc<Activity>,
     done: bool,
 }
 
@@ -40,6 +43,7 @@ impl AccessGuard {
         route: RouteLabel,
         start: Instant,
         metrics: Arc<Metrics>,
+        activity: Arc<Activity>,
     ) -> Self {
         let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
         AccessGuard {
@@ -50,6 +54,7 @@ impl AccessGuard {
             upstream_status: None,
             start,
             metrics,
+            activity,
             done: false,
         }
     }
@@ -72,6 +77,11 @@ impl AccessGuard {
         }
         self.done = true;
         let elapsed = self.start.elapsed();
+        if self.status == 101 {
+            // The connection is a tunnel now: its bytes are not request heads.
+            self.activity.exempt();
+        }
+        self.activity.request_ended(self.start + elapsed);
         self.metrics
             .observe_request(self.route, self.cache, self.status, elapsed.as_secs_f64());
         let Some(request) = &self.request else {

@@ -1,37 +1,165 @@
-//! A write deadline for client connections.
+//! Deadlines for client connections, kept by the connection's IO wrapper [`ClientIo`].
 //!
-//! hyper stops polling a response body while the client's socket is full, so a client that
-//! never reads would otherwise pin its response (and, on pass-through, the upstream slot its
-//! body holds) forever: a few hundred such sockets would shed everyone else. [`WriteDeadline`]
-//! fails a write that has been pending longer than the deadline; hyper then closes the
-//! connection and drops the body, which releases the upstream slot. It costs nothing while
-//! writes complete (the timer is created the first time a write blocks, once per connection).
+//! **Write deadline.** hyper stops polling a response body while the client's socket is full,
+//! so a client that never reads would otherwise pin its response (and, on pass-through, the
+//! upstream slot its body holds) forever: a few hundred such sockets would shed everyone else.
+//! A write pending longer than the deadline fails; hyper then closes the connection and drops
+//! the body, which releases the upstream slot. It costs nothing while writes complete (the
+//! timer is created the first time a write blocks, once per connection).
+//!
+//! **Head deadline** (slowloris, idle keep-alive). Between requests — from the end of one
+//! response (or the connection's start) to the next request head — a connection has
+//! `--client-header-timeout` to deliver that head; otherwise a pending read fails and hyper
+//! closes it. This replaces hyper's `header_read_timeout`, which allocates, registers and
+//! cancels a timer for every request. Here one timer per connection is enough: it may run
+//! *earlier* than the current deadline (it was set during an earlier wait or request) and is
+//! moved to the real deadline only when it fires, so a busy keep-alive connection touches the
+//! timer wheel about once per timeout period instead of twice per request. Requests report their
+//! start and end through [`Activity`]; while one is in flight (its body is read by other
+//! deadlines) or once the connection is h2 or an upgraded tunnel, no head deadline applies.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Wraps a client stream; see the module docs.
-pub struct WriteDeadline<S> {
-    inner: S,
-    limit: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-    /// Whether the last write attempt was pending (the timer is armed for it).
-    blocked: bool,
+/// What a client connection's requests are doing, shared by the connection's IO wrapper
+/// (which enforces the head deadline) and its requests (which report start and end).
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds after `base` when the connection last became idle (0: its start).
+    idle_since_ms: AtomicU64,
+    /// h2 (streams multiplex; hyper's keep-alive pings watch the connection) or an upgraded
+    /// tunnel: no head deadline.
+    exempt: AtomicBool,
 }
 
-impl<S> WriteDeadline<S> {
-    pub fn new(inner: S, limit: Duration) -> Self {
-        WriteDeadline {
-            inner,
-            limit,
-            timer: None,
-            blocked: false,
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            exempt: AtomicBool::new(false),
+        })
+    }
+
+    /// A request head arrived.
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A request's response ended (or was abandoned) at `at`.
+    pub fn request_ended(&self, at: Instant) {
+        let ms =
+            u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
+        self.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The connection is h2 or became a tunnel: heads are not timed any more.
+    pub fn exempt(&self) {
+        self.exempt.store(true, Ordering::Release);
+    }
+
+    fn is_exempt(&self) -> bool {
+        self.exempt.load(Ordering::Acquire)
+    }
+
+    /// When the current wait for a request head must end; `None` while a request is in
+    /// flight.
+    fn head_deadline(&self, limit: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
         }
+        let idle = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.base + idle + limit)
+    }
+}
+
+/// One request in flight on a connection, ended when dropped (for handlers without an
+/// access-log guard, e.g. the admin listener's).
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    pub fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.request_started();
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended(Instant::now());
+    }
+}
+
+/// Wraps a client stream; see the module docs.
+pub struct ClientIo<S> {
+    inner: S,
+    write_limit: Duration,
+    write_timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the last write attempt was pending (the timer is armed for it).
+    blocked: bool,
+    activity: Arc<Activity>,
+    head_limit: Duration,
+    head_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> ClientIo<S> {
+    pub fn new(
+        inner: S,
+        write_limit: Duration,
+        activity: Arc<Activity>,
+        head_limit: Duration,
+    ) -> Self {
+        ClientIo {
+            inner,
+            write_limit,
+            write_timer: None,
+            blocked: false,
+            activity,
+            head_limit,
+            head_timer: None,
+        }
+    }
+
+    /// A read is pending: fails it once the current head wait is over its deadline.
+    ///
+    /// The timer is kept armed at all times (bar exempt connections), at a time no later than
+    /// the deadline of any head wait still to come: when a response ends nobody polls this
+    /// connection, so the timer must already be running. Armed during a wait, it is set to that
+    /// wait's deadline; during a request, to `now + limit` (the request cannot end before now).
+    /// It fires at most about once per `limit` and is then moved to the current bound.
+    fn head_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.is_exempt() {
+            return Poll::Pending;
+        }
+        let limit = self.head_limit;
+        let timer = self
+            .head_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.activity.base + limit)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            match self.activity.head_deadline(limit) {
+                Some(deadline) if now >= deadline => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client did not send a request head in time",
+                    )));
+                }
+                Some(deadline) => timer.as_mut().reset(deadline),
+                None => timer.as_mut().reset(now + limit),
+            }
+        }
+        Poll::Pending
     }
 
     /// Called with the inner write's poll result: arms the timer on the first `Pending`,
@@ -43,9 +171,9 @@ impl<S> WriteDeadline<S> {
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                let deadline = Instant::now() + self.limit;
+                let deadline = Instant::now() + self.write_limit;
                 let timer = self
-                    .timer
+                    .write_timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if !self.blocked {
                     timer.as_mut().reset(deadline);
@@ -63,17 +191,21 @@ impl<S> WriteDeadline<S> {
 
 use std::future::Future;
 
-impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => this.head_deadline(cx),
+            ready => ready,
+        }
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -114,13 +246,90 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An activity with a request in flight (no head deadline).
+    fn busy() -> Arc<Activity> {
+        let a = Activity::new();
+        a.request_started();
+        a
+    }
+
+    async fn read_outcome(io: &mut ClientIo<tokio::io::DuplexStream>) -> io::Result<usize> {
+        let mut buf = [0u8; 16];
+        io.read(&mut buf).await
+    }
+
+    #[tokio::test]
+    async fn a_head_that_never_comes_fails_the_read() {
+        let (server_end, _client) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = ClientIo::new(
+            server_end,
+            Duration::from_secs(60),
+            activity,
+            Duration::from_millis(100),
+        );
+        let start = std::time::Instant::now();
+        let err = read_outcome(&mut io).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= Duration::from_millis(90));
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_deadline_counts_from_the_end_of_the_last_response() {
+        let (server_end, mut client) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let limit = Duration::from_millis(1000);
+        let mut io = ClientIo::new(server_end, Duration::from_secs(60), activity.clone(), limit);
+        // A request is in flight for longer than the limit: no deadline while it runs.
+        activity.request_started();
+        let waiting = tokio::time::timeout(Duration::from_millis(2500), read_outcome(&mut io));
+        assert!(
+            waiting.await.is_err(),
+            "no head deadline while a request is in flight"
+        );
+        // It ends; the next head has `limit` from now, and the early-armed timer is moved.
+        let ended = Instant::now();
+        activity.request_ended(ended);
+        let err = read_outcome(&mut io).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = Instant::now() - ended;
+        assert!(
+            waited >= limit && waited < limit + Duration::from_millis(50),
+            "{waited:?}"
+        );
+        // Bytes that arrive in time are read as usual.
+        client.write_all(b"GET").await.unwrap();
+        assert_eq!(read_outcome(&mut io).await.unwrap(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exempt_connection_has_no_head_deadline() {
+        let (server_end, _client) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        activity.exempt();
+        let mut io = ClientIo::new(
+            server_end,
+            Duration::from_secs(60),
+            activity,
+            Duration::from_millis(100),
+        );
+        let waiting = tokio::time::timeout(Duration::from_secs(10), read_outcome(&mut io));
+        assert!(waiting.await.is_err(), "still waiting, no error");
+    }
 
     #[tokio::test]
     async fn a_reader_that_never_reads_fails_the_write() {
         // A tiny duplex buffer stands in for a full socket.
         let (client, _server_end_never_read) = tokio::io::duplex(64);
-        let mut w = WriteDeadline::new(client, Duration::from_millis(100));
+        let mut w = ClientIo::new(
+            client,
+            Duration::from_millis(100),
+            busy(),
+            Duration::from_secs(60),
+        );
         let start = std::time::Instant::now();
         let err = w.write_all(&[0u8; 4096]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -130,7 +339,12 @@ mod tests {
     #[tokio::test]
     async fn a_slow_but_steady_reader_is_fine() {
         let (client, mut server) = tokio::io::duplex(64);
-        let mut w = WriteDeadline::new(client, Duration::from_millis(200));
+        let mut w = ClientIo::new(
+            client,
+            Duration::from_millis(200),
+            busy(),
+            Duration::from_secs(60),
+        );
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
             let mut buf = [0u8; 64];

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::client_io::WriteDeadline;
+use crate::client_io::{Activity, ClientIo, InFlight};
 
 use crate::proxy::Proxy;
 use crate::upstream::ClientInfo;
@@ -33,13 +33,14 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Slow-header (slowloris) guard; also closes idle keep-alive connections.
-        .header_read_timeout(header_timeout)
+        // The slow-header (slowloris) and idle keep-alive guard is `ClientIo`'s head deadline:
+        // hyper's own arms and cancels a timer per request.
+        .header_read_timeout(None)
         // hyper's default limit of 100 header fields applies (more → 431). Raising it makes
         // hyper allocate the header index array on the heap for every request.
         .max_buf_size(MAX_HEADER_BYTES.max(8192));
@@ -61,7 +62,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let header_timeout = proxy.config.client_header_timeout;
-    let builder = Arc::new(http_builder(header_timeout));
+    let builder = Arc::new(http_builder());
     let acceptor = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     // Cancels connections that have not sent a request yet (handshake, first byte), which
@@ -142,9 +143,10 @@ impl PublicConn {
         let metrics = proxy.metrics.clone();
         // Writes to the client may stall for as long as a request head may take to arrive.
         let write_limit = proxy.config.client_header_timeout;
-        let memo = crate::auth::ScopeMemo::default();
+        let conn = crate::proxy::ConnState::new();
+        let activity = conn.activity.clone();
         let service =
-            service_fn(move |req| proxy.handle(req, client, &memo).map(Ok::<_, Infallible>));
+            service_fn(move |req| proxy.handle(req, client, &conn).map(Ok::<_, Infallible>));
         let result = match acceptor {
             Some(acceptor) => {
                 let handshake =
@@ -163,7 +165,10 @@ impl PublicConn {
                     },
                     _ = stopping.cancelled() => return,
                 };
-                let io = TokioIo::new(WriteDeadline::new(tls, write_limit));
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    activity.exempt();
+                }
+                let io = TokioIo::new(ClientIo::new(tls, write_limit, activity, header_timeout));
                 let conn = builder.serve_connection_with_upgrades(io, service);
                 watcher.watch(conn.into_owned()).await
             }
@@ -178,7 +183,7 @@ impl PublicConn {
                     },
                     _ = stopping.cancelled() => return,
                 }
-                let io = TokioIo::new(WriteDeadline::new(stream, write_limit));
+                let io = TokioIo::new(ClientIo::new(stream, write_limit, activity, header_timeout));
                 let conn = builder.serve_connection_with_upgrades(io, service);
                 watcher.watch(conn.into_owned()).await
             }
@@ -231,13 +236,19 @@ async fn admin_loop(
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 tokio::spawn(async move {
+                    let limit = proxy.config.client_header_timeout;
+                    let activity = Activity::new();
+                    let io = ClientIo::new(stream, limit, activity.clone(), limit);
                     let service = service_fn(move |req| {
                         let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(crate::admin::handle(proxy, req).await) }
+                        let in_flight = InFlight::start(&activity);
+                        async move {
+                            let response = crate::admin::handle(proxy, req).await;
+                            drop(in_flight);
+                            Ok::<_, Infallible>(response)
+                        }
                     });
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let _ = builder.serve_connection(TokioIo::new(io), service).await;
                 });
             }
             Err(e) => accept_backoff(e).await,

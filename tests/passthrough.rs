@@ -442,6 +442,84 @@ async fn websocket_upgrade_round_trip() {
     assert_eq!(h["sec-websocket-version"], "13");
 }
 
+/// A tunnel is not a request head: an upgraded connection quiet for longer than the
+/// client header timeout stays open.
+#[tokio::test]
+async fn an_upgraded_tunnel_outlives_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.client_header_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /cable HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(b"still-there").await.unwrap();
+    let mut echoed = vec![0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .expect("tunnel answered")
+        .expect("tunnel still open after 3x the header timeout");
+    assert_eq!(&echoed, b"still-there");
+}
+
+/// A keep-alive connection is closed once it has been idle for the client header timeout
+/// after its last response, and a request in flight for longer than that is not cut off.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.client_header_timeout = Duration::from_millis(400);
+    let proxy = start_proxy(cfg).await;
+    fake.set_delay(Duration::from_millis(900));
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /echo/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = Vec::new();
+    // The response arrives although it took longer than the header timeout.
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed while the request was in flight");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    let answered = Instant::now();
+    // Then nothing more is sent: the proxy closes the idle connection.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the idle connection must be closed")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(300) && idle < Duration::from_secs(3),
+        "closed after {idle:?}"
+    );
+}
+
 /// https upstream verified against a CA generated in the test (--upstream-ca-file).
 #[tokio::test]
 async fn tls_upstream_with_custom_ca() {
@@ -617,6 +695,16 @@ async fn slow_header_clients_time_out() {
     let r = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf)).await;
     assert!(r.is_ok(), "a silent connection must be closed too");
     assert_eq!(fake.requests(), 0);
+    // The admin listener too, after a request on the same keep-alive connection.
+    let mut admin = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    admin
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), admin.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "a slow admin head must be cut off too");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
 }
 
 /// SIGTERM-equivalent: readiness drops at once, in-flight requests finish, then exit.

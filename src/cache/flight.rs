@@ -67,7 +67,9 @@ impl<T: Send + Sync + 'static> Flights<T> {
             return (f.outcome.clone(), Role::Waiter);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let fut = fetch();
+        // Boxed: a fetch future is many kilobytes, and the task's cell (and reading its output
+        // back) would otherwise copy all of it, several times per miss.
+        let fut = Box::pin(fetch());
         let registry = Arc::clone(&self.map);
         let task = tokio::spawn(async move {
             let outcome = Arc::new(fut.await);

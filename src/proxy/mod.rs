@@ -67,6 +67,29 @@ pub(crate) enum Next {
     },
 }
 
+/// What the handler keeps per client connection.
+pub struct ConnState {
+    /// The last token's scope (see [`ScopeMemo`]).
+    pub memo: ScopeMemo,
+    /// Request starts and ends, for the connection's head deadline.
+    pub activity: Arc<crate::client_io::Activity>,
+}
+
+impl ConnState {
+    pub fn new() -> ConnState {
+        ConnState {
+            memo: ScopeMemo::default(),
+            activity: crate::client_io::Activity::new(),
+        }
+    }
+}
+
+impl Default for ConnState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The answer to one request: ready at once, or a future that needs the upstream.
 // The large variant is the hot one (a hit); boxing it would allocate on every hit.
 #[allow(clippy::large_enum_variant)]
@@ -162,19 +185,28 @@ impl Proxy {
     /// stale-while-revalidate) is decided synchronously by [`Proxy::decide`] and comes back as
     /// a ready [`Handled`]: no future is built, moved or boxed and no `Arc` is cloned for a hit.
     /// Only requests that need the upstream get a (boxed) future.
-    ///
-    /// `memo` belongs to the client connection (see [`ScopeMemo`]).
     pub fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: ClientInfo,
-        memo: &ScopeMemo,
+        conn: &ConnState,
     ) -> Handled {
         let start = Instant::now();
+        if req.version() == http::Version::HTTP_2 {
+            conn.activity.exempt();
+        }
+        conn.activity.request_started();
         let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
-        // Created first, so a request dropped mid-way (client gone) is still logged.
-        let guard = AccessGuard::start(&req, route.label(), start, self.metrics.clone());
-        match self.decide(route, &req, client, memo, start) {
+        // Created first, so a request dropped mid-way (client gone) is still logged (and its
+        // connection's head deadline resumes).
+        let guard = AccessGuard::start(
+            &req,
+            route.label(),
+            start,
+            self.metrics.clone(),
+            conn.activity.clone(),
+        );
+        match self.decide(route, &req, client, &conn.memo, start) {
             Next::Answer(answer) => Handled::Ready(std::future::ready(finish(answer, guard))),
             Next::Forward { scope } => {
                 let proxy = self.clone();
