@@ -8,6 +8,11 @@
 //! - `store/probe_sample`: the storage check on a realistic body (the main CPU a stored miss
 //!   adds to plain forwarding).
 //! - `store/updated_at_compare`: the exact decimal comparison used on revalidation.
+//! - `scale/lookup_render/N`: a store holding N entries (1k, 100k, 1M: one shared ~3 KB body,
+//!   the fake's headers, distinct keys), one hit's store work — lookup of a uniformly random
+//!   key, freshness, render — so the cost of a hit can be compared from 1,000 to 1,000,000
+//!   cached entries (CPU caches stop holding the working set along the way). Filling 1M
+//!   entries takes a few seconds and ~2 GB.
 //!
 //! Run: `cargo bench --bench hit_path`.
 
@@ -151,5 +156,77 @@ fn storage_rules(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hit_path, key_derivation, storage_rules);
+fn scale(c: &mut Criterion) {
+    use chatwoot_cache::auth::Scope;
+    use chatwoot_cache::cache::{CacheKey, CachePolicy, Store};
+    use chatwoot_cache::metrics::{Metrics, XCache};
+    use http::HeaderMap;
+    use http::header::HeaderValue;
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    let rt = Runtime::new().unwrap();
+    let _enter = rt.enter();
+    let body = sample_body();
+    let mut head = HeaderMap::new();
+    for (k, v) in [
+        ("content-type", "application/json; charset=utf-8"),
+        ("cache-control", "max-age=0, private, must-revalidate"),
+        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
+        ("x-request-id", "5c1b2a7e-3f0e-4f7d-9a6e-0b9f1d2c3e4f"),
+        ("x-runtime", "0.041237"),
+        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
+    ] {
+        head.insert(k, HeaderValue::from_static(v));
+    }
+    let policy = CachePolicy {
+        ttl: Duration::from_secs(3600),
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(5),
+        max_object_bytes: 4 << 20,
+    };
+    let key = |i: u64| CacheKey {
+        account: 1 + i % 7,
+        conversation: i,
+        scope: Scope(u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)),
+    };
+    let mut group = c.benchmark_group("scale/lookup_render");
+    group.throughput(criterion::Throughput::Elements(1));
+    for n in [1_000u64, 100_000, 1_000_000] {
+        let store = Store::new(
+            64 << 30,
+            policy.clone(),
+            Arc::new(Metrics::new().unwrap()),
+        );
+        let now = Instant::now();
+        for i in 0..n {
+            let k = key(i);
+            // Each entry its own header block (as stored from a real response); the body
+            // `Bytes` is shared, which keeps 1M entries within a couple of GB.
+            let probe = rules::probe(&body, 1, 42).unwrap();
+            let entry =
+                rules::positive_entry(&head, body.clone(), probe, store.stamp(&k), &policy, now);
+            store.insert(k, Arc::new(entry));
+        }
+        // (usage() also settles moka's pending bookkeeping before the measurement)
+        assert_eq!(store.usage().0, n, "every entry stored");
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        group.bench_function(criterion::BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                // xorshift: a uniformly random stored key per iteration
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let now = Instant::now();
+                let entry = store.lookup(&key(x % n), now).expect("stored");
+                let status = HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
+                black_box(entry.render(now, XCache::Hit, status, false, false))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, hit_path, key_derivation, storage_rules, scale);
 criterion_main!(benches);
