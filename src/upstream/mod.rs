@@ -300,9 +300,7 @@ impl Upstream {
         };
         ticket.mark_sent();
         let start = Instant::now();
-        let result = self
-            .await_response(self.pool.send(req, upgrade), start, progress)
-            .await;
+        let result = self.await_response(req, upgrade, start, progress).await;
         let elapsed = start.elapsed().as_secs_f64();
         match result {
             Ok(response) => {
@@ -344,10 +342,13 @@ impl Upstream {
 
     async fn await_response(
         &self,
-        fut: impl Future<Output = Result<Response<PooledBody>, PoolError>>,
+        req: Request<RequestBody>,
+        upgrade: bool,
         start: Instant,
         progress: Option<&Progress>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        // Built here rather than passed in, so the exchange future is not moved once more.
+        let fut = self.pool.send(req, upgrade);
         tokio::pin!(fut);
         let mut deadline = start + self.timeout;
         loop {

@@ -96,7 +96,9 @@ impl Pool {
             let reused = pooled.is_some();
             let mut sender = match pooled {
                 Some(sender) => sender,
-                None => self.connect(upgrade).await?,
+                // Boxed: connecting is rare and its future large; kept out of this one, which
+                // every forwarded request builds and moves.
+                None => Box::pin(self.connect(upgrade)).await?,
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
