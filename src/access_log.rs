@@ -46,6 +46,8 @@ impl AccessGuard {
         activity: Arc<Activity>,
     ) -> Self {
         let logging = tracing::enabled!(target: "access", tracing::Level::INFO);
+        // Paired with `request_ended` in `record`, which every guard reaches exactly once.
+        activity.request_started();
         AccessGuard {
             request: logging.then(|| Box::new((req.method().clone(), req.uri().clone()))),
             route,

@@ -61,7 +61,10 @@ impl Activity {
         let ms =
             u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
         self.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // Saturating: an unpaired end must not wrap the count (no head deadline ever again).
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// The connection is h2 or became a tunnel: heads are not timed any more.
@@ -108,6 +111,9 @@ pub struct ClientIo<S> {
     write_timer: Option<Pin<Box<Sleep>>>,
     /// Whether the last write attempt was pending (the timer is armed for it).
     blocked: bool,
+    /// When a blocked write last completed: a response still draining to a slow reader is
+    /// not "waiting for the next head".
+    write_resumed: Option<Instant>,
     activity: Arc<Activity>,
     head_limit: Duration,
     head_timer: Option<Pin<Box<Sleep>>>,
@@ -125,6 +131,7 @@ impl<S> ClientIo<S> {
             write_limit,
             write_timer: None,
             blocked: false,
+            write_resumed: None,
             activity,
             head_limit,
             head_timer: None,
@@ -148,7 +155,15 @@ impl<S> ClientIo<S> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.activity.base + limit)));
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            match self.activity.head_deadline(limit) {
+            // hyper counts a response as sent once its last frame is queued; a slow reader may
+            // still be draining it from hyper's buffer. While a write is blocked, and for the
+            // head timeout after it last moved, that is not a wait for the next head.
+            let draining = self.blocked.then_some(now).or(self.write_resumed);
+            let deadline = self
+                .activity
+                .head_deadline(limit)
+                .map(|d| draining.map_or(d, |w| d.max(w + limit)));
+            match deadline {
                 Some(deadline) if now >= deadline => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -167,7 +182,10 @@ impl<S> ClientIo<S> {
     fn track<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match res {
             Poll::Ready(r) => {
-                self.blocked = false;
+                if self.blocked {
+                    self.blocked = false;
+                    self.write_resumed = Some(Instant::now());
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => {
@@ -303,6 +321,45 @@ mod tests {
         // Bytes that arrive in time are read as usual.
         client.write_all(b"GET").await.unwrap();
         assert_eq!(read_outcome(&mut io).await.unwrap(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_draining_to_a_slow_reader_is_not_cut_off() {
+        // 64-byte pipe: the "response" below can only leave as fast as the client reads.
+        let (server_end, mut client) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let limit = Duration::from_millis(500);
+        let io = ClientIo::new(server_end, Duration::from_secs(60), activity.clone(), limit);
+        let (mut reader, mut writer) = tokio::io::split(io);
+        // hyper has taken the whole body: the request counts as ended.
+        activity.request_started();
+        activity.request_ended(Instant::now());
+        let write = tokio::spawn(async move {
+            writer.write_all(&[7u8; 2048]).await.unwrap();
+            writer
+        });
+        // Meanwhile the connection waits for the next head (a pending read).
+        let read = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            reader.read(&mut buf).await.map(|_| ())
+        });
+        // The client drains 64 bytes every 100 ms: 3.2 s, far past the 500 ms limit.
+        let mut got = 0;
+        let mut buf = [0u8; 64];
+        while got < 2048 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            got += client.read(&mut buf).await.unwrap();
+            assert!(
+                !read.is_finished(),
+                "head deadline fired while the response drained"
+            );
+        }
+        let _writer = write.await.unwrap();
+        // Once drained, the next head has the usual limit.
+        let finished = Instant::now();
+        let err = read.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(Instant::now() - finished <= limit + Duration::from_millis(50));
     }
 
     #[tokio::test(start_paused = true)]

@@ -195,7 +195,6 @@ impl Proxy {
         if req.version() == http::Version::HTTP_2 {
             conn.activity.exempt();
         }
-        conn.activity.request_started();
         let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
         // Created first, so a request dropped mid-way (client gone) is still logged (and its
         // connection's head deadline resumes).

@@ -14,6 +14,7 @@
 //! (below Puma's 20 s keep-alive) is never reused: the app server may be closing it. A request
 //! that finds its pooled connection closed before it was written is retried on another one.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -58,7 +59,8 @@ pub struct Pool {
     connector: Connector,
     /// `scheme://authority/` of the upstream, what the connector dials.
     dial: Uri,
-    idle: Mutex<Vec<Idle>>,
+    /// Oldest at the front; checked out from the back.
+    idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -78,7 +80,7 @@ impl Pool {
         Arc::new(Pool {
             connector,
             dial,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
         })
@@ -109,7 +111,10 @@ impl Pool {
                     // The pooled connection closed before the request was written (the app
                     // server timed it out just now): nothing was sent, try another.
                     Some(unsent) if reused => req = unsent,
-                    _ => return Err(PoolError::Exchange(e.into_error())),
+                    // A fresh connection that closed before the request went out: nothing
+                    // was sent either (a write must not be treated as possibly committed).
+                    Some(_) => return Err(PoolError::Connect(Box::new(e.into_error()))),
+                    None => return Err(PoolError::Exchange(e.into_error())),
                 },
             }
         }
@@ -122,7 +127,7 @@ impl Pool {
         let mut found = None;
         {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            while let Some(entry) = idle.pop() {
+            while let Some(entry) = idle.pop_back() {
                 if entry.sender.is_closed() || entry.since.elapsed() >= self.idle_timeout {
                     continue;
                 }
@@ -141,17 +146,23 @@ impl Pool {
         found
     }
 
-    /// Returns a connection whose exchange ended cleanly.
+    /// Returns a connection whose exchange ended cleanly, and closes connections idle past
+    /// the timeout (LIFO reuse leaves the oldest untouched; an upstream that keeps idle
+    /// connections open longer than Puma would otherwise hold them forever).
     fn checkin(&self, sender: Sender) {
         if sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while idle
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.since) >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
         if idle.len() < self.max_idle {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push_back(Idle { sender, since: now });
         }
     }
 
@@ -336,9 +347,86 @@ mod tests {
         let pool = pool_for(addr, Duration::from_secs(15));
         let resp = pool.send(get(addr), false).await.unwrap();
         drop(resp);
+        assert_eq!(
+            pool.idle_len(),
+            0,
+            "a connection with an unread body is not pooled"
+        );
         let resp = pool.send(get(addr), false).await.unwrap();
         resp.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_bodiless_response_returns_its_connection_unread() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool_for(addr, Duration::from_secs(15));
+        for _ in 0..3 {
+            let mut req = get(addr);
+            *req.method_mut() = http::Method::HEAD;
+            let resp = pool.send(req, false).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            // Never polled: a HEAD (or 204/304) body is empty from the start.
+            drop(resp);
+            assert_eq!(pool.idle_len(), 1);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_closed_at_the_next_checkin() {
+        let (addr, _) = server(false).await;
+        let pool = pool_for(addr, Duration::from_millis(100));
+        // Two connections at once, both pooled.
+        let (a, b) = tokio::join!(pool.send(get(addr), false), pool.send(get(addr), false));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        a.into_body().collect().await.unwrap();
+        b.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_len(), 2);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A new exchange checks in: the two expired ones are let go.
+        pool.send(get(addr), false)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(pool.idle_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_upstream_may_have_seen_is_not_sent_again() {
+        use tokio::io::AsyncReadExt;
+        // Reads one request head and hangs up without answering, every time.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        let pool = pool_for(addr, Duration::from_secs(15));
+        let mut req = get(addr);
+        *req.method_mut() = http::Method::POST;
+        let Err(err) = pool.send(req, false).await else {
+            panic!("an answer from a server that hung up");
+        };
+        assert!(!err.is_connect(), "the request went out: {err}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "sent exactly once");
     }
 
     #[tokio::test]
