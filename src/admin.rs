@@ -176,15 +176,21 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
     };
     let timestamp = header("x-chatwoot-timestamp");
     let signature = header("x-chatwoot-signature");
-    let body = match Limited::new(req.into_body(), WEBHOOK_MAX_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    // A body trickling in must not hold the admin connection forever (the head deadline
+    // is off while a request is in flight).
+    let collect = Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect();
+    let body = match tokio::time::timeout(proxy.config.client_header_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
             return json(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 serde_json::json!({"error": "webhook body too large or unreadable"}),
+            );
+        }
+        Err(_) => {
+            return json(
+                StatusCode::REQUEST_TIMEOUT,
+                serde_json::json!({"error": "webhook body not received in time"}),
             );
         }
     };

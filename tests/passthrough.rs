@@ -707,6 +707,32 @@ async fn slow_header_clients_time_out() {
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
 }
 
+/// A webhook body trickling in is cut off after the client header timeout (408), so it
+/// cannot hold an admin connection while the head deadline is off.
+#[tokio::test]
+async fn a_trickling_webhook_body_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.client_header_timeout = Duration::from_millis(400);
+    cfg.webhook_secret = Some("webhook-secret-value".into());
+    let proxy = start_proxy(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    s.write_all(
+        b"POST /webhooks/chatwoot/accounts/1 HTTP/1.1\r\nHost: x\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"event\"",
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the admin connection must not be held");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(start.elapsed() >= Duration::from_millis(350));
+}
+
 /// SIGTERM-equivalent: readiness drops at once, in-flight requests finish, then exit.
 #[tokio::test]
 async fn graceful_shutdown_drains_in_flight() {
