@@ -194,11 +194,7 @@ fn scale(c: &mut Criterion) {
     let mut group = c.benchmark_group("scale/lookup_render");
     group.throughput(criterion::Throughput::Elements(1));
     for n in [1_000u64, 100_000, 1_000_000] {
-        let store = Store::new(
-            64 << 30,
-            policy.clone(),
-            Arc::new(Metrics::new().unwrap()),
-        );
+        let store = Store::new(64 << 30, policy.clone(), Arc::new(Metrics::new().unwrap()));
         let now = Instant::now();
         for i in 0..n {
             let k = key(i);

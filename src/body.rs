@@ -42,7 +42,9 @@ pub struct ResponseBody {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(UpstreamBody),
+    /// Boxed: every response (hits included) is moved several times on its way to hyper,
+    /// and the streamed variant is three times the size of the in-memory one.
+    Upstream(Box<UpstreamBody>),
 }
 
 impl ResponseBody {
@@ -62,7 +64,7 @@ impl ResponseBody {
 
     pub fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
-            kind: Kind::Upstream(body),
+            kind: Kind::Upstream(Box::new(body)),
             guard: None,
         }
     }
@@ -90,7 +92,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let res = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(u) => Pin::new(u).poll_frame(cx),
+            Kind::Upstream(u) => Pin::new(&mut **u).poll_frame(cx),
         };
         match &res {
             Poll::Ready(None) => this.finish(true),
