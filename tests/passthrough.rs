@@ -391,12 +391,10 @@ async fn truncated_upstream_body_is_an_error_for_the_client() {
     );
 }
 
-/// An HTTP/1.1 upgrade (ActionCable) is tunnelled both ways.
-#[tokio::test]
-async fn websocket_upgrade_round_trip() {
+/// Sends a websocket upgrade request on a new connection; returns it and the response head.
+async fn open_websocket(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (fake, proxy) = setup().await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         b"GET /cable HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -410,7 +408,16 @@ async fn websocket_upgrade_round_trip() {
         assert!(n > 0, "closed before the 101");
         head.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// An HTTP/1.1 upgrade (ActionCable) is tunnelled both ways.
+#[tokio::test]
+async fn websocket_upgrade_round_trip() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (fake, proxy) = setup().await;
+    let (mut s, head) = open_websocket(proxy.addr).await;
+    let head = head.to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"));
     s.write_all(b"ping-frame-bytes").await.unwrap();
@@ -451,21 +458,8 @@ async fn an_upgraded_tunnel_outlives_the_header_timeout() {
     let mut cfg = config(&fake.url());
     cfg.client_header_timeout = Duration::from_millis(300);
     let proxy = start_proxy(cfg).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
-        b"GET /cable HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before the 101");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    let (mut s, head) = open_websocket(proxy.addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     tokio::time::sleep(Duration::from_millis(900)).await;
     s.write_all(b"still-there").await.unwrap();
     let mut echoed = vec![0u8; 11];

@@ -318,6 +318,12 @@ mod tests {
         )
     }
 
+    /// One GET through the pool, its body read to the end.
+    async fn exchange(pool: &Arc<Pool>, addr: std::net::SocketAddr) {
+        let resp = pool.send(get(addr), false).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+
     fn get(addr: std::net::SocketAddr) -> Request<RequestBody> {
         Request::builder()
             .uri("/x")
@@ -386,13 +392,7 @@ mod tests {
         assert_eq!(pool.idle_len(), 2);
         tokio::time::sleep(Duration::from_millis(150)).await;
         // A new exchange checks in: the two expired ones are let go.
-        pool.send(get(addr), false)
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        exchange(&pool, addr).await;
         assert_eq!(pool.idle_len(), 1);
     }
 
@@ -433,21 +433,9 @@ mod tests {
     async fn a_connection_idle_past_the_timeout_is_not_reused() {
         let (addr, accepted) = server(false).await;
         let pool = pool_for(addr, Duration::from_millis(50));
-        pool.send(get(addr), false)
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        exchange(&pool, addr).await;
         tokio::time::sleep(Duration::from_millis(120)).await;
-        pool.send(get(addr), false)
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        exchange(&pool, addr).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
