@@ -8,8 +8,11 @@
 //! - `store/probe_sample`: the storage check on a realistic body (the main CPU a stored miss
 //!   adds to plain forwarding).
 //! - `store/updated_at_compare`: the exact decimal comparison used on revalidation.
+//! - `revalidation/*`: the decisions a request for a stored entry goes through — freshness of a
+//!   fresh, a stale-while-revalidate and an expired entry, a client's `If-None-Match` against
+//!   the entry, and refreshing an entry from an upstream `304` (headers merged into a new block).
 //! - `scale/lookup_render/N`: a store holding N entries (1k, 100k, 1M: one shared ~3 KB body,
-//!   the fake's headers, distinct keys), one hit's store work — lookup of a uniformly random
+//!   six upstream headers, distinct keys), one hit's store work — lookup of a uniformly random
 //!   key, freshness, render — so the cost of a hit can be compared from 1,000 to 1,000,000
 //!   cached entries (CPU caches stop holding the working set along the way). Filling 1M
 //!   entries takes a few seconds and ~2 GB.
@@ -216,6 +219,7 @@ fn scale(c: &mut Criterion) {
                 x ^= x << 17;
                 let now = Instant::now();
                 let entry = store.lookup(&key(x % n), now).expect("stored");
+                black_box(policy.freshness(&entry, now));
                 let status = HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
                 black_box(entry.render(now, XCache::Hit, status, false, false))
             })
@@ -224,5 +228,85 @@ fn scale(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hit_path, key_derivation, storage_rules, scale);
+fn revalidation(c: &mut Criterion) {
+    use chatwoot_cache::cache::CachePolicy;
+    use http::HeaderMap;
+    use http::header::HeaderValue;
+    use tokio::time::Instant;
+
+    let rt = Runtime::new().unwrap();
+    let _enter = rt.enter();
+    let body = sample_body();
+    let mut head = HeaderMap::new();
+    for (k, v) in [
+        ("content-type", "application/json; charset=utf-8"),
+        ("cache-control", "max-age=0, private, must-revalidate"),
+        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
+        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
+    ] {
+        head.insert(k, HeaderValue::from_static(v));
+    }
+    let policy = CachePolicy {
+        ttl: Duration::from_secs(10),
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(5),
+        max_object_bytes: 4 << 20,
+    };
+    let now = Instant::now();
+    let entry = |age: u64| {
+        let probe = rules::probe(&body, 1, 42).unwrap();
+        rules::positive_entry(
+            &head,
+            body.clone(),
+            probe,
+            0,
+            &policy,
+            now - Duration::from_secs(age),
+        )
+    };
+    let mut group = c.benchmark_group("revalidation");
+    for (name, age) in [
+        ("fresh", 1),
+        ("stale_while_revalidate", 15),
+        ("expired", 100),
+    ] {
+        let e = entry(age);
+        group.bench_function(format!("freshness_{name}"), |b| {
+            b.iter(|| black_box(policy.freshness(black_box(&e), now)))
+        });
+    }
+    let fresh = entry(1);
+    let mut conditional = HeaderMap::new();
+    conditional.insert(
+        "if-none-match",
+        fresh.etag().expect("positive entries have an etag").clone(),
+    );
+    group.bench_function("if_none_match", |b| {
+        b.iter(|| black_box(fresh.not_modified_for(black_box(&conditional))))
+    });
+    let mut not_modified = HeaderMap::new();
+    not_modified.insert(
+        "date",
+        HeaderValue::from_static("Tue, 09 Dec 2025 10:00:00 GMT"),
+    );
+    not_modified.insert(
+        "cache-control",
+        HeaderValue::from_static("max-age=0, private"),
+    );
+    let expired = entry(100);
+    group.bench_function("refresh_from_304", |b| {
+        b.iter(|| black_box(rules::refreshed(&expired, Some(&not_modified), 1, now)))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    hit_path,
+    key_derivation,
+    storage_rules,
+    revalidation,
+    scale
+);
 criterion_main!(benches);

@@ -53,6 +53,7 @@ CONNS=${CONNS:-64}
 MANY_TOKENS=${MANY_TOKENS:-1000}
 CONVS=${CONVS:-100}
 CACHE_TTL=${CACHE_TTL:-1h}
+WARM_TIMEOUT=${WARM_TIMEOUT:-600}
 RESULTS_DIR=${BENCH_RESULTS_DIR:-$BENCH_DIR/results}
 
 bench_init
@@ -185,8 +186,9 @@ warm() {
     srv0=$(cpu_ticks $pids)
     org0=$(cpu_ticks "$ORIGIN_PID")
     t0=$(date +%s%N)
-    out=$("$ORIGIN_BIN" walk --base "http://127.0.0.1:$port" --tokens "$tokens" --convs "$CONVS" \
-        --concurrency "$CONNS") || die "warming $name failed: $out"
+    # Bounded: a target that stops answering must not hang the run.
+    out=$(timeout "$WARM_TIMEOUT" "$ORIGIN_BIN" walk --base "http://127.0.0.1:$port" --tokens "$tokens" \
+        --convs "$CONVS" --concurrency "$CONNS") || die "warming $name failed or took over ${WARM_TIMEOUT}s: $out"
     t1=$(date +%s%N)
     # shellcheck disable=SC2086
     srv1=$(cpu_ticks $pids)
@@ -277,6 +279,13 @@ echo
 PLOT_PY=""
 if python3 -c 'import matplotlib' >/dev/null 2>&1; then
     PLOT_PY=python3
+elif [[ -z "${BENCH_SKIP_INSTALL:-}" ]] && [[ -x /usr/bin/python3 ]] &&
+    { /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 ||
+        { DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends \
+            python3-matplotlib >"$WORK/apt-plot.log" 2>&1 &&
+            /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1; }; }; then
+    # Debian's matplotlib, for Debian's python3 (another python3 may come first on PATH).
+    PLOT_PY=/usr/bin/python3
 else
     VENV="${XDG_CACHE_HOME:-$HOME/.cache}/chatwoot-cache-bench/venv"
     if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import matplotlib' >/dev/null 2>&1; then

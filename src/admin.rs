@@ -188,6 +188,10 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
             );
         }
         Err(_) => {
+            tracing::warn!(
+                account,
+                "webhook body not received within the client header timeout"
+            );
             return json(
                 StatusCode::REQUEST_TIMEOUT,
                 serde_json::json!({"error": "webhook body not received in time"}),

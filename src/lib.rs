@@ -3,7 +3,8 @@
 //! The request path, in the order a request meets the modules:
 //!
 //! - [`server`]: accept loops (plain or TLS), HTTP/1.1 + h2, graceful shutdown;
-//!   [`client_io`] puts a write deadline on client sockets.
+//!   [`client_io`] keeps the head (slowloris, idle keep-alive) and write deadlines of client
+//!   connections.
 //! - [`proxy`]: the per-request handler that ties everything together.
 //! - [`routing`]: classifies a request (conversation / protected / other) on its raw path and
 //!   finds what a write invalidates.

@@ -173,8 +173,9 @@ impl PublicConn {
                 watcher.watch(conn.into_owned()).await
             }
             None => {
-                // hyper's header timeout starts after protocol detection; a client that
-                // connects and sends nothing would otherwise hold the socket forever.
+                // Wait for the first byte here (bounded by the head timeout) rather than in hyper's
+                // protocol detection, so a connection that has sent nothing yet is dropped at once
+                // when the drain starts instead of holding it up.
                 let mut probe = [0u8; 1];
                 let first_byte = tokio::time::timeout(header_timeout, stream.peek(&mut probe));
                 tokio::select! {

@@ -80,8 +80,10 @@ ensure_tools() {
 
 # Builds the proxy and the helper example in release mode; sets PROXY_BIN and ORIGIN_BIN.
 build_binaries() {
-    log "cargo build --release --bin chatwoot-cache --example bench_origin"
-    (cd "$ROOT_DIR" && cargo build --release --bin chatwoot-cache --example bench_origin) ||
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found: install a Rust toolchain >= 1.88 (https://rustup.rs; Debian's cargo is too old)"
+    log "cargo build --release --locked --bin chatwoot-cache --example bench_origin"
+    (cd "$ROOT_DIR" && cargo build --release --locked --bin chatwoot-cache --example bench_origin) ||
         die "cargo build failed"
     local target_dir
     target_dir=$(cd "$ROOT_DIR" && cargo metadata --no-deps --format-version 1 2>/dev/null |

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Instructions per request of chatwoot-cache under load, counted by valgrind's callgrind.
+#
+#   bash benches/callgrind.sh [hit|miss|both]     (default: both)
+#
+# Instruction counts do not depend on how busy the machine is, unlike the CPU times of
+# benches/load.sh: this is how the hot paths were profiled and how a change to them is judged
+# (README, Performance). Installs valgrind and wrk if missing, builds release, starts the fake
+# origin (bench_origin) and the proxy under callgrind on 127.0.0.1, warms it with wrk, counts
+# only while a second wrk run of SECONDS (default 5) is going, and prints instructions per
+# request (proxy requests from its own /metrics). Valgrind hides SHA-NI, so the HMAC and the
+# SHA-256 ETag weigh more here than on the real CPU.
+#
+# Environment: SECONDS_MEASURED (5), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1,
+# BENCH_KEEP_WORK=1 (keep the callgrind.out files; inspect with callgrind_annotate).
+set -euo pipefail
+
+# shellcheck source=load/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
+
+MODES=${1:-both}
+SECS=${SECONDS_MEASURED:-5}
+[[ "$MODES" == both ]] && MODES="hit miss"
+
+bench_init
+if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
+    ensure_tools valgrind:valgrind callgrind_control:valgrind wrk:wrk curl:curl python3:python3 setsid:util-linux
+fi
+if [[ -z "${BENCH_SKIP_BUILD:-}" ]]; then
+    build_binaries
+else
+    PROXY_BIN="$ROOT_DIR/target/release/chatwoot-cache"
+    ORIGIN_BIN="$ROOT_DIR/target/release/examples/bench_origin"
+fi
+
+requests_total() {   # requests_total ADMIN_PORT : sum of chatwoot_cache_requests_total
+    curl -s --max-time 5 "http://127.0.0.1:$1/metrics" |
+        awk '/^chatwoot_cache_requests_total/ {s += $2} END {printf "%d\n", s}'
+}
+
+for mode in $MODES; do
+    mapfile -t PORTS < <(pick_ports 3)
+    ORIGIN_PORT=${PORTS[0]} PROXY_PORT=${PORTS[1]} ADMIN_PORT=${PORTS[2]}
+    start_origin "origin-$mode" "$ORIGIN_PORT" --threads 1
+    OUT="$WORK/callgrind.$mode.out"
+    start_bg "proxy-$mode" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
+        --instr-atstart=no "$PROXY_BIN" --upstream "http://127.0.0.1:$ORIGIN_PORT" \
+        --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+        --log-level warn --cache-ttl 1h --cache-max-bytes 1GiB
+    VG_PID=$LAST_PID
+    for _ in $(seq 300); do
+        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$ADMIN_PORT/healthz" && break
+        sleep 0.2
+    done
+    log "$mode: warming (2 s), then counting for ${SECS}s"
+    BENCH_MODE=$mode wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
+    before=$(requests_total "$ADMIN_PORT")
+    callgrind_control -i on "$VG_PID" >/dev/null
+    BENCH_MODE=$mode wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
+        "http://127.0.0.1:$PROXY_PORT" >"$WORK/wrk.$mode.txt"
+    callgrind_control -i off "$VG_PID" >/dev/null
+    # the /metrics scrape after counting stopped is not counted; the one before was
+    after=$(requests_total "$ADMIN_PORT")
+    callgrind_control -d "$VG_PID" >/dev/null
+    sleep 1
+    n=$((after - before - 1))
+    # callgrind_control -d writes "$OUT.1" (the counted part); the exit dump "$OUT" is empty
+    dump="$OUT.1"
+    [[ -s "$dump" ]] || dump="$OUT"
+    # (awk reads to the end: exiting early would SIGPIPE callgrind_annotate under pipefail)
+    total=$(callgrind_annotate "$dump" 2>/dev/null |
+        awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}')
+    [[ -n "$total" && $n -gt 0 ]] || die "no callgrind totals for $mode (see $WORK)"
+    printf '%s: %d requests, %d instructions, %d instructions per request\n' \
+        "$mode" "$n" "$total" $((total / n))
+    kill -TERM -- "-$VG_PID" 2>/dev/null || true
+done
