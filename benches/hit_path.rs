@@ -159,19 +159,9 @@ fn storage_rules(c: &mut Criterion) {
     });
 }
 
-fn scale(c: &mut Criterion) {
-    use chatwoot_cache::auth::Scope;
-    use chatwoot_cache::cache::{CacheKey, CachePolicy, Store};
-    use chatwoot_cache::metrics::{Metrics, XCache};
-    use http::HeaderMap;
-    use http::header::HeaderValue;
-    use std::sync::Arc;
-    use tokio::time::Instant;
-
-    let rt = Runtime::new().unwrap();
-    let _enter = rt.enter();
-    let body = sample_body();
-    let mut head = HeaderMap::new();
+/// The upstream head stored entries are built from: six headers, as Chatwoot sends.
+fn upstream_head() -> http::HeaderMap {
+    let mut head = http::HeaderMap::new();
     for (k, v) in [
         ("content-type", "application/json; charset=utf-8"),
         ("cache-control", "max-age=0, private, must-revalidate"),
@@ -180,15 +170,35 @@ fn scale(c: &mut Criterion) {
         ("x-runtime", "0.041237"),
         ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
     ] {
-        head.insert(k, HeaderValue::from_static(v));
+        head.insert(k, http::HeaderValue::from_static(v));
     }
-    let policy = CachePolicy {
-        ttl: Duration::from_secs(3600),
+    head
+}
+
+/// The default policy with the given TTL.
+fn bench_policy(ttl: Duration) -> chatwoot_cache::cache::CachePolicy {
+    chatwoot_cache::cache::CachePolicy {
+        ttl,
         stale_while_revalidate: Duration::from_secs(30),
         stale_if_error: Duration::from_secs(600),
         negative_ttl: Duration::from_secs(5),
         max_object_bytes: 4 << 20,
-    };
+    }
+}
+
+fn scale(c: &mut Criterion) {
+    use chatwoot_cache::auth::Scope;
+    use chatwoot_cache::cache::{CacheKey, Store};
+    use chatwoot_cache::metrics::{Metrics, XCache};
+    use http::header::HeaderValue;
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    let rt = Runtime::new().unwrap();
+    let _enter = rt.enter();
+    let body = sample_body();
+    let head = upstream_head();
+    let policy = bench_policy(Duration::from_secs(3600));
     let key = |i: u64| CacheKey {
         account: 1 + i % 7,
         conversation: i,
@@ -229,7 +239,6 @@ fn scale(c: &mut Criterion) {
 }
 
 fn revalidation(c: &mut Criterion) {
-    use chatwoot_cache::cache::CachePolicy;
     use http::HeaderMap;
     use http::header::HeaderValue;
     use tokio::time::Instant;
@@ -237,22 +246,8 @@ fn revalidation(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let _enter = rt.enter();
     let body = sample_body();
-    let mut head = HeaderMap::new();
-    for (k, v) in [
-        ("content-type", "application/json; charset=utf-8"),
-        ("cache-control", "max-age=0, private, must-revalidate"),
-        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
-        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
-    ] {
-        head.insert(k, HeaderValue::from_static(v));
-    }
-    let policy = CachePolicy {
-        ttl: Duration::from_secs(10),
-        stale_while_revalidate: Duration::from_secs(30),
-        stale_if_error: Duration::from_secs(600),
-        negative_ttl: Duration::from_secs(5),
-        max_object_bytes: 4 << 20,
-    };
+    let head = upstream_head();
+    let policy = bench_policy(Duration::from_secs(10));
     let now = Instant::now();
     let entry = |age: u64| {
         let probe = rules::probe(&body, 1, 42).unwrap();
