@@ -193,6 +193,24 @@ impl Pool {
         Ok(sender)
     }
 
+    /// Waits (up to 2 s) until every idle connection has finished its last exchange (ready) or
+    /// closed: connection tasks run on their own, and a test must not race them.
+    #[cfg(test)]
+    async fn settle(&self) {
+        for _ in 0..400 {
+            let settled = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .all(|e| e.sender.is_ready() || e.sender.is_closed());
+            if settled {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Idle connections right now (for tests).
     #[cfg(test)]
     fn idle_len(&self) -> usize {
@@ -341,7 +359,7 @@ mod tests {
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body.len(), 1000);
             // Let the connection task finish the exchange.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            pool.settle().await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_len(), 1);
@@ -375,7 +393,7 @@ mod tests {
             // Never polled: a HEAD (or 204/304) body is empty from the start.
             drop(resp);
             assert_eq!(pool.idle_len(), 1);
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            pool.settle().await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -448,7 +466,7 @@ mod tests {
             let resp = pool.send(get(addr), false).await.unwrap();
             assert_eq!(resp.status(), 200);
             resp.into_body().collect().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            pool.settle().await;
         }
         // First connection closed after one exchange; the second serves the rest.
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
