@@ -189,7 +189,7 @@ fn bench_policy(ttl: Duration) -> chatwoot_cache::cache::CachePolicy {
 fn scale(c: &mut Criterion) {
     use chatwoot_cache::auth::Scope;
     use chatwoot_cache::cache::{CacheKey, Store};
-    use chatwoot_cache::metrics::{Metrics, XCache};
+    use chatwoot_cache::metrics::Metrics;
     use http::header::HeaderValue;
     use std::sync::Arc;
     use tokio::time::Instant;
@@ -231,7 +231,7 @@ fn scale(c: &mut Criterion) {
                 let entry = store.lookup(&key(x % n), now).expect("stored");
                 black_box(policy.freshness(&entry, now));
                 let status = HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
-                black_box(entry.render(now, XCache::Hit, status, false, false))
+                black_box(entry.render(now, status, false, false))
             })
         });
     }

@@ -13,7 +13,6 @@ use tokio::time::Instant;
 
 use super::decimal::Decimal;
 use crate::body::ResponseBody;
-use crate::metrics::XCache;
 
 /// A positive (stored 200) or negative (remembered 404 / non-token 401) answer.
 #[derive(Debug)]
@@ -157,11 +156,12 @@ impl Entry {
         false
     }
 
-    /// Renders the entry. `head` drops the body; `not_modified` renders a 304.
+    /// Renders the entry. `head` drops the body; `not_modified` renders a 304. `X-Cache` is
+    /// left to the caller, which stamps it on every answer (`proxy::finish`), into the stored
+    /// block's slot.
     pub fn render(
         &self,
         now: Instant,
-        xcache: XCache,
         cache_status: HeaderValue,
         head: bool,
         not_modified: bool,
@@ -209,7 +209,6 @@ impl Entry {
         // `Content-Length` is not stored: hyper writes it from the body's exact size.
         let h = resp.headers_mut();
         h.insert(header::AGE, small_number(self.age(now).as_secs()));
-        h.insert(X_CACHE.clone(), xcache.header_value());
         h.insert(CACHE_STATUS.clone(), cache_status);
         resp
     }

@@ -719,7 +719,6 @@ mod tests {
             let stored = store.lookup(&key, now).expect("stored");
             let resp = stored.render(
                 now,
-                XCache::Hit,
                 HeaderValue::from_static("chatwoot-cache; hit"),
                 false,
                 false,

@@ -554,7 +554,7 @@ fn render(
 ) -> Answer {
     let not_modified = entry.not_modified_for(req.headers());
     Answer {
-        response: entry.render(now, xcache, cache_status, head, not_modified),
+        response: entry.render(now, cache_status, head, not_modified),
         cache: xcache,
         upstream_status: None,
     }
