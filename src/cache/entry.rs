@@ -197,8 +197,8 @@ impl Entry {
             };
             let mut r = Response::new(body);
             *r.status_mut() = self.status;
-            // The stored block has slots for Age, X-Cache and Cache-Status (see
-            // `rules::RENDER_SLOTS`): the inserts below overwrite them in place.
+            // The stored block has slots for X-Cache, Age and Cache-Status (see
+            // `rules::RENDER_SLOTS`), overwritten below by position.
             *r.headers_mut() = self.headers.clone();
             if let Some(len) = content_length {
                 r.headers_mut().insert(header::CONTENT_LENGTH, len);
@@ -207,10 +207,46 @@ impl Entry {
         };
         // `headers` already holds ETag and Last-Modified (see `rules::positive_entry`).
         // `Content-Length` is not stored: hyper writes it from the body's exact size.
-        let h = resp.headers_mut();
-        h.insert(header::AGE, small_number(self.age(now).as_secs()));
-        h.insert(CACHE_STATUS.clone(), cache_status);
+        let age = small_number(self.age(now).as_secs());
+        set_render_slots(resp.headers_mut(), None, Some(age), Some(cache_status));
         resp
+    }
+}
+
+/// Sets X-Cache, Age and Cache-Status (each when given). A block built by
+/// `rules::OwnedHeaders` starts with a slot for each, in that order (`rules::RENDER_SLOTS`):
+/// those are overwritten by position, without hashing a name. Any other map (a 304, a local
+/// error, a forwarded response) gets ordinary inserts.
+pub fn set_render_slots(
+    headers: &mut HeaderMap,
+    xcache: Option<HeaderValue>,
+    age: Option<HeaderValue>,
+    cache_status: Option<HeaderValue>,
+) {
+    let mut slots = headers.iter_mut();
+    if let (Some((n0, v0)), Some((n1, v1)), Some((n2, v2))) =
+        (slots.next(), slots.next(), slots.next())
+        && *n0 == X_CACHE
+        && *n1 == header::AGE
+        && *n2 == CACHE_STATUS
+    {
+        // (A name in the block holds one value: `OwnedHeaders::build` drops upstream copies
+        // of these three, so the iterator's first three items are the three slots.)
+        for (slot, value) in [(v0, xcache), (v1, age), (v2, cache_status)] {
+            if let Some(value) = value {
+                *slot = value;
+            }
+        }
+        return;
+    }
+    if let Some(v) = xcache {
+        headers.insert(X_CACHE.clone(), v);
+    }
+    if let Some(v) = age {
+        headers.insert(header::AGE, v);
+    }
+    if let Some(v) = cache_status {
+        headers.insert(CACHE_STATUS.clone(), v);
     }
 }
 

@@ -210,13 +210,14 @@ impl OwnedHeaders {
             HeaderValue::from_maybe_shared(buf.slice(range)).ok()
         };
         let mut map = HeaderMap::with_capacity(fields.len() + RENDER_SLOTS.len());
+        // The slots go first: `entry::set_render_slots` finds them by position.
+        for (name, placeholder) in RENDER_SLOTS {
+            map.append(name, placeholder);
+        }
         for (name, v) in fields {
             if let Some(value) = common_value(&v).or_else(|| next(v.len())) {
                 map.append(name, value);
             }
-        }
-        for (name, placeholder) in RENDER_SLOTS {
-            map.append(name, placeholder);
         }
         let map = exact_size_map(map);
         let upstream_etag = upstream_etag.and_then(|v| next(v.len()));
@@ -258,15 +259,17 @@ static COMMON_VALUES: [HeaderValue; 12] = [
 ];
 
 /// Headers every rendered entry carries with a per-request value. The stored block holds a
-/// slot for each (with a placeholder value), so a hit clones the block and overwrites three
-/// values in place: a clone has no spare capacity, and adding three headers to it would
-/// regrow and rehash the map on every hit. `Entry::render` always overwrites all three.
+/// slot for each (with a placeholder value), first and in this order, so a hit clones the block
+/// and overwrites the three values by position (`entry::set_render_slots`): no name is hashed,
+/// and a clone has no spare capacity, so adding three headers would regrow and rehash the map
+/// on every hit. Every answer overwrites X-Cache (`proxy::finish`), a rendered entry also Age
+/// and Cache-Status (`Entry::render`).
 const RENDER_SLOTS: [(HeaderName, HeaderValue); 3] = [
-    (header::AGE, HeaderValue::from_static("0")),
     (
         HeaderName::from_static("x-cache"),
         HeaderValue::from_static("HIT"),
     ),
+    (header::AGE, HeaderValue::from_static("0")),
     (
         HeaderName::from_static("cache-status"),
         HeaderValue::from_static("chatwoot-cache; hit"),
@@ -606,6 +609,59 @@ mod tests {
         ("vary", "Origin"),
         ("vary", "Accept-Encoding"),
     ];
+
+    /// X-Cache, Age and Cache-Status are written into the stored block's slots by position:
+    /// one value each, the per-request one, also after a 304 rebuilt the block and even when
+    /// the upstream sent its own copies of those headers.
+    #[test]
+    fn render_fills_the_slots_once() {
+        let policy = test_policy();
+        let now = Instant::now();
+        let mut fields = HEAD.to_vec();
+        fields.extend([
+            ("age", "99"),
+            ("x-cache", "MISS"),
+            ("cache-status", "other"),
+        ]);
+        let (head, _buf) = parsed_head(&fields);
+        let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
+        let p = probe(&body, 1, 42).unwrap();
+        let e = positive_entry(&head, body, p, 0, &policy, now);
+        let refreshed_entry = refreshed(&e, Some(&HeaderMap::new()), 1, now);
+        for entry in [&e, &refreshed_entry] {
+            let later = now + std::time::Duration::from_secs(7);
+            let mut resp = entry.render(later, HeaderValue::from_static("cs"), false, false);
+            super::super::entry::set_render_slots(
+                resp.headers_mut(),
+                Some(HeaderValue::from_static("STALE")),
+                None,
+                None,
+            );
+            let h = resp.headers();
+            for (name, want) in [("x-cache", "STALE"), ("age", "7"), ("cache-status", "cs")] {
+                let got: Vec<_> = h.get_all(name).iter().collect();
+                assert_eq!(got, [want], "{name}");
+            }
+            assert_eq!(h["x-custom-thing"], "kept");
+            // The slots lead the block, which is what lets them be found by position.
+            let first: Vec<_> = h.keys().take(3).map(HeaderName::as_str).collect();
+            assert_eq!(first, ["x-cache", "age", "cache-status"]);
+        }
+        // A map without slots (a 304, a local answer) gets plain inserts, replacing any value.
+        let mut plain = HeaderMap::new();
+        plain.insert("age", HeaderValue::from_static("99"));
+        plain.insert("content-type", HeaderValue::from_static("text/plain"));
+        super::super::entry::set_render_slots(
+            &mut plain,
+            Some(HeaderValue::from_static("HIT")),
+            Some(HeaderValue::from_static("1")),
+            None,
+        );
+        assert_eq!(plain.get_all("age").iter().collect::<Vec<_>>(), ["1"]);
+        assert_eq!(plain["x-cache"], "HIT");
+        assert!(!plain.contains_key("cache-status"));
+        assert_eq!(plain.len(), 3);
+    }
 
     #[test]
     fn entries_own_their_header_values() {

@@ -27,7 +27,7 @@ use crate::routing::{self, Route};
 use crate::tls::TlsError;
 use crate::upstream::{ClientInfo, Upstream};
 
-pub use crate::cache::entry::{CACHE_STATUS, X_CACHE};
+pub use crate::cache::entry::{CACHE_STATUS, X_CACHE, set_render_slots};
 
 /// A start-up failure building the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +117,12 @@ fn finish(answer: Answer, mut guard: AccessGuard) -> Response<ResponseBody> {
         cache,
         upstream_status,
     } = answer;
-    response
-        .headers_mut()
-        .insert(X_CACHE.clone(), cache.header_value());
+    set_render_slots(
+        response.headers_mut(),
+        Some(cache.header_value()),
+        None,
+        None,
+    );
     guard.answered(response.status().as_u16(), cache, upstream_status);
     response.body_mut().set_guard(guard);
     response
