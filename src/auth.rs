@@ -37,7 +37,7 @@ impl TokenHeader {
 
     /// Whether a header name is this header as Rack sees it.
     pub fn matches(&self, candidate: &HeaderName) -> bool {
-        same_rack_name(candidate.as_str().as_bytes(), &self.normalized)
+        same_rack_header(candidate.as_str().as_bytes(), &self.normalized)
     }
 }
 
@@ -64,6 +64,17 @@ fn same_rack_name(candidate: &[u8], target: &[u8]) -> bool {
             };
             c == t
         })
+}
+
+/// [`same_rack_name`] for a header name, which the `http` crate keeps lowercase: a plain
+/// comparison for the usual spelling, `-` for `_` otherwise (on every request, for every header).
+fn same_rack_header(name: &[u8], target: &[u8]) -> bool {
+    name.len() == target.len()
+        && (name == target
+            || name
+                .iter()
+                .zip(target)
+                .all(|(&c, &t)| c == t || (c == b'-' && t == b'_')))
 }
 
 /// What a request presents as credentials.
@@ -99,7 +110,7 @@ pub fn inspect<'a>(
             return Credentials::Alternate;
         }
         for (i, d) in DEVISE.iter().enumerate() {
-            if same_rack_name(n, d) {
+            if same_rack_header(n, d) {
                 devise[i] = true;
             }
         }
@@ -130,7 +141,11 @@ pub fn inspect<'a>(
 const DEVISE: [&[u8]; 3] = [b"access_token", b"client", b"uid"];
 
 fn is_well_formed(token: &[u8]) -> bool {
-    token.len() <= MAX_TOKEN_LEN && token.iter().all(|&b| (0x21..=0x7e).contains(&b))
+    // Without an early exit, so the check vectorises.
+    token.len() <= MAX_TOKEN_LEN
+        && token
+            .iter()
+            .fold(true, |ok, &b| ok & (0x21..=0x7e).contains(&b))
 }
 
 /// A token's cache scope: 128 bits of a keyed hash. Never reversible to the token.
@@ -331,10 +346,19 @@ mod tests {
             inspect(&headers(&[("api_access_token", &ok)]), None, &th()),
             Credentials::Token(_)
         ));
-        assert_eq!(
-            inspect(&headers(&[("api_access_token", "a b")]), None, &th()),
-            Credentials::Malformed
-        );
+        for bad in ["a b", "a\tb", " a", "a\u{80}"] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "api_access_token",
+                HeaderValue::from_bytes(bad.as_bytes()).unwrap(),
+            );
+            assert_eq!(inspect(&h, None, &th()), Credentials::Malformed, "{bad:?}");
+        }
+        // The printable range's ends are accepted.
+        assert!(matches!(
+            inspect(&headers(&[("api_access_token", "!~!~")]), None, &th()),
+            Credentials::Token(_)
+        ));
         let mut h = HeaderMap::new();
         h.insert(
             "api_access_token",
