@@ -117,6 +117,7 @@ fn finish(answer: Answer, mut guard: AccessGuard) -> Response<ResponseBody> {
         cache,
         upstream_status,
     } = answer;
+    // By position into a rendered entry's slot, by insert into anything else.
     set_render_slots(
         response.headers_mut(),
         Some(cache.header_value()),
