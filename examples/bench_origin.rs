@@ -13,7 +13,9 @@
 //!   like `tests/support/conversation-sample.json` (more messages, so it is ~8 KB), with `id` /
 //!   `account_id` from the path, a float `updated_at`, Chatwoot's
 //!   `Cache-Control: max-age=0, private, must-revalidate` and a Rails-style weak ETag
-//!   (`W/"<32 hex of SHA-256 of the body>"`, as Rack::ETag makes it); a matching
+//!   (`W/"<32 hex of SHA-256 of the body>"`, as Rack::ETag makes it), plus the headers Rails
+//!   sends on every response (`RAILS_DEFAULT_HEADERS`, a per-response `X-Request-Id` and
+//!   `X-Runtime`: 11 headers in all, as a cache stores them); a matching
 //!   `If-None-Match` gets `304`. `GET .../conversations/{c}/messages` answers the same bytes (a
 //!   forwarded, never cached route for the pass-through workload). Both need the
 //!   `api_access_token` header (else Chatwoot's devise `401`). Rendered bodies are memoised per
@@ -21,8 +23,9 @@
 //!   (the `/__count` requests themselves are not counted); `--delay-ms` delays every counted
 //!   answer (to make concurrent requests overlap). `connections` counts accepted connections
 //!   (the `/__count` connections included).
-//! - `floor`: the same server stack answering every request with one prebuilt conversation body
-//!   from memory, no parsing, no checks: the floor a caching proxy's hit path is compared with.
+//! - `floor`: the same server stack answering every request with one prebuilt conversation
+//!   response (the origin's body and header set) from memory, no parsing, no checks: the floor
+//!   a caching proxy's hit path is compared with.
 //! - `burst`: opens N keep-alive connections, waits until all are connected, then sends one GET
 //!   on each at the same moment and waits for every answer. Prints one JSON line with status and
 //!   `X-Cache` counts. Exit code 0 only if every request got a `200`.
@@ -39,7 +42,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -229,22 +232,63 @@ where
     }
 }
 
-fn conversation_response(body: Bytes, etag: HeaderValue) -> Response<Full<Bytes>> {
+/// The headers a Chatwoot (Rails 7) conversation response carries besides the body's own
+/// (`../shared/chatwoot/API-FACTS.md`): the framework's default security headers, constant,
+/// and `X-Request-Id` / `X-Runtime`, which change on every request. A cache stores and replays
+/// all of them, so they are part of what a hit costs.
+const RAILS_DEFAULT_HEADERS: [(&str, &str); 6] = [
+    ("x-frame-options", "SAMEORIGIN"),
+    ("x-xss-protection", "0"),
+    ("x-content-type-options", "nosniff"),
+    ("x-download-options", "noopen"),
+    ("x-permitted-cross-domain-policies", "none"),
+    ("referrer-policy", "strict-origin-when-cross-origin"),
+];
+
+/// Per-response `X-Request-Id` (a UUID-shaped counter) and `X-Runtime` (seconds, 6 decimals).
+fn request_id_and_runtime(n: u64) -> (HeaderValue, HeaderValue) {
+    let id = format!("6f1c2a7e-3b0d-4e5f-9a8b-{n:012x}");
+    let runtime = format!("0.{:06}", 4_000 + n % 20_000);
+    (
+        HeaderValue::from_str(&id).unwrap(),
+        HeaderValue::from_str(&runtime).unwrap(),
+    )
+}
+
+fn conversation_response(
+    body: Bytes,
+    etag: HeaderValue,
+    (request_id, runtime): (HeaderValue, HeaderValue),
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body));
     let h = r.headers_mut();
+    for (name, value) in RAILS_DEFAULT_HEADERS {
+        h.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    h.insert(header::ETAG, etag);
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(CACHE_CONTROL),
     );
-    h.insert(header::ETAG, etag);
+    h.insert(HeaderName::from_static("x-request-id"), request_id);
+    h.insert(HeaderName::from_static("x-runtime"), runtime);
     r
 }
 
 async fn serve_floor(listener: TcpListener, template: Template) -> i32 {
+    // The response as a cache replays it: the same header set, the values of one fetch.
     let (body, etag) = template.render(1, 1);
+    let (request_id, runtime) = request_id_and_runtime(1);
     serve_loop(listener, move |_req| {
-        let r = conversation_response(body.clone(), etag.clone());
+        let r = conversation_response(
+            body.clone(),
+            etag.clone(),
+            (request_id.clone(), runtime.clone()),
+        );
         async move { r }
     })
     .await
@@ -345,7 +389,8 @@ impl Origin {
             r.headers_mut().insert(header::ETAG, etag);
             return r;
         }
-        conversation_response(body, etag)
+        let n = self.counters.total.load(Ordering::Relaxed);
+        conversation_response(body, etag, request_id_and_runtime(n))
     }
 }
 
