@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Instructions per request of chatwoot-cache under load, counted by valgrind's callgrind.
 #
-#   bash benches/callgrind.sh [hit|miss|both]     (default: both)
+#   bash benches/callgrind.sh [hit|miss|floor|both|all]     (default: both = hit miss;
+#                                                           all = hit miss floor)
 #
 # Instruction counts do not depend on how busy the machine is, unlike the CPU times of
 # benches/load.sh: this is how the hot paths were profiled and how a change to them is judged
 # (README, Performance). Installs valgrind and wrk if missing, builds release, starts the fake
 # origin (bench_origin) and the proxy under callgrind on 127.0.0.1, warms it with wrk, counts
 # only while a second wrk run of SECONDS (default 5) is going, and prints instructions per
-# request (proxy requests from its own /metrics). Valgrind hides SHA-NI, so the HMAC and the
+# request (proxy requests from its own /metrics; for `floor`, the bare hyper floor of
+# benches/load.sh under the hit workload, requests as wrk counted them). Valgrind hides SHA-NI, so the HMAC and the
 # SHA-256 ETag weigh more here than on the real CPU.
 #
 # Environment: SECONDS_MEASURED (5), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1,
@@ -21,6 +23,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
 MODES=${1:-both}
 SECS=${SECONDS_MEASURED:-5}
 [[ "$MODES" == both ]] && MODES="hit miss"
+[[ "$MODES" == all ]] && MODES="hit miss floor"
 
 bench_init
 if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
@@ -43,27 +46,40 @@ for mode in $MODES; do
     ORIGIN_PORT=${PORTS[0]} PROXY_PORT=${PORTS[1]} ADMIN_PORT=${PORTS[2]}
     start_origin "origin-$mode" "$ORIGIN_PORT" --threads 1
     OUT="$WORK/callgrind.$mode.out"
-    start_bg "proxy-$mode" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
-        --instr-atstart=no "$PROXY_BIN" --upstream "http://127.0.0.1:$ORIGIN_PORT" \
-        --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
-        --log-level warn --cache-ttl 1h --cache-max-bytes 1GiB
+    wrk_mode=$mode
+    if [[ $mode == floor ]]; then
+        wrk_mode=hit
+        start_bg "floor" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
+            --instr-atstart=no "$ORIGIN_BIN" floor --listen "127.0.0.1:$PROXY_PORT"
+        ready_url="http://127.0.0.1:$PROXY_PORT/"
+    else
+        start_bg "proxy-$mode" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
+            --instr-atstart=no "$PROXY_BIN" --upstream "http://127.0.0.1:$ORIGIN_PORT" \
+            --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+            --log-level warn --cache-ttl 1h --cache-max-bytes 1GiB
+        ready_url="http://127.0.0.1:$ADMIN_PORT/healthz"
+    fi
     VG_PID=$LAST_PID
     for _ in $(seq 300); do
-        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$ADMIN_PORT/healthz" && break
+        curl -s -o /dev/null --max-time 1 "$ready_url" && break
         sleep 0.2
     done
     log "$mode: warming (2 s), then counting for ${SECS}s"
-    BENCH_MODE=$mode wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
-    before=$(requests_total "$ADMIN_PORT")
+    BENCH_MODE=$wrk_mode wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
+    [[ $mode == floor ]] || before=$(requests_total "$ADMIN_PORT")
     callgrind_control -i on "$VG_PID" >/dev/null
-    BENCH_MODE=$mode wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
+    BENCH_MODE=$wrk_mode wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
         "http://127.0.0.1:$PROXY_PORT" >"$WORK/wrk.$mode.txt"
     callgrind_control -i off "$VG_PID" >/dev/null
-    # the /metrics scrape after counting stopped is not counted; the one before was
-    after=$(requests_total "$ADMIN_PORT")
+    if [[ $mode == floor ]]; then
+        n=$(grep -o '"requests":[0-9]*' "$WORK/wrk.$mode.txt" | cut -d: -f2)
+    else
+        # the /metrics scrape after counting stopped is not counted; the one before was
+        after=$(requests_total "$ADMIN_PORT")
+        n=$((after - before - 1))
+    fi
     callgrind_control -d "$VG_PID" >/dev/null
     sleep 1
-    n=$((after - before - 1))
     # callgrind_control -d writes "$OUT.1" (the counted part); the exit dump "$OUT" is empty
     dump="$OUT.1"
     [[ -s "$dump" ]] || dump="$OUT"

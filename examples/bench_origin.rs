@@ -280,15 +280,15 @@ fn conversation_response(
 }
 
 async fn serve_floor(listener: TcpListener, template: Template) -> i32 {
-    // The response as a cache replays it: the same header set, the values of one fetch.
+    // The response as a cache replays it: the same header set, the values of one fetch, built
+    // once; a request clones the header map and shares the body.
     let (body, etag) = template.render(1, 1);
-    let (request_id, runtime) = request_id_and_runtime(1);
+    let headers = conversation_response(body.clone(), etag, request_id_and_runtime(1))
+        .headers()
+        .clone();
     serve_loop(listener, move |_req| {
-        let r = conversation_response(
-            body.clone(),
-            etag.clone(),
-            (request_id.clone(), runtime.clone()),
-        );
+        let mut r = Response::new(Full::new(body.clone()));
+        *r.headers_mut() = headers.clone();
         async move { r }
     })
     .await
