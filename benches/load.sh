@@ -58,6 +58,9 @@ RESULTS_DIR=${BENCH_RESULTS_DIR:-$BENCH_DIR/results}
 
 bench_init
 LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# The tree as it was when the run started ("-dirty": uncommitted changes then; this run's own
+# results files are written later and do not count).
+GIT_AT_START=$(cd "$ROOT_DIR" && git describe --always --dirty 2>/dev/null || echo unknown)
 
 if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
     ensure_tools wrk:wrk nginx:nginx-light varnishd:varnish curl:curl python3:python3 setsid:util-linux
@@ -253,7 +256,7 @@ M_NPROC=$NCPU \
 M_CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown) \
 M_KERNEL=$(uname -srm) \
 M_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ) \
-M_GIT=$(cd "$ROOT_DIR" && git describe --always --dirty 2>/dev/null || echo unknown) \
+M_GIT=$GIT_AT_START \
 M_WRK="wrk -t$THREADS -c$CONNS -d$DURATION --latency --timeout 5s -s benches/load/wrk.lua" \
 M_ROUNDS=$ROUNDS \
 M_NGINX=$(nginx -v 2>&1 | sed 's/.*: //') \
