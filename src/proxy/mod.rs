@@ -187,7 +187,8 @@ impl Proxy {
     ///
     /// Everything the proxy can answer without the upstream (token refusals, cache hits,
     /// stale-while-revalidate) is decided synchronously by [`Proxy::decide`] and comes back as
-    /// a ready [`Handled`]: no future is built, moved or boxed and no `Arc` is cloned for a hit.
+    /// a ready [`Handled`]: no future is built, moved or boxed and the proxy's `Arc` is not
+    /// cloned for a hit.
     /// Only requests that need the upstream get a (boxed) future.
     pub fn handle(
         self: &Arc<Self>,
