@@ -37,7 +37,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
-const SAMPLE: &str = include_str!("../tests/support/conversation-sample.json");
+mod common;
+
+use common::{bench_policy, filled_store, sample_body, stored_key, upstream_head};
 
 /// A minimal Chatwoot stand-in: answers every request with the sample conversation.
 async fn start_origin(body: Bytes) -> SocketAddr {
@@ -97,12 +99,6 @@ async fn roundtrip(send: &mut SendRequest<Empty<Bytes>>, uri: &str, token: Optio
     resp.into_body().collect().await.unwrap().to_bytes().len()
 }
 
-fn sample_body() -> Bytes {
-    let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
-    v["id"] = 42.into();
-    Bytes::from(v.to_string())
-}
-
 fn hit_path(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let body = sample_body();
@@ -159,67 +155,17 @@ fn storage_rules(c: &mut Criterion) {
     });
 }
 
-/// The upstream head stored entries are built from: six headers, as Chatwoot sends.
-fn upstream_head() -> http::HeaderMap {
-    let mut head = http::HeaderMap::new();
-    for (k, v) in [
-        ("content-type", "application/json; charset=utf-8"),
-        ("cache-control", "max-age=0, private, must-revalidate"),
-        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
-        ("x-request-id", "5c1b2a7e-3f0e-4f7d-9a6e-0b9f1d2c3e4f"),
-        ("x-runtime", "0.041237"),
-        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
-    ] {
-        head.insert(k, http::HeaderValue::from_static(v));
-    }
-    head
-}
-
-/// The default policy with the given TTL.
-fn bench_policy(ttl: Duration) -> chatwoot_cache::cache::CachePolicy {
-    chatwoot_cache::cache::CachePolicy {
-        ttl,
-        stale_while_revalidate: Duration::from_secs(30),
-        stale_if_error: Duration::from_secs(600),
-        negative_ttl: Duration::from_secs(5),
-        max_object_bytes: 4 << 20,
-    }
-}
-
 fn scale(c: &mut Criterion) {
-    use chatwoot_cache::auth::Scope;
-    use chatwoot_cache::cache::{CacheKey, Store};
-    use chatwoot_cache::metrics::Metrics;
     use http::header::HeaderValue;
-    use std::sync::Arc;
     use tokio::time::Instant;
 
     let rt = Runtime::new().unwrap();
     let _enter = rt.enter();
-    let body = sample_body();
-    let head = upstream_head();
     let policy = bench_policy(Duration::from_secs(3600));
-    let key = |i: u64| CacheKey {
-        account: 1 + i % 7,
-        conversation: i,
-        scope: Scope(u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)),
-    };
     let mut group = c.benchmark_group("scale/lookup_render");
     group.throughput(criterion::Throughput::Elements(1));
     for n in [1_000u64, 100_000, 1_000_000] {
-        let store = Store::new(64 << 30, policy.clone(), Arc::new(Metrics::new().unwrap()));
-        let now = Instant::now();
-        for i in 0..n {
-            let k = key(i);
-            // Each entry its own header block (as stored from a real response); the body
-            // `Bytes` is shared, which keeps 1M entries within a couple of GB.
-            let probe = rules::probe(&body, 1, 42).unwrap();
-            let entry =
-                rules::positive_entry(&head, body.clone(), probe, store.stamp(&k), &policy, now);
-            store.insert(k, Arc::new(entry));
-        }
-        // (usage() also settles moka's pending bookkeeping before the measurement)
-        assert_eq!(store.usage().0, n, "every entry stored");
+        let store = filled_store(n, &policy);
         let mut x = 0x2545_f491_4f6c_dd1du64;
         group.bench_function(criterion::BenchmarkId::from_parameter(n), |b| {
             b.iter(|| {
@@ -228,7 +174,7 @@ fn scale(c: &mut Criterion) {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let now = Instant::now();
-                let entry = store.lookup(&key(x % n), now).expect("stored");
+                let entry = store.lookup(&stored_key(x % n), now).expect("stored");
                 black_box(policy.freshness(&entry, now));
                 let status = HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
                 black_box(entry.render(now, status, false, false))
