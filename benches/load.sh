@@ -38,6 +38,7 @@
 # script does not use them (`systemctl disable --now nginx varnish` if unwanted).
 #
 # Environment: DURATION (4s), ROUNDS (3), THREADS (2), CONNS (64), MANY_TOKENS (1000), CONVS (100), CACHE_TTL,
+# INSTALL_TIMEOUT (900 s per apt-get/pip call), BUILD_TIMEOUT (3600 s),
 # BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1, BENCH_KEEP_WORK=1 (keep logs/configs),
 # BENCH_RESULTS_DIR (default benches/results: where latest.{md,png,jsonl} are written).
 # The coalescing check ("2,000 concurrent requests for one cold key") is benches/coalesce.sh.
@@ -284,8 +285,8 @@ if python3 -c 'import matplotlib' >/dev/null 2>&1; then
     PLOT_PY=python3
 elif [[ -z "${BENCH_SKIP_INSTALL:-}" ]] && [[ -x /usr/bin/python3 ]] &&
     { /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 ||
-        { DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends \
-            python3-matplotlib >"$WORK/apt-plot.log" 2>&1 &&
+        { DEBIAN_FRONTEND=noninteractive as_root timeout "$INSTALL_TIMEOUT" apt-get install -y \
+            --no-install-recommends python3-matplotlib >"$WORK/apt-plot.log" 2>&1 &&
             /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1; }; }; then
     # Debian's matplotlib, for Debian's python3 (another python3 may come first on PATH).
     PLOT_PY=/usr/bin/python3
@@ -296,11 +297,12 @@ else
         if ! python3 -m venv "$VENV" >"$WORK/pip.log" 2>&1; then
             # Debian ships venv/ensurepip separately
             rm -rf "$VENV"
-            as_root apt-get install -y --no-install-recommends python3-venv >>"$WORK/pip.log" 2>&1 || true
+            as_root timeout "$INSTALL_TIMEOUT" apt-get install -y --no-install-recommends python3-venv \
+                >>"$WORK/pip.log" 2>&1 || true
             python3 -m venv "$VENV" >>"$WORK/pip.log" 2>&1 || true
         fi
         if [[ -x "$VENV/bin/pip" ]]; then
-            "$VENV/bin/pip" install -q matplotlib >>"$WORK/pip.log" 2>&1 || true
+            timeout "$INSTALL_TIMEOUT" "$VENV/bin/pip" install -q matplotlib >>"$WORK/pip.log" 2>&1 || true
         fi
     fi
     "$VENV/bin/python" -c 'import matplotlib' >/dev/null 2>&1 && PLOT_PY="$VENV/bin/python"

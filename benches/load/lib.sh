@@ -10,6 +10,10 @@ BENCH_PIDS=()          # process-group leaders we started (setsid)
 NGINX_PREFIX=""        # set when nginx was started
 WORK=""
 
+# Upper bounds on the steps that do not measure anything, so a script never hangs on them.
+INSTALL_TIMEOUT=${INSTALL_TIMEOUT:-900}   # each apt-get / pip call, seconds
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-3600}      # the release build (a first build on 2 cores: ~10 min)
+
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
@@ -68,9 +72,11 @@ ensure_tools() {
     [[ ${#missing[@]} -eq 0 ]] && return 0
     log "installing ${missing[*]} (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
-    if ! as_root apt-get install -y --no-install-recommends "${missing[@]}" >"$WORK/apt.log" 2>&1; then
-        as_root apt-get update >>"$WORK/apt.log" 2>&1 || true
-        as_root apt-get install -y --no-install-recommends "${missing[@]}" >>"$WORK/apt.log" 2>&1 ||
+    if ! as_root timeout "$INSTALL_TIMEOUT" apt-get install -y --no-install-recommends "${missing[@]}" \
+        >"$WORK/apt.log" 2>&1; then
+        as_root timeout "$INSTALL_TIMEOUT" apt-get update >>"$WORK/apt.log" 2>&1 || true
+        as_root timeout "$INSTALL_TIMEOUT" apt-get install -y --no-install-recommends "${missing[@]}" \
+            >>"$WORK/apt.log" 2>&1 ||
             die "apt-get install ${missing[*]} failed; see $WORK/apt.log"
     fi
     for pair in "$@"; do
@@ -83,8 +89,8 @@ build_binaries() {
     command -v cargo >/dev/null 2>&1 ||
         die "cargo not found: install a Rust toolchain >= 1.88 (https://rustup.rs; Debian's cargo is too old)"
     log "cargo build --release --locked --bin chatwoot-cache --example bench_origin"
-    (cd "$ROOT_DIR" && cargo build --release --locked --bin chatwoot-cache --example bench_origin) ||
-        die "cargo build failed"
+    (cd "$ROOT_DIR" && timeout "$BUILD_TIMEOUT" cargo build --release --locked --bin chatwoot-cache \
+        --example bench_origin) || die "cargo build failed (or took over BUILD_TIMEOUT=${BUILD_TIMEOUT}s)"
     local target_dir
     target_dir=$(cd "$ROOT_DIR" && cargo metadata --no-deps --format-version 1 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
