@@ -39,7 +39,7 @@ use tokio::runtime::Runtime;
 
 mod common;
 
-use common::{bench_policy, filled_store, sample_body, stored_key, upstream_head};
+use common::{bench_policy, filled_store, next_index, sample_body, store_hit, upstream_head};
 
 /// A minimal Chatwoot stand-in: answers every request with the sample conversation.
 async fn start_origin(body: Bytes) -> SocketAddr {
@@ -156,9 +156,6 @@ fn storage_rules(c: &mut Criterion) {
 }
 
 fn scale(c: &mut Criterion) {
-    use http::header::HeaderValue;
-    use tokio::time::Instant;
-
     let rt = Runtime::new().unwrap();
     let _enter = rt.enter();
     let policy = bench_policy(Duration::from_secs(3600));
@@ -168,17 +165,7 @@ fn scale(c: &mut Criterion) {
         let store = filled_store(n, &policy);
         let mut x = 0x2545_f491_4f6c_dd1du64;
         group.bench_function(criterion::BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| {
-                // xorshift: a uniformly random stored key per iteration
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let now = Instant::now();
-                let entry = store.lookup(&stored_key(x % n), now).expect("stored");
-                black_box(policy.freshness(&entry, now));
-                let status = HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
-                black_box(entry.render(now, status, false, false))
-            })
+            b.iter(|| black_box(store_hit(&store, &policy, next_index(&mut x, n))))
         });
     }
     group.finish();

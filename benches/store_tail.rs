@@ -16,8 +16,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bench_policy, filled_store, stored_key};
-use http::HeaderValue;
+use common::{bench_policy, filled_store, next_index, store_hit};
 
 /// Power-of-two latency buckets: bucket `b` counts calls taking [2^(b-1), 2^b) ns.
 struct Histogram {
@@ -94,15 +93,8 @@ fn main() {
                     let end = Instant::now() + Duration::from_secs(secs);
                     while Instant::now() < end {
                         for _ in 0..1000 {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
                             let started = Instant::now();
-                            let now = tokio::time::Instant::now();
-                            let entry = store.lookup(&stored_key(x % n), now).expect("stored");
-                            black_box(policy.freshness(&entry, now));
-                            let status = HeaderValue::from_static("chatwoot-cache; hit");
-                            black_box(entry.render(now, status, false, false));
+                            black_box(store_hit(&store, &policy, next_index(&mut x, n)));
                             hist.record(started.elapsed().as_nanos() as u64);
                         }
                     }

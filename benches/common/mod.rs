@@ -1,8 +1,6 @@
 //! Setup shared by the benches: the sample body, the upstream head stored entries are built
 //! from, the policy, and the keys of a filled store.
 
-#![allow(dead_code)] // each bench target uses its own subset
-
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -74,4 +72,22 @@ pub fn filled_store(n: u64, policy: &CachePolicy) -> Store {
     // (usage() also settles moka's pending bookkeeping)
     assert_eq!(store.usage().0, n, "every entry stored");
     store
+}
+
+/// The next key index of a uniform random walk over `0..n` (xorshift64: no allocation, no
+/// shared state, cheap next to what is measured).
+pub fn next_index(x: &mut u64, n: u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x % n
+}
+
+/// One hit's store work for key `i` of a [`filled_store`]: lookup, freshness, render.
+pub fn store_hit(store: &Store, policy: &CachePolicy, i: u64) -> http::Response<impl Sized> {
+    let now = tokio::time::Instant::now();
+    let entry = store.lookup(&stored_key(i), now).expect("stored");
+    std::hint::black_box(policy.freshness(&entry, now));
+    let status = http::HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
+    entry.render(now, status, false, false)
 }

@@ -27,7 +27,7 @@ use crate::routing::{self, Route};
 use crate::tls::TlsError;
 use crate::upstream::{ClientInfo, Upstream};
 
-pub use crate::cache::entry::{CACHE_STATUS, X_CACHE, set_render_slots};
+use crate::cache::entry::{CACHE_STATUS, set_render_slots};
 
 /// A start-up failure building the proxy.
 #[derive(Debug, thiserror::Error)]
