@@ -80,9 +80,10 @@ fn same_rack_header(name: &[u8], target: &[u8]) -> bool {
 /// What a request presents as credentials.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Credentials<'a> {
-    /// Exactly one well-formed token header.
+    /// Exactly one well-formed token header (alone, or with `Authorization: Bearer <it>`).
     Token(&'a HeaderValue),
-    /// devise_token_auth or `Authorization`: forwarded untouched, never cached.
+    /// devise_token_auth or `Authorization`, alone or mixed with a token: forwarded untouched,
+    /// never cached.
     Alternate,
     /// No token header, or an empty one.
     Missing,
@@ -91,6 +92,12 @@ pub enum Credentials<'a> {
 }
 
 /// Inspects the headers (and query, where devise also reads its credentials).
+///
+/// Chatwoot authenticates by the token alone only when devise_token_auth finds no user: no
+/// devise credential and no `Authorization` it could decode. `Authorization: Bearer <the same
+/// token>` is what `@figuro/chatwoot-sdk` sends with every call; devise cannot read a user
+/// from it, so it is the one companion a cached token request may have (SPEC §4). Anything
+/// else beside a token mixes two identities and is passed through.
 pub fn inspect<'a>(
     headers: &'a HeaderMap,
     query: Option<&str>,
@@ -98,6 +105,8 @@ pub fn inspect<'a>(
 ) -> Credentials<'a> {
     let mut token: Option<&HeaderValue> = None;
     let mut token_count = 0usize;
+    let mut authorization: Option<&HeaderValue> = None;
+    let mut authorization_count = 0usize;
     let mut devise = [false; 3];
     for (name, value) in headers.iter() {
         if th.matches(name) {
@@ -107,7 +116,9 @@ pub fn inspect<'a>(
         }
         let n = name.as_str().as_bytes();
         if n == b"authorization" {
-            return Credentials::Alternate;
+            authorization_count += 1;
+            authorization = Some(value);
+            continue;
         }
         for (i, d) in DEVISE.iter().enumerate() {
             if same_rack_header(n, d) {
@@ -126,19 +137,46 @@ pub fn inspect<'a>(
             }
         }
     }
-    if devise.iter().all(|&d| d) {
+    // Chatwoot's `authenticate_by_access_token?` is `present?`: an empty token header is no
+    // token, and the request is devise's to authenticate.
+    let value = match token {
+        Some(v) if token_count > 1 || !v.is_empty() => v,
+        _ => {
+            // devise needs `access-token` and `uid`; a missing `client` defaults to "default".
+            let devise_credentials = devise[ACCESS_TOKEN] && devise[UID];
+            return if authorization.is_some() || devise_credentials {
+                Credentials::Alternate
+            } else {
+                Credentials::Missing
+            };
+        }
+    };
+    if devise.iter().any(|&d| d) {
         return Credentials::Alternate;
     }
-    match (token_count, token) {
-        (0, _) | (_, None) => Credentials::Missing,
-        (1, Some(v)) if v.is_empty() => Credentials::Missing,
-        (1, Some(v)) if is_well_formed(v.as_bytes()) => Credentials::Token(v),
-        _ => Credentials::Malformed,
+    if let Some(auth) = authorization
+        && !(authorization_count == 1 && token_count == 1 && is_bearer_of(auth, value))
+    {
+        return Credentials::Alternate;
     }
+    if token_count == 1 && is_well_formed(value.as_bytes()) {
+        Credentials::Token(value)
+    } else {
+        Credentials::Malformed
+    }
+}
+
+/// `authorization` is exactly `Bearer <token>`.
+fn is_bearer_of(authorization: &HeaderValue, token: &HeaderValue) -> bool {
+    const SCHEME: &[u8] = b"Bearer ";
+    let (a, t) = (authorization.as_bytes(), token.as_bytes());
+    a.len() == SCHEME.len() + t.len() && a.starts_with(SCHEME) && &a[SCHEME.len()..] == t
 }
 
 /// devise_token_auth's credential names, Rack-normalised.
 const DEVISE: [&[u8]; 3] = [b"access_token", b"client", b"uid"];
+const ACCESS_TOKEN: usize = 0;
+const UID: usize = 2;
 
 fn is_well_formed(token: &[u8]) -> bool {
     // Without an early exit, so the check vectorises.
@@ -368,12 +406,91 @@ mod tests {
     }
 
     #[test]
-    fn alternate_auth_wins() {
-        let h = headers(&[("api_access_token", "t"), ("authorization", "Bearer x")]);
+    fn a_bearer_of_the_same_token_is_a_token_request() {
+        let h = headers(&[("api_access_token", "t0k"), ("authorization", "Bearer t0k")]);
+        assert_eq!(
+            inspect(&h, None, &th()),
+            Credentials::Token(&HeaderValue::from_static("t0k"))
+        );
+        // Order and the token header's spelling do not matter.
+        let h = headers(&[("authorization", "Bearer t0k"), ("Api-Access-Token", "t0k")]);
+        assert!(matches!(inspect(&h, None, &th()), Credentials::Token(_)));
+        // Validated like a token-only request.
+        let long = "a".repeat(257);
+        let bearer = format!("Bearer {long}");
+        let h = headers(&[("api_access_token", &long), ("authorization", &bearer)]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Malformed);
+    }
+
+    #[test]
+    fn a_token_with_any_other_credential_is_passed_through() {
+        for auth in [
+            "Bearer other",
+            "Bearer t0k ",
+            "Bearer  t0k",
+            "bearer t0k",
+            "Bearer t0",
+            "Bearer t0kk",
+            "Basic dDBr",
+            "t0k",
+            "",
+        ] {
+            let h = headers(&[("api_access_token", "t0k"), ("authorization", auth)]);
+            assert_eq!(inspect(&h, None, &th()), Credentials::Alternate, "{auth:?}");
+        }
+        let h = headers(&[
+            ("api_access_token", "t0k"),
+            ("authorization", "Bearer t0k"),
+            ("authorization", "Bearer t0k"),
+        ]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
+        let h = headers(&[
+            ("api_access_token", "t0k"),
+            ("api-access-token", "t0k"),
+            ("authorization", "Bearer t0k"),
+        ]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
+        for devise in ["access-token", "client", "uid", "Access_Token", "UID"] {
+            let h = headers(&[("api_access_token", "t0k"), (devise, "x")]);
+            assert_eq!(inspect(&h, None, &th()), Credentials::Alternate, "{devise}");
+            let h = headers(&[
+                ("api_access_token", "t0k"),
+                ("authorization", "Bearer t0k"),
+                (devise, "x"),
+            ]);
+            assert_eq!(inspect(&h, None, &th()), Credentials::Alternate, "{devise}");
+        }
+        for query in ["uid=a%40b", "access-token=x", "a=1&client=c"] {
+            let h = headers(&[("api_access_token", "t0k")]);
+            assert_eq!(
+                inspect(&h, Some(query), &th()),
+                Credentials::Alternate,
+                "{query}"
+            );
+        }
+        // A query without devise names changes nothing.
+        let h = headers(&[("api_access_token", "t0k")]);
+        assert!(matches!(
+            inspect(&h, Some("locale=fr"), &th()),
+            Credentials::Token(_)
+        ));
+    }
+
+    #[test]
+    fn alternate_auth_alone() {
+        let h = headers(&[("authorization", "Bearer x")]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
+        // An empty token header is no token (Rails' `present?`): devise decides.
+        let h = headers(&[("api_access_token", ""), ("authorization", "Bearer x")]);
         assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
         let h = headers(&[("access-token", "x"), ("client", "c"), ("uid", "u")]);
         assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
+        // devise's `client` defaults to "default".
+        let h = headers(&[("access-token", "x"), ("uid", "u")]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
         let h = headers(&[("access-token", "x")]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Missing);
+        let h = headers(&[("client", "c"), ("uid", "u")]);
         assert_eq!(inspect(&h, None, &th()), Credentials::Missing);
         let h = headers(&[]);
         assert_eq!(

@@ -116,6 +116,16 @@ pub struct State {
     pub connections: AtomicUsize,
     /// Body bytes `/upload` has received so far in the current upload (reset when one starts).
     pub upload_progress: std::sync::atomic::AtomicU64,
+    /// devise_token_auth users by access-token: see [`FakeChatwoot::add_devise_user`].
+    pub devise_users: Mutex<HashMap<String, DeviseUser>>,
+}
+
+/// A devise_token_auth session (a dashboard login).
+#[derive(Clone, Debug)]
+pub struct DeviseUser {
+    pub uid: String,
+    pub name: String,
+    pub allowed: Option<HashSet<(u64, u64)>>,
 }
 
 /// A running fake.
@@ -307,6 +317,28 @@ impl FakeChatwoot {
         self.state.tokens.lock().unwrap().insert(
             token.into(),
             TokenKind::User {
+                name: name.into(),
+                allowed: allowed.map(|a| a.iter().copied().collect()),
+            },
+        );
+    }
+
+    /// A devise session: `access-token` + `uid` headers (`client` optional), or
+    /// `Authorization: Bearer <access_token>` (real devise decodes a base64 JSON of the three
+    /// there; the fake keys it by the access-token alone). Like Chatwoot, the fake resolves the
+    /// devise user *first*: with a token beside it, membership and the rendered viewer are the
+    /// devise user's, not the token owner's.
+    pub fn add_devise_user(
+        &self,
+        access_token: &str,
+        uid: &str,
+        name: &str,
+        allowed: Option<&[(u64, u64)]>,
+    ) {
+        self.state.devise_users.lock().unwrap().insert(
+            access_token.into(),
+            DeviseUser {
+                uid: uid.into(),
                 name: name.into(),
                 allowed: allowed.map(|a| a.iter().copied().collect()),
             },
@@ -710,16 +742,48 @@ fn parse_conversation_path(path: &str) -> Option<(u64, Option<u64>, String)> {
     Some((a, Some(c), tail.join("/")))
 }
 
+/// The devise user a request's devise credentials name, if any.
+fn devise_user_of(state: &State, h: &HeaderMap) -> Option<DeviseUser> {
+    let users = state.devise_users.lock().unwrap();
+    if let (Some(at), Some(uid)) = (header_str(h, "access-token"), header_str(h, "uid"))
+        && let Some(u) = users.get(at)
+        && u.uid == uid
+    {
+        return Some(u.clone());
+    }
+    let bearer = header_str(h, "authorization")?.strip_prefix("Bearer ")?;
+    users.get(bearer).cloned()
+}
+
 async fn account_api(state: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
-    let Some(token) = token_of(req.headers()) else {
-        return json_error(
-            401,
-            r#"{"errors":["You need to sign in or sign up before continuing."]}"#,
-        );
-    };
-    let kind = state.tokens.lock().unwrap().get(&token).cloned();
-    let Some(kind) = kind else {
-        return json_error(401, r#"{"error":"Invalid Access Token"}"#);
+    let devise = devise_user_of(&state, req.headers());
+    // Chatwoot's `authenticate_by_access_token?` is `present?`.
+    let token = token_of(req.headers()).filter(|t| !t.is_empty());
+    let kind = match (token, &devise) {
+        (None, None) => {
+            return json_error(
+                401,
+                r#"{"errors":["You need to sign in or sign up before continuing."]}"#,
+            );
+        }
+        (None, Some(d)) => TokenKind::User {
+            name: d.name.clone(),
+            allowed: d.allowed.clone(),
+        },
+        (Some(token), _) => {
+            let kind = state.tokens.lock().unwrap().get(&token).cloned();
+            let Some(kind) = kind else {
+                return json_error(401, r#"{"error":"Invalid Access Token"}"#);
+            };
+            match &devise {
+                // `set_current_user` ran first: the account check is the devise user's.
+                Some(d) => TokenKind::User {
+                    name: d.name.clone(),
+                    allowed: d.allowed.clone(),
+                },
+                None => kind,
+            }
+        }
     };
     let path = req.uri().path().to_string();
     let Some((account, conversation, tail)) = parse_conversation_path(&path) else {
