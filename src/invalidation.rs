@@ -176,44 +176,46 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Maps a webhook payload to what it invalidates (SPEC §7.3): `conversation_*` → its `id`,
-/// `message_*` → `conversation.id`, `contact_updated` → the whole account.
+/// Maps a webhook payload to what it invalidates (SPEC §7.3): `conversation_created`,
+/// `conversation_updated` and `conversation_status_changed` → the payload's `id` (the display
+/// id); `message_created` and `message_updated` → `conversation.id`; `contact_updated` → the
+/// whole account. Every other event (typing, inbox, contact_created, webwidget, and events
+/// newer Chatwoot versions add) invalidates nothing: Chatwoot logs any non-2xx answer as a
+/// failed delivery, so an event this proxy does not act on is still acknowledged.
+///
+/// A named event whose conversation id is missing or unusable invalidates the whole account
+/// rather than nothing: serving a possibly changed conversation until its TTL is the worse
+/// mistake. Only a body that is not a Chatwoot event at all (not JSON, no `event`) is refused.
 pub fn webhook_target(body: &[u8]) -> Result<WebhookTarget, WebhookError> {
     #[derive(serde::Deserialize)]
     struct Payload {
         event: Option<String>,
         id: Option<serde_json::Value>,
-        conversation: Option<ConversationRef>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ConversationRef {
-        id: Option<serde_json::Value>,
+        conversation: Option<serde_json::Value>,
     }
     let p: Payload =
         serde_json::from_slice(body).map_err(|e| WebhookError::BadPayload(e.to_string()))?;
     let event = p
         .event
         .ok_or_else(|| WebhookError::BadPayload("no `event` field".into()))?;
-    let id_of = |v: Option<serde_json::Value>| -> Result<u64, WebhookError> {
-        v.as_ref()
-            .and_then(|v| {
-                v.as_u64()
-                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-            })
-            .filter(|&n| n >= 1)
-            .ok_or_else(|| WebhookError::BadPayload(format!("{event}: no conversation id")))
+    let id_of = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        })
+        .filter(|&n| (1..=i64::MAX as u64).contains(&n))
+        .map_or(WebhookTarget::Account, WebhookTarget::Conversation)
     };
-    if event.starts_with("conversation_") {
-        Ok(WebhookTarget::Conversation(id_of(p.id)?))
-    } else if event.starts_with("message_") {
-        Ok(WebhookTarget::Conversation(id_of(
-            p.conversation.and_then(|c| c.id),
-        )?))
-    } else if event == "contact_updated" {
-        Ok(WebhookTarget::Account)
-    } else {
-        Ok(WebhookTarget::Nothing)
-    }
+    Ok(match event.as_str() {
+        "conversation_created" | "conversation_updated" | "conversation_status_changed" => {
+            id_of(p.id.as_ref())
+        }
+        "message_created" | "message_updated" => {
+            id_of(p.conversation.as_ref().and_then(|c| c.get("id")))
+        }
+        "contact_updated" => WebhookTarget::Account,
+        _ => WebhookTarget::Nothing,
+    })
 }
 
 #[cfg(test)]
@@ -306,8 +308,42 @@ mod tests {
             webhook_target(br#"{"event":"inbox_created","id":3}"#),
             Ok(WebhookTarget::Nothing)
         );
-        assert!(webhook_target(br#"{"event":"message_created","id":900}"#).is_err());
+        // Typing events carry the conversation under `conversation`, no top-level id.
+        for typing in ["conversation_typing_on", "conversation_typing_off"] {
+            let body = format!(r#"{{"event":"{typing}","conversation":{{"id":42}}}}"#);
+            assert_eq!(
+                webhook_target(body.as_bytes()),
+                Ok(WebhookTarget::Nothing),
+                "{typing}"
+            );
+        }
+        // Events this version does not know are acknowledged too.
+        assert_eq!(
+            webhook_target(br#"{"event":"conversation_something_new","id":42}"#),
+            Ok(WebhookTarget::Nothing)
+        );
+        // A named event without a usable conversation id: the account, not nothing.
+        for body in [
+            &br#"{"event":"message_created","id":900}"#[..],
+            br#"{"event":"message_updated","id":900,"conversation":{"id":"x"}}"#,
+            br#"{"event":"conversation_updated"}"#,
+            br#"{"event":"conversation_created","id":0}"#,
+            br#"{"event":"conversation_status_changed","id":-4}"#,
+            br#"{"event":"conversation_updated","id":9223372036854775808}"#,
+        ] {
+            assert_eq!(
+                webhook_target(body),
+                Ok(WebhookTarget::Account),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            webhook_target(br#"{"event":"conversation_updated","id":"42"}"#),
+            Ok(WebhookTarget::Conversation(42))
+        );
         assert!(webhook_target(b"garbage").is_err());
+        assert!(webhook_target(br#"{"id":42}"#).is_err());
     }
 
     #[test]

@@ -1,0 +1,338 @@
+//! End-to-end: the Chatwoot webhook on the admin listener (SPEC §7.3). One test per event of
+//! Chatwoot's `Webhook::ALLOWED_WEBHOOK_EVENTS`, each with the payload shape Chatwoot 4.9 sends
+//! (`app/listeners/webhook_listener.rb`, the presenters' `push_data` / `webhook_data`): every
+//! event is acknowledged `200`, and only the events SPEC names invalidate.
+
+mod support;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::Method;
+use serde_json::{Value, json};
+use support::*;
+
+const SECRET: &str = "webhook-secret-0123456";
+const ADMIN: &str = "admin-token";
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut msg = format!("{timestamp}.").into_bytes();
+    msg.extend_from_slice(body);
+    let hex: String = ring::hmac::sign(&key, &msg)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// Posts `body` to account `a`'s webhook, signed now, with Chatwoot's headers.
+async fn deliver(proxy: &ProxyHandle, a: u64, body: &str) -> Resp {
+    let ts = unix_now().to_string();
+    let sig = signature(SECRET, &ts, body.as_bytes());
+    send(
+        Method::POST,
+        &proxy.admin_url(&format!("/webhooks/chatwoot/accounts/{a}")),
+        &[
+            ("content-type", "application/json"),
+            ("accept", "application/json"),
+            ("x-chatwoot-timestamp", &ts),
+            ("x-chatwoot-signature", &sig),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+// === Chatwoot's payload shapes ===
+
+fn account() -> Value {
+    json!({"id": 1, "name": "Acme"})
+}
+
+fn inbox() -> Value {
+    json!({"id": 3, "name": "Support API"})
+}
+
+fn contact() -> Value {
+    json!({
+        "account": account(),
+        "additional_attributes": {"city": "Berlin"},
+        "avatar": "",
+        "custom_attributes": {},
+        "email": "jane@example.com",
+        "id": 17,
+        "identifier": null,
+        "name": "Jane",
+        "phone_number": "+4915112345678",
+        "thumbnail": "",
+        "blocked": false
+    })
+}
+
+fn agent() -> Value {
+    json!({
+        "id": 5, "name": "Agent Smith", "available_name": "Agent Smith", "avatar_url": "",
+        "type": "user", "availability_status": "online", "thumbnail": "",
+        "email": "smith@example.com"
+    })
+}
+
+/// `Conversations::EventDataPresenter#push_data`: top-level `id` is the display id, no
+/// top-level `account_id`.
+fn conversation_push_data(display_id: u64) -> Value {
+    json!({
+        "additional_attributes": {},
+        "can_reply": true,
+        "channel": "Channel::Api",
+        "contact_inbox": {
+            "id": 12, "contact_id": 17, "inbox_id": 3, "source_id": "c0ffee",
+            "created_at": "2025-12-08T08:00:00.000Z", "updated_at": "2025-12-08T08:00:00.000Z",
+            "hmac_verified": false, "pubsub_token": "pubsub-abc"
+        },
+        "id": display_id,
+        "inbox_id": 3,
+        "messages": [{
+            "id": 900, "content": "hello", "account_id": 1, "inbox_id": 3,
+            "conversation_id": display_id, "message_type": 0, "created_at": 1765181999,
+            "updated_at": "2025-12-08T08:19:59.412Z", "private": false, "status": "sent",
+            "source_id": null, "content_type": "text", "content_attributes": {},
+            "sender_type": "Contact", "sender_id": 17, "external_source_ids": {},
+            "additional_attributes": {}, "processed_message_content": "hello",
+            "sentiment": {}, "conversation": {"assignee_id": 5, "unread_count": 1,
+            "last_activity_at": 1765181999, "contact_inbox": {"source_id": "c0ffee"}},
+            "sender": {"id": 17, "name": "Jane", "type": "contact"}
+        }],
+        "labels": [],
+        "meta": {
+            "sender": {"id": 17, "name": "Jane", "type": "contact"},
+            "assignee": agent(),
+            "team": null,
+            "hmac_verified": false
+        },
+        "status": "open",
+        "custom_attributes": {},
+        "snoozed_until": null,
+        "unread_count": 1,
+        "first_reply_created_at": null,
+        "priority": null,
+        "waiting_since": 1765181999,
+        "agent_last_seen_at": 0,
+        "contact_last_seen_at": 0,
+        "last_activity_at": 1765181999,
+        "timestamp": 1765181999,
+        "created_at": 1765180000,
+        "updated_at": 1765182000.482917
+    })
+}
+
+fn with_event(mut v: Value, event: &str) -> String {
+    v["event"] = event.into();
+    v.to_string()
+}
+
+fn conversation_event(event: &str, display_id: u64) -> String {
+    let mut v = conversation_push_data(display_id);
+    if event != "conversation_created" {
+        v["changed_attributes"] = json!([
+            {"status": {"previous_value": "pending", "current_value": "open"}}
+        ]);
+    }
+    with_event(v, event)
+}
+
+/// `Message#webhook_data`: `id` is the message id, the conversation sits under `conversation`.
+fn message_event(event: &str, display_id: u64) -> String {
+    let v = json!({
+        "account": account(),
+        "additional_attributes": {},
+        "content_attributes": {},
+        "content_type": "text",
+        "content": "Where is my order?",
+        "conversation": conversation_push_data(display_id),
+        "created_at": "2025-12-08T08:20:00.412Z",
+        "id": 9001,
+        "inbox": inbox(),
+        "message_type": "incoming",
+        "private": false,
+        "sender": {"id": 17, "name": "Jane", "email": "jane@example.com", "type": "contact",
+                   "account": account()},
+        "source_id": null
+    });
+    with_event(v, event)
+}
+
+/// `WebhookListener#handle_typing_status`: `conversation` (webhook_data) and `user`, no
+/// top-level `id`.
+fn typing_event(event: &str, display_id: u64) -> String {
+    let v = json!({
+        "user": agent(),
+        "conversation": conversation_push_data(display_id),
+        "is_private": false
+    });
+    with_event(v, event)
+}
+
+// === the check ===
+
+/// What an event must invalidate on account 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Conversation42,
+    Account,
+    Nothing,
+}
+
+/// Stores (1, 42), (1, 7) and (2, 42), delivers `body` to account 1's webhook and checks that
+/// it is acknowledged `200` and invalidated exactly `expect`.
+async fn check(body: String, expect: Expect) {
+    let fake = FakeChatwoot::start().await;
+    fake.add_conversation(1, 7, "1765182000.000001");
+    fake.add_conversation(2, 42, "1765182000.000002");
+    let mut cfg = config(&fake.url());
+    cfg.webhook_secret = Some(SECRET.into());
+    let proxy = start_proxy(cfg).await;
+    let keys = [(1, 42), (1, 7), (2, 42)];
+    for (a, c) in keys {
+        assert_eq!(conv(&proxy, a, c, ADMIN).await.x_cache(), "MISS");
+        assert_eq!(conv(&proxy, a, c, ADMIN).await.x_cache(), "HIT");
+    }
+    let r = deliver(&proxy, 1, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let invalidated = match expect {
+        Expect::Conversation42 => "conversation",
+        Expect::Account => "account",
+        Expect::Nothing => "nothing",
+    };
+    assert_eq!(r.json()["invalidated"], invalidated);
+    let want = |a: u64, c: u64| match (expect, a, c) {
+        (Expect::Conversation42, 1, 42) | (Expect::Account, 1, _) => "MISS",
+        _ => "HIT",
+    };
+    for (a, c) in keys {
+        assert_eq!(
+            conv(&proxy, a, c, ADMIN).await.x_cache(),
+            want(a, c),
+            "({a}, {c}) after {expect:?}"
+        );
+    }
+    let series = r#"chatwoot_cache_invalidations_total{source="webhook"}"#;
+    let want = if expect == Expect::Nothing { 0.0 } else { 1.0 };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&metrics_text(&proxy).await, series) != want {
+        assert!(Instant::now() < deadline, "{series} never reached {want}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// === one test per event of Webhook::ALLOWED_WEBHOOK_EVENTS ===
+
+#[tokio::test]
+async fn conversation_status_changed_invalidates_its_conversation() {
+    check(
+        conversation_event("conversation_status_changed", 42),
+        Expect::Conversation42,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn conversation_updated_invalidates_its_conversation() {
+    check(
+        conversation_event("conversation_updated", 42),
+        Expect::Conversation42,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn conversation_created_invalidates_its_conversation() {
+    check(
+        conversation_event("conversation_created", 42),
+        Expect::Conversation42,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn contact_created_is_acknowledged_without_invalidating() {
+    check(with_event(contact(), "contact_created"), Expect::Nothing).await;
+}
+
+#[tokio::test]
+async fn contact_updated_invalidates_the_account() {
+    let mut v = contact();
+    v["changed_attributes"] = json!([{"name": {"previous_value": "J.", "current_value": "Jane"}}]);
+    check(with_event(v, "contact_updated"), Expect::Account).await;
+}
+
+#[tokio::test]
+async fn message_created_invalidates_its_conversation() {
+    check(message_event("message_created", 42), Expect::Conversation42).await;
+}
+
+#[tokio::test]
+async fn message_updated_invalidates_its_conversation() {
+    check(message_event("message_updated", 42), Expect::Conversation42).await;
+}
+
+#[tokio::test]
+async fn webwidget_triggered_is_acknowledged_without_invalidating() {
+    // `ContactInbox#webhook_data` plus `event_info`.
+    let v = json!({
+        "id": 12,
+        "contact": contact(),
+        "inbox": inbox(),
+        "account": account(),
+        "current_conversation": null,
+        "source_id": "c0ffee",
+        "event_info": {"initiated_at": {"timestamp": "Mon Dec 08 2025"},
+                       "referer": "https://example.com/", "widget_language": "en",
+                       "browser_language": "en", "browser": {"browser_name": "Firefox"}}
+    });
+    check(with_event(v, "webwidget_triggered"), Expect::Nothing).await;
+}
+
+#[tokio::test]
+async fn inbox_created_is_acknowledged_without_invalidating() {
+    check(with_event(inbox(), "inbox_created"), Expect::Nothing).await;
+}
+
+#[tokio::test]
+async fn inbox_updated_is_acknowledged_without_invalidating() {
+    let mut v = inbox();
+    v["changed_attributes"] =
+        json!([{"name": {"previous_value": "Support", "current_value": "Support API"}}]);
+    check(with_event(v, "inbox_updated"), Expect::Nothing).await;
+}
+
+#[tokio::test]
+async fn conversation_typing_on_is_acknowledged_without_invalidating() {
+    check(typing_event("conversation_typing_on", 42), Expect::Nothing).await;
+}
+
+#[tokio::test]
+async fn conversation_typing_off_is_acknowledged_without_invalidating() {
+    check(typing_event("conversation_typing_off", 42), Expect::Nothing).await;
+}
+
+/// An event a newer Chatwoot adds is acknowledged too; a named event without a usable
+/// conversation id falls back to the account.
+#[tokio::test]
+async fn unknown_events_are_acknowledged_and_unmappable_ones_invalidate_the_account() {
+    check(
+        with_event(json!({"id": 42}), "conversation_some_future_event"),
+        Expect::Nothing,
+    )
+    .await;
+    let mut v: Value = serde_json::from_str(&message_event("message_created", 42)).unwrap();
+    v["conversation"].as_object_mut().unwrap().remove("id");
+    check(v.to_string(), Expect::Account).await;
+}
