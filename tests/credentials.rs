@@ -12,6 +12,9 @@ const ADMIN: &str = "admin-token";
 const DEVISE_TOKEN: &str = "devise-access-token";
 const DEVISE_UID: &str = "dana@example.com";
 
+/// Headers beside the token, and who Chatwoot answers as: a viewer name, or a status.
+type Combo<'a> = (Vec<(&'a str, &'a str)>, Result<&'a str, u16>);
+
 fn conv_path(c: u64) -> String {
     format!("/api/v1/accounts/1/conversations/{c}")
 }
@@ -80,8 +83,7 @@ async fn a_token_mixed_with_other_credentials_is_never_cached() {
     fake.add_devise_user("eve-access-token", "eve@example.com", "eve", Some(&[]));
     let devise_bearer = format!("Bearer {DEVISE_TOKEN}");
     let own_bearer = format!("Bearer {ADMIN}");
-    // (headers beside the token, who Chatwoot answers as: a viewer name or a 401)
-    let combos: Vec<(Vec<(&str, &str)>, Result<&str, u16>)> = vec![
+    let combos: Vec<Combo> = vec![
         (vec![("authorization", devise_bearer.as_str())], Ok("dana")),
         (
             vec![
