@@ -45,14 +45,10 @@ pub struct Cli {
     )]
     pub listen: String,
 
-    /// Admin listener: metrics, health, purge, webhook
-    #[arg(
-        long,
-        env = "CHATWOOT_CACHE_ADMIN_LISTEN",
-        value_name = "ADDR",
-        default_value = "0.0.0.0:9090"
-    )]
-    pub admin_listen: String,
+    /// Admin listener: metrics, health, purge, webhook [default: 0.0.0.0:9090, or 0.0.0.0:9091
+    /// when --listen takes port 9090]
+    #[arg(long, env = "CHATWOOT_CACHE_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 
     /// The auth header validated, forwarded and scoped on
     #[arg(
@@ -117,14 +113,10 @@ pub struct Cli {
     )]
     pub cache_max_bytes: String,
 
-    /// Larger upstream bodies are forwarded, never stored
-    #[arg(
-        long,
-        env = "CHATWOOT_CACHE_MAX_OBJECT_BYTES",
-        value_name = "SIZE",
-        default_value = "4MiB"
-    )]
-    pub max_object_bytes: String,
+    /// Larger upstream bodies are forwarded, never stored [default: 4MiB, at most 1/16 of
+    /// --cache-max-bytes]
+    #[arg(long, env = "CHATWOOT_CACHE_MAX_OBJECT_BYTES", value_name = "SIZE")]
+    pub max_object_bytes: Option<String>,
 
     /// Upstream deadline: the whole response on the conversation route; for streamed
     /// pass-through, the longest upstream silence (before headers, after the last uploaded byte,
@@ -453,7 +445,15 @@ impl Config {
 
         let upstream = parse_upstream(&src.required("upstream")?)?;
         let listen = parse_with(&src, "listen", parse_addr)?;
-        let admin_listen = parse_with(&src, "admin_listen", parse_addr)?;
+        // A default never contradicts a value that was set (SPEC §2): the admin port moves out
+        // of the way of a public listener that took it.
+        let admin_listen = match parse_optional(&src, "admin_listen", parse_addr)? {
+            Some(addr) => addr,
+            None if listen.port() == DEFAULT_ADMIN_PORT => {
+                SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT + 1))
+            }
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)),
+        };
         let token_header = parse_with(&src, "token_header", parse_header_name)?;
         let cache_ttl = parse_with(&src, "cache_ttl", parse_duration)?;
         let stale_while_revalidate = parse_with(&src, "stale_while_revalidate", parse_duration)?;
@@ -461,7 +461,9 @@ impl Config {
         let negative_ttl = parse_with(&src, "negative_ttl", parse_duration)?;
         let auth_negative_ttl = parse_with(&src, "auth_negative_ttl", parse_duration)?;
         let cache_max_bytes = parse_with(&src, "cache_max_bytes", parse_size)?;
-        let max_object_bytes = parse_with(&src, "max_object_bytes", parse_size)?;
+        // Derived from --cache-max-bytes unless set, so a small cache alone starts (SPEC §2).
+        let max_object_bytes = parse_optional(&src, "max_object_bytes", parse_size)?
+            .unwrap_or_else(|| default_max_object_bytes(cache_max_bytes));
         let upstream_timeout = parse_with(&src, "upstream_timeout", parse_positive_duration)?;
         let upstream_connect_timeout =
             parse_with(&src, "upstream_connect_timeout", parse_positive_duration)?;
@@ -518,7 +520,7 @@ impl Config {
             }
             _ => {}
         }
-        if listen == admin_listen && listen.port() != 0 {
+        if listeners_overlap(listen, admin_listen) {
             return Err(ConfigError::invalid(
                 "admin-listen",
                 format!("must differ from --listen ({listen})"),
@@ -571,6 +573,24 @@ impl Config {
     }
 }
 
+/// The admin listener's port unless `--admin-listen` says otherwise.
+pub const DEFAULT_ADMIN_PORT: u16 = 9090;
+
+/// `--max-object-bytes` when not set: 4MiB, but at most 1/16 of the cache, so one object can
+/// never crowd out the rest of a small cache.
+pub fn default_max_object_bytes(cache_max_bytes: u64) -> u64 {
+    (4 << 20).min(cache_max_bytes / 16)
+}
+
+/// Whether two listeners would fight over one port: same port (not 0, which the kernel picks)
+/// and the same address, or a wildcard address on either side (it takes the port on every
+/// address, so the second bind fails).
+fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn read_config_file(path: &std::path::Path) -> Result<BTreeMap<String, toml::Value>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         setting: "config".into(),
@@ -605,6 +625,20 @@ fn parse_with<T>(
 ) -> Result<T, ConfigError> {
     let raw = src.required(id)?;
     parse(raw.value.trim()).map_err(|problem| with_origin(id, &raw, problem))
+}
+
+/// A setting without a fixed default: `None` when nobody set it (its default is derived).
+fn parse_optional<T>(
+    src: &Sources<'_>,
+    id: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConfigError> {
+    match src.get(id)? {
+        None => Ok(None),
+        Some(raw) => parse(raw.value.trim())
+            .map(Some)
+            .map_err(|problem| with_origin(id, &raw, problem)),
+    }
 }
 
 fn with_origin(id: &str, raw: &Raw, problem: String) -> ConfigError {
@@ -809,9 +843,95 @@ mod tests {
                 .starts_with("--tls-cert-file:")
         );
         assert!(
-            err_of(&["--upstream", "http://x", "--cache-max-bytes", "1KiB"])
-                .starts_with("--max-object-bytes:")
+            err_of(&[
+                "--upstream",
+                "http://x",
+                "--cache-max-bytes",
+                "1KiB",
+                "--max-object-bytes",
+                "2KiB"
+            ])
+            .starts_with("--max-object-bytes:")
         );
+    }
+
+    fn ok_of(args: &[&str]) -> Config {
+        let mut v = vec!["chatwoot-cache", "--upstream", "http://x"];
+        v.extend_from_slice(args);
+        Config::try_from_args(v).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// SPEC §2: a setting left at its default never contradicts one that was set.
+    #[test]
+    fn max_object_bytes_is_derived_from_the_cache_size() {
+        assert_eq!(
+            ok_of(&["--cache-max-bytes", "1MiB"]).max_object_bytes,
+            64 << 10
+        );
+        assert_eq!(ok_of(&["--cache-max-bytes", "1KiB"]).max_object_bytes, 64);
+        assert_eq!(
+            ok_of(&["--cache-max-bytes", "64MiB"]).max_object_bytes,
+            4 << 20
+        );
+        assert_eq!(
+            ok_of(&["--cache-max-bytes", "1GiB"]).max_object_bytes,
+            4 << 20
+        );
+        // Set explicitly, it is taken as given, up to the whole cache.
+        let c = ok_of(&["--cache-max-bytes", "1MiB", "--max-object-bytes", "1MiB"]);
+        assert_eq!(c.max_object_bytes, 1 << 20);
+        assert_eq!(
+            ok_of(&["--max-object-bytes", "8MiB"]).max_object_bytes,
+            8 << 20
+        );
+        // Only two explicit values conflict.
+        assert!(
+            err_of(&[
+                "--upstream",
+                "http://x",
+                "--cache-max-bytes",
+                "1MiB",
+                "--max-object-bytes",
+                "4MiB"
+            ])
+            .starts_with("--max-object-bytes: 4194304 bytes is larger than --cache-max-bytes")
+        );
+    }
+
+    #[test]
+    fn the_admin_port_makes_way_for_a_public_listener_on_it() {
+        let c = ok_of(&["--listen", "0.0.0.0:9090"]);
+        assert_eq!(c.admin_listen, "0.0.0.0:9091".parse().unwrap());
+        let c = ok_of(&["--listen", "127.0.0.1:9090"]);
+        assert_eq!(c.admin_listen, "0.0.0.0:9091".parse().unwrap());
+        assert_eq!(ok_of(&[]).admin_listen, "0.0.0.0:9090".parse().unwrap());
+        // Two explicit values that would fight over a port: refused, wildcard included.
+        for (listen, admin) in [
+            ("0.0.0.0:7000", "0.0.0.0:7000"),
+            ("127.0.0.1:7000", "0.0.0.0:7000"),
+            ("0.0.0.0:7000", "127.0.0.1:7000"),
+            ("[::]:7000", "127.0.0.1:7000"),
+        ] {
+            let e = err_of(&[
+                "--upstream",
+                "http://x",
+                "--listen",
+                listen,
+                "--admin-listen",
+                admin,
+            ]);
+            assert!(
+                e.starts_with("--admin-listen: must differ"),
+                "{listen} {admin}: {e}"
+            );
+        }
+        ok_of(&[
+            "--listen",
+            "127.0.0.1:7000",
+            "--admin-listen",
+            "127.0.0.2:7000",
+        ]);
+        ok_of(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
     }
 
     #[test]

@@ -62,6 +62,18 @@ fn invalid_settings_exit_2_with_one_line() {
             "error: --tls-cert-file: needs --tls-key-file",
         ),
         (&[], "error: --upstream: is required"),
+        // Only two explicit values conflict (a small cache alone derives its object limit).
+        (
+            &[
+                "--upstream",
+                "http://x",
+                "--cache-max-bytes",
+                "1MiB",
+                "--max-object-bytes",
+                "2MiB",
+            ],
+            "error: --max-object-bytes: 2097152 bytes is larger than --cache-max-bytes",
+        ),
     ];
     for (args, expected) in cases {
         let o = run(args);
@@ -121,7 +133,10 @@ fn help_lists_every_setting_and_default() {
     for (flag, default) in [
         ("--upstream", ""),
         ("--listen", "0.0.0.0:8080"),
-        ("--admin-listen", "0.0.0.0:9090"),
+        (
+            "--admin-listen",
+            "0.0.0.0:9090, or 0.0.0.0:9091 when --listen takes port 9090",
+        ),
         ("--token-header", "api_access_token"),
         ("--cache-ttl", "10s"),
         ("--stale-while-revalidate", "30s"),
@@ -129,7 +144,10 @@ fn help_lists_every_setting_and_default() {
         ("--negative-ttl", "5s"),
         ("--auth-negative-ttl", "10s"),
         ("--cache-max-bytes", "256MiB"),
-        ("--max-object-bytes", "4MiB"),
+        (
+            "--max-object-bytes",
+            "4MiB, at most 1/16 of --cache-max-bytes",
+        ),
         ("--upstream-timeout", "15s"),
         ("--upstream-connect-timeout", "2s"),
         ("--upstream-max-in-flight", "256"),
