@@ -182,13 +182,18 @@ fn revalidation(c: &mut Criterion) {
     let head = upstream_head();
     let policy = bench_policy(Duration::from_secs(10));
     let now = Instant::now();
+    let stamp = chatwoot_cache::invalidation::Generations::new().stamp(
+        1,
+        42,
+        chatwoot_cache::auth::Scope(7),
+    );
     let entry = |age: u64| {
         let probe = rules::probe(&body, 1, 42).unwrap();
         rules::positive_entry(
             &head,
             body.clone(),
             probe,
-            0,
+            stamp.clone(),
             &policy,
             now - Duration::from_secs(age),
         )
@@ -224,7 +229,14 @@ fn revalidation(c: &mut Criterion) {
     );
     let expired = entry(100);
     group.bench_function("refresh_from_304", |b| {
-        b.iter(|| black_box(rules::refreshed(&expired, Some(&not_modified), 1, now)))
+        b.iter(|| {
+            black_box(rules::refreshed(
+                &expired,
+                Some(&not_modified),
+                stamp.clone(),
+                now,
+            ))
+        })
     });
     group.finish();
 }

@@ -13,9 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
-use crate::cache::CacheKey;
-use crate::invalidation::{self, WebhookTarget};
-use crate::metrics::InvalidationSource;
+use crate::invalidation::{self, Source, Target, WebhookTarget};
 use crate::proxy::Proxy;
 use crate::routing::canonical_id;
 
@@ -119,26 +117,14 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
             serde_json::json!({"error": "not found"}),
         );
     };
-    let purged = match scope {
-        PurgeScope::All => {
-            let n = proxy.store.purge(|_| true);
-            proxy.store.generations.bump_all();
-            n
-        }
-        PurgeScope::Account(a) => {
-            let n = proxy.store.purge(|k: &CacheKey| k.account == a);
-            proxy.invalidate_account(a);
-            n
-        }
-        PurgeScope::Conversation(a, c) => {
-            let n = proxy
-                .store
-                .purge(|k: &CacheKey| k.account == a && k.conversation == c);
-            proxy.invalidate_conversation(a, c);
-            n
-        }
-    };
-    proxy.metrics.invalidation(InvalidationSource::Purge);
+    let purged = proxy.store.purge(match scope {
+        PurgeScope::All => Target::All,
+        PurgeScope::Account(a) => Target::Account(a),
+        PurgeScope::Conversation(a, c) => Target::Conversation {
+            account: a,
+            conversation: c,
+        },
+    });
     tracing::info!(purged, path, "cache purge");
     json(StatusCode::OK, serde_json::json!({ "purged": purged }))
 }
@@ -228,18 +214,21 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
     };
     let invalidated = match target {
         WebhookTarget::Conversation(c) => {
-            proxy.invalidate_conversation(account, c);
+            let target = Target::Conversation {
+                account,
+                conversation: c,
+            };
+            proxy.store.invalidate(target, Source::Webhook);
             "conversation"
         }
         WebhookTarget::Account => {
-            proxy.invalidate_account(account);
+            proxy
+                .store
+                .invalidate(Target::Account(account), Source::Webhook);
             "account"
         }
         WebhookTarget::Nothing => "nothing",
     };
-    if target != WebhookTarget::Nothing {
-        proxy.metrics.invalidation(InvalidationSource::Webhook);
-    }
     json(
         StatusCode::OK,
         serde_json::json!({ "invalidated": invalidated }),

@@ -1,32 +1,200 @@
-//! Invalidation (SPEC §7): generation counters, and the Chatwoot webhook's verification and
-//! event mapping.
+//! Invalidation (SPEC §7): what an invalidation names ([`Target`]), who asked for it
+//! ([`Source`]), the generation counters that make it O(1), and the Chatwoot webhook's
+//! verification and event mapping.
+//!
+//! Every invalidation goes through one call, [`crate::cache::Store::invalidate`], which bumps
+//! the generations and counts `chatwoot_cache_invalidations_total{source}`; write-through,
+//! purge, webhook and token refusal all use it (and the shared tier hooks in there).
 //!
 //! A write must invalidate "every entry of (a, c), all scopes" before its response reaches the
 //! client, in O(1): scanning the store per write would make writes cost O(entries). So every
-//! stored entry carries a *stamp* taken when its upstream fetch started, and lookups compare it
-//! with the current one. A stamp is the sum of four monotonic counters (global, account stripe,
-//! conversation stripe, token-scope stripe); because counters only grow, the sum is unchanged
-//! exactly when none of them moved. Counters are striped (fixed arrays indexed by a hash), so
-//! memory stays bounded whatever ids clients send; two ids sharing a stripe only ever cause an
-//! extra miss, never a stale hit. Taking the stamp *before* the fetch means a write racing a
-//! fetch also kills what that fetch stores.
+//! stored entry carries a [`Stamp`] taken when its upstream fetch started, and lookups compare it
+//! with the current generations. The shared part of a stamp is the sum of three monotonic
+//! counters (global, account stripe, conversation stripe); because counters only grow, the sum is
+//! unchanged exactly when none of them moved. Those counters are striped (fixed arrays indexed by
+//! a hash), so memory stays bounded whatever ids clients send; two ids sharing a stripe only ever
+//! cause an extra miss, never a stale hit. Taking the stamp *before* the fetch means a write
+//! racing a fetch also kills what that fetch stores.
+//!
+//! The token scope's generation is *not* striped: a token refused upstream must drop only that
+//! token's entries (SPEC 10), and random tokens are free to send, so a striped counter would let
+//! a client flush everyone's entries by sending refused tokens until every stripe moved. Instead
+//! each scope that has an entry or a fetch in flight has its own counter cell, shared by those
+//! entries ([`Stamp`] holds it): a lookup reads it through the entry (one atomic load, as the
+//! stripe was), and a refusal bumps the cell of that scope if there is one. A scope with nothing
+//! stored has no cell and nothing to drop. The index from scope to cell holds weak references and
+//! is swept as it doubles, so its size is bounded by the scopes of stored entries and fetches in
+//! flight, whatever clients send.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use ring::hmac;
 
 use crate::auth::Scope;
+use crate::cache::CacheKey;
+use crate::metrics::InvalidationSource;
 
 const CONVERSATION_STRIPES: usize = 1 << 16;
 const ACCOUNT_STRIPES: usize = 1 << 12;
-const SCOPE_STRIPES: usize = 1 << 12;
+/// The scope index is not swept below this many cells.
+const SCOPE_SWEEP_MIN: usize = 1024;
+
+/// What an invalidation drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every scope's entry of one conversation.
+    Conversation { account: u64, conversation: u64 },
+    /// Every entry of one account.
+    Account(u64),
+    /// Every entry of one token scope (a token the upstream refused).
+    Scope(Scope),
+    /// Everything.
+    All,
+}
+
+impl Target {
+    /// Whether `key` is one of the entries this target drops (purge's scan).
+    pub fn covers(&self, key: &CacheKey) -> bool {
+        match *self {
+            Target::Conversation {
+                account,
+                conversation,
+            } => key.account == account && key.conversation == conversation,
+            Target::Account(account) => key.account == account,
+            Target::Scope(scope) => key.scope == scope,
+            Target::All => true,
+        }
+    }
+}
+
+/// Who asked for an invalidation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A 2xx write through the proxy (SPEC 7.1).
+    Write,
+    /// The admin purge API (SPEC 7.2).
+    Purge,
+    /// A Chatwoot webhook (SPEC 7.3).
+    Webhook,
+    /// The upstream answered "Invalid Access Token" (SPEC 4): the token's own entries go.
+    TokenRefused,
+}
+
+impl Source {
+    /// The `invalidations_total{source}` label, if this source has one. SPEC 9 names write,
+    /// purge and webhook only: a refused token is not an invalidation event operators count
+    /// (`auth_rejections_total{reason="invalid"}` shows refused tokens).
+    pub fn metric(self) -> Option<InvalidationSource> {
+        match self {
+            Source::Write => Some(InvalidationSource::Write),
+            Source::Purge => Some(InvalidationSource::Purge),
+            Source::Webhook => Some(InvalidationSource::Webhook),
+            Source::TokenRefused => None,
+        }
+    }
+}
+
+/// The generations an entry (or a fetch) was started under. Equal to the current ones exactly
+/// when nothing that covers its key was invalidated since.
+#[derive(Clone)]
+pub struct Stamp {
+    /// Global + account stripe + conversation stripe.
+    shared: u64,
+    /// The key's scope counter cell, and its value when the stamp was taken.
+    scope: Arc<AtomicU64>,
+    scope_at: u64,
+}
+
+impl PartialEq for Stamp {
+    fn eq(&self, other: &Stamp) -> bool {
+        self.shared == other.shared
+            && Arc::ptr_eq(&self.scope, &other.scope)
+            && self.scope_at == other.scope_at
+    }
+}
+
+impl Eq for Stamp {}
+
+impl std::fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stamp({}, scope {})", self.shared, self.scope_at)
+    }
+}
+
+impl Stamp {
+    /// Whether the token scope was invalidated since this stamp was taken.
+    fn scope_moved(&self) -> bool {
+        self.scope.load(Ordering::Acquire) != self.scope_at
+    }
+}
 
 /// The generation counters.
 pub struct Generations {
     global: AtomicU64,
     accounts: Box<[AtomicU64]>,
     conversations: Box<[AtomicU64]>,
-    scopes: Box<[AtomicU64]>,
+    scopes: ScopeCells,
+}
+
+/// Per-scope counter cells, indexed weakly (see the module docs).
+struct ScopeCells {
+    inner: Mutex<ScopeIndex>,
+}
+
+struct ScopeIndex {
+    cells: HashMap<Scope, Weak<AtomicU64>>,
+    /// Sweep dead cells when the index reaches this size.
+    sweep_at: usize,
+}
+
+impl ScopeCells {
+    fn new() -> Self {
+        ScopeCells {
+            inner: Mutex::new(ScopeIndex {
+                cells: HashMap::new(),
+                sweep_at: SCOPE_SWEEP_MIN,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ScopeIndex> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live cell of `scope`, created if it has none.
+    fn cell(&self, scope: Scope) -> Arc<AtomicU64> {
+        let mut index = self.lock();
+        if let Some(cell) = index.cells.get(&scope).and_then(Weak::upgrade) {
+            return cell;
+        }
+        if index.cells.len() >= index.sweep_at {
+            index.cells.retain(|_, w| w.strong_count() > 0);
+            index.sweep_at = (2 * index.cells.len()).max(SCOPE_SWEEP_MIN);
+        }
+        let cell = Arc::new(AtomicU64::new(0));
+        index.cells.insert(scope, Arc::downgrade(&cell));
+        cell
+    }
+
+    /// Bumps `scope`'s cell if it has one; returns whether it had (a scope with no stored entry
+    /// and no fetch in flight has nothing to drop).
+    fn bump(&self, scope: Scope) -> bool {
+        let index = self.lock();
+        match index.cells.get(&scope).and_then(Weak::upgrade) {
+            Some(cell) => {
+                cell.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Cells in the index, dead ones not yet swept included (tests).
+    fn indexed(&self) -> usize {
+        self.lock().cells.len()
+    }
 }
 
 fn counters(n: usize) -> Box<[AtomicU64]> {
@@ -54,7 +222,7 @@ impl Generations {
             global: AtomicU64::new(0),
             accounts: counters(ACCOUNT_STRIPES),
             conversations: counters(CONVERSATION_STRIPES),
-            scopes: counters(SCOPE_STRIPES),
+            scopes: ScopeCells::new(),
         }
     }
 
@@ -67,13 +235,8 @@ impl Generations {
         &self.conversations[h as usize % CONVERSATION_STRIPES]
     }
 
-    fn scope_slot(&self, scope: Scope) -> &AtomicU64 {
-        let h = mix(scope.0 as u64 ^ (scope.0 >> 64) as u64);
-        &self.scopes[h as usize % SCOPE_STRIPES]
-    }
-
-    /// The current stamp for a key; equal stamps mean "nothing invalidated in between".
-    pub fn stamp(&self, account: u64, conversation: u64, scope: Scope) -> u64 {
+    /// Global + account + conversation: the part of a stamp every scope shares.
+    fn shared(&self, account: u64, conversation: u64) -> u64 {
         // Acquire pairs with the Release in the bumps: a reader that sees a bump also sees
         // everything the writer did before it.
         self.global
@@ -83,7 +246,24 @@ impl Generations {
                 self.conversation_slot(account, conversation)
                     .load(Ordering::Acquire),
             )
-            .wrapping_add(self.scope_slot(scope).load(Ordering::Acquire))
+    }
+
+    /// The current stamp for a key (miss path: takes the scope index's lock).
+    pub fn stamp(&self, account: u64, conversation: u64, scope: Scope) -> Stamp {
+        // The cell first: a refusal between the two reads then moves the cell we hold.
+        let cell = self.scopes.cell(scope);
+        let scope_at = cell.load(Ordering::Acquire);
+        Stamp {
+            shared: self.shared(account, conversation),
+            scope: cell,
+            scope_at,
+        }
+    }
+
+    /// Whether `stamp`, taken for (account, conversation, its scope), is still current. The hit
+    /// path: three array loads and one load through the stamp, no lock.
+    pub fn is_current(&self, stamp: &Stamp, account: u64, conversation: u64) -> bool {
+        stamp.shared == self.shared(account, conversation) && !stamp.scope_moved()
     }
 
     pub fn bump_conversation(&self, account: u64, conversation: u64) {
@@ -95,12 +275,34 @@ impl Generations {
         self.account_slot(account).fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn bump_scope(&self, scope: Scope) {
-        self.scope_slot(scope).fetch_add(1, Ordering::AcqRel);
+    /// Drops every entry of `scope`, exactly; returns whether it had any entry or fetch.
+    pub fn bump_scope(&self, scope: Scope) -> bool {
+        self.scopes.bump(scope)
     }
 
     pub fn bump_all(&self) {
         self.global.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Bumps what `target` names.
+    pub fn bump(&self, target: Target) {
+        match target {
+            Target::Conversation {
+                account,
+                conversation,
+            } => self.bump_conversation(account, conversation),
+            Target::Account(account) => self.bump_account(account),
+            Target::Scope(scope) => {
+                self.bump_scope(scope);
+            }
+            Target::All => self.bump_all(),
+        }
+    }
+
+    /// Scope cells in the index (dead ones not yet swept included): bounded by the scopes of
+    /// stored entries and fetches in flight, at most doubled.
+    pub fn scope_cells(&self) -> usize {
+        self.scopes.indexed()
     }
 }
 
@@ -229,22 +431,57 @@ mod tests {
     #[test]
     fn stamps_move_only_for_what_was_bumped() {
         let g = Generations::new();
+        let current = |s: &Stamp, a, c| g.is_current(s, a, c);
         let s = g.stamp(1, 2, scope(7));
+        let s8 = g.stamp(1, 2, scope(8));
         let other = g.stamp(1, 3, scope(7));
+        assert_eq!(s, g.stamp(1, 2, scope(7)), "same generations, same stamp");
         g.bump_conversation(1, 2);
-        assert_ne!(g.stamp(1, 2, scope(7)), s);
-        assert_ne!(g.stamp(1, 2, scope(8)), s, "all scopes");
+        assert!(!current(&s, 1, 2));
+        assert!(!current(&s8, 1, 2), "all scopes");
         // (1,3) only moves if it shares a stripe with (1,2), which these ids do not.
-        assert_eq!(g.stamp(1, 3, scope(7)), other);
-        let s = g.stamp(1, 3, scope(7));
+        assert!(current(&other, 1, 3));
         g.bump_account(1);
-        assert_ne!(g.stamp(1, 3, scope(7)), s);
-        let s = g.stamp(5, 5, scope(9));
-        g.bump_scope(scope(9));
-        assert_ne!(g.stamp(5, 5, scope(9)), s);
-        let s = g.stamp(5, 5, scope(9));
+        assert!(!current(&other, 1, 3));
+        let s9 = g.stamp(5, 5, scope(9));
+        let s10 = g.stamp(5, 5, scope(10));
+        assert!(g.bump_scope(scope(9)));
+        assert!(!current(&s9, 5, 5));
+        assert!(current(&s10, 5, 5), "another scope keeps its entries");
+        let s10 = g.stamp(5, 5, scope(10));
         g.bump_all();
-        assert_ne!(g.stamp(5, 5, scope(9)), s);
+        assert!(!current(&s10, 5, 5));
+    }
+
+    /// A refused token drops exactly its own scope's entries, however many other scopes are
+    /// refused: no stripe is shared. Scopes with nothing stored leave no trace.
+    #[test]
+    fn refused_scopes_drop_only_their_own_entries() {
+        let g = Generations::new();
+        let held: Vec<Stamp> = (0..50).map(|i| g.stamp(1, i, scope(i as u128))).collect();
+        for i in 1000..200_000u128 {
+            assert!(!g.bump_scope(scope(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))));
+        }
+        for (i, s) in held.iter().enumerate() {
+            assert!(g.is_current(s, 1, i as u64), "entry {i} was dropped");
+        }
+        assert_eq!(g.scope_cells(), 50);
+        assert!(g.bump_scope(scope(3)));
+        assert!(!g.is_current(&held[3], 1, 3));
+        assert!(g.is_current(&held[4], 1, 4));
+    }
+
+    /// The index never grows past twice the live cells (plus the sweep floor), whatever scopes
+    /// come and go.
+    #[test]
+    fn the_scope_index_is_bounded_by_live_cells() {
+        let g = Generations::new();
+        let live: Vec<Stamp> = (0..100).map(|i| g.stamp(1, 1, scope(i))).collect();
+        for i in 0..100_000u128 {
+            drop(g.stamp(1, 1, scope(1_000_000 + i)));
+            assert!(g.scope_cells() <= 2 * (SCOPE_SWEEP_MIN + live.len()));
+        }
+        assert!(live.iter().all(|s| g.is_current(s, 1, 1)));
     }
 
     #[test]

@@ -171,7 +171,10 @@ async fn heap_per_entry_matches_weight() {
 
     // Drop the warm-up entries: the measured entries grow moka's tables from a small size, so
     // that growth is counted in their cost.
-    proxy.proxy.store.purge(|_| true);
+    proxy
+        .proxy
+        .store
+        .purge(chatwoot_cache::invalidation::Target::All);
     let base = settled_live(&proxy, &fake).await;
     let base_footprint = footprint();
     let mut body_bytes = 0;
@@ -206,7 +209,10 @@ async fn heap_per_entry_matches_weight() {
     // Purging everything gives the memory back: nothing else holds the entries or parts of
     // them (read buffers, header blocks). What may stay is moka's table growth, a few
     // bytes per entry.
-    let purged = proxy.proxy.store.purge(|_| true);
+    let purged = proxy
+        .proxy
+        .store
+        .purge(chatwoot_cache::invalidation::Target::All);
     assert_eq!(purged as u64, n);
     assert_eq!(proxy.proxy.store.usage(), (0, 0));
     let after = settled_live(&proxy, &fake).await;

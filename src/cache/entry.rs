@@ -34,8 +34,8 @@ pub struct Entry {
     pub upstream_etag: Option<HeaderValue>,
     pub upstream_last_modified: Option<HeaderValue>,
     pub stored_at: Instant,
-    /// Generation stamp at fetch start (see [`crate::invalidation`]).
-    pub stamp: u64,
+    /// Generations at fetch start (see [`crate::invalidation`]).
+    pub stamp: crate::invalidation::Stamp,
     /// How long moka may keep it (freshness + stale windows, or the negative TTL).
     pub lifetime: Duration,
     /// Bytes counted against `--cache-max-bytes`.

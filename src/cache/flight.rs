@@ -19,19 +19,20 @@ use super::CacheKey;
 /// A shared handle on one fetch's outcome.
 pub type FlightFuture<T> = Shared<BoxFuture<'static, Arc<T>>>;
 
-struct Flight<T> {
+struct Flight<T, S> {
     id: u64,
-    stamp: u64,
+    stamp: S,
     outcome: FlightFuture<T>,
 }
 
-/// The in-flight map.
-pub struct Flights<T = super::rules::FetchResult> {
-    map: Arc<Mutex<HashMap<CacheKey, Flight<T>>>>,
+/// The in-flight map: outcomes of type `T` (the proxy's fetch result), flights told apart by
+/// the generation stamp `S` they started under.
+pub struct Flights<T, S = crate::invalidation::Stamp> {
+    map: Arc<Mutex<HashMap<CacheKey, Flight<T, S>>>>,
     next_id: AtomicU64,
 }
 
-impl<T> Default for Flights<T> {
+impl<T, S> Default for Flights<T, S> {
     fn default() -> Self {
         Flights {
             map: Arc::new(Mutex::new(HashMap::new())),
@@ -47,13 +48,13 @@ pub enum Role {
     Waiter,
 }
 
-impl<T: Send + Sync + 'static> Flights<T> {
+impl<T: Send + Sync + 'static, S: PartialEq + Send + 'static> Flights<T, S> {
     /// Joins the flight for `key` started under `stamp`, or starts `fetch` in a new task.
     /// `on_panic` builds the outcome if the fetch task dies (it never should).
     pub fn join_or_start<F>(
         &self,
         key: CacheKey,
-        stamp: u64,
+        stamp: S,
         fetch: impl FnOnce() -> F,
         on_panic: fn() -> T,
     ) -> (FlightFuture<T>, Role)
@@ -130,7 +131,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_fetch() {
-        let flights: Arc<Flights<usize>> = Arc::new(Flights::default());
+        let flights: Arc<Flights<usize, u64>> = Arc::new(Flights::default());
         let runs = Arc::new(AtomicUsize::new(0));
         let mut handles = Vec::new();
         for _ in 0..50 {
@@ -163,7 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn scopes_and_stamps_do_not_share() {
-        let flights: Flights<u32> = Flights::default();
+        let flights: Flights<u32, u64> = Flights::default();
         let slow = || async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             1
@@ -176,7 +177,7 @@ mod tests {
 
     #[tokio::test]
     async fn fetch_survives_the_leader_going_away() {
-        let flights: Flights<u32> = Flights::default();
+        let flights: Flights<u32, u64> = Flights::default();
         let done = Arc::new(AtomicUsize::new(0));
         let d = done.clone();
         let (f, _) = flights.join_or_start(

@@ -6,9 +6,14 @@
 //!   (`tokio::time::Instant` in each [`Entry`]); moka's per-entry expiry only reclaims memory.
 //! - Validity against writes/purges/webhooks is the generation stamp
 //!   ([`crate::invalidation::Generations`]) checked on every lookup: O(1) per write.
+//!   [`Store::invalidate`] is the one call every invalidation goes through.
+//! - [`admission`] decides, as a pure function, what an upstream answer does to the store;
+//!   [`Store::apply`] carries the decision out. [`rules`] builds the entries it stores.
 //! - [`flight`] makes concurrent misses and revalidations of one key share one upstream request.
-//! - [`rules`] decides what may be stored and builds entries from upstream answers.
+//!
+//! Nothing here speaks HTTP to the upstream: `proxy::conversation` drives the exchange.
 
+pub mod admission;
 pub mod decimal;
 pub mod entry;
 pub mod flight;
@@ -21,10 +26,11 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use tokio::time::Instant;
 
+pub use admission::{Admission, admit};
 pub use entry::Entry;
 
 use crate::auth::Scope;
-use crate::invalidation::Generations;
+use crate::invalidation::{Generations, Source, Stamp, Target};
 use crate::metrics::{EvictionCause, Metrics};
 
 /// The cache key. Holds the token *scope* (a keyed hash), never the token.
@@ -118,23 +124,25 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
     }
 }
 
-/// The bounded conversation store plus the generation counters and in-flight fetches.
+/// The bounded conversation store plus its generation counters: the cache tier the proxy
+/// talks to (lookups, [`Store::apply`] of admission decisions, [`Store::invalidate`]).
 pub struct Store {
     entries: Cache<CacheKey, Arc<Entry>>,
     pub generations: Generations,
-    pub flights: flight::Flights,
     pub policy: CachePolicy,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
     pub fn new(max_bytes: u64, policy: CachePolicy, metrics: Arc<Metrics>) -> Store {
+        let listener_metrics = metrics.clone();
         let entries = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<Entry>| v.weight)
             .expire_after(EntryExpiry)
             .eviction_listener(move |_k, _v, cause| {
                 // Runs inline during housekeeping: counters only, never block.
-                metrics.eviction(match cause {
+                listener_metrics.eviction(match cause {
                     RemovalCause::Size => EvictionCause::Size,
                     RemovalCause::Expired => EvictionCause::Expired,
                     RemovalCause::Explicit => EvictionCause::Explicit,
@@ -145,15 +153,62 @@ impl Store {
         Store {
             entries,
             generations: Generations::new(),
-            flights: flight::Flights::default(),
             policy,
+            metrics,
         }
     }
 
-    /// The current stamp for `key`.
-    pub fn stamp(&self, key: &CacheKey) -> u64 {
+    /// The current stamp for `key` (the miss path: see [`Generations::stamp`]).
+    pub fn stamp(&self, key: &CacheKey) -> Stamp {
         self.generations
             .stamp(key.account, key.conversation, key.scope)
+    }
+
+    /// Whether `entry` is still valid for `key`: nothing covering it was invalidated since its
+    /// fetch began.
+    fn is_current(&self, key: &CacheKey, entry: &Entry) -> bool {
+        self.generations
+            .is_current(&entry.stamp, key.account, key.conversation)
+    }
+
+    /// The one way to invalidate (SPEC 7, and a refused token's scope, SPEC 4): bumps the
+    /// generations `target` covers, O(1), and counts `invalidations_total{source}` for the
+    /// sources SPEC 9 names. Entries are not scanned: each lookup finds its own stamp outdated.
+    pub fn invalidate(&self, target: Target, source: Source) {
+        self.generations.bump(target);
+        if let Some(label) = source.metric() {
+            self.metrics.invalidation(label);
+        }
+    }
+
+    /// Carries out an admission decision for `key` (see [`admission`]) and returns the entry
+    /// to serve, if it made one. Stores are conditional on the decision's stamp, so what a
+    /// fetch that raced an invalidation built is not kept (it is still served to the requests
+    /// that were waiting on that fetch, which began before the invalidation).
+    pub fn apply(&self, key: CacheKey, admission: Admission) -> Option<Arc<Entry>> {
+        use admission::Pass;
+        match admission {
+            Admission::Store(entry)
+            | Admission::Refresh { entry, .. }
+            | Admission::KeepOlder(entry) => {
+                let entry = Arc::new(entry);
+                self.insert(key, entry.clone());
+                Some(entry)
+            }
+            Admission::Negative(entry) => {
+                // Removed first: the stored 200 goes even if the negative entry is not kept.
+                self.remove(&key);
+                let entry = Arc::new(entry);
+                self.insert(key, entry.clone());
+                Some(entry)
+            }
+            Admission::Remove | Admission::Pass(Pass::Supersedes) => {
+                self.remove(&key);
+                None
+            }
+            // The token's refusal (proxy) invalidates its scope through `invalidate`.
+            Admission::TokenRefused | Admission::Pass(Pass::Failure | Pass::Plain) => None,
+        }
     }
 
     /// A usable entry for `key`: present, not invalidated since its fetch began, and (for a
@@ -166,7 +221,7 @@ impl Store {
     /// never a wrong answer.
     pub fn lookup(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
-        if entry.stamp != self.stamp(key)
+        if !self.is_current(key, &entry)
             || (entry.is_negative() && entry.age(now) >= self.policy.negative_ttl)
         {
             self.entries.invalidate(key);
@@ -177,7 +232,7 @@ impl Store {
 
     /// Stores `entry` unless it was invalidated while it was being fetched.
     pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        if entry.stamp == self.stamp(&key) {
+        if self.is_current(&key, &entry) {
             self.entries.insert(key, entry);
         }
     }
@@ -187,23 +242,25 @@ impl Store {
         self.entries.invalidate(key);
     }
 
-    /// Removes every valid entry matching `pred` and returns how many (purge API: a scan is
-    /// fine for rare admin calls). Entries already dead by generation are removed uncounted.
-    pub fn purge(&self, pred: impl Fn(&CacheKey) -> bool) -> usize {
-        let keys: Vec<(CacheKey, u64)> = self
+    /// The purge API (SPEC 7.2): removes every valid entry `target` covers and returns how many
+    /// (a scan is fine for rare admin calls; entries already dead by generation are removed
+    /// uncounted), then invalidates `target` so that fetches in flight store nothing.
+    pub fn purge(&self, target: Target) -> usize {
+        let keys: Vec<CacheKey> = self
             .entries
             .iter()
-            .filter(|(k, _)| pred(k))
-            .map(|(k, v)| (*k, v.stamp))
+            .filter(|(k, _)| target.covers(k))
+            .map(|(k, _)| *k)
             .collect();
         let mut removed = 0;
-        for (key, _) in keys {
+        for key in keys {
             if let Some(v) = self.entries.remove(&key)
-                && v.stamp == self.stamp(&key)
+                && self.is_current(&key, &v)
             {
                 removed += 1;
             }
         }
+        self.invalidate(target, Source::Purge);
         removed
     }
 
@@ -265,7 +322,13 @@ mod tests {
         assert_eq!(store.usage().0, 1);
 
         // Invalidated by generation: gone from the store, counted as an explicit removal.
-        store.generations.bump_conversation(1, 42);
+        store.invalidate(
+            Target::Conversation {
+                account: 1,
+                conversation: 42,
+            },
+            Source::Write,
+        );
         assert!(store.lookup(&key, now).is_none());
         assert_eq!(store.usage(), (0, 0));
         assert!(explicit_evictions(&metrics).ends_with(" 1"));

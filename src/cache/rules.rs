@@ -1,7 +1,6 @@
 //! What may be stored (SPEC §5) and how entries are built from upstream answers.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
@@ -13,43 +12,7 @@ use tokio::time::Instant;
 use super::CachePolicy;
 use super::decimal::Decimal;
 use super::entry::{Entry, strong_etag_text};
-use crate::body::UpstreamBody;
-use crate::metrics::XCache;
-use crate::upstream::UpstreamError;
-
-/// The outcome of one upstream fetch on the conversation route, shared by every waiter.
-pub enum FetchResult {
-    /// An entry to render: freshly stored, refreshed by revalidation, or kept.
-    Entry {
-        entry: Arc<Entry>,
-        xcache: XCache,
-        /// The upstream status of the exchange (200, 304, 404 …).
-        fwd_status: u16,
-        /// `Cache-Status` detail, e.g. `older-upstream`.
-        detail: Option<&'static str>,
-        stored: bool,
-    },
-    /// An upstream answer that is not stored; forwarded as is.
-    Forward(Forwarded),
-    /// A 200 over `--max-object-bytes`: streamed to the first taker only.
-    TooLarge(Mutex<Option<LargeBody>>),
-    /// No usable upstream answer.
-    Failed(UpstreamError),
-}
-
-/// A complete upstream answer held in memory.
-pub struct Forwarded {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// An oversized upstream answer, already partly read.
-pub struct LargeBody {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: UpstreamBody,
-}
+use crate::invalidation::Stamp;
 
 /// What the storage check learned from a body.
 #[derive(Debug)]
@@ -319,7 +282,7 @@ pub fn positive_entry(
     upstream_headers: &HeaderMap,
     body: Bytes,
     probe: Probe,
-    stamp: u64,
+    stamp: Stamp,
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
@@ -367,7 +330,7 @@ pub fn negative_entry(
     status: StatusCode,
     upstream_headers: &HeaderMap,
     body: Bytes,
-    stamp: u64,
+    stamp: Stamp,
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
@@ -396,7 +359,7 @@ pub fn negative_entry(
 pub fn refreshed(
     prior: &Entry,
     not_modified: Option<&HeaderMap>,
-    stamp: u64,
+    stamp: Stamp,
     now: Instant,
 ) -> Entry {
     let (headers, upstream_etag, upstream_last_modified, weight) = match not_modified {
@@ -459,6 +422,11 @@ pub fn refreshed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    fn stamp() -> Stamp {
+        crate::invalidation::Generations::new().stamp(1, 42, crate::auth::Scope(7))
+    }
 
     #[test]
     fn only_matching_objects_are_storable() {
@@ -626,8 +594,8 @@ mod tests {
         let (head, _buf) = parsed_head(&fields);
         let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
         let p = probe(&body, 1, 42).unwrap();
-        let e = positive_entry(&head, body, p, 0, &policy, now);
-        let refreshed_entry = refreshed(&e, Some(&HeaderMap::new()), 1, now);
+        let e = positive_entry(&head, body, p, stamp(), &policy, now);
+        let refreshed_entry = refreshed(&e, Some(&HeaderMap::new()), stamp(), now);
         for entry in [&e, &refreshed_entry] {
             let later = now + std::time::Duration::from_secs(7);
             let mut resp = entry.render(later, HeaderValue::from_static("cs"), false, false);
@@ -673,7 +641,7 @@ mod tests {
         let (head, read_buf) = parsed_head(HEAD);
         let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
         let p = probe(&body, 1, 42).unwrap();
-        let e = positive_entry(&head, body, p, 0, &policy, now);
+        let e = positive_entry(&head, body, p, stamp(), &policy, now);
         assert_owns_values(&e, &read_buf);
         assert_eq!(e.upstream_etag.as_ref().unwrap(), HEAD[2].1);
         assert_eq!(e.upstream_last_modified.as_ref().unwrap(), HEAD[3].1);
@@ -690,7 +658,7 @@ mod tests {
             ("expires", "Tue, 09 Dec 2025 10:00:00 GMT"),
             ("etag", "W/\"fedcba9876543210fedcba9876543210\""),
         ]);
-        let r = refreshed(&e, Some(&nm), 1, now);
+        let r = refreshed(&e, Some(&nm), stamp(), now);
         assert_owns_values(&r, &nm_buf);
         assert_owns_values(&r, &read_buf);
         assert_eq!(r.headers["date"], "Tue, 09 Dec 2025 10:00:00 GMT");
@@ -712,7 +680,7 @@ mod tests {
         assert!(r.weight > e.weight);
 
         // An older upstream body: the prior's header block is shared as it is.
-        let kept = refreshed(&e, None, 2, now);
+        let kept = refreshed(&e, None, stamp(), now);
         assert_eq!(kept.weight, e.weight);
         assert_eq!(
             kept.headers["date"].as_bytes().as_ptr(),
@@ -725,7 +693,14 @@ mod tests {
         let (head, _) = parsed_head(HEAD);
         let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
         let p = probe(&body, 1, 42).unwrap();
-        let e = positive_entry(&head, body.clone(), p, 0, &test_policy(), Instant::now());
+        let e = positive_entry(
+            &head,
+            body.clone(),
+            p,
+            stamp(),
+            &test_policy(),
+            Instant::now(),
+        );
         let text: usize = e
             .headers
             .iter()
@@ -791,7 +766,7 @@ mod tests {
         // The last second httpdate can format still gets its Last-Modified.
         let body = Bytes::from_static(br#"{"id":9,"updated_at":253402300799.9}"#);
         let p = probe(&body, 1, 9).unwrap();
-        let e = positive_entry(&head, body, p, 0, &policy, now);
+        let e = positive_entry(&head, body, p, stamp(), &policy, now);
         assert_eq!(e.last_modified().unwrap(), "Fri, 31 Dec 9999 23:59:59 GMT");
         assert_eq!(e.last_modified_secs, Some(253402300799));
         assert_eq!(http_date(u64::MAX), None);

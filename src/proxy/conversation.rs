@@ -13,17 +13,49 @@ use tokio::time::Instant;
 
 use super::{Answer, Next, Proxy};
 use crate::body::{RequestBody, ResponseBody, UpstreamBody};
-use crate::cache::flight::Role;
-use crate::cache::rules::{
-    self, FetchResult, Forwarded, LargeBody, is_invalid_token_body, negative_entry, positive_entry,
-    refreshed,
+use crate::cache::admission::{
+    self, Admission, Admit, Confirmed, Pass, admit_oversized, is_encoded, is_upstream_failure,
 };
+use crate::cache::flight::Role;
 use crate::cache::{CacheKey, Entry, Freshness};
+use crate::invalidation::Stamp;
 use crate::metrics::{RevalidationOutcome, XCache};
 use crate::routing::RouteLabel;
-use crate::upstream::{
-    ClientInfo, UpstreamError, content_length, is_failure_status, strip_response_hop_by_hop,
-};
+use crate::upstream::{ClientInfo, UpstreamError, content_length, strip_response_hop_by_hop};
+
+/// The outcome of one upstream fetch on the conversation route, shared by every waiter.
+pub enum FetchResult {
+    /// An entry to render: freshly stored, refreshed by revalidation, or kept.
+    Entry {
+        entry: Arc<Entry>,
+        xcache: XCache,
+        /// The upstream status of the exchange (200, 304, 404 …).
+        fwd_status: u16,
+        /// `Cache-Status` detail, e.g. `older-upstream`.
+        detail: Option<&'static str>,
+        stored: bool,
+    },
+    /// An upstream answer that is not stored; forwarded as is.
+    Forward(Forwarded),
+    /// A 200 over `--max-object-bytes`: streamed to the first taker only.
+    TooLarge(std::sync::Mutex<Option<LargeBody>>),
+    /// No usable upstream answer.
+    Failed(UpstreamError),
+}
+
+/// A complete upstream answer held in memory.
+pub struct Forwarded {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An oversized upstream answer, already partly read.
+pub struct LargeBody {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: UpstreamBody,
+}
 
 impl Proxy {
     /// The conversation route as far as the store can answer it: a fresh entry (`HIT`), a
@@ -127,7 +159,7 @@ impl Proxy {
                 answer
             }
             FetchResult::Forward(fwd) => {
-                if is_failure_status(fwd.status)
+                if is_upstream_failure(fwd.status)
                     && let Some(stale) = prior
                         .as_ref()
                         .filter(|e| self.store.policy.usable_if_error(e, now))
@@ -197,10 +229,10 @@ impl Proxy {
         // rejected by the store instead of pinning pre-write data under the new stamp.
         let stamp = prior
             .as_ref()
-            .map_or_else(|| self.store.stamp(&key), |p| p.stamp);
-        self.store.flights.join_or_start(
+            .map_or_else(|| self.store.stamp(&key), |p| p.stamp.clone());
+        self.flights.join_or_start(
             key,
-            stamp,
+            stamp.clone(),
             || {
                 let upstream_req = self.fetch_request(req, client);
                 let proxy = Arc::clone(self);
@@ -263,13 +295,14 @@ impl Proxy {
         Ok(r)
     }
 
-    /// One upstream exchange for `key`, applying the storage and revalidation rules.
+    /// One upstream exchange for `key`: sends it, reads the answer within the deadline and
+    /// `--max-object-bytes`, and applies what [`admission::admit`] decides through the store.
     async fn fetch(
         self: Arc<Self>,
         key: CacheKey,
         mut req: Request<RequestBody>,
         prior: Option<Arc<Entry>>,
-        stamp: u64,
+        stamp: Stamp,
     ) -> FetchResult {
         if let Some(p) = &prior {
             if let Some(etag) = &p.upstream_etag {
@@ -281,11 +314,6 @@ impl Proxy {
                     .insert(header::IF_MODIFIED_SINCE, lm.clone());
             }
         }
-        let revalidation = |outcome| {
-            if prior.is_some() {
-                self.metrics.revalidation(outcome);
-            }
-        };
         // A failed revalidation: counted, and remembered on the entry for a short backoff.
         let failed = |fwd_status: u16| {
             if let Some(p) = &prior {
@@ -296,15 +324,6 @@ impl Proxy {
                     self.store.policy.failure_backoff(),
                     self.upstream.breaker().recoveries(),
                 );
-            }
-        };
-        // The upstream answered, but with something that is neither stored nor a failure
-        // (a 403, a 3xx, a 200 that is not storable): the stored entry no longer describes
-        // what Chatwoot says, so it must not keep being served (not even as stale).
-        let superseded = || {
-            if prior.is_some() {
-                self.store.remove(&key);
-                self.metrics.revalidation(RevalidationOutcome::Changed);
             }
         };
         let start = Instant::now();
@@ -329,32 +348,26 @@ impl Proxy {
         let timeout = self.upstream.timeout();
         let body = UpstreamBody::new(incoming, timeout, exchange.permit);
         let deadline = start + timeout;
-        let policy = &self.store.policy;
-        let max = policy.max_object_bytes;
+        let max = self.store.policy.max_object_bytes;
 
+        let oversized = |body: UpstreamBody, headers: HeaderMap| {
+            let decision = admit_oversized(prior.is_some(), status);
+            self.apply(key, decision, status, prior.is_some(), &failed);
+            FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
+                status,
+                headers,
+                body,
+            })))
+        };
         if status == StatusCode::OK
             && !is_encoded(&headers)
             && content_length(&headers).is_some_and(|n| n > max)
         {
-            superseded();
-            return FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
-                status,
-                headers,
-                body,
-            })));
+            return oversized(body, headers);
         }
         let bytes = match collect_limited(body, max, deadline).await {
             Ok(b) => b,
-            Err(Collect::TooLarge(body)) => {
-                if !is_failure_status(status) {
-                    superseded();
-                }
-                return FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
-                    status,
-                    headers,
-                    body,
-                })));
-            }
+            Err(Collect::TooLarge(body)) => return oversized(body, headers),
             Err(Collect::Timeout) => {
                 let e = UpstreamError::Timeout;
                 failed(e.fwd_status());
@@ -375,130 +388,73 @@ impl Proxy {
         if let Some(c) = completion {
             c.finish(Ok(()));
         }
-        let now = Instant::now();
-
-        if status == StatusCode::NOT_MODIFIED
-            && let Some(prior) = prior.as_deref()
-        {
-            let entry = Arc::new(refreshed(prior, Some(&headers), stamp, now));
-            self.store.insert(key, entry.clone());
-            revalidation(RevalidationOutcome::NotModified);
-            return FetchResult::Entry {
-                entry,
-                xcache: XCache::Revalidated,
-                fwd_status: 304,
-                detail: None,
-                stored: true,
-            };
-        }
-        match status {
-            StatusCode::OK if !is_encoded(&headers) => {
-                let Some(probe) = rules::probe(&bytes, key.account, key.conversation) else {
-                    superseded();
-                    return FetchResult::Forward(Forwarded {
-                        status,
-                        headers,
-                        body: bytes,
-                    });
-                };
-                if let Some(prior) = prior.as_deref() {
-                    if let (Some(old), Some(new)) = (&prior.updated_at, &probe.updated_at)
-                        && new < old
-                    {
-                        // updated_at only moves forward: keep the newer stored body.
-                        let entry = Arc::new(refreshed(prior, None, stamp, now));
-                        self.store.insert(key, entry.clone());
-                        revalidation(RevalidationOutcome::Older);
-                        tracing::info!(
-                            account = key.account,
-                            conversation = key.conversation,
-                            "upstream sent an older updated_at; kept the stored entry"
-                        );
-                        return FetchResult::Entry {
-                            entry,
-                            xcache: XCache::Revalidated,
-                            fwd_status: 200,
-                            detail: Some("older-upstream"),
-                            stored: true,
-                        };
-                    }
-                    if prior.updated_at == probe.updated_at && prior.body == bytes {
-                        let entry =
-                            Arc::new(positive_entry(&headers, bytes, probe, stamp, policy, now));
-                        self.store.insert(key, entry.clone());
-                        revalidation(RevalidationOutcome::Unchanged);
-                        return FetchResult::Entry {
-                            entry,
-                            xcache: XCache::Revalidated,
-                            fwd_status: 200,
-                            detail: None,
-                            stored: true,
-                        };
-                    }
-                    revalidation(RevalidationOutcome::Changed);
-                }
-                let entry = Arc::new(positive_entry(&headers, bytes, probe, stamp, policy, now));
-                self.store.insert(key, entry.clone());
-                FetchResult::Entry {
-                    entry,
-                    xcache: XCache::Miss,
-                    fwd_status: 200,
-                    detail: None,
-                    stored: true,
-                }
-            }
-            StatusCode::UNAUTHORIZED if is_invalid_token_body(&bytes) => {
-                revalidation(RevalidationOutcome::Changed);
-                self.token_refused(key.scope);
-                FetchResult::Forward(Forwarded {
-                    status,
-                    headers,
-                    body: bytes,
-                })
-            }
-            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED => {
-                // This user may not see this conversation (or it is gone): remember that for
-                // --negative-ttl, and never keep serving an older 200 for the key.
-                revalidation(RevalidationOutcome::Changed);
-                if policy.negative_ttl.is_zero() {
-                    self.store.remove(&key);
-                    return FetchResult::Forward(Forwarded {
-                        status,
-                        headers,
-                        body: bytes,
-                    });
-                }
-                let entry = Arc::new(negative_entry(status, &headers, bytes, stamp, policy, now));
-                self.store.remove(&key);
-                self.store.insert(key, entry.clone());
-                FetchResult::Entry {
-                    entry,
-                    xcache: XCache::Miss,
-                    fwd_status: status.as_u16(),
-                    detail: None,
-                    stored: true,
-                }
-            }
-            _ => {
-                if is_failure_status(status) {
-                    failed(status.as_u16());
-                } else {
-                    superseded();
-                }
-                FetchResult::Forward(Forwarded {
-                    status,
-                    headers,
-                    body: bytes,
-                })
-            }
+        let at = Admit {
+            key: &key,
+            prior: prior.as_deref(),
+            stamp: &stamp,
+            policy: &self.store.policy,
+            now: Instant::now(),
+        };
+        let decision = admission::admit(&at, status, &headers, &bytes);
+        match self.apply(key, decision, status, prior.is_some(), &failed) {
+            Some(result) => result,
+            None => FetchResult::Forward(Forwarded {
+                status,
+                headers,
+                body: bytes,
+            }),
         }
     }
-}
 
-fn is_encoded(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    /// Applies an admission decision: the store's part through [`crate::cache::Store::apply`],
+    /// the proxy's (token refusal, revalidation metrics, the failure backoff) here. Returns the
+    /// entry to render, or `None` when the answer is forwarded as it is.
+    fn apply(
+        &self,
+        key: CacheKey,
+        decision: Admission,
+        status: StatusCode,
+        revalidating: bool,
+        failed: &dyn Fn(u16),
+    ) -> Option<FetchResult> {
+        if matches!(decision, Admission::Pass(Pass::Failure)) {
+            failed(status.as_u16());
+        } else if revalidating {
+            self.metrics.revalidation(decision.revalidation());
+        }
+        let (xcache, detail) = match &decision {
+            Admission::Store(_) | Admission::Negative(_) => (XCache::Miss, None),
+            Admission::Refresh { .. } => (XCache::Revalidated, None),
+            Admission::KeepOlder(_) => {
+                tracing::info!(
+                    account = key.account,
+                    conversation = key.conversation,
+                    "upstream sent an older updated_at; kept the stored entry"
+                );
+                (XCache::Revalidated, Some("older-upstream"))
+            }
+            Admission::TokenRefused => {
+                self.token_refused(key.scope);
+                (XCache::Miss, None)
+            }
+            Admission::Remove | Admission::Pass(_) => (XCache::Miss, None),
+        };
+        let fwd_status = match &decision {
+            Admission::Refresh {
+                how: Confirmed::NotModified,
+                ..
+            } => 304,
+            _ => status.as_u16(),
+        };
+        let entry = self.store.apply(key, decision)?;
+        Some(FetchResult::Entry {
+            entry,
+            xcache,
+            fwd_status,
+            detail,
+            stored: true,
+        })
+    }
 }
 
 enum Collect {

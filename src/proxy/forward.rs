@@ -18,7 +18,8 @@ use crate::auth::Scope;
 use crate::body::{Progress, RequestBody, ResponseBody, UpstreamBody};
 use crate::cache::rules::is_invalid_token_body;
 use crate::error::LocalError;
-use crate::metrics::{InvalidationSource, XCache};
+use crate::invalidation::{Source, Target};
+use crate::metrics::XCache;
 use crate::routing::{self, Route, WriteTarget};
 use crate::upstream::{ClientInfo, UpstreamError, strip_response_hop_by_hop};
 
@@ -179,23 +180,27 @@ impl Proxy {
             Some(WriteTarget::Conversation {
                 account,
                 conversation,
-            }) => {
-                self.invalidate_conversation(account, conversation);
-                self.metrics.invalidation(InvalidationSource::Write);
-            }
-            Some(WriteTarget::Account { account }) => {
-                self.invalidate_account(account);
-                self.metrics.invalidation(InvalidationSource::Write);
-            }
+            }) => self.store.invalidate(
+                Target::Conversation {
+                    account,
+                    conversation,
+                },
+                Source::Write,
+            ),
+            Some(WriteTarget::Account { account }) => self
+                .store
+                .invalidate(Target::Account(account), Source::Write),
             None => {}
         }
     }
 
     /// The upstream called this token invalid: refuse it locally for a while and drop every
-    /// entry stored under its scope.
+    /// entry stored under its scope — only those (SPEC 10: random tokens cost other tokens'
+    /// entries nothing; see [`crate::invalidation`]).
     pub(crate) fn token_refused(&self, scope: Scope) {
         self.invalid_tokens.insert(scope);
-        self.store.generations.bump_scope(scope);
+        self.store
+            .invalidate(Target::Scope(scope), Source::TokenRefused);
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::access_log::AccessGuard;
 use crate::auth::{self, Credentials, InvalidTokens, ScopeMemo, Scoper, TokenHeader};
 use crate::body::ResponseBody;
+use crate::cache::flight::Flights;
 use crate::cache::{CacheKey, CachePolicy, Store};
 use crate::config::Config;
 use crate::error::LocalError;
@@ -46,6 +47,8 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub store: Store,
+    /// Concurrent fetches of one key share one upstream request (SPEC 5 coalescing).
+    flights: Flights<conversation::FetchResult>,
     token_header: TokenHeader,
     scoper: Scoper,
     invalid_tokens: InvalidTokens,
@@ -167,6 +170,7 @@ impl Proxy {
             upstream,
             metrics,
             store,
+            flights: Flights::default(),
         }))
     }
 
@@ -280,17 +284,5 @@ impl Proxy {
     fn reject(&self, err: LocalError, reason: AuthRejection) -> Answer {
         self.metrics.auth_rejection(reason);
         Answer::local(err, self.token_header_name())
-    }
-
-    /// Invalidates (a, c) for every scope (write-through, webhook).
-    pub fn invalidate_conversation(&self, account: u64, conversation: u64) {
-        self.store
-            .generations
-            .bump_conversation(account, conversation);
-    }
-
-    /// Invalidates every entry of account `a`.
-    pub fn invalidate_account(&self, account: u64) {
-        self.store.generations.bump_account(account);
     }
 }

@@ -594,7 +594,32 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<FakeBody>
         (_, "/upload") => upload(&state, req).await,
         (Method::GET, "/cable") => cable(req),
         (_, p) if p.starts_with("/api/v1/accounts/") => account_api(state, req).await,
+        (Method::GET, "/api/v1/profile") => profile(&state, &req),
         _ => json_error(404, r#"{"error":"Resource could not be found"}"#),
+    }
+}
+
+/// `GET /api/v1/profile` (Chatwoot's `ProfilesController#show`): the token's user, or the
+/// answer Chatwoot gives a token it does not know.
+fn profile(state: &State, req: &Request<Incoming>) -> Response<FakeBody> {
+    let Some(token) = token_of(req.headers()) else {
+        return json_error(
+            401,
+            r#"{"errors":["You need to sign in or sign up before continuing."]}"#,
+        );
+    };
+    match state.tokens.lock().unwrap().get(&token) {
+        None => json_error(401, r#"{"error":"Invalid Access Token"}"#),
+        Some(TokenKind::User { name, .. }) => full(
+            200,
+            "application/json; charset=utf-8",
+            serde_json::json!({ "id": 1, "name": name }).to_string(),
+        ),
+        Some(TokenKind::Bot) => full(
+            200,
+            "application/json; charset=utf-8",
+            r#"{"id":2,"name":"bot"}"#,
+        ),
     }
 }
 
