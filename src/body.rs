@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -214,11 +214,13 @@ impl Body for UpstreamBody {
     }
 }
 
-/// When a streamed request body last made progress, shared with the upstream deadline.
+/// When a streamed request body last made progress, shared with the upstream deadline, and
+/// whether it failed on the client's side (a stalled or cut-off upload is no upstream failure).
 #[derive(Debug)]
 pub struct Progress {
     base: Instant,
     last_ms: AtomicU64,
+    client_failed: AtomicBool,
 }
 
 impl Progress {
@@ -226,7 +228,17 @@ impl Progress {
         Arc::new(Progress {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
+            client_failed: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the client's body stalled or broke off.
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Acquire)
+    }
+
+    fn fail(&self) {
+        self.client_failed.store(true, Ordering::Release);
     }
 
     fn touch(&self) {
@@ -286,6 +298,9 @@ impl Body for RequestBody {
                 stall,
             } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(res) => {
+                    if matches!(res, Some(Err(_))) {
+                        progress.fail();
+                    }
                     progress.touch();
                     if let Some(s) = stall.as_mut() {
                         s.as_mut().reset(Instant::now() + *idle);
@@ -296,6 +311,7 @@ impl Body for RequestBody {
                     let idle = *idle;
                     let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                     ready!(timer.as_mut().poll(cx));
+                    progress.fail();
                     Poll::Ready(Some(Err(Box::new(ClientBodyStalled(idle)))))
                 }
             },

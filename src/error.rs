@@ -25,6 +25,8 @@ pub enum LocalError {
     BadGateway,
     /// A request the proxy refuses to forward (e.g. `CONNECT`).
     MethodNotAllowed,
+    /// The client's upload stalled (or fell below the minimum rate) and was abandoned.
+    RequestTimeout,
 }
 
 impl LocalError {
@@ -37,6 +39,7 @@ impl LocalError {
             LocalError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             LocalError::BadGateway => StatusCode::BAD_GATEWAY,
             LocalError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            LocalError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -50,6 +53,7 @@ impl LocalError {
             LocalError::Timeout => "upstream_timeout",
             LocalError::BadGateway => "bad_gateway",
             LocalError::MethodNotAllowed => "method_not_allowed",
+            LocalError::RequestTimeout => "request_timeout",
         }
     }
 
@@ -63,6 +67,7 @@ impl LocalError {
             LocalError::Timeout => "Chatwoot did not answer in time".to_string(),
             LocalError::BadGateway => "Chatwoot could not be reached or answered invalidly".into(),
             LocalError::MethodNotAllowed => "Method not supported by the proxy".to_string(),
+            LocalError::RequestTimeout => "The request body stopped arriving".to_string(),
         }
     }
 
@@ -72,6 +77,7 @@ impl LocalError {
                 token_header
             }
             LocalError::MethodNotAllowed => "method",
+            LocalError::RequestTimeout => "body",
             _ => "upstream",
         }
     }

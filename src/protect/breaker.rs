@@ -6,7 +6,15 @@
 //! - **Open** for `--breaker-open` (or an upstream `Retry-After`, whichever is longer): every
 //!   request is rejected locally with the time left.
 //! - **HalfOpen**: exactly one request (the probe) goes through. Success closes the breaker;
-//!   failure reopens it for twice the previous period, up to 60 s.
+//!   failure reopens it for twice the previous period, up to 60 s. Only the upstream decides a
+//!   probe: the caller runs it to completion even when its client goes away (see
+//!   [`crate::upstream::Upstream::send`]), and a probe whose outcome never arrives is not
+//!   counted, so clients cannot keep the breaker open by abandoning probes.
+//!
+//! A `429` ([`Outcome::Throttled`]) is Chatwoot throttling one client, not an unhealthy
+//! upstream: it is not counted in the window at all (neither a failure that one throttled
+//! client could open the breaker with, nor a success that would hide everyone else's
+//! failures), and as a probe's answer it closes the breaker — the application answered.
 //!
 //! Completions that were admitted before the breaker opened are ignored once it has (their
 //! [`Ticket`] carries the epoch they were admitted in), so late stragglers cannot close it.
@@ -43,10 +51,12 @@ pub enum BreakerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    /// Connect error, timeout, garbage, 500/502/503/504, 429. `retry_after` from a 429/503.
+    /// Connect error, timeout, garbage, 500/502/503/504. `retry_after` from a 503.
     Failure {
         retry_after: Option<Duration>,
     },
+    /// A `429`: the upstream is up and throttling one client (SPEC §6).
+    Throttled,
 }
 
 /// Whether a request may go upstream.
@@ -61,24 +71,22 @@ pub enum Admission {
 
 /// Proof of admission; report the outcome with [`Breaker::record`].
 ///
-/// A probe ticket dropped without a result frees the probe slot for the next request if the
-/// probe never went out (shed while queueing). Once it was sent ([`Ticket::mark_sent`]), a drop
-/// (the client hung up before the upstream answered) counts as a failed probe: otherwise
-/// impatient clients would turn every request into a probe and the open period would never
-/// double.
+/// A probe ticket dropped without a result (shed while queueing, or its exchange cancelled)
+/// is not counted: it frees the probe slot for the next request. It is never a failure, or a
+/// client hanging up could keep the breaker open; the caller runs sent probes to completion
+/// so that impatient clients cannot turn every request into a probe either.
 #[derive(Debug)]
 pub struct Ticket {
     epoch: u64,
     probe: bool,
-    sent: bool,
     recorded: bool,
     breaker: Option<std::sync::Weak<Breaker>>,
 }
 
 impl Ticket {
-    /// The request is on its way to the upstream.
-    pub fn mark_sent(&mut self) {
-        self.sent = true;
+    /// Whether this request is the half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
     }
 }
 
@@ -88,11 +96,7 @@ impl Drop for Ticket {
             && !self.recorded
             && let Some(b) = self.breaker.take().and_then(|w| w.upgrade())
         {
-            if self.sent {
-                b.probe_abandoned(self.epoch);
-            } else {
-                b.release_probe(self.epoch);
-            }
+            b.release_probe(self.epoch);
         }
     }
 }
@@ -213,7 +217,6 @@ impl Breaker {
         Ticket {
             epoch,
             probe,
-            sent: false,
             recorded: false,
             breaker: probe.then(|| self.me.clone()),
         }
@@ -248,13 +251,15 @@ impl Breaker {
             (State::HalfOpen { period, .. }, true) => {
                 let period = *period;
                 match outcome {
-                    Outcome::Success => self.close(&mut inner),
+                    Outcome::Success | Outcome::Throttled => self.close(&mut inner),
                     Outcome::Failure { retry_after } => {
                         let next = (period * 2).min(MAX_OPEN);
                         self.open(&mut inner, now, next, retry_after);
                     }
                 }
             }
+            // One client's throttling says nothing about the upstream's health.
+            (State::Closed, false) if outcome == Outcome::Throttled => {}
             (State::Closed, false) => {
                 let failed = matches!(outcome, Outcome::Failure { .. });
                 let bucket = self.bucket(&mut inner, now);
@@ -267,25 +272,13 @@ impl Breaker {
                     {
                         let retry_after = match outcome {
                             Outcome::Failure { retry_after } => retry_after,
-                            Outcome::Success => None,
+                            Outcome::Success | Outcome::Throttled => None,
                         };
                         self.open(&mut inner, now, self.cfg.open, retry_after);
                     }
                 }
             }
             _ => {}
-        }
-    }
-
-    /// A sent probe whose outcome will never be known: treated as a failed probe.
-    fn probe_abandoned(&self, epoch: u64) {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        if inner.epoch == epoch
-            && let State::HalfOpen { period, .. } = inner.state
-        {
-            let next = (period * 2).min(MAX_OPEN);
-            self.open(&mut inner, now, next, None);
         }
     }
 
@@ -544,23 +537,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_abandoned_sent_probe_reopens_with_doubled_period() {
+    async fn an_abandoned_probe_is_not_counted() {
         let b = breaker(1);
         run(&b, FAIL);
         tokio::time::advance(Duration::from_secs(5)).await;
-        let mut probe = match b.admit() {
+        let probe = match b.admit() {
             Admission::Allowed(t) => t,
             other => panic!("{other:?}"),
         };
-        probe.mark_sent();
         drop(probe);
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "neither reopened nor closed"
+        );
+        // The next request is the probe at once; the open period did not double.
+        let probe = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        b.record(probe, FAIL);
         match b.admit() {
             Admission::Rejected { retry_after } => {
                 assert_eq!(retry_after, Duration::from_secs(10))
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_neither_opens_nor_hides_failures() {
+        let b = breaker(4);
+        for _ in 0..100 {
+            assert!(run(&b, Outcome::Throttled));
+        }
+        assert_eq!(b.state(), BreakerState::Closed, "429s are not failures");
+        // Nor do they dilute real failures: 4 failures among 100 429s still open it.
+        for _ in 0..4 {
+            run(&b, FAIL);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        // A probe answered 429 reached a live application: closed.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(run(&b, Outcome::Throttled));
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

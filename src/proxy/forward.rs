@@ -93,7 +93,7 @@ impl Proxy {
             .send(
                 route.label(),
                 upstream_req,
-                progress.as_deref(),
+                progress.as_ref(),
                 upgrade,
                 false,
             )
@@ -101,8 +101,10 @@ impl Proxy {
         {
             Ok(x) => x,
             Err(e) => {
-                // Never sent (shed, breaker, connect failure): nothing can have committed.
-                if (e.is_local() || matches!(e, UpstreamError::Connect(_)))
+                // Never sent (shed, breaker, connect failure), or sent without its whole body
+                // (Puma reads a body whole before Rails sees it): nothing can have committed.
+                if (e.is_local()
+                    || matches!(e, UpstreamError::Connect(_) | UpstreamError::ClientAborted))
                     && let Some(w) = write.as_mut()
                 {
                     w.armed = false;

@@ -46,6 +46,9 @@ pub enum UpstreamError {
     Shed,
     #[error("circuit breaker open")]
     BreakerOpen { retry_after: Duration },
+    /// The client's request body stalled or broke off: the client's doing, not the upstream's.
+    #[error("the client abandoned its upload")]
+    ClientAborted,
 }
 
 impl UpstreamError {
@@ -54,6 +57,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) | UpstreamError::BadResponse(_) => LocalError::BadGateway,
             UpstreamError::Timeout => LocalError::Timeout,
+            UpstreamError::ClientAborted => LocalError::RequestTimeout,
             UpstreamError::Shed => LocalError::Unavailable { retry_after: 1 },
             UpstreamError::BreakerOpen { retry_after } => LocalError::Unavailable {
                 retry_after: protect::retry_after_secs(*retry_after),
@@ -124,6 +128,109 @@ impl Drop for Completion {
     fn drop(&mut self) {
         let outcome = self.header_outcome;
         self.record(outcome, true);
+    }
+}
+
+/// An admitted request on its way to the upstream: what is needed to record its outcome.
+struct Sent {
+    route: RouteLabel,
+    ticket: Ticket,
+    permit: UpstreamPermit,
+    start: Instant,
+    upgrade: bool,
+    defer_outcome: bool,
+}
+
+impl Sent {
+    /// Records the exchange (now, or through a [`Completion`]) and hands out its response.
+    fn conclude(
+        self,
+        breaker: &Arc<Breaker>,
+        metrics: &Arc<Metrics>,
+        result: Result<Response<PooledBody>, UpstreamError>,
+        progress: Option<&Progress>,
+    ) -> Result<Exchange, UpstreamError> {
+        let Sent {
+            route,
+            ticket,
+            permit,
+            start,
+            upgrade,
+            defer_outcome,
+        } = self;
+        let elapsed = start.elapsed().as_secs_f64();
+        match result {
+            Ok(response) => {
+                let status = response.status();
+                let outcome = breaker_outcome(status, response.headers());
+                // An upgraded tunnel may live for hours; it must not hold a request slot.
+                let permit = (!upgrade).then_some(permit);
+                let completion = if defer_outcome {
+                    Some(Completion {
+                        ticket: Some(ticket),
+                        route,
+                        start,
+                        status,
+                        header_outcome: outcome,
+                        breaker: breaker.clone(),
+                        metrics: metrics.clone(),
+                    })
+                } else {
+                    metrics.observe_upstream(route, Some(status.as_u16()), elapsed);
+                    breaker.record(ticket, outcome);
+                    None
+                };
+                Ok(Exchange {
+                    response,
+                    permit,
+                    completion,
+                })
+            }
+            Err(e) if progress.is_some_and(|p| p.client_failed()) => {
+                // The client's own upload broke (stalled or cut off): says nothing about the
+                // upstream, so the breaker does not hear of it (a probe is released).
+                metrics.observe_upstream(route, None, elapsed);
+                drop(ticket);
+                tracing::info!(route = route.as_str(), error = %e, "client upload abandoned");
+                Err(UpstreamError::ClientAborted)
+            }
+            Err(e) => {
+                metrics.observe_upstream(route, None, elapsed);
+                breaker.record(ticket, Outcome::Failure { retry_after: None });
+                tracing::warn!(route = route.as_str(), error = %e, "upstream request failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends `req` on the pool and waits for its response head, within the upstream deadline.
+async fn await_response(
+    pool: &Arc<Pool>,
+    timeout: Duration,
+    req: Request<RequestBody>,
+    upgrade: bool,
+    start: Instant,
+    progress: Option<&Progress>,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    // Built here rather than passed in, so the exchange future is not moved once more.
+    let fut = pool.send(req, upgrade);
+    tokio::pin!(fut);
+    let mut deadline = start + timeout;
+    loop {
+        tokio::select! {
+            res = &mut fut => return res.map_err(classify_client_error),
+            _ = tokio::time::sleep_until(deadline) => {
+                // A request body still uploading (or finished recently) moves the deadline:
+                // the timeout measures upstream silence, not the size of the upload.
+                match progress {
+                    Some(p) if p.last() + timeout > Instant::now() => {
+                        deadline = p.last() + timeout;
+                    }
+                    _ => return Err(UpstreamError::Timeout),
+                }
+            }
+        }
     }
 }
 
@@ -267,11 +374,15 @@ impl Upstream {
     /// `progress` lets a still-uploading request body extend the deadline. With
     /// `defer_outcome`, the breaker and the upstream metrics hear about the exchange only when
     /// the returned [`Completion`] is finished (after the caller read the body).
+    ///
+    /// The half-open probe runs in a task of its own: only the upstream decides a probe
+    /// (SPEC §6), so a client that hangs up does not cancel it, and its outcome is recorded
+    /// whether or not anyone still waits for it.
     pub async fn send(
         &self,
         route: RouteLabel,
         req: Request<RequestBody>,
-        progress: Option<&Progress>,
+        progress: Option<&Arc<Progress>>,
         upgrade: bool,
         defer_outcome: bool,
     ) -> Result<Exchange, UpstreamError> {
@@ -291,83 +402,48 @@ impl Upstream {
         };
         // The breaker may have opened while this request waited for a slot (behind the very
         // failures that opened it): then it must not go out now, except as the probe.
-        let mut ticket = match self.breaker.recheck(ticket) {
+        let ticket = match self.breaker.recheck(ticket) {
             Admission::Allowed(t) => t,
             Admission::Rejected { retry_after } => {
                 self.metrics.shed(ShedReason::BreakerOpen);
                 return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
-        ticket.mark_sent();
-        let start = Instant::now();
-        let result = self.await_response(req, upgrade, start, progress).await;
-        let elapsed = start.elapsed().as_secs_f64();
-        match result {
-            Ok(response) => {
-                let status = response.status();
-                let outcome = breaker_outcome(status, response.headers());
-                // An upgraded tunnel may live for hours; it must not hold a request slot.
-                let permit = (!upgrade).then_some(permit);
-                let completion = if defer_outcome {
-                    Some(Completion {
-                        ticket: Some(ticket),
-                        route,
-                        start,
-                        status,
-                        header_outcome: outcome,
-                        breaker: self.breaker.clone(),
-                        metrics: self.metrics.clone(),
-                    })
-                } else {
-                    self.metrics
-                        .observe_upstream(route, Some(status.as_u16()), elapsed);
-                    self.breaker.record(ticket, outcome);
-                    None
-                };
-                Ok(Exchange {
-                    response,
-                    permit,
-                    completion,
-                })
-            }
-            Err(e) => {
-                self.metrics.observe_upstream(route, None, elapsed);
-                self.breaker
-                    .record(ticket, Outcome::Failure { retry_after: None });
-                tracing::warn!(route = route.as_str(), error = %e, "upstream request failed");
-                Err(e)
-            }
+        let sent = Sent {
+            route,
+            ticket,
+            permit,
+            start: Instant::now(),
+            upgrade,
+            defer_outcome,
+        };
+        if sent.ticket.is_probe() {
+            let pool = self.pool.clone();
+            let timeout = self.timeout;
+            let progress = progress.cloned();
+            let breaker = self.breaker.clone();
+            let metrics = self.metrics.clone();
+            let probe = tokio::spawn(async move {
+                let result = await_response(
+                    &pool,
+                    timeout,
+                    req,
+                    upgrade,
+                    sent.start,
+                    progress.as_deref(),
+                )
+                .await;
+                sent.conclude(&breaker, &metrics, result, progress.as_deref())
+            });
+            return probe
+                .await
+                .unwrap_or_else(|e| Err(UpstreamError::BadResponse(format!("probe task: {e}"))));
         }
+        let progress = progress.map(|p| &**p);
+        let result =
+            await_response(&self.pool, self.timeout, req, upgrade, sent.start, progress).await;
+        sent.conclude(&self.breaker, &self.metrics, result, progress)
     }
-
-    async fn await_response(
-        &self,
-        req: Request<RequestBody>,
-        upgrade: bool,
-        start: Instant,
-        progress: Option<&Progress>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        // Built here rather than passed in, so the exchange future is not moved once more.
-        let fut = self.pool.send(req, upgrade);
-        tokio::pin!(fut);
-        let mut deadline = start + self.timeout;
-        loop {
-            tokio::select! {
-                res = &mut fut => return res.map_err(classify_client_error),
-                _ = tokio::time::sleep_until(deadline) => {
-                    // A request body still uploading (or finished recently) moves the deadline:
-                    // the timeout measures upstream silence, not the size of the upload.
-                    match progress {
-                        Some(p) if p.last() + self.timeout > Instant::now() => {
-                            deadline = p.last() + self.timeout;
-                        }
-                        _ => return Err(UpstreamError::Timeout),
-                    }
-                }
-            }
-        }
-    }
-
     /// Builds the upstream request: same method, path, query and end-to-end headers in order;
     /// hop-by-hop headers dropped; `X-Forwarded-*` set; `Host` = upstream authority. Copies the
     /// client's headers (see [`Upstream::request_owned`] for the pass-through fast path).
@@ -623,7 +699,9 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// Whether an upstream answer counts against the breaker.
 fn breaker_outcome(status: StatusCode, headers: &HeaderMap) -> Outcome {
     match status.as_u16() {
-        429 | 503 => Outcome::Failure {
+        // Rack-attack throttling one client (SPEC §6): never a failure.
+        429 => Outcome::Throttled,
+        503 => Outcome::Failure {
             retry_after: protect::parse_retry_after(headers),
         },
         500 | 502 | 504 => Outcome::Failure { retry_after: None },
@@ -742,10 +820,10 @@ mod tests {
             breaker_outcome(StatusCode::BAD_GATEWAY, &h),
             Outcome::Failure { .. }
         ));
-        assert!(matches!(
+        assert_eq!(
             breaker_outcome(StatusCode::TOO_MANY_REQUESTS, &h),
-            Outcome::Failure { .. }
-        ));
+            Outcome::Throttled
+        );
         assert_eq!(
             breaker_outcome(StatusCode::NOT_IMPLEMENTED, &h),
             Outcome::Success
