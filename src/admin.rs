@@ -130,12 +130,13 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
 }
 
 async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody> {
-    let Some(secret) = proxy.config.webhook_secret.clone() else {
+    let secrets = proxy.config.webhook_verifier();
+    if !secrets.is_enabled() {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "webhook disabled (no --webhook-secret)"}),
         );
-    };
+    }
     let path = req.uri().path().to_string();
     let Some(account) = path
         .strip_prefix("/webhooks/chatwoot/accounts/")
@@ -150,7 +151,7 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
         q.split('&').any(|pair| {
             pair.strip_prefix("secret=").is_some_and(|v| {
                 let v = crate::routing::percent_decode(v);
-                invalidation::secrets_equal(v.as_bytes(), secret.as_bytes())
+                secrets.matches_secret(account, v.as_bytes())
             })
         })
     });
@@ -189,8 +190,8 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if let Err(e) = invalidation::verify_signature(
-            &secret,
+        if let Err(e) = secrets.verify(
+            account,
             timestamp.as_deref(),
             signature.as_deref(),
             &body,

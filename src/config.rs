@@ -16,6 +16,8 @@ use clap::{ArgMatches, CommandFactory, Parser};
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, Uri};
 
+use crate::invalidation::WebhookSecrets;
+
 /// Command-line surface. Every value is a string here; typed parsing is in [`Config`].
 #[derive(Parser, Debug)]
 #[command(
@@ -213,7 +215,12 @@ pub struct Cli {
     )]
     pub admin_token: Option<String>,
 
-    /// Enables and verifies Chatwoot webhook invalidation
+    /// --admin-token read from a file (a mounted Secret: rotates without a restart)
+    #[arg(long, env = "CHATWOOT_CACHE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<String>,
+
+    /// Enables and verifies Chatwoot webhook invalidation; for accounts not in
+    /// --webhook-secrets-file
     #[arg(
         long,
         env = "CHATWOOT_CACHE_WEBHOOK_SECRET",
@@ -221,6 +228,15 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub webhook_secret: Option<String>,
+
+    /// --webhook-secret read from a file (a mounted Secret: rotates without a restart)
+    #[arg(long, env = "CHATWOOT_CACHE_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    pub webhook_secret_file: Option<String>,
+
+    /// Per-account webhook secrets, TOML: [accounts] 1 = ["secret", "previous"] (any listed
+    /// secret verifies, for rotations)
+    #[arg(long, env = "CHATWOOT_CACHE_WEBHOOK_SECRETS_FILE", value_name = "FILE")]
+    pub webhook_secrets_file: Option<String>,
 
     /// How long in-flight requests may drain after SIGTERM
     #[arg(
@@ -340,8 +356,16 @@ pub struct Config {
     pub upstream_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// The purge API's bearer token, from `--admin-token` or `--admin-token-file`.
     pub admin_token: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
+    /// The fallback webhook secret, from `--webhook-secret` or `--webhook-secret-file`.
     pub webhook_secret: Option<String>,
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Per-account secrets from `--webhook-secrets-file` (no fallback inside: see
+    /// [`Config::webhook_verifier`]).
+    pub webhook_secrets: WebhookSecrets,
+    pub webhook_secrets_file: Option<PathBuf>,
     pub shutdown_timeout: Duration,
     pub client_header_timeout: Duration,
     pub log_format: LogFormat,
@@ -502,8 +526,16 @@ impl Config {
         let upstream_ca_file = optional_file(&src, "upstream_ca_file")?;
         let tls_cert_file = optional_file(&src, "tls_cert_file")?;
         let tls_key_file = optional_file(&src, "tls_key_file")?;
-        let admin_token = optional_secret(&src, "admin_token")?;
-        let webhook_secret = optional_secret(&src, "webhook_secret")?;
+        let admin_token_file = optional_file(&src, "admin_token_file")?;
+        let admin_token = secret_either_form(&src, "admin_token", admin_token_file.as_deref())?;
+        let webhook_secret_file = optional_file(&src, "webhook_secret_file")?;
+        let webhook_secret =
+            secret_either_form(&src, "webhook_secret", webhook_secret_file.as_deref())?;
+        let webhook_secrets_file = optional_file(&src, "webhook_secrets_file")?;
+        let webhook_secrets = match &webhook_secrets_file {
+            Some(path) => read_webhook_secrets(path)?,
+            None => WebhookSecrets::default(),
+        };
 
         match (&tls_cert_file, &tls_key_file) {
             (Some(_), None) => {
@@ -559,12 +591,23 @@ impl Config {
             tls_cert_file,
             tls_key_file,
             admin_token,
+            admin_token_file,
             webhook_secret,
+            webhook_secret_file,
+            webhook_secrets,
+            webhook_secrets_file,
             shutdown_timeout,
             client_header_timeout,
             log_format,
             log_level,
         })
+    }
+
+    /// What verifies webhooks: the per-account secrets, `--webhook-secret` for the others.
+    pub fn webhook_verifier(&self) -> WebhookSecrets {
+        self.webhook_secrets
+            .clone()
+            .with_fallback(self.webhook_secret.clone())
     }
 
     /// A config with SPEC defaults for the given upstream; what tests and benches start from.
@@ -682,14 +725,107 @@ fn optional_secret(src: &Sources<'_>, id: &str) -> Result<Option<String>, Config
     match src.get(id)? {
         None => Ok(None),
         Some(raw) if raw.value.is_empty() => Ok(None),
-        Some(raw) if raw.value.len() < 8 => Err(with_origin(
+        Some(raw) if raw.value.len() < MIN_SECRET_LEN => Err(with_origin(
             id,
             &raw,
-            "must be at least 8 characters".into(),
+            format!("must be at least {MIN_SECRET_LEN} characters"),
         )),
         Some(raw) => Ok(Some(raw.value)),
     }
 }
+
+/// A secret given inline (`--admin-token`) or as a file (`--admin-token-file`), never both:
+/// which one would win is exactly the kind of question an operator rotating it should not
+/// have to ask.
+fn secret_either_form(
+    src: &Sources<'_>,
+    id: &str,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, ConfigError> {
+    let inline = optional_secret(src, id)?;
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            &format!("{}-file", flag(id)),
+            format!("--{} is set as well; set one of them", flag(id)),
+        )),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => read_secret_file(&format!("{}-file", flag(id)), path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A secret file's content without surrounding whitespace (`echo` and editors add a newline).
+fn read_secret_file(setting: &str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        setting: setting.to_string(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    let secret = text.trim();
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(ConfigError::invalid(
+            setting,
+            format!(
+                "{}: the secret must be at least {MIN_SECRET_LEN} characters",
+                path.display()
+            ),
+        ));
+    }
+    Ok(secret.to_string())
+}
+
+/// Parses `--webhook-secrets-file`: `[accounts]` with `<account id> = ["secret", ...]` (a
+/// single string is taken as a list of one). Nothing else is allowed, so a typo cannot
+/// silently leave an account unverified.
+fn read_webhook_secrets(path: &std::path::Path) -> Result<WebhookSecrets, ConfigError> {
+    const SETTING: &str = "webhook-secrets-file";
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        setting: SETTING.into(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    let bad =
+        |problem: String| ConfigError::invalid(SETTING, format!("{}: {problem}", path.display()));
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|e| bad(e.message().replace('\n', " ").trim().to_string()))?;
+    let mut accounts = BTreeMap::new();
+    for (key, value) in table {
+        if key != "accounts" {
+            return Err(bad(format!("unknown key `{key}` (expected [accounts])")));
+        }
+        let toml::Value::Table(list) = value else {
+            return Err(bad("`accounts` must be a table: [accounts]".into()));
+        };
+        for (account, secrets) in list {
+            let id = crate::routing::canonical_id(&account)
+                .ok_or_else(|| bad(format!("`{account}` is not an account id")))?;
+            let secrets: Vec<String> = match secrets {
+                toml::Value::String(s) => vec![s],
+                toml::Value::Array(items) => items
+                    .into_iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => Ok(s),
+                        _ => Err(bad(format!("account {id}: secrets must be strings"))),
+                    })
+                    .collect::<Result<_, _>>()?,
+                _ => return Err(bad(format!("account {id}: expected a list of secrets"))),
+            };
+            if secrets.is_empty() {
+                return Err(bad(format!("account {id}: the list of secrets is empty")));
+            }
+            if secrets.iter().any(|s| s.len() < MIN_SECRET_LEN) {
+                return Err(bad(format!(
+                    "account {id}: every secret must be at least {MIN_SECRET_LEN} characters"
+                )));
+            }
+            accounts.insert(id, secrets);
+        }
+    }
+    Ok(WebhookSecrets::per_account(accounts))
+}
+
+/// The shortest secret accepted (a guessable secret is worse than none: it looks protected).
+const MIN_SECRET_LEN: usize = 8;
 
 fn parse_upstream(raw: &Raw) -> Result<UpstreamUrl, ConfigError> {
     let err = |p: String| with_origin("upstream", raw, p);
@@ -932,6 +1068,143 @@ mod tests {
             "127.0.0.2:7000",
         ]);
         ok_of(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    }
+
+    fn temp_file(name: &str, content: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "chatwoot-cache-config-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_newline() {
+        let token = temp_file("token", "admin-token-from-file\n");
+        let secret = temp_file("secret", "  webhook-secret-file\n");
+        let c = ok_of(&[
+            "--admin-token-file",
+            token.to_str().unwrap(),
+            "--webhook-secret-file",
+            secret.to_str().unwrap(),
+        ]);
+        assert_eq!(c.admin_token.as_deref(), Some("admin-token-from-file"));
+        assert_eq!(c.webhook_secret.as_deref(), Some("webhook-secret-file"));
+        assert_eq!(c.admin_token_file.as_deref(), Some(token.as_path()));
+        assert!(c.webhook_verifier().is_enabled());
+        // Both forms of one secret: refused, naming both.
+        let e = err_of(&[
+            "--upstream",
+            "http://x",
+            "--admin-token",
+            "inline-admin-token",
+            "--admin-token-file",
+            token.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            e,
+            "--admin-token-file: --admin-token is set as well; set one of them"
+        );
+        let e = err_of(&[
+            "--upstream",
+            "http://x",
+            "--webhook-secret",
+            "inline-webhook",
+            "--webhook-secret-file",
+            secret.to_str().unwrap(),
+        ]);
+        assert!(
+            e.starts_with("--webhook-secret-file: --webhook-secret is set"),
+            "{e}"
+        );
+        // Too short (or empty) after trimming.
+        let short = temp_file("short", "abc\n");
+        let e = err_of(&[
+            "--upstream",
+            "http://x",
+            "--admin-token-file",
+            short.to_str().unwrap(),
+        ]);
+        assert!(
+            e.starts_with("--admin-token-file:") && e.ends_with("at least 8 characters"),
+            "{e}"
+        );
+        // Missing: an unreadable file (exit 1).
+        let e = Config::try_from_args([
+            "chatwoot-cache",
+            "--upstream",
+            "http://x",
+            "--webhook-secret-file",
+            "/nonexistent/secret",
+        ])
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+    }
+
+    #[test]
+    fn webhook_secrets_file_lists_secrets_per_account() {
+        let file = temp_file(
+            "secrets.toml",
+            "[accounts]\n1 = [\"account-one-new\", \"account-one-old\"]\n7 = \"account-seven\"\n",
+        );
+        let c = ok_of(&[
+            "--webhook-secrets-file",
+            file.to_str().unwrap(),
+            "--webhook-secret",
+            "fallback-secret",
+        ]);
+        let v = c.webhook_verifier();
+        assert_eq!(v.for_account(1), ["account-one-new", "account-one-old"]);
+        assert_eq!(v.for_account(7), ["account-seven"]);
+        assert_eq!(v.for_account(2), ["fallback-secret"]);
+        // Without a fallback, an unlisted account has no secret; the webhook is still on.
+        let c = ok_of(&["--webhook-secrets-file", file.to_str().unwrap()]);
+        assert!(c.webhook_verifier().for_account(2).is_empty());
+        assert!(c.webhook_verifier().is_enabled());
+        // Secrets never show in Debug output.
+        assert!(!format!("{:?}", c.webhook_secrets).contains("account-one"));
+
+        for (content, problem) in [
+            (
+                "[accounts]\n01 = [\"long-enough-1\"]\n",
+                "`01` is not an account id",
+            ),
+            (
+                "[accounts]\n1 = []\n",
+                "account 1: the list of secrets is empty",
+            ),
+            ("[accounts]\n1 = [\"short\"]\n", "at least 8 characters"),
+            (
+                "[accounts]\n1 = [1234567890]\n",
+                "account 1: secrets must be strings",
+            ),
+            (
+                "[acounts]\n1 = [\"long-enough-1\"]\n",
+                "unknown key `acounts`",
+            ),
+            ("accounts = 3\n", "`accounts` must be a table"),
+            ("[accounts\n", ""),
+        ] {
+            let f = temp_file("bad.toml", content);
+            let e = err_of(&[
+                "--upstream",
+                "http://x",
+                "--webhook-secrets-file",
+                f.to_str().unwrap(),
+            ]);
+            assert!(e.starts_with("--webhook-secrets-file: "), "{content}: {e}");
+            assert!(
+                e.ends_with(problem) || e.contains(problem),
+                "{content}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 
     #[test]

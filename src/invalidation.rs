@@ -354,6 +354,89 @@ pub fn verify_signature(
     hmac::verify(&key, &msg, &sig).map_err(|_| WebhookError::BadSignature)
 }
 
+/// The secrets that verify Chatwoot webhooks, by account (SPEC §7.3, §13).
+///
+/// Chatwoot generates one secret per webhook, so each account signs with its own: a listed
+/// account is verified with its own secrets only (several during a rotation: the new one and
+/// the previous one), an account not listed with the fallback `--webhook-secret`. One
+/// account's secrets never decide another account's webhooks.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct WebhookSecrets {
+    accounts: std::collections::BTreeMap<u64, Vec<String>>,
+    fallback: Option<String>,
+}
+
+impl std::fmt::Debug for WebhookSecrets {
+    /// Never prints a secret: only how many accounts are listed and whether a fallback exists.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSecrets")
+            .field("accounts", &self.accounts.len())
+            .field("fallback", &self.fallback.is_some())
+            .finish()
+    }
+}
+
+impl WebhookSecrets {
+    /// Per-account secrets (each list non-empty), without a fallback.
+    pub fn per_account(accounts: std::collections::BTreeMap<u64, Vec<String>>) -> Self {
+        WebhookSecrets {
+            accounts,
+            fallback: None,
+        }
+    }
+
+    /// The same, with `fallback` for accounts not listed.
+    pub fn with_fallback(mut self, fallback: Option<String>) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
+    /// Whether the webhook is on at all (some secret is configured).
+    pub fn is_enabled(&self) -> bool {
+        self.fallback.is_some() || !self.accounts.is_empty()
+    }
+
+    /// The secrets that may sign webhooks for `account`: its own when listed, else the
+    /// fallback (possibly none).
+    pub fn for_account(&self, account: u64) -> &[String] {
+        match self.accounts.get(&account) {
+            Some(own) => own,
+            None => self.fallback.as_slice(),
+        }
+    }
+
+    /// Verifies a signed delivery for `account`: the timestamp first, then the signature
+    /// against each of the account's secrets (any one verifies, for rotations).
+    pub fn verify(
+        &self,
+        account: u64,
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+        now_unix: u64,
+    ) -> Result<(), WebhookError> {
+        let secrets = self.for_account(account);
+        let mut result = Err(WebhookError::BadSignature);
+        for secret in secrets {
+            match verify_signature(secret, timestamp, signature, body, now_unix) {
+                Ok(()) => return Ok(()),
+                // A stale timestamp is stale for every secret: say so rather than "bad signature".
+                Err(WebhookError::StaleTimestamp) => return Err(WebhookError::StaleTimestamp),
+                Err(e) => result = Err(e),
+            }
+        }
+        result
+    }
+
+    /// Whether `presented` (the legacy `?secret=` value) is one of `account`'s secrets.
+    pub fn matches_secret(&self, account: u64, presented: &[u8]) -> bool {
+        // Every secret is compared (no early exit), so timing says nothing about which matched.
+        self.for_account(account)
+            .iter()
+            .fold(false, |hit, s| secrets_equal(presented, s.as_bytes()) | hit)
+    }
+}
+
 /// Constant-time comparison for the legacy `?secret=` form and the admin bearer token.
 pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
     // Comparing HMACs of both sides under a throwaway key hides length and content timing.

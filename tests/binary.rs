@@ -62,6 +62,18 @@ fn invalid_settings_exit_2_with_one_line() {
             "error: --tls-cert-file: needs --tls-key-file",
         ),
         (&[], "error: --upstream: is required"),
+        // Both forms of one secret.
+        (
+            &[
+                "--upstream",
+                "http://x",
+                "--admin-token",
+                "inline-admin-token",
+                "--admin-token-file",
+                "Cargo.toml",
+            ],
+            "error: --admin-token-file: --admin-token is set as well; set one of them",
+        ),
         // Only two explicit values conflict (a small cache alone derives its object limit).
         (
             &[
@@ -161,6 +173,9 @@ fn help_lists_every_setting_and_default() {
         ("--tls-key-file", ""),
         ("--admin-token", ""),
         ("--webhook-secret", ""),
+        ("--admin-token-file", ""),
+        ("--webhook-secret-file", ""),
+        ("--webhook-secrets-file", ""),
         ("--shutdown-timeout", "25s"),
         ("--log-format", "text"),
         ("--log-level", "info"),
