@@ -257,6 +257,11 @@ pub struct Cli {
     )]
     pub client_header_timeout: String,
 
+    /// Peers whose X-Forwarded-For/-Proto/-Host are kept (comma-separated CIDRs, e.g. the
+    /// ingress in front of a gateway); everyone else's are replaced [default: none]
+    #[arg(long, env = "CHATWOOT_CACHE_TRUSTED_PROXIES", value_name = "CIDRS")]
+    pub trusted_proxies: Option<String>,
+
     /// Log line format on stderr: text or json
     #[arg(
         long,
@@ -368,6 +373,7 @@ pub struct Config {
     pub webhook_secrets_file: Option<PathBuf>,
     pub shutdown_timeout: Duration,
     pub client_header_timeout: Duration,
+    pub trusted_proxies: crate::upstream::TrustedProxies,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -512,6 +518,11 @@ impl Config {
         let shutdown_timeout = parse_with(&src, "shutdown_timeout", parse_duration)?;
         let client_header_timeout =
             parse_with(&src, "client_header_timeout", parse_positive_duration)?;
+        let trusted_proxies = match src.get("trusted_proxies")? {
+            None => crate::upstream::TrustedProxies::default(),
+            Some(raw) => crate::upstream::TrustedProxies::parse(raw.value.trim())
+                .map_err(|problem| with_origin("trusted_proxies", &raw, problem))?,
+        };
         let log_format = parse_with(&src, "log_format", |s| match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
@@ -598,6 +609,7 @@ impl Config {
             webhook_secrets_file,
             shutdown_timeout,
             client_header_timeout,
+            trusted_proxies,
             log_format,
             log_level,
         })
@@ -961,6 +973,25 @@ mod tests {
         let mut v = vec!["chatwoot-cache"];
         v.extend_from_slice(args);
         Config::try_from_args(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs() {
+        let c = Config::for_upstream("http://x").unwrap();
+        assert!(c.trusted_proxies.is_empty(), "none by default");
+        let c = Config::try_from_args([
+            "chatwoot-cache",
+            "--upstream",
+            "http://x",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.1.1",
+        ])
+        .unwrap();
+        assert!(c.trusted_proxies.contains("192.168.1.1".parse().unwrap()));
+        assert!(
+            err_of(&["--upstream", "http://x", "--trusted-proxies", "10.1.0.0/8"])
+                .starts_with("--trusted-proxies: \"10.1.0.0/8\" has host bits set")
+        );
     }
 
     #[test]

@@ -136,10 +136,7 @@ impl PublicConn {
             watcher,
             stopping,
         } = self;
-        let client = ClientInfo {
-            addr: peer.ip().to_canonical(),
-            tls: acceptor.is_some(),
-        };
+        let client = ClientInfo::new(peer.ip(), acceptor.is_some(), &proxy.config.trusted_proxies);
         let metrics = proxy.metrics.clone();
         // Writes to the client may stall for as long as a request head may take to arrive.
         let write_limit = proxy.config.client_header_timeout;

@@ -177,6 +177,7 @@ fn help_lists_every_setting_and_default() {
         ("--webhook-secret-file", ""),
         ("--webhook-secrets-file", ""),
         ("--shutdown-timeout", "25s"),
+        ("--trusted-proxies", "none"),
         ("--log-format", "text"),
         ("--log-level", "info"),
     ] {

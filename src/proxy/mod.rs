@@ -204,6 +204,8 @@ impl Proxy {
         if req.version() == http::Version::HTTP_2 {
             conn.activity.exempt();
         }
+        // Behind a trusted proxy the client address is the request's, not the connection's.
+        let client = client.for_request(req.headers(), &self.config.trusted_proxies);
         let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
         // Created first, so a request dropped mid-way (client gone) is still logged (and its
         // connection's head deadline resumes).
