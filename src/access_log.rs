@@ -110,24 +110,94 @@ impl Drop for AccessGuard {
     }
 }
 
-/// The path as logged: Chatwoot's public client API puts bearer-like identifiers in the path
-/// (`/public/api/v1/inboxes/{inbox_identifier}/contacts/{contact_identifier}/…`, which alone
-/// authorise reading a contact's conversations); those segments are masked.
+/// The path as logged, with the segments that work as secrets masked (SPEC 10). Chatwoot routes
+/// that carry one:
+/// - `/public/api/v1/inboxes/{inbox_identifier}/contacts/{contact_identifier}/…`: the two
+///   identifiers alone authorise reading a contact's conversations;
+/// - `/webhooks/telegram/{bot_token}`: the Telegram bot's API token (it can read and send
+///   everything the bot can);
+/// - `/public/api/v1/csat_survey/{uuid}` and `/survey/responses/{uuid}`: the conversation uuid
+///   opens its CSAT survey;
+/// - `/rails/active_storage/…/{signed_id or token}/…`: signed blob ids and disk tokens are
+///   download and upload capabilities (a blob's signed id does not expire).
+///
+/// Other inbound channel routes name a public identifier (`/webhooks/line/{channel_id}`, the
+/// phone numbers of `/webhooks/sms/…` and `/webhooks/whatsapp/…`) and verify a signature or a
+/// token in the query, which is never logged. Rails squeezes repeated slashes and decodes
+/// percent-escapes before routing, so segments are matched that way here.
 struct LoggedPath<'a>(&'a str);
+
+/// Which segments (counted among the non-empty ones, from the start of the path) to mask.
+enum Mask {
+    /// These positions.
+    At(&'static [usize]),
+    /// Every position from this one on, except Active Storage's own route words.
+    ActiveStorageFrom(usize),
+}
+
+/// (route prefix as non-empty segments, what to mask)
+const MASKED: &[(&[&str], Mask)] = &[
+    (&["public", "api", "v1", "inboxes"], Mask::At(&[4, 6])),
+    (&["public", "api", "v1", "csat_survey"], Mask::At(&[4])),
+    (&["survey", "responses"], Mask::At(&[2])),
+    (&["webhooks", "telegram"], Mask::At(&[2])),
+    (&["rails", "active_storage"], Mask::ActiveStorageFrom(2)),
+];
+
+/// Active Storage's literal route segments (kept so the log still shows which route it was).
+const ACTIVE_STORAGE_WORDS: &[&str] = &[
+    "blobs",
+    "representations",
+    "redirect",
+    "proxy",
+    "disk",
+    "direct_uploads",
+];
+
+impl LoggedPath<'_> {
+    /// The rule for this path, if any. Allocation-free unless a segment is percent-encoded
+    /// (it runs for every logged request, hits included).
+    fn mask(&self) -> Option<&'static Mask> {
+        MASKED.iter().find_map(|(prefix, mask)| {
+            let mut segments = self.0.split('/').filter(|s| !s.is_empty());
+            prefix
+                .iter()
+                .all(|word| segments.next().is_some_and(|s| segment_is(s, word)))
+                .then_some(mask)
+        })
+    }
+}
+
+/// `segment` is `word` once percent-decoded.
+fn segment_is(segment: &str, word: &str) -> bool {
+    if segment.contains('%') {
+        crate::routing::percent_decode(segment) == word
+    } else {
+        segment == word
+    }
+}
 
 impl std::fmt::Display for LoggedPath<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const PUBLIC: &str = "/public/api/v1/inboxes/";
-        let Some(rest) = self.0.strip_prefix(PUBLIC) else {
+        let Some(mask) = self.mask() else {
             return f.write_str(self.0);
         };
-        f.write_str(PUBLIC)?;
-        for (i, seg) in rest.split('/').enumerate() {
+        let mut position = 0;
+        for (i, seg) in self.0.split('/').enumerate() {
             if i > 0 {
                 f.write_str("/")?;
             }
-            // 0: inbox identifier, 2: contact identifier (after "contacts").
-            f.write_str(if i == 0 || i == 2 { "*" } else { seg })?;
+            if seg.is_empty() {
+                continue;
+            }
+            let masked = match mask {
+                Mask::At(at) => at.contains(&position),
+                Mask::ActiveStorageFrom(from) => {
+                    position >= *from && !ACTIVE_STORAGE_WORDS.iter().any(|w| segment_is(seg, w))
+                }
+            };
+            f.write_str(if masked { "*" } else { seg })?;
+            position += 1;
         }
         Ok(())
     }
@@ -151,5 +221,63 @@ mod tests {
             LoggedPath("/api/v1/accounts/1/conversations/4").to_string(),
             "/api/v1/accounts/1/conversations/4"
         );
+    }
+
+    #[test]
+    fn secrets_in_channel_and_storage_paths_are_masked() {
+        let bot = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+        for (path, logged) in [
+            (format!("/webhooks/telegram/{bot}"), "/webhooks/telegram/*"),
+            // Spellings Rails routes the same way.
+            (
+                format!("//webhooks//telegram/{bot}/"),
+                "//webhooks//telegram/*/",
+            ),
+            (
+                format!("/webhooks/%74elegram/{bot}"),
+                "/webhooks/%74elegram/*",
+            ),
+            (
+                "/public/api/v1/csat_survey/0b4e9ff0-7d5d-4d2a-9f0e-3c1a2b3c4d5e".into(),
+                "/public/api/v1/csat_survey/*",
+            ),
+            (
+                "/survey/responses/0b4e9ff0-7d5d-4d2a-9f0e-3c1a2b3c4d5e".into(),
+                "/survey/responses/*",
+            ),
+            (
+                "/rails/active_storage/blobs/redirect/eyJfcmFpbHMiOnsiZGF0YSI6MX19--abc/report.pdf"
+                    .into(),
+                "/rails/active_storage/blobs/redirect/*/*",
+            ),
+            (
+                "/rails/active_storage/representations/proxy/eyJf--1/eyJf--2/a.png".into(),
+                "/rails/active_storage/representations/proxy/*/*/*",
+            ),
+            (
+                "/rails/active_storage/disk/eyJfcmFpbHMi--d1/file.txt".into(),
+                "/rails/active_storage/disk/*/*",
+            ),
+            (
+                "/rails/active_storage/direct_uploads".into(),
+                "/rails/active_storage/direct_uploads",
+            ),
+            // Public identifiers, not secrets: left alone.
+            (
+                "/webhooks/line/1657000000".into(),
+                "/webhooks/line/1657000000",
+            ),
+            (
+                "/webhooks/sms/+15550001111".into(),
+                "/webhooks/sms/+15550001111",
+            ),
+            ("/webhooks/telegram".into(), "/webhooks/telegram"),
+            ("/".into(), "/"),
+            ("".into(), ""),
+        ] {
+            let shown = LoggedPath(&path).to_string();
+            assert_eq!(shown, logged, "{path}");
+            assert!(!shown.contains(bot), "{path}");
+        }
     }
 }

@@ -9,16 +9,13 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
 use crate::invalidation::{self, Source, Target, WebhookTarget};
 use crate::proxy::Proxy;
 use crate::routing::canonical_id;
-
-/// Largest webhook body accepted (Chatwoot's payloads are a few KB).
-const WEBHOOK_MAX_BYTES: usize = 1 << 20;
+use crate::webhook;
 
 /// Handles one admin request.
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -147,62 +144,56 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
             serde_json::json!({"error": "not found"}),
         );
     };
-    let query_secret_ok = req.uri().query().is_some_and(|q| {
-        q.split('&').any(|pair| {
-            pair.strip_prefix("secret=").is_some_and(|v| {
-                let v = crate::routing::percent_decode(v);
-                secrets.matches_secret(account, v.as_bytes())
-            })
-        })
-    });
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Everything the head can prove or refute, before a byte of the body is read.
+    let proof = match webhook::check_head(
+        req.headers(),
+        req.uri().query(),
+        |presented| secrets.matches_secret(account, presented),
+        proxy.config.webhook_allow_query_secret,
+        now,
+    ) {
+        Ok(p) => p,
+        Err(e) => return webhook_refused(account, &e),
     };
-    let timestamp = header("x-chatwoot-timestamp");
-    let signature = header("x-chatwoot-signature");
-    // A body trickling in must not hold the admin connection forever (the head deadline
-    // is off while a request is in flight).
-    let collect = Limited::new(req.into_body(), WEBHOOK_MAX_BYTES).collect();
-    let body = match tokio::time::timeout(proxy.config.client_header_timeout, collect).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => {
-            return json(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                serde_json::json!({"error": "webhook body too large or unreadable"}),
-            );
-        }
-        Err(_) => {
-            tracing::warn!(
-                account,
-                "webhook body not received within the client header timeout"
-            );
-            return json(
-                StatusCode::REQUEST_TIMEOUT,
-                serde_json::json!({"error": "webhook body not received in time"}),
-            );
-        }
+    if webhook::declared_too_large(req.headers()) {
+        return webhook_refused(account, &webhook::Refused::TooLarge);
+    }
+    let Some(_slot) = proxy.webhooks.enter().await else {
+        let mut resp = webhook_refused(account, &webhook::Refused::Busy);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return resp;
     };
-    if !query_secret_ok {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        if let Err(e) = secrets.verify(
+    let delivery = req
+        .headers()
+        .get("x-chatwoot-delivery")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = match webhook::read_body(req.into_body(), proxy.config.client_header_timeout).await {
+        Ok(b) => b,
+        Err(e) => return webhook_refused(account, &e),
+    };
+    if let webhook::Proof::Signed {
+        timestamp,
+        signature,
+    } = &proof
+        && let Err(e) = secrets.verify(account, Some(timestamp), Some(signature), &body, now)
+    {
+        return webhook_refused(account, &e.into());
+    }
+    if !proxy.webhooks.first_time(&proof, delivery.as_deref()) {
+        tracing::info!(
             account,
-            timestamp.as_deref(),
-            signature.as_deref(),
-            &body,
-            now,
-        ) {
-            tracing::warn!(account, error = %e, "webhook refused");
-            return json(
-                StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": e.to_string()}),
-            );
-        }
+            "webhook delivery seen before; acknowledged, not acted on"
+        );
+        return json(
+            StatusCode::OK,
+            serde_json::json!({"invalidated": "nothing", "duplicate": true}),
+        );
     }
     let target = match invalidation::webhook_target(&body) {
         Ok(t) => t,
@@ -234,6 +225,12 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
         StatusCode::OK,
         serde_json::json!({ "invalidated": invalidated }),
     )
+}
+
+/// A refused delivery: logged (never with the secret or the body) and answered as JSON.
+fn webhook_refused(account: u64, e: &webhook::Refused) -> Response<ResponseBody> {
+    tracing::warn!(account, error = %e, "webhook refused");
+    json(e.status(), serde_json::json!({"error": e.to_string()}))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {

@@ -237,6 +237,18 @@ pub struct Cli {
     /// secret verifies, for rotations)
     #[arg(long, env = "CHATWOOT_CACHE_WEBHOOK_SECRETS_FILE", value_name = "FILE")]
     pub webhook_secrets_file: Option<String>,
+    /// Also accept the webhook secret as `?secret=` in the URL, for Chatwoot versions that
+    /// cannot sign (before 4.11.2); puts the secret in URLs, so off unless needed
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_WEBHOOK_ALLOW_QUERY_SECRET",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub webhook_allow_query_secret: String,
 
     /// How long in-flight requests may drain after SIGTERM
     #[arg(
@@ -371,6 +383,7 @@ pub struct Config {
     /// [`Config::webhook_verifier`]).
     pub webhook_secrets: WebhookSecrets,
     pub webhook_secrets_file: Option<PathBuf>,
+    pub webhook_allow_query_secret: bool,
     pub shutdown_timeout: Duration,
     pub client_header_timeout: Duration,
     pub trusted_proxies: crate::upstream::TrustedProxies,
@@ -547,6 +560,8 @@ impl Config {
             Some(path) => read_webhook_secrets(path)?,
             None => WebhookSecrets::default(),
         };
+        let webhook_allow_query_secret =
+            parse_with(&src, "webhook_allow_query_secret", parse_bool)?;
 
         match (&tls_cert_file, &tls_key_file) {
             (Some(_), None) => {
@@ -607,6 +622,7 @@ impl Config {
             webhook_secret_file,
             webhook_secrets,
             webhook_secrets_file,
+            webhook_allow_query_secret,
             shutdown_timeout,
             client_header_timeout,
             trusted_proxies,
@@ -930,6 +946,14 @@ fn parse_count(s: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("must be true or false, not {other:?}")),
+    }
+}
+
 fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
@@ -1236,6 +1260,41 @@ mod tests {
             );
             assert!(!e.contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn query_secret_mode_is_opt_in() {
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["chatwoot-cache", "--upstream", "http://x"];
+            v.extend_from_slice(extra);
+            Config::try_from_args(v).map(|c| c.webhook_allow_query_secret)
+        };
+        assert_eq!(parse(&[]).ok(), Some(false));
+        assert_eq!(parse(&["--webhook-allow-query-secret"]).ok(), Some(true));
+        assert_eq!(
+            parse(&["--webhook-allow-query-secret=true"]).ok(),
+            Some(true)
+        );
+        assert_eq!(
+            parse(&["--webhook-allow-query-secret=false"]).ok(),
+            Some(false)
+        );
+        assert!(
+            err_of(&["--upstream", "http://x", "--webhook-allow-query-secret=yes"])
+                .starts_with("--webhook-allow-query-secret:")
+        );
+        let dir = std::env::temp_dir().join(format!("chatwoot-cache-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("query-secret.toml");
+        std::fs::write(&file, "webhook_allow_query_secret = true\n").unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(parse(&["--config", path]).ok(), Some(true));
+        // The flag wins over the file.
+        assert_eq!(
+            parse(&["--config", path, "--webhook-allow-query-secret=false"]).ok(),
+            Some(false)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -337,11 +337,8 @@ pub fn verify_signature(
     body: &[u8],
     now_unix: u64,
 ) -> Result<(), WebhookError> {
-    let ts = timestamp.ok_or(WebhookError::StaleTimestamp)?.trim();
-    let ts_num: u64 = ts.parse().map_err(|_| WebhookError::StaleTimestamp)?;
-    if now_unix.abs_diff(ts_num) > WEBHOOK_MAX_SKEW_SECS {
-        return Err(WebhookError::StaleTimestamp);
-    }
+    check_timestamp(timestamp, now_unix)?;
+    let ts = timestamp.unwrap_or_default().trim();
     let sig = signature
         .and_then(|s| s.trim().strip_prefix("sha256="))
         .and_then(decode_hex)
@@ -435,6 +432,16 @@ impl WebhookSecrets {
             .iter()
             .fold(false, |hit, s| secrets_equal(presented, s.as_bytes()) | hit)
     }
+}
+
+/// A timestamp within 5 minutes of `now_unix` (checked from the head, before the body is read).
+pub fn check_timestamp(timestamp: Option<&str>, now_unix: u64) -> Result<(), WebhookError> {
+    let ts = timestamp.ok_or(WebhookError::StaleTimestamp)?.trim();
+    let ts_num: u64 = ts.parse().map_err(|_| WebhookError::StaleTimestamp)?;
+    if now_unix.abs_diff(ts_num) > WEBHOOK_MAX_SKEW_SECS {
+        return Err(WebhookError::StaleTimestamp);
+    }
+    Ok(())
 }
 
 /// Constant-time comparison for the legacy `?secret=` form and the admin bearer token.

@@ -13,7 +13,8 @@
 //! - [`invalidation`]: O(1) generation counters bumped by writes, purges and webhooks.
 //! - [`upstream`]: the pooled HTTP/HTTPS client and request/response header rewriting.
 //! - [`protect`]: the upstream concurrency limit and the circuit breaker.
-//! - [`admin`]: health, readiness, metrics, purge API and webhook on the admin listener.
+//! - [`admin`]: health, readiness, metrics, purge API and webhook on the admin listener;
+//!   [`webhook`] admits deliveries (head checks, size and concurrency caps, replay window).
 //! - [`metrics`], [`access_log`], [`error`], [`body`], [`config`]: supporting pieces.
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod routing;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;
 
 pub use config::Config;
 pub use proxy::Proxy;

@@ -111,6 +111,18 @@ fn env_errors_name_the_variable() {
         stderr(&o).trim(),
         "error: --cache-ttl: invalid duration \"soon\" (from CHATWOOT_CACHE_CACHE_TTL)"
     );
+    // A switch is read from the environment too.
+    let o = bin()
+        .args(["--upstream", "http://x"])
+        .env("CHATWOOT_CACHE_WEBHOOK_ALLOW_QUERY_SECRET", "maybe")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: --webhook-allow-query-secret: must be true or false, not \"maybe\" \
+         (from CHATWOOT_CACHE_WEBHOOK_ALLOW_QUERY_SECRET)"
+    );
 }
 
 /// An unreadable file is exit 1, one line.
@@ -176,13 +188,16 @@ fn help_lists_every_setting_and_default() {
         ("--admin-token-file", ""),
         ("--webhook-secret-file", ""),
         ("--webhook-secrets-file", ""),
+        ("--webhook-allow-query-secret", "false"),
         ("--shutdown-timeout", "25s"),
         ("--trusted-proxies", "none"),
         ("--log-format", "text"),
         ("--log-level", "info"),
     ] {
+        // `--flag VALUE`, or `--flag[=VALUE]` for a switch that also takes a value.
         let at = help
             .find(&format!("{flag} "))
+            .or_else(|| help.find(&format!("{flag}[")))
             .unwrap_or_else(|| panic!("{flag} missing from --help"));
         let env = format!(
             "CHATWOOT_CACHE_{}",
@@ -425,4 +440,76 @@ async fn sigterm_drains_and_exits_0() {
         !logs.contains("admin-token"),
         "the token never reaches a log"
     );
+}
+
+/// Secrets Chatwoot's channel routes carry in the path (a Telegram bot token, an Active Storage
+/// signed id) never reach the access log: the segments are masked (SPEC 10).
+#[tokio::test]
+async fn path_secrets_are_masked_in_the_access_log() {
+    let fake = FakeChatwoot::start().await;
+    let p = free_port();
+    let (child, err) = spawn(
+        &[
+            "--upstream",
+            &fake.url(),
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let bot = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+    let blob = "eyJfcmFpbHMiOnsiZGF0YSI6NDIsInB1ciI6ImJsb2JfaWQifX0=--5a0d6b1c";
+    for path in [
+        format!("/webhooks/telegram/{bot}"),
+        format!("/rails/active_storage/blobs/redirect/{blob}/invoice.pdf"),
+    ] {
+        let url = format!("http://127.0.0.1:{p}{path}");
+        let r = send(http::Method::POST, &url, &[], b"{}").await;
+        assert_eq!(r.x_cache(), "BYPASS");
+    }
+    assert!(
+        fake.seen()
+            .iter()
+            .any(|s| s.path_and_query == format!("/webhooks/telegram/{bot}")),
+        "forwarded unchanged"
+    );
+    let logs = stop_and_read_logs(child, err).await;
+    let paths: Vec<String> = logs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["path"].to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "\"/webhooks/telegram/*\"",
+            "\"/rails/active_storage/blobs/redirect/*/*\""
+        ]
+    );
+    assert!(!logs.contains(bot), "{logs}");
+    assert!(!logs.contains(blob), "{logs}");
+}
+
+/// SIGTERM, wait for the exit, and everything the process logged.
+async fn stop_and_read_logs(
+    mut child: Child,
+    mut err: BufReader<std::process::ChildStderr>,
+) -> String {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut err, &mut logs).unwrap();
+    logs
 }

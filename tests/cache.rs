@@ -1424,13 +1424,18 @@ async fn purge_api_is_off_without_admin_token() {
 
 /// Signed webhooks invalidate the conversation named by the event (`id` for conversation
 /// events, `conversation.id` for message events) or the account (`contact_updated`); a bad
-/// signature or a stale timestamp is refused and invalidates nothing; `?secret=` also works.
+/// signature or a stale timestamp is refused and invalidates nothing; `?secret=` also works
+/// when `--webhook-allow-query-secret` is on.
 #[tokio::test]
 async fn webhooks_invalidate_when_signed() {
     let fake = FakeChatwoot::start().await;
     fake.add_conversation(1, 43, "1765182000.1");
     fake.add_conversation(2, 7, "1765182000.1");
-    let proxy = start(&fake, |c| c.webhook_secret = Some(WEBHOOK_SECRET.into())).await;
+    let proxy = start(&fake, |c| {
+        c.webhook_secret = Some(WEBHOOK_SECRET.into());
+        c.webhook_allow_query_secret = true;
+    })
+    .await;
     let prime = async || {
         for (a, c) in [(1, 42), (1, 43), (2, 7)] {
             get_conv(&proxy, a, c, ADMIN).await;

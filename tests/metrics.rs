@@ -48,6 +48,7 @@ fn admin_cfg(fake: &FakeChatwoot) -> chatwoot_cache::Config {
     let mut cfg = config(&fake.url());
     cfg.admin_token = Some("admin-secret-123".into());
     cfg.webhook_secret = Some("webhook-secret-123".into());
+    cfg.webhook_allow_query_secret = true;
     cfg
 }
 

@@ -336,3 +336,246 @@ async fn unknown_events_are_acknowledged_and_unmappable_ones_invalidate_the_acco
     v["conversation"].as_object_mut().unwrap().remove("id");
     check(v.to_string(), Expect::Account).await;
 }
+
+// === hostile deliveries (SPEC 7.3, issue 16) ===
+
+/// A proxy with the webhook on and a long body deadline, so that only the checks made before
+/// the body can answer the requests below in time.
+async fn hostile_setup() -> (FakeChatwoot, ProxyHandle) {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.webhook_secret = Some(SECRET.into());
+    cfg.client_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(cfg).await;
+    (fake, proxy)
+}
+
+/// A raw admin connection that sends `head` and then nothing.
+async fn send_head(proxy: &ProxyHandle, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// The status line of the answer on `s`, which must come within 10 s.
+async fn status_line(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !buf.windows(2).any(|w| w == b"\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no answer within 10 s (the body is being waited for)"),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+/// A head with a fresh timestamp and a well-formed (not necessarily right) signature.
+fn signed_looking_head(extra: &str) -> String {
+    format!(
+        "POST /webhooks/chatwoot/accounts/1 HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/json\r\nX-Chatwoot-Timestamp: {}\r\n\
+         X-Chatwoot-Signature: sha256={}\r\n{extra}\r\n",
+        unix_now(),
+        "ab".repeat(32)
+    )
+}
+
+/// Unsigned, stale or malformed heads are refused at once, while their declared body has not
+/// been sent: the body is never waited for.
+#[tokio::test]
+async fn the_head_is_checked_before_the_body_is_read() {
+    let (_fake, proxy) = hostile_setup().await;
+    let path = "POST /webhooks/chatwoot/accounts/1 HTTP/1.1\r\nHost: x\r\n";
+    for head in [
+        format!("{path}Content-Length: 1000\r\n\r\n"),
+        format!(
+            "{path}X-Chatwoot-Timestamp: {}\r\nX-Chatwoot-Signature: sha256={}\r\n\
+             Content-Length: 1000\r\n\r\n",
+            unix_now() - 600,
+            "ab".repeat(32)
+        ),
+        format!(
+            "{path}X-Chatwoot-Timestamp: {}\r\nX-Chatwoot-Signature: md5=abc\r\n\
+             Content-Length: 1000\r\n\r\n",
+            unix_now()
+        ),
+    ] {
+        let mut s = send_head(&proxy, &head).await;
+        assert_eq!(
+            status_line(&mut s).await,
+            "HTTP/1.1 401 Unauthorized",
+            "{head}"
+        );
+    }
+}
+
+/// A body declared over 256 KiB is refused unread; a chunked one is cut off at the cap without
+/// waiting for its end; a signed body just under the cap is accepted.
+#[tokio::test]
+async fn bodies_over_256_kib_are_refused_without_reading_them_whole() {
+    use tokio::io::AsyncWriteExt;
+    let (_fake, proxy) = hostile_setup().await;
+    let mut s = send_head(&proxy, &signed_looking_head("Content-Length: 10485760\r\n")).await;
+    assert_eq!(status_line(&mut s).await, "HTTP/1.1 413 Payload Too Large");
+
+    let mut s = send_head(
+        &proxy,
+        &signed_looking_head("Transfer-Encoding: chunked\r\n"),
+    )
+    .await;
+    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+    for _ in 0..5 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    // No terminating chunk: the connection stays open, the answer must not wait for it.
+    assert_eq!(status_line(&mut s).await, "HTTP/1.1 413 Payload Too Large");
+
+    let mut v: Value = serde_json::from_str(&message_event("message_created", 42)).unwrap();
+    v["content"] = "y".repeat(250 * 1024).into();
+    let r = deliver(&proxy, 1, &v.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["invalidated"], "conversation");
+}
+
+/// At most 32 deliveries are handled at once: with every slot held by a head whose body never
+/// comes, a genuine delivery is answered 503 with Retry-After (quickly, not after the body
+/// deadline); once they are gone, deliveries are handled again.
+#[tokio::test]
+async fn webhook_handling_is_capped() {
+    let (_fake, proxy) = hostile_setup().await;
+    let gate = &proxy.proxy.webhooks;
+    let mut held = Vec::new();
+    for _ in 0..chatwoot_cache::webhook::MAX_CONCURRENT {
+        held.push(send_head(&proxy, &signed_looking_head("Content-Length: 100\r\n")).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gate.slots_in_use() < chatwoot_cache::webhook::MAX_CONCURRENT {
+        assert!(
+            Instant::now() < deadline,
+            "{} slots held",
+            gate.slots_in_use()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let r = deliver(&proxy, 1, &conversation_event("conversation_updated", 42)).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), "1");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gate.slots_in_use() > 0 {
+        assert!(Instant::now() < deadline, "slots not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = deliver(&proxy, 1, &conversation_event("conversation_updated", 42)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A delivery seen within the window (same `X-Chatwoot-Delivery`, or the same signed body
+/// under a new id) is acknowledged 200 and not acted on again; a new delivery still is.
+#[tokio::test]
+async fn replayed_deliveries_are_acknowledged_without_acting() {
+    let (_fake, proxy) = hostile_setup().await;
+    let post = |body: String, ts: String, delivery: &'static str| {
+        let sig = signature(SECRET, &ts, body.as_bytes());
+        let url = proxy.admin_url("/webhooks/chatwoot/accounts/1");
+        async move {
+            send(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-chatwoot-timestamp", &ts),
+                    ("x-chatwoot-signature", &sig),
+                    ("x-chatwoot-delivery", delivery),
+                ],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    let cached = async || conv(&proxy, 1, 42, ADMIN).await.x_cache().to_string();
+    assert_eq!(cached().await, "MISS");
+    let ts = unix_now().to_string();
+    let event = conversation_event("conversation_updated", 42);
+    let d1 = "4f1b7c3e-0000-4000-8000-000000000001";
+    let r = post(event.clone(), ts.clone(), d1).await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["invalidated"].clone()),
+        (200, json!("conversation"))
+    );
+    assert_eq!(cached().await, "MISS");
+    assert_eq!(cached().await, "HIT");
+
+    // The same delivery again; the same signed body under a new id; a retry of d1 (Chatwoot
+    // keeps the id across retries) signed at a later second.
+    let later = (unix_now() + 1).to_string();
+    for (body, ts, delivery) in [
+        (event.clone(), ts.clone(), d1),
+        (
+            event.clone(),
+            ts.clone(),
+            "4f1b7c3e-0000-4000-8000-000000000002",
+        ),
+        (event.clone(), later, d1),
+    ] {
+        let r = post(body, ts, delivery).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["duplicate"], true);
+        assert_eq!(cached().await, "HIT", "a replay invalidated again");
+    }
+
+    let r = post(
+        message_event("message_created", 42),
+        unix_now().to_string(),
+        "4f1b7c3e-0000-4000-8000-000000000003",
+    )
+    .await;
+    assert_eq!(r.json()["invalidated"], "conversation");
+    assert_eq!(cached().await, "MISS");
+    let text = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"chatwoot_cache_invalidations_total{source="webhook"}"#
+        ),
+        2.0
+    );
+}
+
+/// The legacy `?secret=` mode is off unless `--webhook-allow-query-secret`: the right secret
+/// in the URL alone is refused, and invalidates nothing.
+#[tokio::test]
+async fn the_query_secret_is_off_by_default() {
+    let (_fake, proxy) = hostile_setup().await;
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    let r = send(
+        Method::POST,
+        &proxy.admin_url(&format!("/webhooks/chatwoot/accounts/1?secret={SECRET}")),
+        &[("content-type", "application/json")],
+        conversation_event("conversation_updated", 42).as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("--webhook-allow-query-secret"),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains(SECRET));
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "HIT");
+}

@@ -53,6 +53,8 @@ pub struct Proxy {
     scoper: Scoper,
     invalid_tokens: InvalidTokens,
     ready: AtomicBool,
+    /// Webhook handling slots and replay memory (admin listener).
+    pub webhooks: crate::webhook::WebhookGate,
 }
 
 /// The outcome of [`Proxy::decide`].
@@ -166,6 +168,7 @@ impl Proxy {
             scoper: Scoper::random().map_err(|_| StartupError::Random)?,
             invalid_tokens: InvalidTokens::new(config.auth_negative_ttl),
             ready: AtomicBool::new(true),
+            webhooks: crate::webhook::WebhookGate::new(),
             config,
             upstream,
             metrics,
