@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntGauge;
+
+use super::Charge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// No slot freed up within the queue timeout.
@@ -45,8 +47,8 @@ impl Limiter {
         }
     }
 
-    /// Waits up to the queue timeout for a slot.
-    pub async fn acquire(&self) -> Result<UpstreamPermit, QueueTimeout> {
+    /// Waits up to the queue timeout for a slot for a request charged to `charge`.
+    pub async fn acquire(&self, _charge: Charge) -> Result<UpstreamPermit, QueueTimeout> {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) if self.queue_timeout.is_zero() => return Err(QueueTimeout),
@@ -77,18 +79,25 @@ impl Limiter {
 mod tests {
     use super::*;
 
+    fn charge() -> Charge {
+        Charge {
+            token: None,
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waits_then_sheds() {
         let gauge = IntGauge::new("g", "g").unwrap();
         let l = Limiter::new(1, Duration::from_millis(100), gauge.clone());
-        let p = l.acquire().await.unwrap();
+        let p = l.acquire(charge()).await.unwrap();
         assert_eq!(gauge.get(), 1);
         let start = tokio::time::Instant::now();
-        assert!(l.acquire().await.is_err());
+        assert!(l.acquire(charge()).await.is_err());
         assert_eq!(start.elapsed(), Duration::from_millis(100));
         drop(p);
         assert_eq!(gauge.get(), 0);
-        let _p = l.acquire().await.unwrap();
+        let _p = l.acquire(charge()).await.unwrap();
         assert_eq!(l.available(), 0);
     }
 
@@ -96,11 +105,11 @@ mod tests {
     async fn a_slot_freed_in_time_is_taken() {
         let gauge = IntGauge::new("g", "g").unwrap();
         let l = Arc::new(Limiter::new(1, Duration::from_secs(1), gauge));
-        let p = l.acquire().await.unwrap();
+        let p = l.acquire(charge()).await.unwrap();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             drop(p);
         });
-        assert!(l.acquire().await.is_ok());
+        assert!(l.acquire(charge()).await.is_ok());
     }
 }

@@ -7,10 +7,20 @@ mod limiter;
 pub use breaker::{Admission, Breaker, BreakerConfig, BreakerState, Outcome, Ticket};
 pub use limiter::{Limiter, QueueTimeout, UpstreamPermit};
 
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use http::header::RETRY_AFTER;
+
+/// Who an upstream request is charged to (SPEC 12): its token scope, or its client's address
+/// when it carries no token. Travels explicitly from the handler to the limiter
+/// ([`crate::upstream::SendOptions`]); built by [`crate::upstream::ClientInfo::charge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub token: Option<crate::auth::Scope>,
+    pub addr: IpAddr,
+}
 
 /// Reads `Retry-After` as delta-seconds or an HTTP date; absurd values are capped at one hour.
 pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {

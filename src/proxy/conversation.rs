@@ -20,8 +20,11 @@ use crate::cache::flight::Role;
 use crate::cache::{CacheKey, Entry, Freshness};
 use crate::invalidation::Stamp;
 use crate::metrics::{RevalidationOutcome, XCache};
+use crate::protect::Charge;
 use crate::routing::RouteLabel;
-use crate::upstream::{ClientInfo, UpstreamError, content_length, strip_response_hop_by_hop};
+use crate::upstream::{
+    ClientInfo, SendOptions, UpstreamError, content_length, strip_response_hop_by_hop,
+};
 
 /// The outcome of one upstream fetch on the conversation route, shared by every waiter.
 pub enum FetchResult {
@@ -235,10 +238,13 @@ impl Proxy {
             stamp.clone(),
             || {
                 let upstream_req = self.fetch_request(req, client);
+                // The one upstream request of the flight is charged to the request starting it;
+                // coalesced waiters are not charged (SPEC 12).
+                let charge = client.charge(Some(key.scope));
                 let proxy = Arc::clone(self);
                 async move {
                     match upstream_req {
-                        Ok(r) => proxy.fetch(key, r, prior, stamp).await,
+                        Ok(r) => proxy.fetch(key, r, charge, prior, stamp).await,
                         Err(_) => FetchResult::Failed(UpstreamError::BadResponse(
                             "cannot build upstream request".into(),
                         )),
@@ -301,6 +307,7 @@ impl Proxy {
         self: Arc<Self>,
         key: CacheKey,
         mut req: Request<RequestBody>,
+        charge: Charge,
         prior: Option<Arc<Entry>>,
         stamp: Stamp,
     ) -> FetchResult {
@@ -329,7 +336,13 @@ impl Proxy {
         let start = Instant::now();
         let exchange = match self
             .upstream
-            .send(RouteLabel::Conversation, req, None, false, true)
+            .send(
+                req,
+                SendOptions {
+                    defer_outcome: true,
+                    ..SendOptions::new(RouteLabel::Conversation, charge)
+                },
+            )
             .await
         {
             Ok(x) => x,

@@ -21,7 +21,7 @@ use crate::error::LocalError;
 use crate::invalidation::{Source, Target};
 use crate::metrics::XCache;
 use crate::routing::{self, Route, WriteTarget};
-use crate::upstream::{ClientInfo, UpstreamError, strip_response_hop_by_hop};
+use crate::upstream::{ClientInfo, SendOptions, UpstreamError, strip_response_hop_by_hop};
 
 /// `POST` here rotates the caller's token (Chatwoot `ProfilesController#reset_access_token`).
 const RESET_ACCESS_TOKEN: &str = "/api/v1/profile/reset_access_token";
@@ -88,17 +88,12 @@ impl Proxy {
             path: parts.uri.path(),
             armed: true,
         });
-        let exchange = match self
-            .upstream
-            .send(
-                route.label(),
-                upstream_req,
-                progress.as_ref(),
-                upgrade,
-                false,
-            )
-            .await
-        {
+        let opts = SendOptions {
+            progress: progress.as_ref(),
+            upgrade,
+            ..SendOptions::new(route.label(), client.charge(scope))
+        };
+        let exchange = match self.upstream.send(upstream_req, opts).await {
             Ok(x) => x,
             Err(e) => {
                 // Never sent (shed, breaker, connect failure), or sent without its whole body

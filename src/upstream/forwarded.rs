@@ -151,6 +151,15 @@ impl ClientInfo {
     pub fn client_addr(&self) -> IpAddr {
         self.client
     }
+
+    /// Who a request is charged to for fair upstream slots and the rate limit (SPEC 12): its
+    /// token scope, or the client address for requests without a token.
+    pub fn charge(&self, token: Option<crate::auth::Scope>) -> crate::protect::Charge {
+        crate::protect::Charge {
+            token,
+            addr: self.client_addr(),
+        }
+    }
 }
 
 /// Right to left through a trusted peer's chain, skipping trusted proxies.

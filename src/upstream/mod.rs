@@ -28,7 +28,7 @@ use crate::config::{Config, UpstreamUrl};
 use crate::error::LocalError;
 use crate::metrics::{Metrics, ShedReason};
 use crate::protect::{
-    self, Admission, Breaker, BreakerConfig, Limiter, Outcome, Ticket, UpstreamPermit,
+    self, Admission, Breaker, BreakerConfig, Charge, Limiter, Outcome, Ticket, UpstreamPermit,
 };
 use crate::routing::RouteLabel;
 use crate::tls::{self, TlsError};
@@ -132,6 +132,35 @@ impl Drop for Completion {
     fn drop(&mut self) {
         let outcome = self.header_outcome;
         self.record(outcome, true);
+    }
+}
+
+/// How [`Upstream::send`] treats one request.
+#[derive(Debug, Clone, Copy)]
+pub struct SendOptions<'a> {
+    /// The route label of the upstream metrics.
+    pub route: RouteLabel,
+    /// Who the upstream slot is charged to (SPEC 12).
+    pub charge: Charge,
+    /// Lets a still-uploading request body extend the deadline (pass-through uploads).
+    pub progress: Option<&'a Arc<Progress>>,
+    /// An HTTP/1.1 upgrade: the slot is released once the upstream switched protocols.
+    pub upgrade: bool,
+    /// The breaker and the upstream metrics hear about the exchange only when the returned
+    /// [`Completion`] is finished (after the caller read the body).
+    pub defer_outcome: bool,
+}
+
+impl<'a> SendOptions<'a> {
+    /// A plain request: no upload progress, no upgrade, outcome recorded at the headers.
+    pub fn new(route: RouteLabel, charge: Charge) -> SendOptions<'a> {
+        SendOptions {
+            route,
+            charge,
+            progress: None,
+            upgrade: false,
+            defer_outcome: false,
+        }
     }
 }
 
@@ -374,22 +403,23 @@ impl Upstream {
     }
 
     /// Sends one request through breaker → limiter → breaker re-check → client, with the
-    /// upstream deadline.
-    /// `progress` lets a still-uploading request body extend the deadline. With
-    /// `defer_outcome`, the breaker and the upstream metrics hear about the exchange only when
-    /// the returned [`Completion`] is finished (after the caller read the body).
+    /// upstream deadline; [`SendOptions`] says how (and who is charged for the slot).
     ///
     /// The half-open probe runs in a task of its own: only the upstream decides a probe
     /// (SPEC §6), so a client that hangs up does not cancel it, and its outcome is recorded
     /// whether or not anyone still waits for it.
     pub async fn send(
         &self,
-        route: RouteLabel,
         req: Request<RequestBody>,
-        progress: Option<&Arc<Progress>>,
-        upgrade: bool,
-        defer_outcome: bool,
+        opts: SendOptions<'_>,
     ) -> Result<Exchange, UpstreamError> {
+        let SendOptions {
+            route,
+            charge,
+            progress,
+            upgrade,
+            defer_outcome,
+        } = opts;
         let ticket = match self.breaker.admit() {
             Admission::Allowed(t) => t,
             Admission::Rejected { retry_after } => {
@@ -397,7 +427,7 @@ impl Upstream {
                 return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
-        let permit = match self.limiter.acquire().await {
+        let permit = match self.limiter.acquire(charge).await {
             Ok(p) => p,
             Err(_) => {
                 self.metrics.shed(ShedReason::QueueTimeout);
