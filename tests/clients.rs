@@ -1,12 +1,16 @@
-//! Client compatibility (issue 18): a real Chatwoot client library, the JavaScript SDK
-//! `@figuro/chatwoot-sdk` 1.1.17 (pinned by `tests/clients/js/package-lock.json`), set up as its
-//! README shows, driven through the proxy against the fake Chatwoot by `tests/clients/js/probe.js`.
-//! Its second call must be a cache hit, and the proxy's own 401/503 bodies must surface as the
-//! SDK's errors with their `description` readable.
+//! Client compatibility (issue 18): real Chatwoot client libraries, set up as their READMEs
+//! show, driven through the proxy against the fake Chatwoot:
+//! - the JavaScript SDK `@figuro/chatwoot-sdk` 1.1.17 (npm; pinned by
+//!   `tests/clients/js/package-lock.json`) through `tests/clients/js/probe.js`;
+//! - the Python SDK `chatwoot-sdk` 0.2.0 (PyPI, httpx; pinned by `tests/clients/py/requirements.txt`)
+//!   through `tests/clients/py/probe.py`.
 //!
-//! Needs node and the SDK (`.ci/run` runs `npm ci` in `tests/clients/js`; so does this test when
-//! `node_modules` is missing). Without node the tests are skipped, except under `CI=true`, where
-//! they fail: CI must not pass by skipping them.
+//! Each client's second call must be a cache hit, and the proxy's own 401/503 bodies must surface
+//! as that client's errors with their description readable.
+//!
+//! `.ci/run` installs both (`npm ci`, a venv with `pip install -r`); so does this test when they
+//! are missing. Without node (or python3) a client's tests are skipped, except under `CI=true`,
+//! where they fail: CI must not pass by skipping them.
 
 mod support;
 
@@ -18,73 +22,138 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::*;
 
-fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/js")
+fn clients_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
-/// Whether the SDK can be run: node present and the pinned packages installed (with `npm ci`
-/// if needed, once per test binary). Without node: false outside CI, a failure under CI=true.
-fn sdk_ready() -> bool {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready = READY.get_or_init(|| {
-        let node = Command::new("node").arg("--version").output();
-        if !node.is_ok_and(|o| o.status.success()) {
-            return Err("node is not installed".into());
+/// A client library under test.
+#[derive(Clone, Copy, Debug)]
+enum Sdk {
+    Js,
+    Py,
+}
+
+impl Sdk {
+    fn dir(self) -> PathBuf {
+        clients_dir().join(match self {
+            Sdk::Js => "js",
+            Sdk::Py => "py",
+        })
+    }
+
+    /// The interpreter and script that make one call.
+    fn command(self) -> (PathBuf, PathBuf) {
+        match self {
+            Sdk::Js => (PathBuf::from("node"), self.dir().join("probe.js")),
+            Sdk::Py => (
+                self.dir().join(".venv/bin/python"),
+                self.dir().join("probe.py"),
+            ),
         }
-        if js_dir().join("node_modules/@figuro/chatwoot-sdk").is_dir() {
-            return Ok(());
+    }
+
+    /// Installs the pinned packages if they are not there. Err: the runtime itself is missing.
+    fn install(self) -> Result<(), String> {
+        let runtime = match self {
+            Sdk::Js => "node",
+            Sdk::Py => "python3",
+        };
+        let present = Command::new(runtime).arg("--version").output();
+        if !present.is_ok_and(|o| o.status.success()) {
+            return Err(format!("{runtime} is not installed"));
         }
-        let npm = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(js_dir())
-            .output()
-            .map_err(|e| format!("npm: {e}"))?;
-        if npm.status.success() {
-            Ok(())
-        } else {
-            // Node is there: a failed install is a failure, not a reason to skip.
-            panic!(
-                "npm ci in tests/clients/js failed:\n{}",
-                String::from_utf8_lossy(&npm.stderr)
-            );
+        let dir = self.dir();
+        match self {
+            Sdk::Js => {
+                if !dir.join("node_modules/@figuro/chatwoot-sdk").is_dir() {
+                    run(Command::new("npm")
+                        .args(["ci", "--no-audit", "--no-fund"])
+                        .current_dir(&dir));
+                }
+            }
+            Sdk::Py => {
+                let python = dir.join(".venv/bin/python");
+                let importable = Command::new(&python)
+                    .args(["-c", "import chatwoot"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if !importable {
+                    run(Command::new("python3")
+                        .args(["-m", "venv", ".venv"])
+                        .current_dir(&dir));
+                    run(Command::new(&python)
+                        .args([
+                            "-m",
+                            "pip",
+                            "install",
+                            "--quiet",
+                            "--disable-pip-version-check",
+                        ])
+                        .args(["-r", "requirements.txt"])
+                        .current_dir(&dir));
+                }
+            }
         }
-    });
-    match ready {
-        Ok(()) => true,
-        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true: the client-compatibility tests cannot be skipped ({why})")
+        Ok(())
+    }
+
+    /// Whether this client can be run (installed once per test binary). Without its runtime:
+    /// false outside CI, a failure under CI=true.
+    fn ready(self) -> bool {
+        static JS: OnceLock<Result<(), String>> = OnceLock::new();
+        static PY: OnceLock<Result<(), String>> = OnceLock::new();
+        let cell = match self {
+            Sdk::Js => &JS,
+            Sdk::Py => &PY,
+        };
+        match cell.get_or_init(|| self.install()) {
+            Ok(()) => true,
+            Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI=true: the {self:?} client checks cannot be skipped ({why})")
+            }
+            Err(why) => {
+                eprintln!("skipping the {self:?} client checks: {why}");
+                false
+            }
         }
-        Err(why) => {
-            eprintln!("skipping the JavaScript SDK checks: {why}");
-            false
-        }
+    }
+
+    /// One `conversations.get` with `token`, as the probe reports it: the conversation, or the
+    /// error the client raised.
+    async fn get(self, proxy: &ProxyHandle, token: &str, account: u64, conversation: u64) -> Value {
+        let (runtime, script) = self.command();
+        let args = vec![
+            script.display().to_string(),
+            proxy.url(""),
+            token.to_string(),
+            account.to_string(),
+            conversation.to_string(),
+        ];
+        let out = tokio::task::spawn_blocking(move || Command::new(runtime).args(&args).output())
+            .await
+            .unwrap()
+            .expect("run the probe");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{self:?} probe failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout.lines().last().unwrap_or_default();
+        // The closing note of issue 18 quotes these lines.
+        eprintln!("{self:?} sdk {token:.12}… {account}/{conversation}: {line}");
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("probe printed {stdout:?}: {e}"))
     }
 }
 
-/// One SDK call `conversations.get({accountId, conversationId})` with `token`, as probe.js
-/// reports it: the conversation, or the error the SDK threw.
-async fn sdk_get(proxy: &ProxyHandle, token: &str, account: u64, conversation: u64) -> Value {
-    let args = vec![
-        js_dir().join("probe.js").display().to_string(),
-        proxy.url(""),
-        token.to_string(),
-        account.to_string(),
-        conversation.to_string(),
-    ];
-    let out = tokio::task::spawn_blocking(move || Command::new("node").args(&args).output())
-        .await
-        .unwrap()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// Runs an install step; the runtime is there, so a failed install is a failure, not a skip.
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "probe.js failed: {stdout}{}",
+        "{cmd:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = stdout.lines().last().unwrap_or_default();
-    // The closing note of issue 18 quotes these lines.
-    eprintln!("js sdk {token:.12}… {account}/{conversation}: {line}");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("probe.js printed {stdout:?}: {e}"))
 }
 
 async fn wait_metric(proxy: &ProxyHandle, series: &str, want: f64) {
@@ -102,23 +171,16 @@ async fn wait_metric(proxy: &ProxyHandle, series: &str, want: f64) {
     }
 }
 
-/// The SDK's documented setup sends `api_access_token` and `Authorization: Bearer <token>` on
-/// every call; the proxy caches it: the second call is a HIT and never reaches Chatwoot.
-#[tokio::test]
-async fn the_js_sdk_gets_its_second_call_from_the_cache() {
-    if !sdk_ready() {
-        return;
-    }
+/// Two calls for one conversation: the second is a HIT and never reaches Chatwoot.
+async fn second_call_is_a_hit(sdk: Sdk) -> FakeChatwoot {
     let (fake, proxy) = setup().await;
     for _ in 0..2 {
-        let r = sdk_get(&proxy, "admin-token", 1, 42).await;
+        let r = sdk.get(&proxy, "admin-token", 1, 42).await;
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["id"], 42);
         assert_eq!(r["viewer"], "admin");
     }
-    let seen = fake.last_seen();
-    assert_eq!(seen.headers["authorization"], "Bearer admin-token");
-    assert_eq!(seen.headers["api_access_token"], "admin-token");
+    assert_eq!(fake.last_seen().headers["api_access_token"], "admin-token");
     assert_eq!(
         fake.show_requests(),
         1,
@@ -131,15 +193,50 @@ async fn the_js_sdk_gets_its_second_call_from_the_cache() {
     };
     wait_metric(&proxy, &series("miss"), 1.0).await;
     wait_metric(&proxy, &series("hit"), 1.0).await;
+    fake
 }
 
-/// The proxy's own refusals reach the application as the SDK's `ApiError`, with the status and
-/// the body's `description` (and Chatwoot's `error`) readable.
-#[tokio::test]
-async fn the_js_sdk_surfaces_the_proxys_own_errors() {
-    if !sdk_ready() {
-        return;
+/// The error a client raised carries the proxy's status, code and description where an
+/// application reads them.
+fn check_error(sdk: Sdk, r: &Value, status: u64, code: &str, description: &str) {
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["status"], status, "{r}");
+    match sdk {
+        Sdk::Js => {
+            // `ApiError`: a fixed message per status, the parsed body beside it.
+            assert_eq!(r["name"], "ApiError", "{r}");
+            let message = if status == 401 {
+                "Unauthorized"
+            } else {
+                "Service Unavailable"
+            };
+            assert_eq!(r["message"], message, "{r}");
+            assert_eq!(r["body"]["description"], description, "{r}");
+            assert_eq!(r["body"]["error"], description, "{r}");
+            assert_eq!(r["body"]["errors"][0]["code"], code, "{r}");
+        }
+        Sdk::Py => {
+            // `ChatwootAuthError` / `ChatwootAPIError(status_code, description, errors)`.
+            let kind = if status == 401 {
+                "ChatwootAuthError"
+            } else {
+                "ChatwootAPIError"
+            };
+            assert_eq!(r["type"], kind, "{r}");
+            assert_eq!(r["description"], description, "{r}");
+            assert_eq!(r["errors"][0]["code"], code, "{r}");
+            let text = r["text"].as_str().unwrap_or_default();
+            assert!(
+                text.starts_with(&format!("[{status}] {description}")),
+                "{r}"
+            );
+        }
     }
+}
+
+/// The proxy's own refusals (401 missing, malformed, invalid token; 503 shed) as the client's
+/// errors.
+async fn proxy_errors_surface(sdk: Sdk) {
     let fake = FakeChatwoot::start().await;
     fake.add_conversation(1, 7, "1765182000.000001");
     let mut cfg = config(&fake.url());
@@ -147,47 +244,30 @@ async fn the_js_sdk_surfaces_the_proxys_own_errors() {
     cfg.upstream_queue_timeout = Duration::from_millis(200);
     let proxy = start_proxy(cfg).await;
 
-    let check = |r: &Value, status: u64, message: &str, code: &str, description: &str| {
-        assert_eq!(r["ok"], false, "{r}");
-        assert_eq!(r["name"], "ApiError", "{r}");
-        assert_eq!(r["status"], status, "{r}");
-        assert_eq!(r["message"], message, "{r}");
-        assert_eq!(r["body"]["description"], description, "{r}");
-        assert_eq!(r["body"]["error"], description, "{r}");
-        assert_eq!(r["body"]["errors"][0]["code"], code, "{r}");
-    };
-    // The SDK sends no credential at all for an empty token.
-    let r = sdk_get(&proxy, "", 1, 42).await;
-    check(
+    // An empty token: the JS SDK then sends no credential, the Python one an empty header.
+    let r = sdk.get(&proxy, "", 1, 42).await;
+    check_error(
+        sdk,
         &r,
         401,
-        "Unauthorized",
         "missing_token",
         "Missing api_access_token header",
     );
     let long = "x".repeat(300);
-    let r = sdk_get(&proxy, &long, 1, 42).await;
-    check(
+    let r = sdk.get(&proxy, &long, 1, 42).await;
+    check_error(
+        sdk,
         &r,
         401,
-        "Unauthorized",
         "malformed_token",
         "Malformed api_access_token header",
     );
-    // Chatwoot's own refusal first, then the proxy's local one.
-    let r = sdk_get(&proxy, "revoked-token", 1, 42).await;
-    assert_eq!(
-        (r["status"].clone(), r["body"]["error"].clone()),
-        (401.into(), "Invalid Access Token".into())
-    );
-    let r = sdk_get(&proxy, "revoked-token", 1, 42).await;
-    check(
-        &r,
-        401,
-        "Unauthorized",
-        "invalid_token",
-        "Invalid Access Token",
-    );
+    // Chatwoot's own refusal first (its `{"error": ...}` body, which the Python SDK cannot
+    // read), then the proxy's local one, which both can.
+    let r = sdk.get(&proxy, "revoked-token", 1, 42).await;
+    assert_eq!(r["status"], 401, "{r}");
+    let r = sdk.get(&proxy, "revoked-token", 1, 42).await;
+    check_error(sdk, &r, 401, "invalid_token", "Invalid Access Token");
 
     // Shed: the only upstream slot is held by a request Chatwoot never answers.
     fake.set_fault(Fault::Hang, Some(1));
@@ -202,13 +282,51 @@ async fn the_js_sdk_surfaces_the_proxys_own_errors() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let r = sdk_get(&proxy, "admin-token", 1, 7).await;
-    check(
+    let r = sdk.get(&proxy, "admin-token", 1, 7).await;
+    check_error(
+        sdk,
         &r,
         503,
-        "Service Unavailable",
         "upstream_unavailable",
         "Chatwoot is unavailable, retry later",
     );
     held.abort();
+}
+
+/// The JS SDK's documented setup sends `api_access_token` and `Authorization: Bearer <token>`
+/// on every call; the proxy caches it.
+#[tokio::test]
+async fn the_js_sdk_gets_its_second_call_from_the_cache() {
+    if !Sdk::Js.ready() {
+        return;
+    }
+    let fake = second_call_is_a_hit(Sdk::Js).await;
+    assert_eq!(
+        fake.last_seen().headers["authorization"],
+        "Bearer admin-token"
+    );
+}
+
+#[tokio::test]
+async fn the_js_sdk_surfaces_the_proxys_own_errors() {
+    if Sdk::Js.ready() {
+        proxy_errors_surface(Sdk::Js).await;
+    }
+}
+
+/// The Python SDK sends `api_access_token` alone.
+#[tokio::test]
+async fn the_python_sdk_gets_its_second_call_from_the_cache() {
+    if !Sdk::Py.ready() {
+        return;
+    }
+    let fake = second_call_is_a_hit(Sdk::Py).await;
+    assert!(fake.last_seen().headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn the_python_sdk_surfaces_the_proxys_own_errors() {
+    if Sdk::Py.ready() {
+        proxy_errors_surface(Sdk::Py).await;
+    }
 }
