@@ -84,7 +84,7 @@ fn main() {
         let store = Arc::new(filled_store(n, &policy));
         let threads: Vec<_> = (0..2u64)
             .map(|t| {
-                let (store, policy) = (store.clone(), policy.clone());
+                let (store, policy) = (store.clone(), policy);
                 let handle = rt.handle().clone();
                 std::thread::spawn(move || {
                     let _enter = handle.enter();

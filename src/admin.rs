@@ -82,7 +82,8 @@ fn parse_purge_path(path: &str) -> Option<PurgeScope> {
 }
 
 async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<ResponseBody> {
-    let Some(admin_token) = proxy.config.admin_token.as_deref() else {
+    let config = proxy.config.load();
+    let Some(admin_token) = config.admin_token.as_deref() else {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "purge API disabled (no --admin-token)"}),
@@ -127,7 +128,8 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
 }
 
 async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody> {
-    let secrets = proxy.config.webhook_verifier();
+    let config = proxy.config.load();
+    let secrets = config.webhook_verifier();
     if !secrets.is_enabled() {
         return json(
             StatusCode::NOT_FOUND,
@@ -153,7 +155,7 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
         req.headers(),
         req.uri().query(),
         |presented| secrets.matches_secret(account, presented),
-        proxy.config.webhook_allow_query_secret,
+        config.webhook_allow_query_secret,
         now,
     ) {
         Ok(p) => p,
@@ -173,7 +175,7 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
         .get("x-chatwoot-delivery")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = match webhook::read_body(req.into_body(), proxy.config.client_header_timeout).await {
+    let body = match webhook::read_body(req.into_body(), config.client_header_timeout).await {
         Ok(b) => b,
         Err(e) => return webhook_refused(account, &e),
     };

@@ -8,6 +8,7 @@
 //! hand one user another user's data, so 64 bits is not enough; the raw token never becomes a key.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -258,27 +259,56 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 
 /// Tokens the upstream called "Invalid Access Token", refused locally for a while.
 pub struct InvalidTokens {
-    ttl: Duration,
-    until: moka::sync::Cache<Scope, Instant>,
-    /// Milliseconds after `base` (plus one; 0 = never) of the last refusal remembered. With
-    /// none within the TTL (the normal state) a lookup is skipped: one atomic load instead of a
-    /// second map lookup on every cache hit.
+    /// `--auth-negative-ttl` in milliseconds; live (a reload sets it), read only on insert.
+    ttl_ms: AtomicU64,
+    until: moka::sync::Cache<Scope, Refusal>,
+    /// Milliseconds after `base` (plus one; 0 = never) at which the latest refusal remembered
+    /// ends. With none running (the normal state) a lookup is skipped: one atomic load instead
+    /// of a second map lookup on every cache hit.
     base: Instant,
-    last_insert_ms: std::sync::atomic::AtomicU64,
+    last_until_ms: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+struct Refusal {
+    until: Instant,
+    ttl: Duration,
+}
+
+/// Each refusal leaves the map after its own TTL (the one in force when it was made).
+struct RefusalExpiry;
+
+impl moka::Expiry<Scope, Refusal> for RefusalExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Scope,
+        value: &Refusal,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 impl InvalidTokens {
     pub fn new(ttl: Duration) -> Self {
         let until = moka::sync::Cache::builder()
             .max_capacity(100_000)
-            .time_to_live(ttl.max(Duration::from_millis(1)))
+            .expire_after(RefusalExpiry)
             .build();
-        InvalidTokens {
-            ttl,
+        let tokens = InvalidTokens {
+            ttl_ms: AtomicU64::new(0),
             until,
             base: Instant::now(),
-            last_insert_ms: std::sync::atomic::AtomicU64::new(0),
-        }
+            last_until_ms: AtomicU64::new(0),
+        };
+        tokens.set_ttl(ttl);
+        tokens
+    }
+
+    /// Changes `--auth-negative-ttl` for refusals remembered from now on.
+    pub fn set_ttl(&self, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.ttl_ms.store(ms, Ordering::Relaxed);
     }
 
     fn ms_since_base(&self, at: Instant) -> u64 {
@@ -287,30 +317,30 @@ impl InvalidTokens {
 
     /// Remembers `scope` as invalid (no-op when `--auth-negative-ttl` is 0).
     pub fn insert(&self, scope: Scope) {
-        if !self.ttl.is_zero() {
-            let now = Instant::now();
-            self.until.insert(scope, now + self.ttl);
-            let stamp = self.ms_since_base(now).saturating_add(1);
-            self.last_insert_ms
-                .fetch_max(stamp, std::sync::atomic::Ordering::Release);
+        let ttl_ms = self.ttl_ms.load(Ordering::Relaxed);
+        if ttl_ms == 0 {
+            return;
         }
+        let ttl = Duration::from_millis(ttl_ms);
+        let now = Instant::now();
+        let until = now + ttl;
+        self.until.insert(scope, Refusal { until, ttl });
+        // Rounded up by a millisecond: allow one extra ms rather than skip a live refusal.
+        let stamp = self.ms_since_base(until).saturating_add(1);
+        self.last_until_ms.fetch_max(stamp, Ordering::Release);
     }
 
     pub fn contains(&self, scope: Scope) -> bool {
-        if self.ttl.is_zero() {
+        let last = self.last_until_ms.load(Ordering::Acquire);
+        if last == 0 {
             return false;
         }
-        let last = self
-            .last_insert_ms
-            .load(std::sync::atomic::Ordering::Acquire);
         let now = Instant::now();
-        // Rounded to milliseconds: allow one extra ms rather than skip a live refusal.
-        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        if last == 0 || self.ms_since_base(now) > last.saturating_add(ttl_ms) {
+        if self.ms_since_base(now) > last {
             return false;
         }
         match self.until.get(&scope) {
-            Some(until) => now < until,
+            Some(refusal) => now < refusal.until,
             None => false,
         }
     }

@@ -198,6 +198,22 @@ pub struct Cli {
     #[arg(long, env = "CHATWOOT_CACHE_UPSTREAM_CA_FILE", value_name = "PEM")]
     pub upstream_ca_file: Option<String>,
 
+    /// Client certificate for https:// upstreams (mTLS; needs --upstream-client-key-file)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_CLIENT_CERT_FILE",
+        value_name = "PEM"
+    )]
+    pub upstream_client_cert_file: Option<String>,
+
+    /// Private key for --upstream-client-cert-file
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_CLIENT_KEY_FILE",
+        value_name = "PEM"
+    )]
+    pub upstream_client_key_file: Option<String>,
+
     /// Terminate TLS on --listen (needs --tls-key-file)
     #[arg(long, env = "CHATWOOT_CACHE_TLS_CERT_FILE", value_name = "PEM")]
     pub tls_cert_file: Option<String>,
@@ -273,6 +289,15 @@ pub struct Cli {
     /// ingress in front of a gateway); everyone else's are replaced [default: none]
     #[arg(long, env = "CHATWOOT_CACHE_TRUSTED_PROXIES", value_name = "CIDRS")]
     pub trusted_proxies: Option<String>,
+    /// How often the files named by settings (config, certificates, CA, secrets) are checked
+    /// for changes, which reload them like SIGHUP does (0 = only on SIGHUP)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_RELOAD_INTERVAL",
+        value_name = "DUR",
+        default_value = "10s"
+    )]
+    pub reload_interval: String,
 
     /// Log line format on stderr: text or json
     #[arg(
@@ -333,7 +358,7 @@ pub enum LogFormat {
 }
 
 /// Where the upstream lives. Kept pre-split so forwarding never re-parses it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub scheme: Scheme,
     pub authority: Authority,
@@ -351,6 +376,8 @@ impl UpstreamUrl {
 /// directly by tests.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `--config`: re-read on every reload.
+    pub config_file: Option<PathBuf>,
     pub upstream: UpstreamUrl,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -371,6 +398,8 @@ pub struct Config {
     pub breaker_failure_ratio: f64,
     pub breaker_open: Duration,
     pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_client_cert_file: Option<PathBuf>,
+    pub upstream_client_key_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     /// The purge API's bearer token, from `--admin-token` or `--admin-token-file`.
@@ -387,6 +416,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub client_header_timeout: Duration,
     pub trusted_proxies: crate::upstream::TrustedProxies,
+    pub reload_interval: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -536,6 +566,7 @@ impl Config {
             Some(raw) => crate::upstream::TrustedProxies::parse(raw.value.trim())
                 .map_err(|problem| with_origin("trusted_proxies", &raw, problem))?,
         };
+        let reload_interval = parse_with(&src, "reload_interval", parse_duration)?;
         let log_format = parse_with(&src, "log_format", |s| match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
@@ -550,6 +581,8 @@ impl Config {
         let upstream_ca_file = optional_file(&src, "upstream_ca_file")?;
         let tls_cert_file = optional_file(&src, "tls_cert_file")?;
         let tls_key_file = optional_file(&src, "tls_key_file")?;
+        let upstream_client_cert_file = optional_file(&src, "upstream_client_cert_file")?;
+        let upstream_client_key_file = optional_file(&src, "upstream_client_key_file")?;
         let admin_token_file = optional_file(&src, "admin_token_file")?;
         let admin_token = secret_either_form(&src, "admin_token", admin_token_file.as_deref())?;
         let webhook_secret_file = optional_file(&src, "webhook_secret_file")?;
@@ -563,6 +596,12 @@ impl Config {
         let webhook_allow_query_secret =
             parse_with(&src, "webhook_allow_query_secret", parse_bool)?;
 
+        both_or_neither(
+            "upstream-client-cert-file",
+            &upstream_client_cert_file,
+            "upstream-client-key-file",
+            &upstream_client_key_file,
+        )?;
         match (&tls_cert_file, &tls_key_file) {
             (Some(_), None) => {
                 return Err(ConfigError::invalid(
@@ -594,6 +633,7 @@ impl Config {
         }
 
         Ok(Config {
+            config_file: matches.get_one::<PathBuf>("config").cloned(),
             upstream,
             listen,
             admin_listen,
@@ -614,6 +654,8 @@ impl Config {
             breaker_failure_ratio,
             breaker_open,
             upstream_ca_file,
+            upstream_client_cert_file,
+            upstream_client_key_file,
             tls_cert_file,
             tls_key_file,
             admin_token,
@@ -626,9 +668,60 @@ impl Config {
             shutdown_timeout,
             client_header_timeout,
             trusted_proxies,
+            reload_interval,
             log_format,
             log_level,
         })
+    }
+
+    /// Settings that cannot change in a running process (SPEC §13: sockets, the upstream, the
+    /// cache's size and scope key, the log subscriber): takes `running`'s values for them and
+    /// names those a reload asked to change. A new restart-only setting gets one line here.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident => $flag:literal),* $(,)?) => {$(
+                if self.$field != running.$field {
+                    self.$field = running.$field.clone();
+                    kept.push($flag);
+                }
+            )*};
+        }
+        keep!(
+            listen => "--listen",
+            admin_listen => "--admin-listen",
+            upstream => "--upstream",
+            token_header => "--token-header",
+            cache_max_bytes => "--cache-max-bytes",
+            log_format => "--log-format",
+        );
+        // The public listener terminates TLS or not from start to end; its certificate
+        // (another file, or new content) is live.
+        if self.tls_cert_file.is_some() != running.tls_cert_file.is_some() {
+            self.tls_cert_file = running.tls_cert_file.clone();
+            self.tls_key_file = running.tls_key_file.clone();
+            kept.push("--tls-cert-file (TLS on or off)");
+        }
+        kept
+    }
+
+    /// Every file the configuration names, for the reload's change detection.
+    pub fn watched_files(&self) -> Vec<&std::path::Path> {
+        [
+            &self.config_file,
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.upstream_ca_file,
+            &self.upstream_client_cert_file,
+            &self.upstream_client_key_file,
+            &self.admin_token_file,
+            &self.webhook_secret_file,
+            &self.webhook_secrets_file,
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect()
     }
 
     /// What verifies webhooks: the per-account secrets, `--webhook-secret` for the others.
@@ -641,6 +734,20 @@ impl Config {
     /// A config with SPEC defaults for the given upstream; what tests and benches start from.
     pub fn for_upstream(upstream: &str) -> Result<Config, ConfigError> {
         Config::try_from_args(["chatwoot-cache", "--upstream", upstream])
+    }
+}
+
+/// A certificate needs its key and a key its certificate.
+fn both_or_neither(
+    a: &str,
+    a_value: &Option<PathBuf>,
+    b: &str,
+    b_value: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    match (a_value, b_value) {
+        (Some(_), None) => Err(ConfigError::invalid(a, format!("needs --{b} as well"))),
+        (None, Some(_)) => Err(ConfigError::invalid(b, format!("needs --{a} as well"))),
+        _ => Ok(()),
     }
 }
 

@@ -15,6 +15,8 @@
 //! - [`protect`]: the upstream concurrency limit and the circuit breaker.
 //! - [`admin`]: health, readiness, metrics, purge API and webhook on the admin listener;
 //!   [`webhook`] admits deliveries (head checks, size and concurrency caps, replay window).
+//! - [`reload`]: SIGHUP and file-change reloads of certificates, secrets and tunables;
+//!   [`live`] is the holder every reloadable setting is read through.
 //! - [`metrics`], [`access_log`], [`error`], [`body`], [`config`]: supporting pieces.
 #![forbid(unsafe_code)]
 
@@ -27,9 +29,11 @@ pub mod client_io;
 pub mod config;
 pub mod error;
 pub mod invalidation;
+pub mod live;
 pub mod metrics;
 pub mod protect;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;

@@ -3,20 +3,29 @@
 
 use std::process::ExitCode;
 
-use chatwoot_cache::config::{Config, LogFormat};
-use chatwoot_cache::{Proxy, server, tls};
+use std::sync::Arc;
+
+use chatwoot_cache::config::{Cli, Config, LogFormat};
+use chatwoot_cache::reload::Reloader;
+use chatwoot_cache::{Proxy, server};
+use clap::CommandFactory;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 fn main() -> ExitCode {
-    let config = match Config::load() {
+    // Kept for reloads: flags and environment cannot change in a running process, but the
+    // --config file and the files settings name can, and are read again from these.
+    let matches = Cli::command().get_matches();
+    let config = match Config::from_matches(&matches) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    let _log_guard = init_logging(&config);
+    let (_log_guard, log_level) = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -27,39 +36,57 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(config))
+    let load = Box::new(move || Config::from_matches(&matches));
+    runtime.block_on(serve(config, load, log_level))
 }
 
 /// Logs to stderr through a non-blocking writer (a stalled log pipe must not stall requests);
-/// the returned guard flushes the queue when `main` returns.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
-    // RUST_LOG directives win over --log-level when set.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+/// the returned guard flushes the queue when `main` returns. The level is reloadable; the
+/// returned hook applies a new `--log-level` (unless `RUST_LOG` is set: it wins, as at start).
+fn init_logging(
+    config: &Config,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    chatwoot_cache::reload::LogLevelHook,
+) {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_wins = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&config.log_level));
+    let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
+        LogFormat::Text => registry.with(fmt.with_ansi(false)).init(),
     }
-    guard
+    let hook = Box::new(move |level: &str| {
+        if env_wins {
+            tracing::warn!("--log-level changed but RUST_LOG is set and keeps deciding");
+            return;
+        }
+        // The level was validated when the configuration was parsed.
+        if let Err(e) = handle.reload(EnvFilter::new(level)) {
+            tracing::warn!("--log-level: cannot apply the new level: {e}");
+        }
+    });
+    (guard, hook)
 }
 
-async fn serve(config: Config) -> ExitCode {
-    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => match tls::server_config(cert, key) {
-            Ok(c) => Some(std::sync::Arc::new(c)),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        _ => None,
-    };
+async fn serve(
+    config: Config,
+    load: chatwoot_cache::reload::Loader,
+    log_level: chatwoot_cache::reload::LogLevelHook,
+) -> ExitCode {
     let proxy = match Proxy::new(config.clone()) {
         Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let tls = match proxy.server_tls_config() {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
@@ -86,9 +113,27 @@ async fn serve(config: Config) -> ExitCode {
         tls = tls.is_some(),
         "chatwoot-cache listening"
     );
+    let reloader = Arc::new(Reloader::new(proxy.clone(), load).with_log_level(log_level));
+    let watcher = tokio::spawn(reloader.clone().watch());
+    let hangups = tokio::spawn(reload_on_sighup(reloader));
     server::run(proxy, public, admin, tls, shutdown_signal()).await;
+    watcher.abort();
+    hangups.abort();
     tracing::info!("shut down cleanly");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP re-reads the configuration (the conventional daemon reload signal).
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP; reloads happen on file changes only");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let r = reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
+    }
 }
 
 /// The first SIGTERM (Kubernetes) or SIGINT (Ctrl-C) starts the graceful drain; a second one

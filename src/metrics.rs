@@ -6,8 +6,8 @@
 //! One registry per [`Metrics`] value: tests and benches run several proxies in one process.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::routing::RouteLabel;
@@ -112,6 +112,24 @@ pub enum AuthRejection {
 }
 const AUTH_REASONS: [&str; 3] = ["missing", "malformed", "invalid"];
 
+/// `tls_cert_expiry_timestamp_seconds{listener}`.
+#[derive(Debug, Clone, Copy)]
+pub enum CertListener {
+    /// The certificate the public listener serves.
+    Public = 0,
+    /// The client certificate presented to the upstream.
+    UpstreamClient = 1,
+}
+const CERT_LISTENERS: [&str; 2] = ["public", "upstream_client"];
+
+/// `config_reloads_total{result}`.
+#[derive(Debug, Clone, Copy)]
+pub enum ReloadResult {
+    Ok = 0,
+    Error = 1,
+}
+const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
 /// Buckets from 10µs (cache hits take tens of µs) to 30s (slow upstream calls).
 const LATENCY_BUCKETS: [f64; 20] = [
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -135,6 +153,9 @@ pub struct Metrics {
     shed: Vec<IntCounter>,
     pub breaker_state: IntGauge,
     auth_rejections: Vec<IntCounter>,
+    config_reloads: Vec<IntCounter>,
+    /// Only certificates in use have a series: an expiry of 0 would look like a lapsed one.
+    cert_expiry: IntGaugeVec,
 }
 
 fn status_class(status: u16) -> usize {
@@ -244,7 +265,23 @@ impl Metrics {
             &["reason"],
         )?;
 
+        let config_reloads = counter_vec(
+            "chatwoot_cache_config_reloads_total",
+            "Configuration reloads (SIGHUP or a changed file), by result",
+            &["result"],
+        )?;
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "chatwoot_cache_tls_cert_expiry_timestamp_seconds",
+                "When the certificate in use expires (Unix time), by listener",
+            ),
+            &["listener"],
+        )?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+
         Ok(Metrics {
+            config_reloads: children(&config_reloads, &RELOAD_RESULTS),
+            cert_expiry,
             requests,
             request_duration,
             upstream_requests,
@@ -310,6 +347,22 @@ impl Metrics {
 
     pub fn auth_rejection(&self, reason: AuthRejection) {
         self.auth_rejections[reason as usize].inc();
+    }
+
+    pub fn config_reload(&self, result: ReloadResult) {
+        self.config_reloads[result as usize].inc();
+    }
+
+    /// The expiry of the certificate now in use for `listener`; `None` (none configured, or
+    /// unreadable) removes the series.
+    pub fn set_cert_expiry(&self, listener: CertListener, not_after: Option<i64>) {
+        let label = [CERT_LISTENERS[listener as usize]];
+        match not_after {
+            Some(t) => self.cert_expiry.with_label_values(&label).set(t),
+            None => {
+                let _ = self.cert_expiry.remove_label_values(&label);
+            }
+        }
     }
 
     /// The Prometheus text exposition.

@@ -61,7 +61,6 @@ pub async fn run(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let header_timeout = proxy.config.client_header_timeout;
     let builder = Arc::new(http_builder());
     let acceptor = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -81,7 +80,8 @@ pub async fn run(
                         builder: builder.clone(),
                         acceptor: acceptor.clone(),
                         peer,
-                        header_timeout,
+                        // Live: a reload applies to connections accepted afterwards.
+                        header_timeout: proxy.config.load().client_header_timeout,
                         watcher: graceful.watcher(),
                         stopping: stopping.clone(),
                     };
@@ -99,7 +99,7 @@ pub async fn run(
     proxy.set_ready(false);
     drop(public);
     stopping.cancel();
-    let drain = proxy.config.shutdown_timeout;
+    let drain = proxy.config.load().shutdown_timeout;
     tracing::info!(
         in_flight_connections = graceful.count(),
         drain_ms = drain.as_millis() as u64,
@@ -136,10 +136,14 @@ impl PublicConn {
             watcher,
             stopping,
         } = self;
-        let client = ClientInfo::new(peer.ip(), acceptor.is_some(), &proxy.config.trusted_proxies);
+        let client = ClientInfo::new(
+            peer.ip(),
+            acceptor.is_some(),
+            &proxy.config.load().trusted_proxies,
+        );
         let metrics = proxy.metrics.clone();
         // Writes to the client may stall for as long as a request head may take to arrive.
-        let write_limit = proxy.config.client_header_timeout;
+        let write_limit = header_timeout;
         let conn = crate::proxy::ConnState::new();
         let activity = conn.activity.clone();
         let service =
@@ -234,7 +238,7 @@ async fn admin_loop(
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 tokio::spawn(async move {
-                    let limit = proxy.config.client_header_timeout;
+                    let limit = proxy.config.load().client_header_timeout;
                     let activity = Activity::new();
                     let io = ClientIo::new(stream, limit, activity.clone(), limit);
                     let service = service_fn(move |req| {

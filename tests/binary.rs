@@ -191,6 +191,9 @@ fn help_lists_every_setting_and_default() {
         ("--webhook-allow-query-secret", "false"),
         ("--shutdown-timeout", "25s"),
         ("--trusted-proxies", "none"),
+        ("--reload-interval", "10s"),
+        ("--upstream-client-cert-file", ""),
+        ("--upstream-client-key-file", ""),
         ("--log-format", "text"),
         ("--log-level", "info"),
     ] {
@@ -512,4 +515,110 @@ async fn stop_and_read_logs(
     let mut logs = String::new();
     std::io::Read::read_to_string(&mut err, &mut logs).unwrap();
     logs
+}
+
+/// SIGHUP, really sent to the binary: the config file is read again, a lowered TTL applies to
+/// the next request while the stored entry survives (`STALE`, not `MISS`), a restart-only
+/// setting in the file keeps its running value with one log line naming it, and the reload is
+/// counted. An invalid file on the next SIGHUP changes nothing and is counted as an error.
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let fake = FakeChatwoot::start().await;
+    let dir = temp_dir("sighup");
+    let file = dir.join("config.toml");
+    std::fs::write(&file, "cache_ttl = \"1h\"\n").unwrap();
+    let p = free_port();
+    let a = free_port();
+    let (mut child, mut err) = spawn(
+        &[
+            "--upstream",
+            &fake.url(),
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{a}"),
+            "--config",
+            file.to_str().unwrap(),
+            "--reload-interval",
+            "0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{p}/api/v1/accounts/1/conversations/42");
+    assert_eq!(get(&url, Some("admin-token")).await.x_cache(), "MISS");
+    assert_eq!(get(&url, Some("admin-token")).await.x_cache(), "HIT");
+    let reloads = |result: &'static str| {
+        let metrics = format!("http://127.0.0.1:{a}/metrics");
+        async move {
+            let text = get(&metrics, None).await.text();
+            metric(
+                &text,
+                &format!("chatwoot_cache_config_reloads_total{{result=\"{result}\"}}"),
+            )
+        }
+    };
+    let hup = |child: &Child| {
+        let kill = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    };
+
+    std::fs::write(
+        &file,
+        "cache_ttl = \"50ms\"\nstale_while_revalidate = \"1h\"\ncache_max_bytes = \"1GiB\"\n",
+    )
+    .unwrap();
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads("ok").await != 1.0 {
+        assert!(Instant::now() < deadline, "SIGHUP never reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        get(&url, Some("admin-token")).await.x_cache(),
+        "STALE",
+        "the new TTL applies; the stored entry survived"
+    );
+
+    std::fs::write(&file, "cache_ttl = \"banana\"\n").unwrap();
+    hup(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads("error").await != 1.0 {
+        assert!(Instant::now() < deadline, "the bad reload was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reloads("ok").await, 1.0);
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut err, &mut logs).unwrap();
+    let kept: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("restart-only settings keep their running values"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{logs}");
+    assert!(kept[0].contains("--cache-max-bytes"), "{}", kept[0]);
+    let failed: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("configuration reload failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{logs}");
+    assert!(
+        failed[0].contains("--cache-ttl: invalid duration"),
+        "{}",
+        failed[0]
+    );
 }

@@ -321,13 +321,19 @@ async fn metric_names_and_labels_are_the_contract() {
         "chatwoot_cache_shed_total",
         "chatwoot_cache_breaker_state",
         "chatwoot_cache_auth_rejections_total",
+        // SPEC §13
+        "chatwoot_cache_config_reloads_total",
+        "chatwoot_cache_tls_cert_expiry_timestamp_seconds",
     ];
     let names = s.names();
     for e in expected {
-        assert!(names.contains(e), "{e} missing");
+        // The expiry gauge has a series only for certificates in use (none here).
+        if e != "chatwoot_cache_tls_cert_expiry_timestamp_seconds" {
+            assert!(names.contains(e), "{e} missing");
+        }
     }
     let allowed_labels = [
-        "route", "cache", "status", "cause", "outcome", "source", "reason",
+        "route", "cache", "status", "cause", "outcome", "source", "reason", "result", "listener",
     ];
     for sample in &s.0.samples {
         let family = sample
@@ -359,7 +365,19 @@ async fn metric_names_and_labels_are_the_contract() {
 /// Every metric the Grafana dashboard and the alert rules query exists in `/metrics`.
 #[tokio::test]
 async fn dashboard_and_alerts_use_only_real_metrics() {
-    let (_fake, proxy) = setup().await;
+    // With certificates on both sides, so the expiry series exist too.
+    let fake = FakeChatwoot::start().await;
+    let pki = test_pki();
+    let dir = temp_dir("metrics-tls");
+    for (name, content) in [("cert.pem", &pki.cert_pem), ("key.pem", &pki.key_pem)] {
+        std::fs::write(dir.join(name), content).unwrap();
+    }
+    let mut cfg = config(&fake.url());
+    cfg.tls_cert_file = Some(dir.join("cert.pem"));
+    cfg.tls_key_file = Some(dir.join("key.pem"));
+    cfg.upstream_client_cert_file = Some(dir.join("cert.pem"));
+    cfg.upstream_client_key_file = Some(dir.join("key.pem"));
+    let proxy = start_proxy(cfg).await;
     let text = metrics_text(&proxy).await;
     let exposed: std::collections::BTreeSet<String> = text
         .lines()

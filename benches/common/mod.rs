@@ -60,7 +60,7 @@ pub fn stored_key(i: u64) -> CacheKey {
 /// has its own header block (as stored from a real response); the body `Bytes` is shared,
 /// which keeps 1M entries within a couple of GB. Needs a tokio runtime context (clock).
 pub fn filled_store(n: u64, policy: &CachePolicy) -> Store {
-    let store = Store::new(64 << 30, policy.clone(), Arc::new(Metrics::new().unwrap()));
+    let store = Store::new(64 << 30, *policy, Arc::new(Metrics::new().unwrap()));
     let (body, head) = (sample_body(), upstream_head());
     let now = tokio::time::Instant::now();
     for i in 0..n {

@@ -31,6 +31,7 @@ pub use entry::Entry;
 
 use crate::auth::Scope;
 use crate::invalidation::{Generations, Source, Stamp, Target};
+use crate::live::Live;
 use crate::metrics::{EvictionCause, Metrics};
 
 /// The cache key. Holds the token *scope* (a keyed hash), never the token.
@@ -41,8 +42,10 @@ pub struct CacheKey {
     pub scope: Scope,
 }
 
-/// Freshness and size settings the store and the conversation handler share.
-#[derive(Debug, Clone)]
+/// Freshness and size settings the store and the conversation handler share. Live: a reload
+/// replaces them ([`Store::policy`]); `Copy` so a connection can keep its own copy
+/// ([`crate::live::Local`]) and read it without touching shared memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CachePolicy {
     pub ttl: Duration,
     pub stale_while_revalidate: Duration,
@@ -129,7 +132,9 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 pub struct Store {
     entries: Cache<CacheKey, Arc<Entry>>,
     pub generations: Generations,
-    pub policy: CachePolicy,
+    /// The current policy: [`Live::load`] where the upstream is involved, a connection's
+    /// [`crate::live::Local`] copy on the hit path.
+    pub policy: Live<CachePolicy>,
     metrics: Arc<Metrics>,
 }
 
@@ -153,7 +158,7 @@ impl Store {
         Store {
             entries,
             generations: Generations::new(),
-            policy,
+            policy: Live::new(policy),
             metrics,
         }
     }
@@ -222,7 +227,7 @@ impl Store {
     pub fn lookup(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
         if !self.is_current(key, &entry)
-            || (entry.is_negative() && entry.age(now) >= self.policy.negative_ttl)
+            || (entry.is_negative() && entry.age(now) >= self.policy.load().negative_ttl)
         {
             self.entries.invalidate(key);
             return None;
@@ -314,7 +319,7 @@ mod tests {
             body,
             probe,
             store.stamp(&key),
-            &store.policy,
+            &store.policy.load(),
             now,
         );
         store.insert(key, Arc::new(entry));
@@ -339,14 +344,14 @@ mod tests {
             &HeaderMap::new(),
             Bytes::from_static(b"{}"),
             store.stamp(&key),
-            &store.policy,
+            &store.policy.load(),
             now,
         );
         store.insert(key, Arc::new(entry));
         assert!(store.lookup(&key, now).is_some());
         assert!(
             store
-                .lookup(&key, now + store.policy.negative_ttl)
+                .lookup(&key, now + store.policy.load().negative_ttl)
                 .is_none()
         );
         assert_eq!(store.usage(), (0, 0));

@@ -726,7 +726,7 @@ mod tests {
 
         let policy = test_policy();
         let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
-        let store = super::super::Store::new(1 << 20, policy.clone(), metrics);
+        let store = super::super::Store::new(1 << 20, policy, metrics);
         let now = Instant::now();
         let (head, _) = parsed_head(&HEAD[..2]);
         // Year 10000 (httpdate panics), past `SystemTime` (adding overflows), past u64.

@@ -26,6 +26,8 @@ use std::time::Duration;
 use prometheus::IntGauge;
 use tokio::time::Instant;
 
+use crate::live::Live;
+
 /// The longest open period while probes keep failing.
 pub const MAX_OPEN: Duration = Duration::from_secs(60);
 const BUCKETS: usize = 10;
@@ -125,7 +127,8 @@ struct Inner {
 /// The breaker. Shared as `Arc<Breaker>`; cheap uncontended mutex on each admission.
 #[derive(Debug)]
 pub struct Breaker {
-    cfg: BreakerConfig,
+    /// Live: a reload replaces it; state and counts are kept.
+    cfg: Live<BreakerConfig>,
     /// Incremented each time the breaker closes after having been open: "the upstream
     /// recovered". Lets per-key failure backoffs end at once on recovery.
     recoveries: std::sync::atomic::AtomicU64,
@@ -138,7 +141,7 @@ impl Breaker {
     pub fn new(cfg: BreakerConfig, gauge: IntGauge) -> std::sync::Arc<Self> {
         gauge.set(BreakerState::Closed as i64);
         std::sync::Arc::new_cyclic(|me| Breaker {
-            cfg,
+            cfg: Live::new(cfg),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 state: State::Closed,
@@ -267,14 +270,15 @@ impl Breaker {
                 bucket.failures += u32::from(failed);
                 if failed {
                     let (total, failures) = self.window_counts(&inner, now);
-                    if total >= self.cfg.min_requests
-                        && f64::from(failures) >= self.cfg.failure_ratio * f64::from(total)
+                    let cfg = self.cfg.load();
+                    if total >= cfg.min_requests
+                        && f64::from(failures) >= cfg.failure_ratio * f64::from(total)
                     {
                         let retry_after = match outcome {
                             Outcome::Failure { retry_after } => retry_after,
                             Outcome::Success | Outcome::Throttled => None,
                         };
-                        self.open(&mut inner, now, self.cfg.open, retry_after);
+                        self.open(&mut inner, now, cfg.open, retry_after);
                     }
                 }
             }
@@ -314,6 +318,12 @@ impl Breaker {
         );
     }
 
+    /// New settings (a reload): they apply from the next completion on; the state and the
+    /// window's counts are kept.
+    pub fn reconfigure(&self, cfg: BreakerConfig) {
+        self.cfg.store(cfg);
+    }
+
     /// How many times the breaker has closed after being open.
     pub fn recoveries(&self) -> u64 {
         self.recoveries.load(std::sync::atomic::Ordering::Acquire)
@@ -330,7 +340,7 @@ impl Breaker {
     }
 
     fn bucket_len(&self) -> Duration {
-        (self.cfg.window / BUCKETS as u32).max(Duration::from_millis(1))
+        (self.cfg.load().window / BUCKETS as u32).max(Duration::from_millis(1))
     }
 
     /// The bucket for `now`, recycled if it belongs to an older turn of the ring.
@@ -355,12 +365,13 @@ impl Breaker {
     }
 
     fn window_counts(&self, inner: &Inner, now: Instant) -> (u32, u32) {
+        let window = self.cfg.load().window;
         inner
             .buckets
             .iter()
             .filter(|b| {
                 b.start
-                    .is_some_and(|s| now.saturating_duration_since(s) < self.cfg.window)
+                    .is_some_and(|s| now.saturating_duration_since(s) < window)
             })
             .fold((0, 0), |(t, f), b| (t + b.total, f + b.failures))
     }

@@ -17,7 +17,7 @@ use crate::cache::admission::{
     self, Admission, Admit, Confirmed, Pass, admit_oversized, is_encoded, is_upstream_failure,
 };
 use crate::cache::flight::Role;
-use crate::cache::{CacheKey, Entry, Freshness};
+use crate::cache::{CacheKey, CachePolicy, Entry, Freshness};
 use crate::invalidation::Stamp;
 use crate::metrics::{RevalidationOutcome, XCache};
 use crate::protect::Charge;
@@ -71,11 +71,12 @@ impl Proxy {
         req: &Request<Incoming>,
         client: ClientInfo,
         now: Instant,
+        policy: CachePolicy,
     ) -> Next {
         let head = req.method() == Method::HEAD;
         let stored = self.store.lookup(&key, now);
         if let Some(entry) = &stored {
-            match self.store.policy.freshness(entry, now) {
+            match policy.freshness(entry, now) {
                 Freshness::Fresh { remaining } => {
                     let status = cache_status_hit(remaining);
                     return Next::Answer(render(entry, req, now, XCache::Hit, status, head));
@@ -95,7 +96,7 @@ impl Proxy {
                     // hand the failing upstream another request for the same key.
                     if let Some(fwd_status) =
                         entry.recent_failure(now, self.upstream.breaker().recoveries())
-                        && self.store.policy.usable_if_error(entry, now)
+                        && policy.usable_if_error(entry, now)
                     {
                         let mut answer = stale_if_error(entry, req, now, fwd_status, head);
                         // Nothing was sent upstream this time: the log must not suggest otherwise.
@@ -123,7 +124,7 @@ impl Proxy {
         let now = Instant::now();
         if let Some(entry) = self.store.lookup(&key, now)
             && !stored.as_ref().is_some_and(|s| Arc::ptr_eq(s, &entry))
-            && let Freshness::Fresh { remaining } = self.store.policy.freshness(&entry, now)
+            && let Freshness::Fresh { remaining } = self.store.policy.load().freshness(&entry, now)
         {
             return render(
                 &entry,
@@ -165,7 +166,7 @@ impl Proxy {
                 if is_upstream_failure(fwd.status)
                     && let Some(stale) = prior
                         .as_ref()
-                        .filter(|e| self.store.policy.usable_if_error(e, now))
+                        .filter(|e| self.store.policy.load().usable_if_error(e, now))
                 {
                     return stale_if_error(stale, &req, now, fwd.status.as_u16(), head);
                 }
@@ -174,7 +175,7 @@ impl Proxy {
             FetchResult::Failed(err) => {
                 if let Some(stale) = prior
                     .as_ref()
-                    .filter(|e| self.store.policy.usable_if_error(e, now))
+                    .filter(|e| self.store.policy.load().usable_if_error(e, now))
                 {
                     return stale_if_error(stale, &req, now, err.fwd_status(), head);
                 }
@@ -328,7 +329,7 @@ impl Proxy {
                 p.note_failure(
                     Instant::now(),
                     fwd_status,
-                    self.store.policy.failure_backoff(),
+                    self.store.policy.load().failure_backoff(),
                     self.upstream.breaker().recoveries(),
                 );
             }
@@ -361,7 +362,8 @@ impl Proxy {
         let timeout = self.upstream.timeout();
         let body = UpstreamBody::new(incoming, timeout, exchange.permit);
         let deadline = start + timeout;
-        let max = self.store.policy.max_object_bytes;
+        let policy = self.store.policy.load();
+        let max = policy.max_object_bytes;
 
         let oversized = |body: UpstreamBody, headers: HeaderMap| {
             let decision = admit_oversized(prior.is_some(), status);
@@ -405,7 +407,7 @@ impl Proxy {
             key: &key,
             prior: prior.as_deref(),
             stamp: &stamp,
-            policy: &self.store.policy,
+            policy: &policy,
             now: Instant::now(),
         };
         let decision = admission::admit(&at, status, &headers, &bytes);

@@ -64,7 +64,7 @@ impl Proxy {
                 RequestBody::client(
                     incoming,
                     progress.clone(),
-                    self.config.client_header_timeout,
+                    self.config.load().client_header_timeout,
                 ),
                 Some(progress),
             )

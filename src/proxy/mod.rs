@@ -23,9 +23,11 @@ use crate::cache::flight::Flights;
 use crate::cache::{CacheKey, CachePolicy, Store};
 use crate::config::Config;
 use crate::error::LocalError;
+use crate::live::{Live, Local};
+use crate::metrics::CertListener;
 use crate::metrics::{AuthRejection, Metrics, XCache};
 use crate::routing::{self, Route};
-use crate::tls::TlsError;
+use crate::tls::{self, CertResolver, TlsError};
 use crate::upstream::{ClientInfo, Upstream};
 
 use crate::cache::entry::{CACHE_STATUS, set_render_slots};
@@ -43,7 +45,11 @@ pub enum StartupError {
 
 /// Everything a request needs, shared by all connections.
 pub struct Proxy {
-    pub config: Config,
+    /// The running configuration; a reload replaces it ([`crate::reload`]). Restart-only
+    /// settings are the same in every value.
+    pub config: Live<Config>,
+    /// The public listener's certificate, when it terminates TLS.
+    pub(crate) server_tls: Option<Arc<CertResolver>>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
     pub store: Store,
@@ -51,7 +57,7 @@ pub struct Proxy {
     flights: Flights<conversation::FetchResult>,
     token_header: TokenHeader,
     scoper: Scoper,
-    invalid_tokens: InvalidTokens,
+    pub(crate) invalid_tokens: InvalidTokens,
     ready: AtomicBool,
     /// Webhook handling slots and replay memory (admin listener).
     pub webhooks: crate::webhook::WebhookGate,
@@ -78,6 +84,11 @@ pub struct ConnState {
     pub memo: ScopeMemo,
     /// Request starts and ends, for the connection's head deadline.
     pub activity: Arc<crate::client_io::Activity>,
+    /// This connection's copy of the live cache policy: the hit path's only read of it.
+    pub policy: Local<CachePolicy>,
+    /// This connection's view of the live configuration, for per-request reads that must not
+    /// cost more than one atomic load.
+    pub config: Local<Config>,
 }
 
 impl ConnState {
@@ -85,6 +96,8 @@ impl ConnState {
         ConnState {
             memo: ScopeMemo::default(),
             activity: crate::client_io::Activity::new(),
+            policy: Local::default(),
+            config: Local::default(),
         }
     }
 }
@@ -151,30 +164,58 @@ impl Answer {
     }
 }
 
+/// The cache policy a configuration asks for.
+pub(crate) fn cache_policy(config: &Config) -> CachePolicy {
+    CachePolicy {
+        ttl: config.cache_ttl,
+        stale_while_revalidate: config.stale_while_revalidate,
+        stale_if_error: config.stale_if_error,
+        negative_ttl: config.negative_ttl,
+        max_object_bytes: config.max_object_bytes,
+    }
+}
+
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, StartupError> {
         let metrics = Arc::new(Metrics::new()?);
-        let upstream = Upstream::new(&config, metrics.clone())?;
-        let policy = CachePolicy {
-            ttl: config.cache_ttl,
-            stale_while_revalidate: config.stale_while_revalidate,
-            stale_if_error: config.stale_if_error,
-            negative_ttl: config.negative_ttl,
-            max_object_bytes: config.max_object_bytes,
+        let dial = crate::upstream::dial(&config)?;
+        metrics.set_cert_expiry(CertListener::UpstreamClient, dial.client_cert_not_after);
+        let upstream = Upstream::new(&config, dial, metrics.clone())?;
+        let server_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let cert = tls::server_cert(cert, key)?;
+                metrics.set_cert_expiry(CertListener::Public, cert.not_after);
+                Some(CertResolver::new(cert))
+            }
+            _ => None,
         };
-        let store = Store::new(config.cache_max_bytes, policy, metrics.clone());
+        let store = Store::new(
+            config.cache_max_bytes,
+            cache_policy(&config),
+            metrics.clone(),
+        );
         Ok(Arc::new(Proxy {
             token_header: TokenHeader::new(config.token_header.clone()),
             scoper: Scoper::random().map_err(|_| StartupError::Random)?,
             invalid_tokens: InvalidTokens::new(config.auth_negative_ttl),
             ready: AtomicBool::new(true),
             webhooks: crate::webhook::WebhookGate::new(),
-            config,
+            config: Live::new(config),
+            server_tls,
             upstream,
             metrics,
             store,
             flights: Flights::default(),
         }))
+    }
+
+    /// The public listener's TLS config when `--tls-cert-file` is set: it serves whatever
+    /// certificate the last reload loaded.
+    pub fn server_tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+        match &self.server_tls {
+            Some(resolver) => Ok(Some(Arc::new(resolver.server_config()?))),
+            None => Ok(None),
+        }
     }
 
     /// Readiness for `/readyz`: false from SIGTERM on.
@@ -208,7 +249,13 @@ impl Proxy {
             conn.activity.exempt();
         }
         // Behind a trusted proxy the client address is the request's, not the connection's.
-        let client = client.for_request(req.headers(), &self.config.trusted_proxies);
+        let client = if client.trusted_peer {
+            conn.config.with(&self.config, |config| {
+                client.for_request(req.headers(), &config.trusted_proxies)
+            })
+        } else {
+            client
+        };
         let route = routing::classify(req.method(), req.uri().path(), req.uri().query().is_some());
         // Created first, so a request dropped mid-way (client gone) is still logged (and its
         // connection's head deadline resumes).
@@ -219,7 +266,7 @@ impl Proxy {
             self.metrics.clone(),
             conn.activity.clone(),
         );
-        match self.decide(route, &req, client, &conn.memo, start) {
+        match self.decide(route, &req, client, conn, start) {
             Next::Answer(answer) => Handled::Ready(std::future::ready(finish(answer, guard))),
             Next::Forward { scope } => {
                 let proxy = self.clone();
@@ -243,7 +290,7 @@ impl Proxy {
         route: Route,
         req: &Request<Incoming>,
         client: ClientInfo,
-        memo: &ScopeMemo,
+        conn: &ConnState,
         now: Instant,
     ) -> Next {
         if req.method() == Method::CONNECT {
@@ -265,7 +312,7 @@ impl Proxy {
                     self.reject(LocalError::MalformedToken, AuthRejection::Malformed),
                 );
             }
-            Credentials::Token(value) => memo.scope(&self.scoper, value.as_bytes()),
+            Credentials::Token(value) => conn.memo.scope(&self.scoper, value.as_bytes()),
         };
         if self.invalid_tokens.contains(scope) {
             return Next::Answer(self.reject(LocalError::InvalidToken, AuthRejection::Invalid));
@@ -280,7 +327,8 @@ impl Proxy {
                     conversation,
                     scope,
                 };
-                self.conversation_local(key, req, client, now)
+                let policy = conn.policy.get(&self.store.policy);
+                self.conversation_local(key, req, client, now, policy)
             }
             _ => Next::Forward { scope: Some(scope) },
         }

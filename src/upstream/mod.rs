@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, Progress, RequestBody};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::LocalError;
+use crate::live::Live;
 use crate::metrics::{Metrics, ShedReason};
 use crate::protect::{
     self, Admission, Breaker, BreakerConfig, Charge, Limiter, Outcome, Ticket, UpstreamPermit,
@@ -267,11 +268,29 @@ async fn await_response(
     }
 }
 
-/// Connect deadline over TCP *and* TLS (hyper's connect timeout covers TCP only).
+/// Makes new upstream connections: TCP (+ TLS for `https://`) under one deadline over both
+/// (hyper's connect timeout covers TCP only). What it dials with is live: a reload swaps the
+/// TLS settings (CA, client certificate) and the deadline for connections made afterwards;
+/// pooled connections keep what they were made with.
 #[derive(Clone)]
 pub struct Connector {
-    inner: HttpsConnector<HttpConnector>,
+    dial: Arc<Live<Dial>>,
+}
+
+impl Connector {
+    pub fn new(dial: Dial) -> Connector {
+        Connector {
+            dial: Arc::new(Live::new(dial)),
+        }
+    }
+}
+
+/// The connector's settings.
+pub struct Dial {
+    https: HttpsConnector<HttpConnector>,
     timeout: Duration,
+    /// The client certificate's expiry (Unix seconds), when one is presented.
+    pub client_cert_not_after: Option<i64>,
 }
 
 /// The connect deadline elapsed.
@@ -287,13 +306,15 @@ impl tower::Service<Uri> for Connector {
     type Error = BoxError;
     type Future = ConnectFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // hyper-util's HttpConnector (and the TLS wrapper around it) is always ready.
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let fut = self.inner.call(uri);
-        let timeout = self.timeout;
+        let dial = self.dial.load();
+        let fut = dial.https.clone().call(uri);
+        let timeout = dial.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r,
@@ -310,10 +331,20 @@ pub struct Upstream {
     host: HeaderValue,
     /// Never dropped as hop-by-hop: the proxy validated and scoped on it.
     token_header: crate::auth::TokenHeader,
-    timeout: Duration,
+    dial: Arc<Live<Dial>>,
+    timeout: Live<Duration>,
     limiter: Limiter,
     breaker: Arc<Breaker>,
     metrics: Arc<Metrics>,
+}
+
+fn breaker_config(cfg: &Config) -> BreakerConfig {
+    BreakerConfig {
+        window: cfg.breaker_window,
+        min_requests: cfg.breaker_min_requests,
+        failure_ratio: cfg.breaker_failure_ratio,
+        open: cfg.breaker_open,
+    }
 }
 
 /// Below Puma's 20 s `persistent_timeout`, so the proxy never reuses a connection the app
@@ -321,27 +352,36 @@ pub struct Upstream {
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// TCP (+ TLS for `https://`) to the upstream, HTTP/1.1 only (ALPN offers no h2: the pool
-/// speaks HTTP/1.1, like nginx's `proxy_pass`).
-fn connector(cfg: &Config) -> Result<Connector, TlsError> {
+/// speaks HTTP/1.1, like nginx's `proxy_pass`). Reads the CA and client certificate files, so
+/// a reload calls it before changing anything.
+pub fn dial(cfg: &Config) -> Result<Dial, TlsError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.upstream_connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let tls = tls::client_config(cfg.upstream_ca_file.as_deref())?;
+    let identity = match (
+        &cfg.upstream_client_cert_file,
+        &cfg.upstream_client_key_file,
+    ) {
+        (Some(cert), Some(key)) => Some(tls::client_identity(cert, key)?),
+        _ => None,
+    };
+    let tls = tls::client_config(cfg.upstream_ca_file.as_deref(), identity.as_ref())?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Connector {
-        inner: https,
+    Ok(Dial {
+        https,
         timeout: cfg.upstream_connect_timeout,
+        client_cert_not_after: identity.and_then(|i| i.not_after),
     })
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Upstream, TlsError> {
+    pub fn new(cfg: &Config, connect: Dial, metrics: Arc<Metrics>) -> Result<Upstream, TlsError> {
         let host = HeaderValue::from_str(cfg.upstream.authority.as_str())
             .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         let dial = Uri::builder()
@@ -350,9 +390,12 @@ impl Upstream {
             .path_and_query("/")
             .build()
             .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let connect = Arc::new(Live::new(connect));
         Ok(Upstream {
             pool: Pool::new(
-                connector(cfg)?,
+                Connector {
+                    dial: connect.clone(),
+                },
                 dial,
                 cfg.upstream_max_in_flight.min(1024),
                 POOL_IDLE_TIMEOUT,
@@ -360,23 +403,26 @@ impl Upstream {
             url: cfg.upstream.clone(),
             host,
             token_header: crate::auth::TokenHeader::new(cfg.token_header.clone()),
-            timeout: cfg.upstream_timeout,
+            dial: connect,
+            timeout: Live::new(cfg.upstream_timeout),
             limiter: Limiter::new(
                 cfg.upstream_max_in_flight,
                 cfg.upstream_queue_timeout,
                 metrics.upstream_in_flight.clone(),
             ),
-            breaker: Breaker::new(
-                BreakerConfig {
-                    window: cfg.breaker_window,
-                    min_requests: cfg.breaker_min_requests,
-                    failure_ratio: cfg.breaker_failure_ratio,
-                    open: cfg.breaker_open,
-                },
-                metrics.breaker_state.clone(),
-            ),
+            breaker: Breaker::new(breaker_config(cfg), metrics.breaker_state.clone()),
             metrics,
         })
+    }
+
+    /// Applies a reloaded configuration: deadlines, limits and breaker settings for requests
+    /// that start afterwards, `dial` for connections made afterwards.
+    pub fn reconfigure(&self, cfg: &Config, dial: Dial) {
+        self.dial.store(dial);
+        self.timeout.store(cfg.upstream_timeout);
+        self.limiter
+            .reconfigure(cfg.upstream_max_in_flight, cfg.upstream_queue_timeout);
+        self.breaker.reconfigure(breaker_config(cfg));
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -384,7 +430,7 @@ impl Upstream {
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        *self.timeout.load()
     }
 
     /// The origin-form upstream request target for a client request's path and query (the
@@ -453,7 +499,7 @@ impl Upstream {
         };
         if sent.ticket.is_probe() {
             let pool = self.pool.clone();
-            let timeout = self.timeout;
+            let timeout = self.timeout();
             let progress = progress.cloned();
             let breaker = self.breaker.clone();
             let metrics = self.metrics.clone();
@@ -474,8 +520,15 @@ impl Upstream {
                 .unwrap_or_else(|e| Err(UpstreamError::BadResponse(format!("probe task: {e}"))));
         }
         let progress = progress.map(|p| &**p);
-        let result =
-            await_response(&self.pool, self.timeout, req, upgrade, sent.start, progress).await;
+        let result = await_response(
+            &self.pool,
+            self.timeout(),
+            req,
+            upgrade,
+            sent.start,
+            progress,
+        )
+        .await;
         sent.conclude(&self.breaker, &self.metrics, result, progress)
     }
     /// Builds the upstream request: same method, path, query and end-to-end headers in order;

@@ -327,7 +327,7 @@ mod tests {
 
     fn pool_for(addr: std::net::SocketAddr, idle_timeout: Duration) -> Arc<Pool> {
         let cfg = crate::config::Config::for_upstream(&format!("http://{addr}")).unwrap();
-        let connector = super::super::connector(&cfg).unwrap();
+        let connector = super::super::Connector::new(super::super::dial(&cfg).unwrap());
         Pool::new(
             connector,
             format!("http://{addr}/").parse().unwrap(),

@@ -79,6 +79,8 @@ pub async fn start_proxy_tls(cfg: Config, tls: Option<Arc<rustls::ServerConfig>>
     let addr = public.local_addr().unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let proxy = Proxy::new(cfg).expect("proxy");
+    // Without an explicit TLS config, the one `--tls-cert-file` describes (reloadable).
+    let tls = tls.or_else(|| proxy.server_tls_config().expect("server tls"));
     let (tx, rx) = oneshot::channel::<()>();
     let p = proxy.clone();
     let task = tokio::spawn(async move {
