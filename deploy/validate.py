@@ -74,8 +74,14 @@ FLAGS = {
     "upstream-ca-file": "str",
     "tls-cert-file": "str",
     "tls-key-file": "str",
+    "upstream-client-cert-file": "str",
+    "upstream-client-key-file": "str",
     "admin-token": "secret",
     "webhook-secret": "secret",
+    "admin-token-file": "str",
+    "webhook-secret-file": "str",
+    "webhook-secrets-file": "str",
+    "reload-interval": "duration",
     "shutdown-timeout": "duration",
     "client-header-timeout": "duration",
     "log-format": "logformat",
@@ -107,6 +113,8 @@ METRIC_LABELS = {
     "chatwoot_cache_shed_total": {"reason"},
     "chatwoot_cache_breaker_state": set(),
     "chatwoot_cache_auth_rejections_total": {"reason"},
+    "chatwoot_cache_config_reloads_total": {"result"},
+    "chatwoot_cache_tls_cert_expiry_timestamp_seconds": {"listener"},
 }
 HISTOGRAMS = {"chatwoot_cache_request_duration_seconds", "chatwoot_cache_upstream_request_duration_seconds"}
 STATUS = {"2xx", "3xx", "4xx", "5xx"}
@@ -120,6 +128,8 @@ LABEL_VALUES = {
     ("*", "source"): {"write", "purge", "webhook"},
     ("chatwoot_cache_shed_total", "reason"): {"queue_timeout", "breaker_open"},
     ("chatwoot_cache_auth_rejections_total", "reason"): {"missing", "malformed", "invalid"},
+    ("chatwoot_cache_config_reloads_total", "result"): {"ok", "error"},
+    ("*", "listener"): {"public", "upstream_client"},
 }
 # Labels Prometheus adds from the scrape target.
 TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
