@@ -519,8 +519,8 @@ async fn stop_and_read_logs(
 
 /// SIGHUP, really sent to the binary: the config file is read again, a lowered TTL applies to
 /// the next request while the stored entry survives (`STALE`, not `MISS`), a restart-only
-/// setting in the file keeps its running value with one log line naming it, and the reload is
-/// counted. An invalid file on the next SIGHUP changes nothing and is counted as an error.
+/// setting in the file keeps its running value with one log line naming it, the log level
+/// changes, and the reload is counted. An invalid file on the next SIGHUP changes nothing and is counted as an error.
 #[tokio::test]
 async fn sighup_reloads_the_config_file() {
     let fake = FakeChatwoot::start().await;
@@ -569,7 +569,8 @@ async fn sighup_reloads_the_config_file() {
 
     std::fs::write(
         &file,
-        "cache_ttl = \"50ms\"\nstale_while_revalidate = \"1h\"\ncache_max_bytes = \"1GiB\"\n",
+        "cache_ttl = \"50ms\"\nstale_while_revalidate = \"1h\"\ncache_max_bytes = \"1GiB\"\n\
+         log_level = \"warn\"\n",
     )
     .unwrap();
     hup(&child);
@@ -611,6 +612,12 @@ async fn sighup_reloads_the_config_file() {
         .collect();
     assert_eq!(kept.len(), 1, "{logs}");
     assert!(kept[0].contains("--cache-max-bytes"), "{}", kept[0]);
+    // The log level reloaded too: the access lines (info) stop after the reload.
+    let access = logs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .count();
+    assert_eq!(access, 2, "only the two requests before the reload: {logs}");
     let failed: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("configuration reload failed"))
