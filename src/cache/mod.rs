@@ -227,7 +227,10 @@ impl Store {
     pub fn lookup(&self, key: &CacheKey, now: Instant) -> Option<Arc<Entry>> {
         let entry = self.entries.get(key)?;
         if !self.is_current(key, &entry)
-            || (entry.is_negative() && entry.age(now) >= self.policy.load().negative_ttl)
+            // Its own lifetime (the negative TTL when it was stored, also moka's expiry): no
+            // shared read on this path; a reload that shortens the TTL applies through
+            // `CachePolicy::freshness`.
+            || (entry.is_negative() && entry.age(now) >= entry.lifetime)
         {
             self.entries.invalidate(key);
             return None;
