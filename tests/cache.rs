@@ -186,7 +186,14 @@ async fn miss_then_hit_replays_the_stored_answer() {
     assert_eq!(hit.status, 200);
     assert_eq!(hit.x_cache(), "HIT");
     assert_eq!(hit.header("cache-status"), "chatwoot-cache; hit; ttl=10");
-    assert_eq!(hit.body, miss.body);
+    assert_eq!(miss.header("content-encoding"), "gzip");
+    assert_eq!(
+        hit.header("content-encoding"),
+        "",
+        "no Accept-Encoding: identity"
+    );
+    assert_eq!(hit.body, miss.decoded());
+    assert!(miss.body.len() * 2 < hit.body.len(), "stored compressed");
     assert_eq!(fake.show_requests(), 1, "a hit never reaches the upstream");
 
     for r in [&miss, &hit] {
@@ -206,17 +213,23 @@ async fn miss_then_hit_replays_the_stored_answer() {
             r.headers.get("access-token").is_none(),
             "devise header replayed"
         );
+        assert_eq!(r.header("vary"), "Accept-Encoding");
         assert_eq!(viewer(r), "admin");
     }
-    assert_eq!(miss.header("etag"), hit.header("etag"));
+    // One strong ETag per form (SPEC 14).
+    let identity_etag = hit.header("etag");
+    assert_eq!(
+        miss.header("etag"),
+        format!("{}-gz\"", &identity_etag[..identity_etag.len() - 1])
+    );
 
     // HEAD from the same entry: headers, no body, the real length.
     let head = call(&proxy, Method::HEAD, CONV, ADMIN, &[]).await;
     assert_eq!(head.status, 200);
     assert_eq!(head.x_cache(), "HIT");
     assert!(head.body.is_empty());
-    assert_eq!(head.header("content-length"), miss.body.len().to_string());
-    assert_eq!(head.header("etag"), miss.header("etag"));
+    assert_eq!(head.header("content-length"), hit.body.len().to_string());
+    assert_eq!(head.header("etag"), hit.header("etag"));
     assert_eq!(fake.show_requests(), 1);
 
     // Age counts whole seconds; Age + remaining ttl (rounded up) is the ttl.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chatwoot_cache::auth::Scope;
+use chatwoot_cache::cache::coding::Coding;
 use chatwoot_cache::cache::{CacheKey, CachePolicy, Store, rules};
 use chatwoot_cache::metrics::Metrics;
 
@@ -66,7 +67,15 @@ pub fn filled_store(n: u64, policy: &CachePolicy) -> Store {
     for i in 0..n {
         let k = stored_key(i);
         let probe = rules::probe(&body, 1, 42).unwrap();
-        let entry = rules::positive_entry(&head, body.clone(), probe, store.stamp(&k), policy, now);
+        let entry = rules::positive_entry(
+            &head,
+            body.clone(),
+            probe,
+            store.stamp(&k),
+            policy,
+            now,
+            Coding::Gzip,
+        );
         store.insert(k, Arc::new(entry));
     }
     // (usage() also settles moka's pending bookkeeping)
@@ -89,5 +98,5 @@ pub fn store_hit(store: &Store, policy: &CachePolicy, i: u64) -> http::Response<
     let entry = store.lookup(&stored_key(i), now).expect("stored");
     std::hint::black_box(policy.freshness(&entry, now));
     let status = http::HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
-    entry.render(now, status, false, false)
+    entry.render(entry.form(true).0, now, status, false, false)
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use tokio::time::Instant;
 
+use super::coding::Coding;
 use super::rules::{self, is_invalid_token_body, negative_entry, positive_entry, refreshed};
 use super::{CacheKey, CachePolicy, Entry};
 use crate::invalidation::Stamp;
@@ -29,6 +30,9 @@ pub struct Admit<'a> {
     pub policy: &'a CachePolicy,
     /// When the answer arrived: a new entry's age counts from here.
     pub now: Instant,
+    /// The form the fetching client prefers (SPEC 14): a new entry is built with it, the other
+    /// form when a client first asks for it.
+    pub form: Coding,
 }
 
 /// The decision for one upstream answer.
@@ -119,6 +123,7 @@ pub fn admit(at: &Admit<'_>, status: StatusCode, headers: &HeaderMap, body: &Byt
         stamp,
         policy,
         now,
+        form,
     } = *at;
     if status == StatusCode::NOT_MODIFIED
         && let Some(prior) = prior
@@ -134,29 +139,34 @@ pub fn admit(at: &Admit<'_>, status: StatusCode, headers: &HeaderMap, body: &Byt
             let Some(probe) = rules::probe(body, key.account, key.conversation) else {
                 return not_storable(prior.is_some());
             };
-            if let Some(prior) = prior {
-                if let (Some(old), Some(new)) = (&prior.updated_at, &probe.updated_at)
-                    && new < old
-                {
-                    return Admission::KeepOlder(refreshed(prior, None, stamp.clone(), now));
-                }
-                if prior.updated_at == probe.updated_at && prior.body == *body {
-                    let entry =
-                        positive_entry(headers, body.clone(), probe, stamp.clone(), policy, now);
-                    return Admission::Refresh {
-                        entry,
-                        how: Confirmed::Unchanged,
-                    };
-                }
+            if let Some(prior) = prior
+                && let (Some(old), Some(new)) = (&prior.updated_at, &probe.updated_at)
+                && new < old
+            {
+                return Admission::KeepOlder(refreshed(prior, None, stamp.clone(), now));
             }
-            Admission::Store(positive_entry(
+            let updated_at_same = prior.is_some_and(|p| p.updated_at == probe.updated_at);
+            let entry = positive_entry(
                 headers,
                 body.clone(),
                 probe,
                 stamp.clone(),
                 policy,
                 now,
-            ))
+                form,
+            );
+            // Identical bytes: the same length and SHA-256 (the stored body may be compressed).
+            if let Some(prior) = prior
+                && updated_at_same
+                && prior.identity_len == entry.identity_len
+                && prior.digest == entry.digest
+            {
+                return Admission::Refresh {
+                    entry,
+                    how: Confirmed::Unchanged,
+                };
+            }
+            Admission::Store(entry)
         }
         StatusCode::UNAUTHORIZED if is_invalid_token_body(body) => Admission::TokenRefused,
         StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED => {
@@ -261,6 +271,7 @@ mod tests {
                 stamp.clone(),
                 &policy,
                 now,
+                Coding::Gzip,
             )
         });
         let at = Admit {
@@ -269,6 +280,7 @@ mod tests {
             stamp: &stamp,
             policy: &policy,
             now,
+            form: Coding::Gzip,
         };
         admit(&at, StatusCode::from_u16(status).unwrap(), head, answer)
     }
@@ -386,19 +398,19 @@ mod tests {
         let Admission::Store(e) = decide(Some(&old), 5, 200, &none, &newer) else {
             panic!("a newer body is stored");
         };
-        assert_eq!(e.body, newer);
+        assert_eq!(e.identity_body(), newer);
         assert_eq!(e.status, StatusCode::OK);
         let older = body("1765182000.482916", "");
         let Admission::KeepOlder(e) = decide(Some(&old), 5, 200, &none, &older) else {
             panic!("an older body is not stored");
         };
-        assert_eq!(e.body, old, "the newer stored body is kept");
+        assert_eq!(e.identity_body(), old, "the newer stored body is kept");
         let nm = headers(&[("etag", "W/\"v2\"")]);
         let Admission::Refresh { entry, .. } = decide(Some(&old), 5, 304, &nm, &Bytes::new())
         else {
             panic!("a 304 refreshes");
         };
-        assert_eq!(entry.body, old);
+        assert_eq!(entry.identity_body(), old);
         assert_eq!(entry.upstream_etag.as_ref().unwrap(), "W/\"v2\"");
         let not_found = Bytes::from_static(br#"{"error":"not found"}"#);
         let Admission::Negative(e) = decide(None, 5, 404, &none, &not_found) else {

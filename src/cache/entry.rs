@@ -1,10 +1,18 @@
 //! A stored answer and how it is rendered to a client.
 //!
-//! Everything a hit needs is computed when the entry is stored (strong ETag, `Last-Modified`,
-//! the filtered header block), so a hit clones a header map, overwrites three per-request values
+//! An entry keeps its body once, gzip-compressed when that is smaller (SPEC 14), and is sent in
+//! one of two *forms*: gzip (the stored bytes, `Content-Encoding: gzip`) or identity. Each form
+//! is a header block and a body, built when a client first asks for it (the fetching client's
+//! form is built with the entry) and then kept, weighed against `--cache-max-bytes`: an identity
+//! form of a gzip entry holds the decompressed body, so identity hits never decompress.
+//!
+//! Everything a hit needs is computed when a form is built (strong ETag, `Last-Modified`, the
+//! filtered header block), so a hit clones a header map, overwrites three per-request values
 //! in the slots the block starts with and shares the body `Bytes`: no JSON parsing, no hashing,
-//! no body copy.
+//! no body copy, no compression.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +20,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use tokio::time::Instant;
 
+use super::coding::{self, Coding};
 use super::decimal::Decimal;
 use crate::body::ResponseBody;
 
@@ -19,17 +28,24 @@ use crate::body::ResponseBody;
 #[derive(Debug)]
 pub struct Entry {
     pub status: StatusCode,
-    /// End-to-end upstream headers to replay (includes upstream `Date`, `Content-Type`,
-    /// `Cache-Control`, our `Content-Length`; never `Set-Cookie` or auth headers).
-    pub headers: HeaderMap,
+    /// The body as kept: gzip of the identity bytes when that was smaller ([`Coding::Gzip`]),
+    /// the identity bytes otherwise.
     pub body: Bytes,
-    /// Unix seconds of the `Last-Modified` in `headers` (from `updated_at` whole seconds), for
-    /// `If-Modified-Since`. The strong ETag and `Last-Modified` themselves live in `headers`
-    /// only (see [`Entry::etag`], [`Entry::last_modified`]).
+    pub coding: Coding,
+    /// Length of the identity body (what a gzip `body` decompresses to).
+    pub identity_len: usize,
+    /// The first 128 bits of the identity body's SHA-256 (positive entries): both forms' strong
+    /// ETags derive from it, and a revalidation compares it instead of the bytes.
+    pub digest: Option<[u8; 16]>,
+    /// The forms built so far (see the module doc); at least one is always set.
+    pub(crate) gzip: OnceLock<Form>,
+    pub(crate) identity: OnceLock<Form>,
+    /// Unix seconds of the forms' `Last-Modified` (from `updated_at` whole seconds), for
+    /// `If-Modified-Since`.
     pub last_modified_secs: Option<u64>,
     pub updated_at: Option<Decimal>,
-    /// Validators the upstream gave, replayed on revalidation. Like every value in `headers`
-    /// they are slices of one exact-size copy owned by the entry (see
+    /// Validators the upstream gave, replayed on revalidation. Like every value in a form's
+    /// headers they are slices of an exact-size copy owned by the entry (see
     /// [`super::rules`]), never of the upstream connection's read buffer.
     pub upstream_etag: Option<HeaderValue>,
     pub upstream_last_modified: Option<HeaderValue>,
@@ -38,11 +54,32 @@ pub struct Entry {
     pub stamp: crate::invalidation::Stamp,
     /// How long moka may keep it (freshness + stale windows, or the negative TTL).
     pub lifetime: Duration,
-    /// Bytes counted against `--cache-max-bytes`.
-    pub weight: u32,
+    /// Bytes counted against `--cache-max-bytes` besides the forms' own (see [`Entry::weight`]).
+    pub(crate) base_weight: u32,
     /// Set when revalidating this entry failed: for a short while it is served stale without
     /// asking the upstream again (see [`FailureMark`]).
     pub failure: FailureMark,
+    /// Set while the store re-inserts this very entry to re-weigh it after a form was added
+    /// ([`super::Store::recharge`]): that replacement is not an eviction.
+    pub(crate) recharging: AtomicBool,
+}
+
+/// One form of an entry as it is sent: its header block (render slots first, see
+/// `rules::RENDER_SLOTS`) and its body.
+#[derive(Debug, Clone)]
+pub struct Form {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Bytes this form adds to the entry's weight: the header block, and the body unless it is
+    /// the entry's stored body.
+    pub(crate) weight: u32,
+}
+
+impl Form {
+    /// The form's strong ETag (positive entries only).
+    pub fn etag(&self) -> Option<&HeaderValue> {
+        self.headers.get(header::ETAG)
+    }
 }
 
 /// The longest an entry is served stale-if-error without trying the upstream again after a
@@ -72,24 +109,97 @@ impl Entry {
         now.saturating_duration_since(self.stored_at)
     }
 
-    /// Our strong ETag of the body (positive entries only).
-    pub fn etag(&self) -> Option<&HeaderValue> {
-        self.validator(header::ETAG)
+    /// Bytes counted against `--cache-max-bytes`: the stored body and bookkeeping, plus every
+    /// form built so far.
+    pub fn weight(&self) -> u32 {
+        let forms = [&self.gzip, &self.identity]
+            .into_iter()
+            .filter_map(OnceLock::get)
+            .map(|f| f.weight);
+        forms.fold(self.base_weight, u32::saturating_add)
     }
 
-    /// Our `Last-Modified` (positive entries with a representable `updated_at` only).
-    pub fn last_modified(&self) -> Option<&HeaderValue> {
-        self.validator(header::LAST_MODIFIED)
-    }
-
-    /// The upstream's own validators are never stored in `headers` (`rules::never_stored`),
-    /// so a validator there is always ours.
-    fn validator(&self, name: HeaderName) -> Option<&HeaderValue> {
-        if self.is_negative() {
-            None
+    /// The form for a client that prefers gzip (`gzip`) or not, and whether it was built by
+    /// this call (the entry then weighs more: the caller has the store re-weigh it). A client
+    /// preferring gzip gets identity when the body did not compress.
+    pub fn form(&self, gzip: bool) -> (&Form, bool) {
+        let want = if gzip && self.coding == Coding::Gzip {
+            Coding::Gzip
         } else {
-            self.headers.get(name)
+            Coding::Identity
+        };
+        let slot = self.slot(want);
+        if let Some(form) = slot.get() {
+            return (form, false);
         }
+        match self.build_form(want) {
+            Some(built) => {
+                // Two threads may build it at once: only the one whose form is kept re-weighs.
+                let mut kept = false;
+                let form = slot.get_or_init(|| {
+                    kept = true;
+                    built
+                });
+                (form, kept)
+            }
+            // Cannot happen for bytes we compressed ourselves; the other form is at least
+            // labelled for what it is.
+            None => match self.slot(other(want)).get() {
+                Some(form) => (form, false),
+                None => (slot.get_or_init(|| self.fallback_form()), true),
+            },
+        }
+    }
+
+    fn slot(&self, coding: Coding) -> &OnceLock<Form> {
+        match coding {
+            Coding::Gzip => &self.gzip,
+            Coding::Identity => &self.identity,
+        }
+    }
+
+    /// Builds form `want` from the form the entry already has.
+    fn build_form(&self, want: Coding) -> Option<Form> {
+        let from = self.slot(other(want)).get()?;
+        let body = match want {
+            Coding::Gzip => self.body.clone(),
+            Coding::Identity if self.coding == Coding::Gzip => {
+                coding::gunzip(&self.body, self.identity_len)?
+            }
+            Coding::Identity => self.body.clone(),
+        };
+        Some(super::rules::convert_form(
+            from,
+            want,
+            self.digest.as_ref(),
+            body,
+            &self.body,
+        ))
+    }
+
+    /// A form of nothing but the stored block's slots (never expected: see [`Entry::form`]).
+    fn fallback_form(&self) -> Form {
+        super::rules::convert_form(
+            &Form {
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                weight: 0,
+            },
+            self.coding,
+            self.digest.as_ref(),
+            self.body.clone(),
+            &self.body,
+        )
+    }
+
+    /// The identity body (building the identity form if needed; tests and the shared tier).
+    pub fn identity_body(&self) -> Bytes {
+        self.form(false).0.body.clone()
+    }
+
+    /// Takes the "being re-weighed" mark (see [`Entry::recharging`]).
+    pub(crate) fn take_recharging(&self) -> bool {
+        self.recharging.swap(false, Ordering::Relaxed)
     }
 
     /// Remembers that revalidating this entry failed with `fwd_status` at `now`; it is not
@@ -116,31 +226,25 @@ impl Entry {
             .then(|| self.failure.status.load(Relaxed))
     }
 
-    /// Bytes this entry is weighed as against `--cache-max-bytes`: the body, the stored header
-    /// map (names, values and the map's own slots: [`header_map_bytes`]), `extra_bytes` held
-    /// outside the map (the upstream validators, `updated_at`'s digits), and the fixed
-    /// per-entry bookkeeping [`ENTRY_OVERHEAD`].
-    pub fn compute_weight(headers: &HeaderMap, body: &Bytes, extra_bytes: usize) -> u32 {
+    /// Bytes a header block weighs: names and values and the map's own slots
+    /// ([`header_map_bytes`]).
+    pub fn header_block_weight(headers: &HeaderMap) -> usize {
         let header_text: usize = headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
-        let total = body.len()
-            + header_text
-            + header_map_bytes(headers.len())
-            + extra_bytes
-            + ENTRY_OVERHEAD;
-        u32::try_from(total).unwrap_or(u32::MAX)
+        header_text + header_map_bytes(headers.len())
     }
 
-    /// Whether the client's conditional headers make this a 304 (RFC 9110 §13.1.2, §13.1.3):
-    /// `If-None-Match` (weak comparison) takes precedence over `If-Modified-Since`.
-    pub fn not_modified_for(&self, req: &HeaderMap) -> bool {
+    /// Whether the client's conditional headers make `form` a 304 (RFC 9110 §13.1.2,
+    /// §13.1.3): `If-None-Match` (weak comparison, against this form's own ETag) takes
+    /// precedence over `If-Modified-Since`.
+    pub fn not_modified_for(&self, form: &Form, req: &HeaderMap) -> bool {
         if self.is_negative() {
             return false;
         }
         if let Some(inm) = req.get(header::IF_NONE_MATCH) {
-            let Some(etag) = self.etag() else {
+            let Some(etag) = form.etag() else {
                 return false;
             };
             return etag_list_matches(inm.as_bytes(), etag.as_bytes());
@@ -157,11 +261,12 @@ impl Entry {
         false
     }
 
-    /// Renders the entry. `head` drops the body; `not_modified` renders a 304. `X-Cache` is
-    /// left to the caller, which stamps it on every answer (`proxy::finish`), into the stored
-    /// block's slot.
+    /// Renders `form` of the entry. `head` drops the body; `not_modified` renders a 304.
+    /// `X-Cache` is left to the caller, which stamps it on every answer (`proxy::finish`), into
+    /// the stored block's slot.
     pub fn render(
         &self,
+        form: &Form,
         now: Instant,
         cache_status: HeaderValue,
         head: bool,
@@ -172,17 +277,15 @@ impl Entry {
             *r.status_mut() = StatusCode::NOT_MODIFIED;
             let h = r.headers_mut();
             // RFC 9110 §15.4.5: the validator and caching headers, no representation metadata.
-            if let Some(v) = self.headers.get(header::CACHE_CONTROL) {
-                h.insert(header::CACHE_CONTROL, v.clone());
-            }
-            if let Some(v) = self.headers.get(header::VARY) {
-                h.insert(header::VARY, v.clone());
-            }
-            if let Some(e) = self.etag() {
-                h.insert(header::ETAG, e.clone());
-            }
-            if let Some(lm) = self.last_modified() {
-                h.insert(header::LAST_MODIFIED, lm.clone());
+            for name in [
+                header::CACHE_CONTROL,
+                header::VARY,
+                header::ETAG,
+                header::LAST_MODIFIED,
+            ] {
+                for v in form.headers.get_all(&name) {
+                    h.append(name.clone(), v.clone());
+                }
             }
             r
         } else {
@@ -191,26 +294,26 @@ impl Entry {
                 // GET body's length is stated here.
                 (
                     ResponseBody::empty(),
-                    Some(HeaderValue::from(self.body.len())),
+                    Some(HeaderValue::from(form.body.len())),
                 )
             } else {
-                (ResponseBody::full(self.body.clone()), None)
+                (ResponseBody::full(form.body.clone()), None)
             };
             let mut r = Response::new(body);
             *r.status_mut() = self.status;
             // The stored block has slots for X-Cache, Age and Cache-Status (see
             // `rules::RENDER_SLOTS`), overwritten below by position.
-            *r.headers_mut() = self.headers.clone();
+            *r.headers_mut() = form.headers.clone();
             if let Some(len) = content_length {
                 r.headers_mut().insert(header::CONTENT_LENGTH, len);
             }
             r
         };
-        // `headers` already holds ETag and Last-Modified (see `rules::positive_entry`).
+        // The form's block already holds ETag, Last-Modified, Vary and Content-Encoding.
         // `Content-Length` is not stored: hyper writes it from the body's exact size.
         let age = small_number(self.age(now).as_secs());
         let by_position = set_render_slots(resp.headers_mut(), None, Some(age), Some(cache_status));
-        // Every stored block starts with the slots (`rules::OwnedHeaders::build`); only the
+        // Every stored block starts with the slots (`rules::build_map`); only the
         // freshly built 304 map has none.
         debug_assert!(
             by_position || not_modified,
@@ -220,8 +323,15 @@ impl Entry {
     }
 }
 
+fn other(coding: Coding) -> Coding {
+    match coding {
+        Coding::Gzip => Coding::Identity,
+        Coding::Identity => Coding::Gzip,
+    }
+}
+
 /// Sets X-Cache, Age and Cache-Status (each when given) and says whether it could do so by
-/// position. A block built by `rules::OwnedHeaders` starts with a slot for each, in that order
+/// position. A block built by `rules::build_map` starts with a slot for each, in that order
 /// (`rules::RENDER_SLOTS`): those are overwritten without hashing a name. Any other map (a 304,
 /// a local error, a forwarded response) gets ordinary inserts, which replace every earlier
 /// value of the name.
@@ -324,20 +434,36 @@ pub const HEADER_SLOT: usize =
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// Strong ETag for a body: the first 128 bits of its SHA-256, quoted.
+/// Strong ETag of an identity body: the first 128 bits of its SHA-256, quoted.
 pub fn strong_etag(body: &[u8]) -> HeaderValue {
-    HeaderValue::from_bytes(&strong_etag_text(body))
+    HeaderValue::from_bytes(&etag_text(&body_digest(body), Coding::Identity))
         .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
-/// The text of [`strong_etag`], without allocating.
-pub fn strong_etag_text(body: &[u8]) -> [u8; 34] {
+/// The first 128 bits of the SHA-256 of an identity body.
+pub fn body_digest(body: &[u8]) -> [u8; 16] {
     let digest = ring::digest::digest(&ring::digest::SHA256, body);
-    let mut out = [b'"'; 34];
-    for (i, b) in digest.as_ref()[..16].iter().enumerate() {
-        out[1 + 2 * i] = HEX[(b >> 4) as usize];
-        out[2 + 2 * i] = HEX[(b & 15) as usize];
+    let mut out = [0; 16];
+    out.copy_from_slice(&digest.as_ref()[..16]);
+    out
+}
+
+/// The strong ETag text of one form: the digest in hex, quoted, and `-gz` inside the quotes
+/// for the gzip form. Each form has its own (RFC 9110 §8.8.3: a strong validator names one
+/// sequence of bytes); the gzip bytes are a deterministic function of the identity bytes, so
+/// deriving the gzip form's tag from the identity digest keeps it strong without hashing
+/// the compressed bytes too.
+pub fn etag_text(digest: &[u8; 16], coding: Coding) -> Vec<u8> {
+    let mut out = Vec::with_capacity(37);
+    out.push(b'"');
+    for b in digest {
+        out.push(HEX[(b >> 4) as usize]);
+        out.push(HEX[(b & 15) as usize]);
     }
+    if coding == Coding::Gzip {
+        out.extend_from_slice(b"-gz");
+    }
+    out.push(b'"');
     out
 }
 

@@ -14,6 +14,7 @@
 //! Nothing here speaks HTTP to the upstream: `proxy::conversation` drives the exchange.
 
 pub mod admission;
+pub mod coding;
 pub mod decimal;
 pub mod entry;
 pub mod flight;
@@ -116,6 +117,8 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         Some(value.lifetime)
     }
 
+    /// Counted from the entry's own store time: a re-weighed entry ([`Store::recharge`]) keeps
+    /// the expiry it had, and a new entry's age is ~0 anyway.
     fn expire_after_update(
         &self,
         _key: &CacheKey,
@@ -123,7 +126,7 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.lifetime)
+        Some(value.lifetime.saturating_sub(value.age(Instant::now())))
     }
 }
 
@@ -143,10 +146,14 @@ impl Store {
         let listener_metrics = metrics.clone();
         let entries = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<Entry>| v.weight)
+            .weigher(|_k: &CacheKey, v: &Arc<Entry>| v.weight())
             .expire_after(EntryExpiry)
-            .eviction_listener(move |_k, _v, cause| {
+            .eviction_listener(move |_k, v: Arc<Entry>, cause| {
                 // Runs inline during housekeeping: counters only, never block.
+                if cause == RemovalCause::Replaced && v.take_recharging() {
+                    // The same entry re-inserted to be re-weighed: nothing left the cache.
+                    return;
+                }
                 listener_metrics.eviction(match cause {
                     RemovalCause::Size => EvictionCause::Size,
                     RemovalCause::Expired => EvictionCause::Expired,
@@ -245,6 +252,24 @@ impl Store {
         }
     }
 
+    /// Re-weighs `entry` after it built a form ([`Entry::form`]): moka weighs a value only
+    /// when it is inserted, so the entry is put again, if it is still the one stored for `key`
+    /// (otherwise its extra bytes go away with it). Once per form of an entry, never per hit.
+    pub fn recharge(&self, key: &CacheKey, entry: &Arc<Entry>) {
+        use moka::ops::compute::Op;
+        self.entries
+            .entry(*key)
+            .and_compute_with(|current| match current {
+                Some(current) if Arc::ptr_eq(current.value(), entry) => {
+                    entry
+                        .recharging
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    Op::Put(entry.clone())
+                }
+                _ => Op::Nop,
+            });
+    }
+
     /// Drops whatever is stored for `key`.
     pub fn remove(&self, key: &CacheKey) {
         self.entries.invalidate(key);
@@ -324,6 +349,7 @@ mod tests {
             store.stamp(&key),
             &store.policy.load(),
             now,
+            coding::Coding::Gzip,
         );
         store.insert(key, Arc::new(entry));
         assert!(store.lookup(&key, now).is_some());

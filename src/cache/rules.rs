@@ -9,9 +9,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+use std::sync::OnceLock;
+
 use super::CachePolicy;
+use super::coding::{self, Coding};
 use super::decimal::Decimal;
-use super::entry::{Entry, strong_etag_text};
+use super::entry::{ENTRY_OVERHEAD, Entry, Form, body_digest, etag_text};
 use crate::invalidation::Stamp;
 
 /// What the storage check learned from a body.
@@ -107,14 +110,22 @@ fn stored_name(name: &HeaderName) -> HeaderName {
 /// A header (name, value bytes) on its way into an entry.
 type Field<'a> = (HeaderName, Cow<'a, [u8]>);
 
-/// The upstream headers an entry replays, in order, with a `Date` guaranteed. Values still
-/// borrow from `upstream`. `Content-Length` is not stored: hyper writes it from the body.
+/// The upstream headers an entry replays, in order, with a `Date` guaranteed and `Vary`
+/// naming `Accept-Encoding` (SPEC 14: the answer depends on it). Values still borrow from
+/// `upstream`. `Content-Length` is not stored: hyper writes it from the body.
 fn replayed_fields(upstream: &HeaderMap) -> Vec<Field<'_>> {
-    let mut fields: Vec<Field<'_>> = Vec::with_capacity(upstream.len() + 4);
+    let mut fields: Vec<Field<'_>> = Vec::with_capacity(upstream.len() + 6);
     let mut has_date = false;
+    let mut varies = false;
     for (name, value) in upstream {
         if !never_stored(name) {
             has_date |= name == header::DATE;
+            if name == header::VARY {
+                varies |= value.as_bytes().split(|&b| b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    t == b"*" || t.eq_ignore_ascii_case(b"accept-encoding")
+                });
+            }
             fields.push((stored_name(name), Cow::Borrowed(value.as_bytes())));
         }
     }
@@ -122,91 +133,138 @@ fn replayed_fields(upstream: &HeaderMap) -> Vec<Field<'_>> {
         let now = httpdate::fmt_http_date(std::time::SystemTime::now());
         fields.push((header::DATE, Cow::Owned(now.into_bytes())));
     }
+    if !varies {
+        fields.push((header::VARY, Cow::Borrowed(b"Accept-Encoding")));
+    }
     fields
 }
 
-/// What an entry owns of its headers: the replayed map and the upstream validators. Every
-/// value is a slice of one exact-size copy made for the entry.
-struct OwnedHeaders {
-    map: HeaderMap,
-    upstream_etag: Option<HeaderValue>,
-    upstream_last_modified: Option<HeaderValue>,
-}
-
-impl OwnedHeaders {
-    /// Copies every value of `fields` and the validators into one allocation and builds the
-    /// map. Why copy: hyper parses a response's header values as slices of the connection's
-    /// read buffer (~8 KiB), so keeping an upstream `HeaderValue` keeps that whole buffer
-    /// alive. Measured with a counting allocator: an entry pinned one or two such buffers,
-    /// ~3.9x the bytes it was weighed as.
-    fn build(
-        fields: Vec<Field<'_>>,
-        upstream_etag: Option<&[u8]>,
-        upstream_last_modified: Option<&[u8]>,
-    ) -> OwnedHeaders {
-        // A rebuilt block (a 304 refresh) already carries the render slots: added once below.
-        let fields: Vec<Field<'_>> = fields
-            .into_iter()
-            .filter(|(name, _)| !RENDER_SLOTS.iter().any(|(slot, _)| slot == name))
-            .collect();
-        let total = fields
+/// A header map for `fields`: the render slots first, then the fields in order, every value
+/// that is not a shared static copied into one exact-size buffer. Why copy: hyper parses a
+/// response's header values as slices of the connection's read buffer (~8 KiB), so keeping an
+/// upstream `HeaderValue` keeps that whole buffer alive. Measured with a counting allocator:
+/// an entry pinned one or two such buffers, ~3.9x the bytes it was weighed as.
+fn build_map(fields: &[Field<'_>]) -> HeaderMap {
+    // A rebuilt block (a 304 refresh, another form) already carries the slots: added once.
+    let fields = || {
+        fields
             .iter()
-            .filter(|(_, v)| common_value(v).is_none())
-            .map(|(_, v)| v.len())
-            .sum::<usize>()
-            + upstream_etag.map_or(0, <[u8]>::len)
-            + upstream_last_modified.map_or(0, <[u8]>::len);
-        let mut buf = Vec::with_capacity(total);
-        for (_, v) in &fields {
-            if common_value(v).is_none() {
-                buf.extend_from_slice(v);
-            }
+            .filter(|(name, _)| !RENDER_SLOTS.iter().any(|(slot, _)| slot == name))
+    };
+    let total = fields()
+        .filter(|(_, v)| common_value(v).is_none())
+        .map(|(_, v)| v.len())
+        .sum::<usize>();
+    let mut buf = Vec::with_capacity(total);
+    for (_, v) in fields() {
+        if common_value(v).is_none() {
+            buf.extend_from_slice(v);
         }
-        buf.extend_from_slice(upstream_etag.unwrap_or_default());
-        buf.extend_from_slice(upstream_last_modified.unwrap_or_default());
-        let buf = Bytes::from(buf);
-        let mut at = 0;
-        let mut next = |len: usize| {
-            let range = at..at + len;
-            at += len;
+    }
+    let buf = Bytes::from(buf);
+    let mut at = 0;
+    let mut map = HeaderMap::with_capacity(fields().count() + RENDER_SLOTS.len());
+    // The slots go first: `entry::set_render_slots` finds them by position.
+    for (name, placeholder) in RENDER_SLOTS {
+        map.append(name, placeholder);
+    }
+    for (name, v) in fields() {
+        let value = common_value(v).or_else(|| {
+            let range = at..at + v.len();
+            at += v.len();
             // Every value was a valid header value (or our own ASCII), so this cannot fail.
             HeaderValue::from_maybe_shared(buf.slice(range)).ok()
-        };
-        let mut map = HeaderMap::with_capacity(fields.len() + RENDER_SLOTS.len());
-        // The slots go first: `entry::set_render_slots` finds them by position.
-        for (name, placeholder) in RENDER_SLOTS {
-            map.append(name, placeholder);
-        }
-        for (name, v) in fields {
-            if let Some(value) = common_value(&v).or_else(|| next(v.len())) {
-                map.append(name, value);
-            }
-        }
-        let map = exact_size_map(map);
-        let upstream_etag = upstream_etag.and_then(|v| next(v.len()));
-        let upstream_last_modified = upstream_last_modified.and_then(|v| next(v.len()));
-        OwnedHeaders {
-            map,
-            upstream_etag,
-            upstream_last_modified,
+        });
+        if let Some(value) = value {
+            map.append(name.clone(), value);
         }
     }
+    exact_size_map(map)
+}
 
-    /// Bytes held for the entry outside the map (weighed by [`Entry::compute_weight`]).
-    fn validator_bytes(&self) -> usize {
-        self.upstream_etag.as_ref().map_or(0, HeaderValue::len)
-            + self
-                .upstream_last_modified
-                .as_ref()
-                .map_or(0, HeaderValue::len)
+/// The upstream validators an entry replays on revalidation, copied into one exact buffer
+/// (not kept as slices of the upstream read buffer: see [`build_map`]).
+fn copy_validators(
+    etag: Option<&[u8]>,
+    last_modified: Option<&[u8]>,
+) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    let mut buf =
+        Vec::with_capacity(etag.map_or(0, <[u8]>::len) + last_modified.map_or(0, <[u8]>::len));
+    buf.extend_from_slice(etag.unwrap_or_default());
+    buf.extend_from_slice(last_modified.unwrap_or_default());
+    let buf = Bytes::from(buf);
+    let etag_len = etag.map_or(0, <[u8]>::len);
+    (
+        etag.and_then(|_| HeaderValue::from_maybe_shared(buf.slice(..etag_len)).ok()),
+        last_modified.and_then(|_| HeaderValue::from_maybe_shared(buf.slice(etag_len..)).ok()),
+    )
+}
+
+fn validator_bytes(etag: &Option<HeaderValue>, last_modified: &Option<HeaderValue>) -> usize {
+    etag.as_ref().map_or(0, HeaderValue::len) + last_modified.as_ref().map_or(0, HeaderValue::len)
+}
+
+/// One form of an entry: `base` (the fields both forms share) plus the form's own strong ETag
+/// (positive entries) and, for gzip, `Content-Encoding`. `stored` is the entry's stored body:
+/// a form sharing it adds nothing for its body to the weight.
+fn make_form(
+    base: &[Field<'_>],
+    coding: Coding,
+    digest: Option<&[u8; 16]>,
+    body: Bytes,
+    stored: &Bytes,
+) -> Form {
+    let mut fields: Vec<Field<'_>> = Vec::with_capacity(base.len() + 2);
+    fields.extend(
+        base.iter()
+            .map(|(n, v)| (n.clone(), Cow::Borrowed(v.as_ref()))),
+    );
+    if let Some(digest) = digest {
+        fields.push((header::ETAG, Cow::Owned(etag_text(digest, coding))));
     }
+    if coding == Coding::Gzip {
+        fields.push((header::CONTENT_ENCODING, Cow::Borrowed(b"gzip")));
+    }
+    let headers = build_map(&fields);
+    let shares_body = body.as_ptr() == stored.as_ptr() && body.len() == stored.len();
+    let weight = Entry::header_block_weight(&headers) + if shares_body { 0 } else { body.len() };
+    Form {
+        headers,
+        body,
+        weight: u32::try_from(weight).unwrap_or(u32::MAX),
+    }
+}
+
+/// The fields a built form shares with the other form: everything but the render slots, its
+/// ETag and its `Content-Encoding`.
+fn shared_fields(form: &Form) -> Vec<Field<'_>> {
+    form.headers
+        .iter()
+        .filter(|(n, _)| {
+            **n != header::ETAG
+                && **n != header::CONTENT_ENCODING
+                && !RENDER_SLOTS.iter().any(|(slot, _)| slot == *n)
+        })
+        .map(|(n, v)| (n.clone(), Cow::Borrowed(v.as_bytes())))
+        .collect()
+}
+
+/// Form `want` of an entry, built from its other form `from` (see [`Entry::form`]).
+pub(crate) fn convert_form(
+    from: &Form,
+    want: Coding,
+    digest: Option<&[u8; 16]>,
+    body: Bytes,
+    stored: &Bytes,
+) -> Form {
+    make_form(&shared_fields(from), want, digest, body, stored)
 }
 
 /// Header values Chatwoot (Rails) sends on nearly every response, shared as statics: an entry
 /// that replays one of these stores nothing for it, and cloning it for a hit copies two words
 /// instead of touching the reference count of the entry's shared header buffer, a cache line
 /// that every hit on every worker thread would otherwise write.
-static COMMON_VALUES: [HeaderValue; 12] = [
+static COMMON_VALUES: [HeaderValue; 13] = [
     HeaderValue::from_static("application/json; charset=utf-8"),
     HeaderValue::from_static("max-age=0, private, must-revalidate"),
     HeaderValue::from_static("nosniff"),
@@ -219,6 +277,7 @@ static COMMON_VALUES: [HeaderValue; 12] = [
     HeaderValue::from_static("Origin"),
     HeaderValue::from_static("Accept, Origin"),
     HeaderValue::from_static("Accept-Encoding"),
+    HeaderValue::from_static("gzip"),
 ];
 
 /// Headers every rendered entry carries with a per-request value. The stored block holds a
@@ -255,10 +314,10 @@ fn exact_size_map(map: HeaderMap) -> HeaderMap {
     map.clone()
 }
 
-/// The header block an entry replays, with a `Date` guaranteed, owning its values (see
-/// [`OwnedHeaders::build`]).
+/// The identity header block an entry with these upstream headers replays (no ETag: that
+/// is the body's), owning its values (see `build_map`).
 pub fn stored_headers(upstream: &HeaderMap) -> HeaderMap {
-    OwnedHeaders::build(replayed_fields(upstream), None, None).map
+    build_map(&replayed_fields(upstream))
 }
 
 /// The earliest time `httpdate` cannot format (10000-01-01T00:00:00Z): it panics for years
@@ -277,7 +336,54 @@ fn http_date(secs: u64) -> Option<String> {
     Some(httpdate::fmt_http_date(t))
 }
 
-/// Builds a positive entry from a storable 200.
+/// What the entry's constructors have in common.
+struct Parts {
+    status: StatusCode,
+    body: Bytes,
+    coding: Coding,
+    identity_len: usize,
+    digest: Option<[u8; 16]>,
+    form: Form,
+    form_coding: Coding,
+    last_modified_secs: Option<u64>,
+    updated_at: Option<Decimal>,
+    validators: (Option<HeaderValue>, Option<HeaderValue>),
+    stamp: Stamp,
+    lifetime: std::time::Duration,
+    now: Instant,
+}
+
+fn assemble(p: Parts) -> Entry {
+    let extra = validator_bytes(&p.validators.0, &p.validators.1)
+        + p.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
+    let base_weight = p.body.len() + extra + ENTRY_OVERHEAD;
+    let (gzip, identity) = match p.form_coding {
+        Coding::Gzip => (OnceLock::from(p.form), OnceLock::new()),
+        Coding::Identity => (OnceLock::new(), OnceLock::from(p.form)),
+    };
+    Entry {
+        status: p.status,
+        body: p.body,
+        coding: p.coding,
+        identity_len: p.identity_len,
+        digest: p.digest,
+        gzip,
+        identity,
+        last_modified_secs: p.last_modified_secs,
+        updated_at: p.updated_at,
+        upstream_etag: p.validators.0,
+        upstream_last_modified: p.validators.1,
+        stored_at: p.now,
+        stamp: p.stamp,
+        lifetime: p.lifetime,
+        base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
+        failure: Default::default(),
+        recharging: Default::default(),
+    }
+}
+
+/// Builds a positive entry from a storable 200: the body kept gzip-compressed when that is
+/// smaller (SPEC 14), and the form `form` (what the fetching client prefers) built at once.
 pub fn positive_entry(
     upstream_headers: &HeaderMap,
     body: Bytes,
@@ -285,21 +391,20 @@ pub fn positive_entry(
     stamp: Stamp,
     policy: &CachePolicy,
     now: Instant,
+    form: Coding,
 ) -> Entry {
-    let mut fields = replayed_fields(upstream_headers);
-    // The replayed header block carries our validators, so a hit only clones it.
-    fields.push((header::ETAG, Cow::Owned(strong_etag_text(&body).to_vec())));
+    let digest = body_digest(&body);
+    let mut base = replayed_fields(upstream_headers);
     let last_modified = probe
         .updated_at
         .as_ref()
         .and_then(Decimal::whole_seconds)
         .and_then(|s| Some((s, http_date(s)?)));
     let last_modified_secs = last_modified.map(|(secs, text)| {
-        fields.push((header::LAST_MODIFIED, Cow::Owned(text.into_bytes())));
+        base.push((header::LAST_MODIFIED, Cow::Owned(text.into_bytes())));
         secs
     });
-    let owned = OwnedHeaders::build(
-        fields,
+    let validators = copy_validators(
         upstream_headers
             .get(header::ETAG)
             .map(HeaderValue::as_bytes),
@@ -307,25 +412,35 @@ pub fn positive_entry(
             .get(header::LAST_MODIFIED)
             .map(HeaderValue::as_bytes),
     );
-    let extra = owned.validator_bytes() + probe.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
-    let weight = Entry::compute_weight(&owned.map, &body, extra);
-    Entry {
+    let identity_len = body.len();
+    let (stored, coding) = match coding::gzip(&body) {
+        Some(gz) => (gz, Coding::Gzip),
+        None => (body.clone(), Coding::Identity),
+    };
+    let (form_coding, form_body) = match (form, coding) {
+        (Coding::Gzip, Coding::Gzip) => (Coding::Gzip, stored.clone()),
+        _ => (Coding::Identity, body),
+    };
+    let form = make_form(&base, form_coding, Some(&digest), form_body, &stored);
+    assemble(Parts {
         status: StatusCode::OK,
-        headers: owned.map,
-        body,
+        body: stored,
+        coding,
+        identity_len,
+        digest: Some(digest),
+        form,
+        form_coding,
         last_modified_secs,
         updated_at: probe.updated_at,
-        upstream_etag: owned.upstream_etag,
-        upstream_last_modified: owned.upstream_last_modified,
-        stored_at: now,
+        validators,
         stamp,
         lifetime: policy.positive_lifetime(),
-        weight,
-        failure: Default::default(),
-    }
+        now,
+    })
 }
 
 /// Builds a negative entry (404, or a 401 that is about this conversation, not the token).
+/// Kept as it came: these bodies are a few bytes.
 pub fn negative_entry(
     status: StatusCode,
     upstream_headers: &HeaderMap,
@@ -334,88 +449,110 @@ pub fn negative_entry(
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
-    let headers = stored_headers(upstream_headers);
-    let weight = Entry::compute_weight(&headers, &body, 0);
-    Entry {
+    let base = replayed_fields(upstream_headers);
+    let form = make_form(&base, Coding::Identity, None, body.clone(), &body);
+    assemble(Parts {
         status,
-        headers,
+        identity_len: body.len(),
         body,
+        coding: Coding::Identity,
+        digest: None,
+        form,
+        form_coding: Coding::Identity,
         last_modified_secs: None,
         updated_at: None,
-        upstream_etag: None,
-        upstream_last_modified: None,
-        stored_at: now,
+        validators: (None, None),
         stamp,
         lifetime: policy.negative_ttl,
-        weight,
-        failure: Default::default(),
-    }
+        now,
+    })
 }
 
 /// A copy of `prior` made fresh again (upstream said 304, or sent an older body). A 304's
 /// `Date`, `Cache-Control`, `Expires` and `ETag` replace the stored ones (RFC 9111 §4.3.4);
-/// they are copied (with the rest of the block) into a new exact-size buffer, never kept as
-/// slices of the 304's read buffer.
+/// they are copied (with the rest of each form's block) into a new exact-size buffer, never
+/// kept as slices of the 304's read buffer. The forms the prior had built are kept.
 pub fn refreshed(
     prior: &Entry,
     not_modified: Option<&HeaderMap>,
     stamp: Stamp,
     now: Instant,
 ) -> Entry {
-    let (headers, upstream_etag, upstream_last_modified, weight) = match not_modified {
-        // Same content: share the prior's map (its clone is exact) and buffer.
+    let built = [Coding::Gzip, Coding::Identity]
+        .into_iter()
+        .filter_map(|c| prior_form(prior, c).map(|f| (c, f)));
+    let (forms, validators): (Vec<(Coding, Form)>, _) = match not_modified {
+        // Same content: share the prior's blocks (their clones are exact) and buffers.
         None => (
-            prior.headers.clone(),
-            prior.upstream_etag.clone(),
-            prior.upstream_last_modified.clone(),
-            prior.weight,
+            built.map(|(c, f)| (c, f.clone())).collect(),
+            (
+                prior.upstream_etag.clone(),
+                prior.upstream_last_modified.clone(),
+            ),
         ),
         Some(h) => {
-            let mut fields: Vec<Field<'_>> = prior
-                .headers
-                .iter()
-                .map(|(n, v)| (n.clone(), Cow::Borrowed(v.as_bytes())))
-                .collect();
+            let any = prior_form(prior, Coding::Identity).or(prior_form(prior, Coding::Gzip));
+            let mut base = any.map(shared_fields).unwrap_or_default();
             for name in [header::DATE, header::CACHE_CONTROL, header::EXPIRES] {
                 if let Some(v) = h.get(&name) {
                     // `insert` semantics: the 304's value replaces every stored one.
-                    fields.retain(|(n, _)| *n != name);
-                    fields.push((name, Cow::Borrowed(v.as_bytes())));
+                    base.retain(|(n, _)| *n != name);
+                    base.push((name, Cow::Borrowed(v.as_bytes())));
                 }
             }
             let etag = h.get(header::ETAG).or(prior.upstream_etag.as_ref());
-            let owned = OwnedHeaders::build(
-                fields,
+            let forms = built
+                .map(|(c, f)| {
+                    let form =
+                        make_form(&base, c, prior.digest.as_ref(), f.body.clone(), &prior.body);
+                    (c, form)
+                })
+                .collect();
+            let validators = copy_validators(
                 etag.map(HeaderValue::as_bytes),
                 prior
                     .upstream_last_modified
                     .as_ref()
                     .map(HeaderValue::as_bytes),
             );
-            let extra =
-                owned.validator_bytes() + prior.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
-            let weight = Entry::compute_weight(&owned.map, &prior.body, extra);
-            (
-                owned.map,
-                owned.upstream_etag,
-                owned.upstream_last_modified,
-                weight,
-            )
+            (forms, validators)
         }
     };
+    let extra = validator_bytes(&validators.0, &validators.1)
+        + prior.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
+    let base_weight = prior.body.len() + extra + ENTRY_OVERHEAD;
+    let (gzip, identity) = (OnceLock::new(), OnceLock::new());
+    for (c, form) in forms {
+        let _ = match c {
+            Coding::Gzip => gzip.set(form),
+            Coding::Identity => identity.set(form),
+        };
+    }
     Entry {
         status: prior.status,
-        headers,
         body: prior.body.clone(),
+        coding: prior.coding,
+        identity_len: prior.identity_len,
+        digest: prior.digest,
+        gzip,
+        identity,
         last_modified_secs: prior.last_modified_secs,
         updated_at: prior.updated_at.clone(),
-        upstream_etag,
-        upstream_last_modified,
+        upstream_etag: validators.0,
+        upstream_last_modified: validators.1,
         stored_at: now,
         stamp,
         lifetime: prior.lifetime,
-        weight,
+        base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
         failure: Default::default(),
+        recharging: Default::default(),
+    }
+}
+
+fn prior_form(prior: &Entry, coding: Coding) -> Option<&Form> {
+    match coding {
+        Coding::Gzip => prior.gzip.get(),
+        Coding::Identity => prior.identity.get(),
     }
 }
 
@@ -526,44 +663,59 @@ mod tests {
         (map, buf)
     }
 
-    /// Every value the entry keeps a copy of: the replayed map and the upstream validators,
-    /// less the shared statics (common Rails values, render-slot placeholders).
-    fn kept_values(e: &Entry) -> Vec<&HeaderValue> {
-        e.headers
-            .values()
-            .chain(&e.upstream_etag)
-            .chain(&e.upstream_last_modified)
-            .filter(|v| {
-                common_value(v.as_bytes()).is_none()
-                    && !RENDER_SLOTS
-                        .iter()
-                        .any(|(_, placeholder)| placeholder == *v)
-            })
-            .collect()
+    /// The values of each allocation the entry keeps copies in: each built form's block and
+    /// the upstream validators, less the shared statics (common Rails values, render-slot
+    /// placeholders).
+    fn kept_values(e: &Entry) -> Vec<Vec<&HeaderValue>> {
+        let copied = |v: &&HeaderValue| {
+            common_value(v.as_bytes()).is_none()
+                && !RENDER_SLOTS
+                    .iter()
+                    .any(|(_, placeholder)| placeholder == *v)
+        };
+        let mut groups: Vec<Vec<&HeaderValue>> = [e.gzip.get(), e.identity.get()]
+            .into_iter()
+            .flatten()
+            .map(|f| f.headers.values().filter(copied).collect())
+            .collect();
+        groups.push(
+            e.upstream_etag
+                .iter()
+                .chain(&e.upstream_last_modified)
+                .collect(),
+        );
+        groups
     }
 
-    /// Asserts the entry keeps no slice of `read_buf`, and holds its values in one
-    /// contiguous copy (one allocation) sized exactly for them.
+    /// Asserts the entry keeps no slice of `read_buf`, and holds the values of each form's
+    /// block (and the validators) in one contiguous copy (one allocation) sized exactly.
     fn assert_owns_values(e: &Entry, read_buf: &Bytes) {
-        let values = kept_values(e);
         let buf = read_buf.as_ptr_range();
-        for v in &values {
-            assert!(
-                !buf.contains(&v.as_bytes().as_ptr()),
-                "{v:?} still points into the upstream read buffer"
-            );
+        for values in kept_values(e) {
+            for v in &values {
+                assert!(
+                    !buf.contains(&v.as_bytes().as_ptr()),
+                    "{v:?} still points into the upstream read buffer"
+                );
+            }
+            let start = values
+                .iter()
+                .map(|v| v.as_bytes().as_ptr_range().start)
+                .min();
+            let end = values.iter().map(|v| v.as_bytes().as_ptr_range().end).max();
+            let total: usize = values.iter().map(|v| v.len()).sum();
+            if let (Some(start), Some(end)) = (start, end) {
+                assert_eq!(
+                    end as usize - start as usize,
+                    total,
+                    "values are not one exact copy"
+                );
+            }
         }
-        let start = values
-            .iter()
-            .map(|v| v.as_bytes().as_ptr_range().start)
-            .min();
-        let end = values.iter().map(|v| v.as_bytes().as_ptr_range().end).max();
-        let total: usize = values.iter().map(|v| v.len()).sum();
-        assert_eq!(
-            end.unwrap() as usize - start.unwrap() as usize,
-            total,
-            "values are not one exact copy"
-        );
+    }
+
+    fn headers_of(e: &Entry) -> &HeaderMap {
+        &e.form(false).0.headers
     }
 
     const HEAD: &[(&str, &str)] = &[
@@ -594,11 +746,12 @@ mod tests {
         let (head, _buf) = parsed_head(&fields);
         let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
         let p = probe(&body, 1, 42).unwrap();
-        let e = positive_entry(&head, body, p, stamp(), &policy, now);
+        let e = positive_entry(&head, body, p, stamp(), &policy, now, Coding::Identity);
         let refreshed_entry = refreshed(&e, Some(&HeaderMap::new()), stamp(), now);
         for entry in [&e, &refreshed_entry] {
             let later = now + std::time::Duration::from_secs(7);
-            let mut resp = entry.render(later, HeaderValue::from_static("cs"), false, false);
+            let form = entry.form(false).0;
+            let mut resp = entry.render(form, later, HeaderValue::from_static("cs"), false, false);
             assert!(
                 super::super::entry::set_render_slots(
                     resp.headers_mut(),
@@ -641,14 +794,22 @@ mod tests {
         let (head, read_buf) = parsed_head(HEAD);
         let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
         let p = probe(&body, 1, 42).unwrap();
-        let e = positive_entry(&head, body, p, stamp(), &policy, now);
+        let e = positive_entry(&head, body, p, stamp(), &policy, now, Coding::Identity);
         assert_owns_values(&e, &read_buf);
         assert_eq!(e.upstream_etag.as_ref().unwrap(), HEAD[2].1);
         assert_eq!(e.upstream_last_modified.as_ref().unwrap(), HEAD[3].1);
-        assert_eq!(e.headers["x-custom-thing"], "kept");
-        assert_eq!(e.headers.get_all("vary").iter().count(), 2);
-        assert_eq!(e.etag(), Some(&super::super::entry::strong_etag(&e.body)));
-        assert_eq!(e.last_modified().unwrap(), "Mon, 08 Dec 2025 08:20:00 GMT");
+        let h = headers_of(&e);
+        assert_eq!(h["x-custom-thing"], "kept");
+        assert_eq!(
+            h.get_all("vary").iter().count(),
+            2,
+            "the upstream's Vary names Accept-Encoding already"
+        );
+        assert_eq!(
+            h.get("etag"),
+            Some(&super::super::entry::strong_etag(&e.identity_body()))
+        );
+        assert_eq!(h["last-modified"], "Mon, 08 Dec 2025 08:20:00 GMT");
         assert_eq!(e.last_modified_secs, Some(1765182000));
 
         // A 304 refreshes Date, Cache-Control, Expires and the upstream ETag: copied too.
@@ -661,37 +822,43 @@ mod tests {
         let r = refreshed(&e, Some(&nm), stamp(), now);
         assert_owns_values(&r, &nm_buf);
         assert_owns_values(&r, &read_buf);
-        assert_eq!(r.headers["date"], "Tue, 09 Dec 2025 10:00:00 GMT");
-        assert_eq!(r.headers.get_all("cache-control").iter().count(), 1);
-        assert_eq!(r.headers["expires"], "Tue, 09 Dec 2025 10:00:00 GMT");
+        let rh = headers_of(&r);
+        assert_eq!(rh["date"], "Tue, 09 Dec 2025 10:00:00 GMT");
+        assert_eq!(rh.get_all("cache-control").iter().count(), 1);
+        assert_eq!(rh["expires"], "Tue, 09 Dec 2025 10:00:00 GMT");
         assert_eq!(r.upstream_etag.as_ref().unwrap(), nm.get("etag").unwrap());
         assert_eq!(r.upstream_last_modified, e.upstream_last_modified);
-        assert_eq!(r.etag(), e.etag());
-        assert_eq!(r.headers.len(), e.headers.len() + 1, "Expires added");
+        assert_eq!(rh.get("etag"), headers_of(&e).get("etag"));
+        assert_eq!(rh.len(), headers_of(&e).len() + 1, "Expires added");
         assert_eq!(
-            r.weight,
-            Entry::compute_weight(
-                &r.headers,
-                &r.body,
-                HEAD[2].1.len() + HEAD[3].1.len() + "1765182000482917".len()
-            ),
+            r.weight() as usize,
+            r.body.len()
+                + Entry::header_block_weight(rh)
+                + HEAD[3].1.len()
+                + nm.get("etag").unwrap().len()
+                + "1765182000482917".len()
+                + super::super::entry::ENTRY_OVERHEAD,
             "weight recomputed for the refreshed headers"
         );
-        assert!(r.weight > e.weight);
+        assert!(r.weight() > e.weight());
 
         // An older upstream body: the prior's header block is shared as it is.
         let kept = refreshed(&e, None, stamp(), now);
-        assert_eq!(kept.weight, e.weight);
+        assert_eq!(kept.weight(), e.weight());
         assert_eq!(
-            kept.headers["date"].as_bytes().as_ptr(),
-            e.headers["date"].as_bytes().as_ptr()
+            headers_of(&kept)["date"].as_bytes().as_ptr(),
+            headers_of(&e)["date"].as_bytes().as_ptr()
         );
     }
 
     #[test]
     fn weight_counts_text_slots_validators_and_overhead() {
         let (head, _) = parsed_head(HEAD);
-        let body = Bytes::from_static(br#"{"id":42,"updated_at":1765182000.482917}"#);
+        // Compressible: kept as gzip, and the identity form (built later) holds its own body.
+        let body = Bytes::from(format!(
+            r#"{{"id":42,"updated_at":1765182000.482917,"messages":[{}]}}"#,
+            vec![r#"{"content":"the same words again"}"#; 40].join(",")
+        ));
         let p = probe(&body, 1, 42).unwrap();
         let e = positive_entry(
             &head,
@@ -700,24 +867,38 @@ mod tests {
             stamp(),
             &test_policy(),
             Instant::now(),
+            Coding::Gzip,
         );
-        let text: usize = e
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        let validators = HEAD[2].1.len() + HEAD[3].1.len();
-        let n = e.headers.len();
-        assert_eq!(
-            e.weight as usize,
+        assert_eq!(e.coding, Coding::Gzip);
+        assert!(
+            e.body.len() * 5 < body.len(),
+            "{} of {}",
+            e.body.len(),
             body.len()
-                + text
-                + n * super::super::entry::HEADER_SLOT
-                + 4 * (n + n / 3).next_power_of_two()
-                + validators
-                + "1765182000482917".len()
-                + super::super::entry::ENTRY_OVERHEAD
         );
+        let block = |h: &HeaderMap| {
+            let text: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+            let n = h.len();
+            text + n * super::super::entry::HEADER_SLOT + 4 * (n + n / 3).next_power_of_two()
+        };
+        let validators = HEAD[2].1.len() + HEAD[3].1.len();
+        let gzip_block = block(&e.gzip.get().unwrap().headers);
+        let base = e.body.len()
+            + validators
+            + "1765182000482917".len()
+            + super::super::entry::ENTRY_OVERHEAD;
+        assert!(e.identity.get().is_none(), "built when first asked for");
+        assert_eq!(e.weight() as usize, base + gzip_block);
+        let (identity, built) = e.form(false);
+        assert!(built);
+        assert_eq!(identity.body, body);
+        let identity_block = block(&identity.headers);
+        assert_eq!(
+            e.weight() as usize,
+            base + gzip_block + identity_block + body.len(),
+            "the identity form's body is counted: it is a copy"
+        );
+        assert!(!e.form(false).1 && !e.form(true).1, "built once");
     }
 
     #[tokio::test]
@@ -745,13 +926,25 @@ mod tests {
             };
             let body = Bytes::from(format!(r#"{{"id":{id},"updated_at":{updated_at}}}"#));
             let p = probe(&body, 1, id).expect("storable");
-            let e = positive_entry(&head, body.clone(), p, store.stamp(&key), &policy, now);
-            assert!(e.last_modified().is_none(), "{updated_at}");
+            let e = positive_entry(
+                &head,
+                body.clone(),
+                p,
+                store.stamp(&key),
+                &policy,
+                now,
+                Coding::Identity,
+            );
+            assert!(
+                !headers_of(&e).contains_key("last-modified"),
+                "{updated_at}"
+            );
             assert_eq!(e.last_modified_secs, None, "{updated_at}");
-            assert!(e.etag().is_some());
+            assert!(headers_of(&e).contains_key("etag"));
             store.insert(key, Arc::new(e));
             let stored = store.lookup(&key, now).expect("stored");
             let resp = stored.render(
+                stored.form(false).0,
                 now,
                 HeaderValue::from_static("chatwoot-cache; hit"),
                 false,
@@ -766,8 +959,11 @@ mod tests {
         // The last second httpdate can format still gets its Last-Modified.
         let body = Bytes::from_static(br#"{"id":9,"updated_at":253402300799.9}"#);
         let p = probe(&body, 1, 9).unwrap();
-        let e = positive_entry(&head, body, p, stamp(), &policy, now);
-        assert_eq!(e.last_modified().unwrap(), "Fri, 31 Dec 9999 23:59:59 GMT");
+        let e = positive_entry(&head, body, p, stamp(), &policy, now, Coding::Identity);
+        assert_eq!(
+            headers_of(&e)["last-modified"],
+            "Fri, 31 Dec 9999 23:59:59 GMT"
+        );
         assert_eq!(e.last_modified_secs, Some(253402300799));
         assert_eq!(http_date(u64::MAX), None);
     }

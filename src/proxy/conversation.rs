@@ -16,8 +16,9 @@ use crate::body::{RequestBody, ResponseBody, UpstreamBody};
 use crate::cache::admission::{
     self, Admission, Admit, Confirmed, Pass, admit_oversized, is_encoded, is_upstream_failure,
 };
+use crate::cache::coding::{self, Coding};
 use crate::cache::flight::Role;
-use crate::cache::{CacheKey, CachePolicy, Entry, Freshness};
+use crate::cache::{CacheKey, CachePolicy, Entry, Freshness, Store};
 use crate::invalidation::Stamp;
 use crate::metrics::{RevalidationOutcome, XCache};
 use crate::protect::Charge;
@@ -75,11 +76,12 @@ impl Proxy {
     ) -> Next {
         let head = req.method() == Method::HEAD;
         let stored = self.store.lookup(&key, now);
+        let at = (&self.store, &key);
         if let Some(entry) = &stored {
             match policy.freshness(entry, now) {
                 Freshness::Fresh { remaining } => {
                     let status = cache_status_hit(remaining);
-                    return Next::Answer(render(entry, req, now, XCache::Hit, status, head));
+                    return Next::Answer(render(at, entry, req, now, XCache::Hit, status, head));
                 }
                 Freshness::StaleWhileRevalidate { stale_for } => {
                     if entry
@@ -89,7 +91,7 @@ impl Proxy {
                         self.revalidate_in_background(key, entry.clone(), req, client);
                     }
                     let status = cache_status_hit_stale(stale_for);
-                    return Next::Answer(render(entry, req, now, XCache::Stale, status, head));
+                    return Next::Answer(render(at, entry, req, now, XCache::Stale, status, head));
                 }
                 Freshness::MustRevalidate => {
                     // Revalidating this entry just failed: answer stale at once rather than
@@ -98,7 +100,7 @@ impl Proxy {
                         entry.recent_failure(now, self.upstream.breaker().recoveries())
                         && policy.usable_if_error(entry, now)
                     {
-                        let mut answer = stale_if_error(entry, req, now, fwd_status, head);
+                        let mut answer = stale_if_error(at, entry, req, now, fwd_status, head);
                         // Nothing was sent upstream this time: the log must not suggest otherwise.
                         answer.upstream_status = None;
                         return Next::Answer(answer);
@@ -127,6 +129,7 @@ impl Proxy {
             && let Freshness::Fresh { remaining } = self.store.policy.load().freshness(&entry, now)
         {
             return render(
+                (&self.store, &key),
                 &entry,
                 &req,
                 now,
@@ -158,7 +161,8 @@ impl Proxy {
                     *detail,
                     collapsed,
                 );
-                let mut answer = render(entry, &req, now, *xcache, status, head);
+                let mut answer =
+                    render((&self.store, &key), entry, &req, now, *xcache, status, head);
                 answer.upstream_status = Some(*fwd_status);
                 answer
             }
@@ -168,7 +172,14 @@ impl Proxy {
                         .as_ref()
                         .filter(|e| self.store.policy.load().usable_if_error(e, now))
                 {
-                    return stale_if_error(stale, &req, now, fwd.status.as_u16(), head);
+                    return stale_if_error(
+                        (&self.store, &key),
+                        stale,
+                        &req,
+                        now,
+                        fwd.status.as_u16(),
+                        head,
+                    );
                 }
                 forwarded(fwd, prior.is_some(), collapsed, head)
             }
@@ -177,7 +188,14 @@ impl Proxy {
                     .as_ref()
                     .filter(|e| self.store.policy.load().usable_if_error(e, now))
                 {
-                    return stale_if_error(stale, &req, now, err.fwd_status(), head);
+                    return stale_if_error(
+                        (&self.store, &key),
+                        stale,
+                        &req,
+                        now,
+                        err.fwd_status(),
+                        head,
+                    );
                 }
                 let mut answer = Answer::local(err.to_local(), self.token_header_name());
                 answer.response.headers_mut().insert(
@@ -242,10 +260,15 @@ impl Proxy {
                 // The one upstream request of the flight is charged to the request starting it;
                 // coalesced waiters are not charged (SPEC 12).
                 let charge = client.charge(Some(key.scope));
+                let form = if coding::prefers_gzip(req.headers()) {
+                    Coding::Gzip
+                } else {
+                    Coding::Identity
+                };
                 let proxy = Arc::clone(self);
                 async move {
                     match upstream_req {
-                        Ok(r) => proxy.fetch(key, r, charge, prior, stamp).await,
+                        Ok(r) => proxy.fetch(key, r, charge, prior, stamp, form).await,
                         Err(_) => FetchResult::Failed(UpstreamError::BadResponse(
                             "cannot build upstream request".into(),
                         )),
@@ -311,6 +334,7 @@ impl Proxy {
         charge: Charge,
         prior: Option<Arc<Entry>>,
         stamp: Stamp,
+        form: Coding,
     ) -> FetchResult {
         if let Some(p) = &prior {
             if let Some(etag) = &p.upstream_etag {
@@ -409,6 +433,7 @@ impl Proxy {
             stamp: &stamp,
             policy: &policy,
             now: Instant::now(),
+            form,
         };
         let decision = admission::admit(&at, status, &headers, &bytes);
         match self.apply(key, decision, status, prior.is_some(), &failed) {
@@ -515,24 +540,32 @@ fn exact_size(buf: BytesMut) -> Bytes {
     }
 }
 
+/// Renders the form of `entry` the client prefers (SPEC 14). Building a form the entry did not
+/// have yet (once per form) makes the store re-weigh it.
 fn render(
-    entry: &Entry,
+    (store, key): (&Store, &CacheKey),
+    entry: &Arc<Entry>,
     req: &Request<Incoming>,
     now: Instant,
     xcache: XCache,
     cache_status: HeaderValue,
     head: bool,
 ) -> Answer {
-    let not_modified = entry.not_modified_for(req.headers());
+    let (form, built) = entry.form(coding::prefers_gzip(req.headers()));
+    if built {
+        store.recharge(key, entry);
+    }
+    let not_modified = entry.not_modified_for(form, req.headers());
     Answer {
-        response: entry.render(now, cache_status, head, not_modified),
+        response: entry.render(form, now, cache_status, head, not_modified),
         cache: xcache,
         upstream_status: None,
     }
 }
 
 fn stale_if_error(
-    entry: &Entry,
+    at: (&Store, &CacheKey),
+    entry: &Arc<Entry>,
     req: &Request<Incoming>,
     now: Instant,
     fwd_status: u16,
@@ -541,7 +574,7 @@ fn stale_if_error(
     let status = header_value(format!(
         "chatwoot-cache; fwd=stale; fwd-status={fwd_status}; detail=stale-if-error"
     ));
-    let mut answer = render(entry, req, now, XCache::Stale, status, head);
+    let mut answer = render(at, entry, req, now, XCache::Stale, status, head);
     answer.upstream_status = Some(fwd_status);
     answer
 }

@@ -125,11 +125,30 @@ impl Resp {
         self.header("x-cache")
     }
 
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    /// The body with its `Content-Encoding` undone (gzip, decoded by flate2, an implementation
+    /// independent of the proxy's libdeflate).
+    pub fn decoded(&self) -> Bytes {
+        match self.header("content-encoding") {
+            "" => self.body.clone(),
+            "gzip" => {
+                use std::io::Read;
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(&self.body[..])
+                    .read_to_end(&mut out)
+                    .unwrap_or_else(|e| panic!("not gzip ({e}): {:?}", self.body));
+                Bytes::from(out)
+            }
+            other => panic!("unexpected Content-Encoding {other:?}"),
+        }
     }
 
+    pub fn json(&self) -> serde_json::Value {
+        let body = self.decoded();
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&body)))
+    }
+
+    /// The body as it came (not decoded).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
