@@ -152,15 +152,20 @@ pub fn inspect<'a>(
             };
         }
     };
+    // More than one token header is malformed whatever comes with it (SPEC §4): which one
+    // Chatwoot reads depends on Rack and Puma, not on the proxy.
+    if token_count > 1 {
+        return Credentials::Malformed;
+    }
     if devise.iter().any(|&d| d) {
         return Credentials::Alternate;
     }
     if let Some(auth) = authorization
-        && !(authorization_count == 1 && token_count == 1 && is_bearer_of(auth, value))
+        && !(authorization_count == 1 && is_bearer_of(auth, value))
     {
         return Credentials::Alternate;
     }
-    if token_count == 1 && is_well_formed(value.as_bytes()) {
+    if is_well_formed(value.as_bytes()) {
         Credentials::Token(value)
     } else {
         Credentials::Malformed
@@ -474,12 +479,6 @@ mod tests {
             ("authorization", "Bearer t0k"),
         ]);
         assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
-        let h = headers(&[
-            ("api_access_token", "t0k"),
-            ("api-access-token", "t0k"),
-            ("authorization", "Bearer t0k"),
-        ]);
-        assert_eq!(inspect(&h, None, &th()), Credentials::Alternate);
         for devise in ["access-token", "client", "uid", "Access_Token", "UID"] {
             let h = headers(&[("api_access_token", "t0k"), (devise, "x")]);
             assert_eq!(inspect(&h, None, &th()), Credentials::Alternate, "{devise}");
@@ -504,6 +503,32 @@ mod tests {
             inspect(&h, Some("locale=fr"), &th()),
             Credentials::Token(_)
         ));
+    }
+
+    /// SPEC §4: more than one token header is `malformed_token`, whatever comes with it.
+    #[test]
+    fn two_token_headers_are_malformed_whatever_comes_with_them() {
+        for extra in [
+            ("authorization", "Bearer t0k"),
+            ("authorization", "Bearer other"),
+            ("access-token", "x"),
+            ("uid", "u"),
+        ] {
+            for second in ["api-access-token", "api_access_token"] {
+                let h = headers(&[("api_access_token", "t0k"), (second, "t0k"), extra]);
+                assert_eq!(
+                    inspect(&h, None, &th()),
+                    Credentials::Malformed,
+                    "{second} {extra:?}"
+                );
+            }
+        }
+        let h = headers(&[
+            ("authorization", "Bearer t0k"),
+            ("api_access_token", ""),
+            ("Api-Access-Token", "t0k"),
+        ]);
+        assert_eq!(inspect(&h, None, &th()), Credentials::Malformed);
     }
 
     #[test]
