@@ -3,6 +3,7 @@
 //! Kept off the public listener so that a Service exposing the proxy never exposes purges,
 //! and so probes and scrapes keep working while the public side drains.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -17,8 +18,13 @@ use crate::proxy::Proxy;
 use crate::routing::canonical_id;
 use crate::webhook;
 
-/// Handles one admin request.
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ResponseBody> {
+/// Handles one admin request from `peer` (the connection's address: webhook slots are capped
+/// per peer).
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Response<ResponseBody> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     match (&method, path.as_str()) {
@@ -35,7 +41,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Respo
             purge(&proxy, &req, p).await
         }
         (&Method::POST, p) if p.starts_with("/webhooks/chatwoot/accounts/") => {
-            webhook(&proxy, req).await
+            webhook(&proxy, req, peer).await
         }
         _ => json(
             StatusCode::NOT_FOUND,
@@ -127,7 +133,7 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
     json(StatusCode::OK, serde_json::json!({ "purged": purged }))
 }
 
-async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn webhook(proxy: &Proxy, req: Request<Incoming>, peer: IpAddr) -> Response<ResponseBody> {
     let config = proxy.config.load();
     let secrets = config.webhook_verifier();
     if !secrets.is_enabled() {
@@ -155,6 +161,7 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
         req.headers(),
         req.uri().query(),
         |presented| secrets.matches_secret(account, presented),
+        !secrets.for_account(account).is_empty(),
         config.webhook_allow_query_secret,
         now,
     ) {
@@ -164,7 +171,7 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
     if webhook::declared_too_large(req.headers()) {
         return webhook_refused(account, &webhook::Refused::TooLarge);
     }
-    let Some(_slot) = proxy.webhooks.enter().await else {
+    let Some(_slot) = proxy.webhooks.enter(peer).await else {
         let mut resp = webhook_refused(account, &webhook::Refused::Busy);
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -175,19 +182,24 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>) -> Response<ResponseBody
         .get("x-chatwoot-delivery")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = match webhook::read_body(req.into_body(), config.client_header_timeout).await {
+    let deadline = webhook::body_deadline(config.client_header_timeout);
+    let body = match webhook::read_body(req.into_body(), deadline).await {
         Ok(b) => b,
         Err(e) => return webhook_refused(account, &e),
     };
     if let webhook::Proof::Signed {
         timestamp,
         signature,
+        ..
     } = &proof
         && let Err(e) = secrets.verify(account, Some(timestamp), Some(signature), &body, now)
     {
         return webhook_refused(account, &e.into());
     }
-    if !proxy.webhooks.first_time(&proof, delivery.as_deref()) {
+    if !proxy
+        .webhooks
+        .first_time(account, &proof, delivery.as_deref())
+    {
         tracing::info!(
             account,
             "webhook delivery seen before; acknowledged, not acted on"

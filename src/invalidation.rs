@@ -452,7 +452,7 @@ pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
     hmac::verify(&key, b, ta.as_ref()).is_ok()
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -234,7 +234,7 @@ async fn admin_loop(
 ) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 tokio::spawn(async move {
@@ -245,7 +245,7 @@ async fn admin_loop(
                         let proxy = proxy.clone();
                         let in_flight = InFlight::start(&activity);
                         async move {
-                            let response = crate::admin::handle(proxy, req).await;
+                            let response = crate::admin::handle(proxy, req, peer.ip()).await;
                             drop(in_flight);
                             Ok::<_, Infallible>(response)
                         }

@@ -448,33 +448,94 @@ async fn bodies_over_256_kib_are_refused_without_reading_them_whole() {
     assert_eq!(r.json()["invalidated"], "conversation");
 }
 
-/// At most 32 deliveries are handled at once: with every slot held by a head whose body never
-/// comes, a genuine delivery is answered 503 with Retry-After (quickly, not after the body
-/// deadline); once they are gone, deliveries are handled again.
+/// A raw admin connection from `from` (any 127.0.0.0/8 address: Linux routes all of it to lo)
+/// that sends `head` and then nothing.
+async fn send_head_from(
+    proxy: &ProxyHandle,
+    from: std::net::Ipv4Addr,
+    head: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut s = socket.connect(proxy.admin).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Sends `head` from `from` on each of `n` connections; each connection's task answers
+/// whether the proxy answered it (before its body, which never comes) within 10 s. The
+/// connections stay open until the returned tasks are aborted.
+async fn hold_from(
+    proxy: &ProxyHandle,
+    from: std::net::Ipv4Addr,
+    n: usize,
+    answered: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut s =
+            send_head_from(proxy, from, &signed_looking_head("Content-Length: 100\r\n")).await;
+        let answered = answered.clone();
+        tasks.push(tokio::spawn(async move {
+            let line = status_line(&mut s).await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Keep the connection open, as an attacker would.
+            let _line = line;
+            std::future::pending::<()>().await;
+        }));
+    }
+    tasks
+}
+
+/// At most 32 deliveries are handled at once: with every slot held by heads whose bodies never
+/// come (8 per peer address, from 4 addresses), a genuine delivery is answered 503 with
+/// Retry-After (quickly, not after the body deadline); once they are gone, deliveries are
+/// handled again.
 #[tokio::test]
 async fn webhook_handling_is_capped() {
+    use chatwoot_cache::webhook::{MAX_CONCURRENT, MAX_PER_PEER};
     let (_fake, proxy) = hostile_setup().await;
     let gate = &proxy.proxy.webhooks;
-    let mut held = Vec::new();
-    for _ in 0..chatwoot_cache::webhook::MAX_CONCURRENT {
-        held.push(send_head(&proxy, &signed_looking_head("Content-Length: 100\r\n")).await);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gate.slots_in_use() < chatwoot_cache::webhook::MAX_CONCURRENT {
+    let peers = MAX_CONCURRENT / MAX_PER_PEER;
+    // The holders lose their slots after the body deadline (5 s): if that happened before the
+    // genuine delivery was decided, fill the slots again and retry.
+    let mut refused = false;
+    for _attempt in 0..5 {
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut held = Vec::new();
+        for p in 0..peers {
+            let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + p as u8);
+            held.extend(hold_from(&proxy, from, MAX_PER_PEER, &answered).await);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.slots_in_use() < MAX_CONCURRENT {
+            assert!(
+                Instant::now() < deadline,
+                "{} slots held",
+                gate.slots_in_use()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = deliver(&proxy, 1, &conversation_event("conversation_updated", 42)).await;
+        let holders_answered = answered.load(std::sync::atomic::Ordering::SeqCst);
+        for t in &held {
+            t.abort();
+        }
+        if r.status == 503 {
+            assert_eq!(r.header("retry-after"), "1");
+            refused = true;
+            break;
+        }
         assert!(
-            Instant::now() < deadline,
-            "{} slots held",
-            gate.slots_in_use()
+            holders_answered > 0,
+            "a delivery was handled while every slot was held: {} {}",
+            r.status,
+            r.text()
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let started = Instant::now();
-    let r = deliver(&proxy, 1, &conversation_event("conversation_updated", 42)).await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.header("retry-after"), "1");
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(refused, "never answered 503 with every slot held");
 
-    drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
     while gate.slots_in_use() > 0 {
         assert!(Instant::now() < deadline, "slots not released");
@@ -484,29 +545,108 @@ async fn webhook_handling_is_capped() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// One peer address cannot stop webhook invalidation for everyone: 32 heads whose bodies never
+/// come, from one address, hold at most a quarter of the slots, and a signed delivery from
+/// another address is acted on while they are held.
+#[tokio::test]
+async fn one_peer_cannot_take_every_slot() {
+    use chatwoot_cache::webhook::{MAX_CONCURRENT, MAX_PER_PEER};
+    let (_fake, proxy) = hostile_setup().await;
+    let gate = &proxy.proxy.webhooks;
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "HIT");
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hostile = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let held = hold_from(&proxy, hostile, MAX_CONCURRENT, &answered).await;
+    // Every hostile head has either a slot or its answer (503 once it waited its turn).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gate.slots_in_use() + answered.load(std::sync::atomic::Ordering::SeqCst) < MAX_CONCURRENT
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} slots held, {} answered",
+            gate.slots_in_use(),
+            answered.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        gate.slots_in_use() <= MAX_PER_PEER,
+        "{}",
+        gate.slots_in_use()
+    );
+    let r = deliver(&proxy, 1, &conversation_event("conversation_updated", 42)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["invalidated"], "conversation");
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    for t in held {
+        t.abort();
+    }
+}
+
+/// A head whose body never comes holds its slot for a few seconds at most, not for the whole
+/// `--client-header-timeout` (60 s here): Chatwoot sends the body right after the head.
+#[tokio::test]
+async fn a_body_that_never_comes_is_given_up_quickly() {
+    let (_fake, proxy) = hostile_setup().await;
+    let mut s = send_head(&proxy, &signed_looking_head("Content-Length: 100\r\n")).await;
+    assert_eq!(status_line(&mut s).await, "HTTP/1.1 408 Request Timeout");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.proxy.webhooks.slots_in_use() > 0 {
+        assert!(Instant::now() < deadline, "slot not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// With per-account secrets and no fallback, a delivery for an account that has no secret is
+/// refused from its head: its body is never waited for.
+#[tokio::test]
+async fn an_account_without_a_secret_is_refused_before_its_body() {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.webhook_secrets = chatwoot_cache::invalidation::WebhookSecrets::per_account(
+        std::collections::BTreeMap::from([(1, vec![SECRET.to_string()])]),
+    );
+    cfg.client_header_timeout = Duration::from_secs(60);
+    let proxy = start_proxy(cfg).await;
+    let head =
+        signed_looking_head("Content-Length: 100\r\n").replace("/accounts/1 ", "/accounts/9 ");
+    let mut s = send_head(&proxy, &head).await;
+    assert_eq!(status_line(&mut s).await, "HTTP/1.1 401 Unauthorized");
+    assert_eq!(proxy.proxy.webhooks.slots_in_use(), 0);
+    // Account 1 has its secret: still served.
+    let r = deliver(&proxy, 1, &conversation_event("conversation_updated", 42)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// A delivery seen within the window (same `X-Chatwoot-Delivery`, or the same signed body
-/// under a new id) is acknowledged 200 and not acted on again; a new delivery still is.
+/// under a new id or none, its signature spelt in either case) is acknowledged 200 and not acted on again; a new delivery still is.
 #[tokio::test]
 async fn replayed_deliveries_are_acknowledged_without_acting() {
     let (_fake, proxy) = hostile_setup().await;
-    let post = |body: String, ts: String, delivery: &'static str| {
+    let post_as = |body: String, ts: String, delivery: Option<&'static str>, upper: bool| {
         let sig = signature(SECRET, &ts, body.as_bytes());
+        // The same MAC in upper-case hex (which verifies just as well).
+        let sig = if upper {
+            format!("sha256={}", sig["sha256=".len()..].to_ascii_uppercase())
+        } else {
+            sig
+        };
         let url = proxy.admin_url("/webhooks/chatwoot/accounts/1");
         async move {
-            send(
-                Method::POST,
-                &url,
-                &[
-                    ("content-type", "application/json"),
-                    ("x-chatwoot-timestamp", &ts),
-                    ("x-chatwoot-signature", &sig),
-                    ("x-chatwoot-delivery", delivery),
-                ],
-                body.as_bytes(),
-            )
-            .await
+            let mut headers = vec![
+                ("content-type", "application/json"),
+                ("x-chatwoot-timestamp", ts.as_str()),
+                ("x-chatwoot-signature", sig.as_str()),
+            ];
+            if let Some(d) = delivery {
+                headers.push(("x-chatwoot-delivery", d));
+            }
+            send(Method::POST, &url, &headers, body.as_bytes()).await
         }
     };
+    let post =
+        |body: String, ts: String, delivery: &'static str| post_as(body, ts, Some(delivery), false);
     let cached = async || conv(&proxy, 1, 42, ADMIN).await.x_cache().to_string();
     assert_eq!(cached().await, "MISS");
     let ts = unix_now().to_string();
@@ -536,6 +676,17 @@ async fn replayed_deliveries_are_acknowledged_without_acting() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["duplicate"], true);
         assert_eq!(cached().await, "HIT", "a replay invalidated again");
+    }
+    // The same signature spelt in upper case, without a delivery id and under a new one.
+    for delivery in [None, Some("4f1b7c3e-0000-4000-8000-000000000004")] {
+        let r = post_as(event.clone(), ts.clone(), delivery, true).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["duplicate"], true, "{delivery:?}: {}", r.text());
+        assert_eq!(
+            cached().await,
+            "HIT",
+            "an upper-case replay invalidated again"
+        );
     }
 
     let r = post(
