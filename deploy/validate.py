@@ -66,6 +66,11 @@ FLAGS = {
     "upstream-timeout": "duration",
     "upstream-connect-timeout": "duration",
     "upstream-max-in-flight": "int",
+    "upstream-max-in-flight-per-token": "count0",
+    "rate-limit-per-token": "rate",
+    "rate-limit-burst": "int",
+    "refresh-ahead": "share",
+    "refresh-ahead-min-hits": "int",
     "upstream-queue-timeout": "duration",
     "breaker-window": "duration",
     "breaker-min-requests": "int",
@@ -126,7 +131,7 @@ LABEL_VALUES = {
     ("*", "cause"): {"size", "expired", "explicit", "replaced"},
     ("*", "outcome"): {"not_modified", "unchanged", "changed", "older", "error"},
     ("*", "source"): {"write", "purge", "webhook"},
-    ("chatwoot_cache_shed_total", "reason"): {"queue_timeout", "breaker_open"},
+    ("chatwoot_cache_shed_total", "reason"): {"queue_timeout", "breaker_open", "token_quota", "rate_limited"},
     ("chatwoot_cache_auth_rejections_total", "reason"): {"missing", "malformed", "invalid"},
     ("chatwoot_cache_config_reloads_total", "result"): {"ok", "error"},
     ("*", "listener"): {"public", "upstream_client"},
@@ -370,6 +375,12 @@ def check_value(where: str, key: str, value) -> None:
         bad = "a size string like \"512KiB\", \"256MiB\", \"1GiB\""
     elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         bad = "a positive integer"
+    elif kind == "count0" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        bad = "an integer, 0 or more"
+    elif kind == "rate" and (not isinstance(value, str) or not re.fullmatch(r"[1-9]\d*/[smh]", value)):
+        bad = "a rate like \"20/s\" or \"600/m\""
+    elif kind == "share" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+        bad = "a number in [0, 1)"
     elif kind == "ratio" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
         bad = "a number in (0, 1]"
     elif kind == "url" and (not isinstance(value, str) or not re.match(r"https?://[^/\s]+", value)):

@@ -158,6 +158,16 @@ pub struct Cli {
     )]
     pub upstream_queue_timeout: String,
 
+    /// Concurrent upstream requests of one token scope (0 = off); requests without a token, or
+    /// with one the upstream has not accepted yet, count per client address [default: a quarter
+    /// of --upstream-max-in-flight, at least 1]
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_UPSTREAM_MAX_IN_FLIGHT_PER_TOKEN",
+        value_name = "N"
+    )]
+    pub upstream_max_in_flight_per_token: Option<String>,
+
     /// Circuit breaker observation window
     #[arg(
         long,
@@ -393,6 +403,8 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     pub upstream_max_in_flight: usize,
     pub upstream_queue_timeout: Duration,
+    /// `None`: derived, see [`Config::per_token_in_flight`].
+    pub upstream_max_in_flight_per_token: Option<usize>,
     pub breaker_window: Duration,
     pub breaker_min_requests: u32,
     pub breaker_failure_ratio: f64,
@@ -544,6 +556,11 @@ impl Config {
             parse_count(s).map(|n| n as usize)
         })?;
         let upstream_queue_timeout = parse_with(&src, "upstream_queue_timeout", parse_duration)?;
+        let upstream_max_in_flight_per_token =
+            parse_optional(&src, "upstream_max_in_flight_per_token", |s| {
+                s.parse::<usize>()
+                    .map_err(|_| format!("invalid number {s:?} (0 turns the cap off)"))
+            })?;
         let breaker_window = parse_with(&src, "breaker_window", parse_positive_duration)?;
         let breaker_min_requests = parse_with(&src, "breaker_min_requests", |s| {
             parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
@@ -649,6 +666,7 @@ impl Config {
             upstream_connect_timeout,
             upstream_max_in_flight,
             upstream_queue_timeout,
+            upstream_max_in_flight_per_token,
             breaker_window,
             breaker_min_requests,
             breaker_failure_ratio,
@@ -749,6 +767,21 @@ fn both_or_neither(
         (None, Some(_)) => Err(ConfigError::invalid(b, format!("needs --{a} as well"))),
         _ => Ok(()),
     }
+}
+
+impl Config {
+    /// Upstream slots one token scope (or client address) may hold; 0 = no cap. Unless set, a
+    /// quarter of `--upstream-max-in-flight` (at least 1), derived here so that it follows that
+    /// setting and never contradicts it (SPEC 2). A cap above the global limit never binds.
+    pub fn per_token_in_flight(&self) -> usize {
+        self.upstream_max_in_flight_per_token
+            .unwrap_or_else(|| default_per_token_in_flight(self.upstream_max_in_flight))
+    }
+}
+
+/// `--upstream-max-in-flight-per-token` when not set (SPEC 12).
+pub fn default_per_token_in_flight(max_in_flight: usize) -> usize {
+    (max_in_flight / 4).max(1)
 }
 
 /// The admin listener's port unless `--admin-listen` says otherwise.
@@ -1193,6 +1226,38 @@ mod tests {
                 "4MiB"
             ])
             .starts_with("--max-object-bytes: 4194304 bytes is larger than --cache-max-bytes")
+        );
+    }
+
+    /// SPEC 12: a quarter of the global limit unless set; 0 turns it off.
+    #[test]
+    fn per_token_cap_is_derived_from_the_global_limit() {
+        assert_eq!(ok_of(&[]).per_token_in_flight(), 64);
+        assert_eq!(
+            ok_of(&["--upstream-max-in-flight", "10"]).per_token_in_flight(),
+            2
+        );
+        assert_eq!(
+            ok_of(&["--upstream-max-in-flight", "3"]).per_token_in_flight(),
+            1
+        );
+        let c = ok_of(&["--upstream-max-in-flight-per-token", "0"]);
+        assert_eq!(c.per_token_in_flight(), 0);
+        let c = ok_of(&[
+            "--upstream-max-in-flight",
+            "8",
+            "--upstream-max-in-flight-per-token",
+            "5",
+        ]);
+        assert_eq!(c.per_token_in_flight(), 5);
+        assert!(
+            err_of(&[
+                "--upstream",
+                "http://x",
+                "--upstream-max-in-flight-per-token",
+                "many"
+            ])
+            .starts_with("--upstream-max-in-flight-per-token: invalid number")
         );
     }
 

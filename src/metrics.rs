@@ -100,8 +100,10 @@ const INVALIDATION_SOURCES: [&str; 3] = ["write", "purge", "webhook"];
 pub enum ShedReason {
     QueueTimeout = 0,
     BreakerOpen = 1,
+    /// The request's scope held its whole share of upstream slots (SPEC 12).
+    TokenQuota = 2,
 }
-const SHED_REASONS: [&str; 2] = ["queue_timeout", "breaker_open"];
+const SHED_REASONS: [&str; 3] = ["queue_timeout", "breaker_open", "token_quota"];
 
 /// `auth_rejections_total{reason}`.
 #[derive(Debug, Clone, Copy)]
@@ -402,6 +404,7 @@ mod tests {
             "chatwoot_cache_revalidations_total{outcome=\"not_modified\"} 0",
             "chatwoot_cache_invalidations_total{source=\"webhook\"} 0",
             "chatwoot_cache_shed_total{reason=\"breaker_open\"} 0",
+            "chatwoot_cache_shed_total{reason=\"token_quota\"} 0",
             "chatwoot_cache_breaker_state 0",
             "chatwoot_cache_auth_rejections_total{reason=\"invalid\"} 0",
         ] {

@@ -176,6 +176,10 @@ fn help_lists_every_setting_and_default() {
         ("--upstream-connect-timeout", "2s"),
         ("--upstream-max-in-flight", "256"),
         ("--upstream-queue-timeout", "1s"),
+        (
+            "--upstream-max-in-flight-per-token",
+            "a quarter of --upstream-max-in-flight, at least 1",
+        ),
         ("--breaker-window", "10s"),
         ("--breaker-min-requests", "20"),
         ("--breaker-failure-ratio", "0.5"),

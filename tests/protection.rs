@@ -287,6 +287,8 @@ async fn concurrency_limit_sheds_after_the_queue_timeout() {
     let fake = FakeChatwoot::start().await;
     let mut cfg = config(&fake.url());
     cfg.upstream_max_in_flight = 2;
+    // One client: the global limit alone (per-client fairness is tests/fairness.rs).
+    cfg.upstream_max_in_flight_per_token = Some(0);
     cfg.upstream_queue_timeout = ms(200);
     let proxy = Arc::new(start_proxy(cfg).await);
     fake.set_delay(ms(1000));
@@ -754,6 +756,7 @@ async fn requests_queued_before_the_breaker_opened_are_not_sent() {
     let fake = FakeChatwoot::start().await;
     let mut cfg = breaker_config(&fake);
     cfg.upstream_max_in_flight = 2;
+    cfg.upstream_max_in_flight_per_token = Some(0);
     cfg.upstream_queue_timeout = Duration::from_secs(2);
     cfg.breaker_open = Duration::from_secs(5);
     let proxy = start_proxy(cfg).await;

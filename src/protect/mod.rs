@@ -1,11 +1,14 @@
-//! Upstream protection (SPEC §6): a global concurrency limit with a queue deadline, and a
-//! circuit breaker. Both sit in front of every upstream request, all routes together.
+//! Upstream protection (SPEC 6, 12): a concurrency limit with a queue deadline, shared fairly
+//! between token scopes ([`limiter`]), the token scopes the upstream has accepted ([`accepted`]),
+//! and a circuit breaker. They sit in front of every upstream request, all routes together.
 
+mod accepted;
 mod breaker;
 mod limiter;
 
+pub use accepted::AcceptedTokens;
 pub use breaker::{Admission, Breaker, BreakerConfig, BreakerState, Outcome, Ticket};
-pub use limiter::{Limiter, QueueTimeout, UpstreamPermit};
+pub use limiter::{Key, Limiter, Shed, UpstreamPermit};
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -20,6 +23,17 @@ use http::header::RETRY_AFTER;
 pub struct Charge {
     pub token: Option<crate::auth::Scope>,
     pub addr: IpAddr,
+}
+
+impl Charge {
+    /// The scope this request's fair share is counted in: its token once the upstream has
+    /// accepted that token, else its client address, so random tokens cannot escape the cap.
+    pub fn key(&self, accepted: &AcceptedTokens) -> Key {
+        match self.token {
+            Some(t) if accepted.contains(t) => Key::Token(t),
+            _ => Key::Addr(self.addr),
+        }
+    }
 }
 
 /// Reads `Retry-After` as delta-seconds or an HTTP date; absurd values are capped at one hour.

@@ -196,6 +196,7 @@ impl Proxy {
     /// entries nothing; see [`crate::invalidation`]).
     pub(crate) fn token_refused(&self, scope: Scope) {
         self.invalid_tokens.insert(scope);
+        self.upstream.forget_token(scope);
         self.store
             .invalidate(Target::Scope(scope), Source::TokenRefused);
     }

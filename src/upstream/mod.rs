@@ -29,7 +29,8 @@ use crate::error::LocalError;
 use crate::live::Live;
 use crate::metrics::{Metrics, ShedReason};
 use crate::protect::{
-    self, Admission, Breaker, BreakerConfig, Charge, Limiter, Outcome, Ticket, UpstreamPermit,
+    self, AcceptedTokens, Admission, Breaker, BreakerConfig, Charge, Limiter, Outcome, Shed,
+    Ticket, UpstreamPermit,
 };
 use crate::routing::RouteLabel;
 use crate::tls::{self, TlsError};
@@ -49,6 +50,9 @@ pub enum UpstreamError {
     BadResponse(String),
     #[error("shed: no upstream slot within the queue timeout")]
     Shed,
+    /// The request's scope held its whole share of upstream slots for the queue timeout.
+    #[error("shed: the token's share of upstream slots stayed taken")]
+    TokenQuota,
     #[error("circuit breaker open")]
     BreakerOpen { retry_after: Duration },
     /// The client's request body stalled or broke off: the client's doing, not the upstream's.
@@ -63,7 +67,9 @@ impl UpstreamError {
             UpstreamError::Connect(_) | UpstreamError::BadResponse(_) => LocalError::BadGateway,
             UpstreamError::Timeout => LocalError::Timeout,
             UpstreamError::ClientAborted => LocalError::RequestTimeout,
-            UpstreamError::Shed => LocalError::Unavailable { retry_after: 1 },
+            UpstreamError::Shed | UpstreamError::TokenQuota => {
+                LocalError::Unavailable { retry_after: 1 }
+            }
             UpstreamError::BreakerOpen { retry_after } => LocalError::Unavailable {
                 retry_after: protect::retry_after_secs(*retry_after),
             },
@@ -79,7 +85,7 @@ impl UpstreamError {
     pub fn is_local(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Shed | UpstreamError::BreakerOpen { .. }
+            UpstreamError::Shed | UpstreamError::TokenQuota | UpstreamError::BreakerOpen { .. }
         )
     }
 }
@@ -168,6 +174,8 @@ impl<'a> SendOptions<'a> {
 /// An admitted request on its way to the upstream: what is needed to record its outcome.
 struct Sent {
     route: RouteLabel,
+    /// Its token, recorded as accepted by a `2xx`/`304` (SPEC 12).
+    token: Option<crate::auth::Scope>,
     ticket: Ticket,
     permit: UpstreamPermit,
     start: Instant,
@@ -181,11 +189,13 @@ impl Sent {
         self,
         breaker: &Arc<Breaker>,
         metrics: &Arc<Metrics>,
+        accepted: &AcceptedTokens,
         result: Result<Response<PooledBody>, UpstreamError>,
         progress: Option<&Progress>,
     ) -> Result<Exchange, UpstreamError> {
         let Sent {
             route,
+            token,
             ticket,
             permit,
             start,
@@ -196,6 +206,11 @@ impl Sent {
         match result {
             Ok(response) => {
                 let status = response.status();
+                if let Some(token) = token
+                    && (status.is_success() || status == StatusCode::NOT_MODIFIED)
+                {
+                    accepted.accept(token);
+                }
                 let outcome = breaker_outcome(status, response.headers());
                 // An upgraded tunnel may live for hours; it must not hold a request slot.
                 let permit = (!upgrade).then_some(permit);
@@ -334,6 +349,8 @@ pub struct Upstream {
     dial: Arc<Live<Dial>>,
     timeout: Live<Duration>,
     limiter: Limiter,
+    /// Tokens charged as their own scope (see [`Charge::key`]).
+    accepted: Arc<AcceptedTokens>,
     breaker: Arc<Breaker>,
     metrics: Arc<Metrics>,
 }
@@ -407,9 +424,11 @@ impl Upstream {
             timeout: Live::new(cfg.upstream_timeout),
             limiter: Limiter::new(
                 cfg.upstream_max_in_flight,
+                cfg.per_token_in_flight(),
                 cfg.upstream_queue_timeout,
                 metrics.upstream_in_flight.clone(),
             ),
+            accepted: Arc::new(AcceptedTokens::default()),
             breaker: Breaker::new(breaker_config(cfg), metrics.breaker_state.clone()),
             metrics,
         })
@@ -420,8 +439,11 @@ impl Upstream {
     pub fn reconfigure(&self, cfg: &Config, dial: Dial) {
         self.dial.store(dial);
         self.timeout.store(cfg.upstream_timeout);
-        self.limiter
-            .reconfigure(cfg.upstream_max_in_flight, cfg.upstream_queue_timeout);
+        self.limiter.reconfigure(
+            cfg.upstream_max_in_flight,
+            cfg.per_token_in_flight(),
+            cfg.upstream_queue_timeout,
+        );
         self.breaker.reconfigure(breaker_config(cfg));
     }
 
@@ -473,11 +495,15 @@ impl Upstream {
                 return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
-        let permit = match self.limiter.acquire(charge).await {
+        let permit = match self.limiter.acquire(charge.key(&self.accepted)).await {
             Ok(p) => p,
-            Err(_) => {
+            Err(Shed::QueueTimeout) => {
                 self.metrics.shed(ShedReason::QueueTimeout);
                 return Err(UpstreamError::Shed);
+            }
+            Err(Shed::TokenQuota) => {
+                self.metrics.shed(ShedReason::TokenQuota);
+                return Err(UpstreamError::TokenQuota);
             }
         };
         // The breaker may have opened while this request waited for a slot (behind the very
@@ -491,6 +517,7 @@ impl Upstream {
         };
         let sent = Sent {
             route,
+            token: charge.token,
             ticket,
             permit,
             start: Instant::now(),
@@ -503,6 +530,7 @@ impl Upstream {
             let progress = progress.cloned();
             let breaker = self.breaker.clone();
             let metrics = self.metrics.clone();
+            let accepted = self.accepted.clone();
             let probe = tokio::spawn(async move {
                 let result = await_response(
                     &pool,
@@ -513,7 +541,7 @@ impl Upstream {
                     progress.as_deref(),
                 )
                 .await;
-                sent.conclude(&breaker, &metrics, result, progress.as_deref())
+                sent.conclude(&breaker, &metrics, &accepted, result, progress.as_deref())
             });
             return probe
                 .await
@@ -529,8 +557,25 @@ impl Upstream {
             progress,
         )
         .await;
-        sent.conclude(&self.breaker, &self.metrics, result, progress)
+        sent.conclude(
+            &self.breaker,
+            &self.metrics,
+            &self.accepted,
+            result,
+            progress,
+        )
     }
+
+    /// The upstream refused this token: it is charged to its client address again.
+    pub fn forget_token(&self, scope: crate::auth::Scope) {
+        self.accepted.forget(scope);
+    }
+
+    /// The upstream slots (tests, diagnostics).
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
     /// Builds the upstream request: same method, path, query and end-to-end headers in order;
     /// hop-by-hop headers dropped; `X-Forwarded-*` set; `Host` = upstream authority. Copies the
     /// client's headers (see [`Upstream::request_owned`] for the pass-through fast path).

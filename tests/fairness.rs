@@ -1,0 +1,281 @@
+//! End-to-end: a shared gateway's fairness (SPEC 12) against the fake Chatwoot — fair upstream
+//! slots per token scope, per-token rate limits and refresh-ahead.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chatwoot_cache::Config;
+use support::*;
+
+const SHED_QUOTA: &str = r#"chatwoot_cache_shed_total{reason="token_quota"}"#;
+const SHED_QUEUE: &str = r#"chatwoot_cache_shed_total{reason="queue_timeout"}"#;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Polls `cond` every 5 ms for up to 10 s (a loaded CI machine is slow, never this slow).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(ms(5)).await;
+    }
+}
+
+/// Adds conversations `first..first + n` of account 1 and administrator tokens.
+fn populate(fake: &FakeChatwoot, first: u64, n: u64, tokens: &[&str]) {
+    for c in first..first + n {
+        fake.add_conversation(1, c, "1765182000.482917");
+    }
+    for t in tokens {
+        fake.add_user(t, t, None);
+    }
+}
+
+/// One request per token: the upstream accepts each (a 200), so from now on each is charged as
+/// a scope of its own rather than as its client address.
+async fn accept_tokens(proxy: &ProxyHandle, tokens: &[&str]) {
+    for t in tokens {
+        let r = conv(proxy, 1, 42, t).await;
+        assert_eq!(r.status, 200, "{t}: {r:?}");
+    }
+}
+
+fn tokens_seen_by_upstream(fake: &FakeChatwoot, since: usize) -> Vec<String> {
+    fake.seen()[since..]
+        .iter()
+        .map(|s| {
+            s.headers
+                .get("api_access_token")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        })
+        .collect()
+}
+
+const POLITE: [&str; 4] = ["polite-0", "polite-1", "polite-2", "polite-3"];
+const FLOOD: &str = "flood-token";
+
+/// A runaway token firing 300 concurrent cold misses at a slow upstream (250 ms a request)
+/// holds at most its share (8 slots / 4 = 2) and is shed after the queue timeout (1 s) with
+/// `503 upstream_unavailable`, `Retry-After: 1`, counted as `token_quota` — or answered `STALE`
+/// for a conversation it has stored. Meanwhile four polite tokens, each reading ten cold
+/// conversations one after another, all succeed, every request within 2 s (the upstream's
+/// 250 ms, no queueing behind the flood: their slots stay free), and the upstream never sees
+/// more than 8 requests at once.
+#[tokio::test]
+async fn a_flooding_token_cannot_starve_polite_tokens() {
+    let fake = FakeChatwoot::start().await;
+    let mut tokens = POLITE.to_vec();
+    tokens.push(FLOOD);
+    populate(&fake, 1000, 400, &tokens);
+    let mut cfg = config(&fake.url());
+    cfg.upstream_max_in_flight = 8;
+    cfg.upstream_queue_timeout = ms(1000);
+    cfg.cache_ttl = ms(300);
+    cfg.stale_while_revalidate = Duration::ZERO;
+    cfg.stale_if_error = Duration::from_secs(60);
+    cfg.breaker_min_requests = 100_000;
+    assert_eq!(cfg.per_token_in_flight(), 2, "derived: a quarter of 8");
+    let proxy = Arc::new(start_proxy(cfg).await);
+    accept_tokens(&proxy, &tokens).await;
+    // The flooder's stored conversation (1, 42) is stale by the time the flood starts.
+    tokio::time::sleep(ms(350)).await;
+    fake.set_delay(ms(250));
+    fake.reset_max_concurrency();
+
+    let mut flood = Vec::new();
+    for i in 0..300u64 {
+        let proxy = proxy.clone();
+        flood.push(tokio::spawn(async move {
+            let c = if i == 150 { 42 } else { 1000 + i };
+            conv(&proxy, 1, c, FLOOD).await
+        }));
+    }
+    until("the flood to queue", || {
+        proxy.proxy.upstream.limiter().waiting() >= 100
+    })
+    .await;
+
+    let mut polite = Vec::new();
+    for (p, token) in POLITE.iter().enumerate() {
+        let proxy = proxy.clone();
+        polite.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            for i in 0..10u64 {
+                let start = Instant::now();
+                let r = conv(&proxy, 1, 1300 + p as u64 * 10 + i, token).await;
+                took.push(start.elapsed());
+                assert_eq!(r.status, 200, "{token}: {r:?}");
+                assert_eq!(r.x_cache(), "MISS", "{token}");
+            }
+            took
+        }));
+    }
+    for p in polite {
+        for took in p.await.unwrap() {
+            assert!(took < ms(2000), "a polite request took {took:?}");
+        }
+    }
+
+    let (mut ok, mut shed, mut stale) = (0, 0, 0);
+    for f in flood {
+        let r = f.await.unwrap();
+        match (r.status.as_u16(), r.x_cache()) {
+            (200, "MISS") => ok += 1,
+            (200, "STALE") => stale += 1,
+            (503, "LOCAL") => {
+                assert_eq!(r.json()["errors"][0]["code"], "upstream_unavailable");
+                assert_eq!(r.header("retry-after"), "1");
+                shed += 1;
+            }
+            other => panic!("flood answer {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(
+        stale, 1,
+        "the stored conversation is served stale when shed"
+    );
+    assert!(shed >= 250, "flood: {ok} ok, {shed} shed");
+    // 2 slots × (1 s queue timeout / 250 ms) ≈ 8, more on a slow machine; far from 300.
+    assert!(ok <= 40, "flood: {ok} ok, {shed} shed");
+    let m = metrics_text(&proxy).await;
+    assert_eq!(metric(&m, SHED_QUOTA), f64::from(shed + stale));
+    assert_eq!(metric(&m, SHED_QUEUE), 0.0);
+    assert!(fake.max_concurrency() <= 8, "{}", fake.max_concurrency());
+}
+
+/// Freed slots go round-robin over the waiting scopes, first come first served within one, as
+/// the upstream's arrival order shows. One slot (cap 1): while the flooder's first request
+/// holds it, the flooder queues 4 more, then `a` and `b` queue 2 each. First come first served
+/// would send F F F F F a a b b; the proxy sends F a b F a b F F F.
+#[tokio::test]
+async fn freed_slots_go_round_robin_across_tokens() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 50, &[FLOOD, "a", "b"]);
+    let mut cfg = config(&fake.url());
+    cfg.upstream_max_in_flight = 1;
+    cfg.upstream_max_in_flight_per_token = Some(1);
+    cfg.upstream_queue_timeout = Duration::from_secs(20);
+    let proxy = Arc::new(start_proxy(cfg).await);
+    accept_tokens(&proxy, &[FLOOD, "a", "b"]).await;
+    // The first request holds the slot for 3 s (the fake reads the delay as a request
+    // arrives), long enough to queue the others; they take 50 ms each.
+    fake.set_delay(ms(3000));
+    let since = fake.seen().len();
+
+    let mut tasks = Vec::new();
+    let mut conversation = 1000;
+    let mut queue = |token: &'static str, n: usize| {
+        for _ in 0..n {
+            let proxy = proxy.clone();
+            let c = conversation;
+            conversation += 1;
+            tasks.push(tokio::spawn(async move { conv(&proxy, 1, c, token).await }));
+        }
+    };
+    queue(FLOOD, 1);
+    let limiter = || proxy.proxy.upstream.limiter();
+    until("the first request in flight", || fake.in_flight() == 1).await;
+    fake.set_delay(ms(50));
+    // One request at a time, so that each joins its queue in this order.
+    for (token, n) in [(FLOOD, 4), ("a", 2), ("b", 2)] {
+        for _ in 0..n {
+            let before = limiter().waiting();
+            queue(token, 1);
+            until("the request to queue", || limiter().waiting() == before + 1).await;
+        }
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    }
+    assert_eq!(
+        tokens_seen_by_upstream(&fake, since),
+        [FLOOD, "a", "b", FLOOD, "a", "b", FLOOD, FLOOD, FLOOD]
+    );
+}
+
+/// Tokens the upstream has never accepted count against their client address: fifty requests
+/// from one address, each with a new random token, hold at most the per-scope cap (2) of
+/// upstream slots and the rest are shed as `token_quota`, while an accepted token from the
+/// same address still gets a slot at once.
+#[tokio::test]
+async fn unaccepted_tokens_count_against_their_address() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 10, &["known"]);
+    let mut cfg = config(&fake.url());
+    cfg.upstream_max_in_flight = 8;
+    cfg.upstream_queue_timeout = ms(500);
+    cfg.breaker_min_requests = 100_000;
+    let proxy = Arc::new(start_proxy(cfg).await);
+    accept_tokens(&proxy, &["known"]).await;
+    fake.set_delay(ms(300));
+    fake.reset_max_concurrency();
+
+    let mut random = Vec::new();
+    for i in 0..50 {
+        let proxy = proxy.clone();
+        random.push(tokio::spawn(async move {
+            conv(&proxy, 1, 1000, &format!("random-{i}-{}", i * 7919)).await
+        }));
+    }
+    until("the random tokens to queue", || {
+        proxy.proxy.upstream.limiter().waiting() >= 40
+    })
+    .await;
+    let start = Instant::now();
+    let r = conv(&proxy, 1, 1001, "known").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    assert!(start.elapsed() < ms(1500), "{:?}", start.elapsed());
+
+    let mut refused = 0;
+    let mut shed = 0;
+    for t in random {
+        let r = t.await.unwrap();
+        match r.status.as_u16() {
+            401 => refused += 1,
+            503 => shed += 1,
+            other => panic!("{other}: {r:?}"),
+        }
+    }
+    assert!(shed >= 30, "{refused} refused by the upstream, {shed} shed");
+    assert!(
+        fake.max_concurrency() <= 3,
+        "the address's 2 slots plus the known token's 1: {}",
+        fake.max_concurrency()
+    );
+    assert_eq!(
+        metric(&metrics_text(&proxy).await, SHED_QUOTA),
+        f64::from(shed)
+    );
+}
+
+/// With the cap off (0, the sidecar's setting), a token may use every slot.
+#[tokio::test]
+async fn cap_zero_turns_fair_slots_off() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 10, &[]);
+    let mut cfg: Config = config(&fake.url());
+    cfg.upstream_max_in_flight = 4;
+    cfg.upstream_max_in_flight_per_token = Some(0);
+    let proxy = Arc::new(start_proxy(cfg).await);
+    accept_tokens(&proxy, &["admin-token"]).await;
+    fake.set_delay(ms(300));
+    fake.reset_max_concurrency();
+    let mut tasks = Vec::new();
+    for c in 1000..1004 {
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(async move {
+            conv(&proxy, 1, c, "admin-token").await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(fake.max_concurrency(), 4);
+}
