@@ -8,8 +8,8 @@
 //! Each client's second call must be a cache hit, and the proxy's own 401/503 bodies must surface
 //! as that client's errors with their description readable.
 //!
-//! `.ci/run` installs both (`npm ci`, a venv with `pip install -r`); so does this test when they
-//! are missing. Without node (or python3) a client's tests are skipped, except under `CI=true`,
+//! `.ci/run` installs both (`npm ci --ignore-scripts`, a venv with `pip install --require-hashes
+//! -r`); so does this test when they are missing or a Python pin differs. Without node (or python3) a client's tests are skipped, except under `CI=true`,
 //! where they fail: CI must not pass by skipping them.
 
 mod support;
@@ -67,19 +67,24 @@ impl Sdk {
             Sdk::Js => {
                 if !dir.join("node_modules/@figuro/chatwoot-sdk").is_dir() {
                     run(Command::new("npm")
-                        .args(["ci", "--no-audit", "--no-fund"])
+                        .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
                         .current_dir(&dir));
                 }
             }
             Sdk::Py => {
+                // Every pin installed at its version, or the venv is rebuilt: a stale venv
+                // (an older SDK) must not pass for the pinned one.
                 let python = dir.join(".venv/bin/python");
-                let importable = Command::new(&python)
-                    .args(["-c", "import chatwoot"])
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-                if !importable {
+                let pinned = || {
+                    Command::new(&python)
+                        .arg("pins_ok.py")
+                        .current_dir(&dir)
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                };
+                if !pinned() {
                     run(Command::new("python3")
-                        .args(["-m", "venv", ".venv"])
+                        .args(["-m", "venv", "--clear", ".venv"])
                         .current_dir(&dir));
                     run(Command::new(&python)
                         .args([
@@ -88,9 +93,12 @@ impl Sdk {
                             "install",
                             "--quiet",
                             "--disable-pip-version-check",
+                            "--require-hashes",
+                            "--only-binary=:all:",
                         ])
                         .args(["-r", "requirements.txt"])
                         .current_dir(&dir));
+                    assert!(pinned(), "the venv still differs from requirements.txt");
                 }
             }
         }
