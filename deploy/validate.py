@@ -717,6 +717,52 @@ def check_network_policy(where: str, docs, tpl: dict) -> None:
     R.ok(f"{where}: admin port {admin} limited by NetworkPolicy/{pols[0]['metadata']['name']}")
 
 
+def readme_rotation_targets(deploy: pathlib.Path) -> tuple[set[str], set[str]]:
+    """The Secret and ConfigMap names deploy/README.md's in-place update commands write."""
+    text = " ".join((deploy / "README.md").read_text().split())
+    secrets = set(re.findall(r"kubectl(?: -n \S+)? create secret generic ([a-z0-9.-]+)", text))
+    cms = set(re.findall(r"kubectl(?: -n \S+)? create configmap ([a-z0-9.-]+)", text))
+    return secrets, cms
+
+
+def check_rotation_targets(ov: str, deploy: pathlib.Path, docs) -> None:
+    """Hot reload only happens if the objects the README tells operators to rewrite are the ones
+    the pods mount: a kustomize name hash (or a renamed volume) silently breaks rotation."""
+    want_secrets, want_cms = readme_rotation_targets(deploy)
+    if not want_secrets or not want_cms:
+        R.fail(ov, f"deploy/README.md has no `kubectl create secret generic`/`create configmap` rotation "
+               f"command to check (found secrets {sorted(want_secrets)}, configmaps {sorted(want_cms)})")
+        return
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for w, tpl in pod_templates(docs):
+        spec = tpl["spec"]
+        for c, _ in all_containers(spec):
+            if c["name"] != PROXY_CONTAINER:
+                continue
+            where = f"{ov} {w['kind']}/{w['metadata']['name']}"
+            mounted = {m["name"] for m in c.get("volumeMounts", []) or []}
+            vols = [v for v in spec.get("volumes", []) or [] if v["name"] in mounted]
+            got_secrets = {v["secret"]["secretName"] for v in vols if "secret" in v}
+            got_cms = {v["configMap"]["name"] for v in vols if "configMap" in v}
+            ok = True
+            if got_secrets != want_secrets:
+                R.fail(where, f"mounts Secret(s) {sorted(got_secrets)}, but deploy/README.md rotates "
+                       f"{sorted(want_secrets)}: a rotation would never reach the pods")
+                ok = False
+            if got_cms != want_cms:
+                R.fail(where, f"mounts ConfigMap(s) {sorted(got_cms)}, but deploy/README.md rewrites "
+                       f"{sorted(want_cms)}: a config change would never reach the pods")
+                ok = False
+            for kind, names in (("Secret", want_secrets), ("ConfigMap", want_cms)):
+                for n in sorted(names):
+                    if (kind, n) not in rendered:
+                        R.fail(where, f"the render has no {kind}/{n} (the name README's commands write)")
+                        ok = False
+            if ok:
+                R.ok(f"{where}: mounts exactly Secret {sorted(want_secrets)} and ConfigMap {sorted(want_cms)}, "
+                     "the names deploy/README.md's rotation commands write")
+
+
 def check_manifests(args) -> None:
     deploy = pathlib.Path(args.deploy)
     allow = load_allowlist(deploy)
@@ -758,6 +804,7 @@ def check_manifests(args) -> None:
                 gateway_workloads.append((w, tpl))
     if not effs:
         R.fail(ov, "no chatwoot-cache container in the render")
+    check_rotation_targets(ov, deploy, docs)
 
     # 4. gateway shape: Service, HPA, PDB, spread, service links, NetworkPolicy
     services = [d for d in docs if d["kind"] == "Service"]
