@@ -121,14 +121,17 @@ async fn purge(proxy: &Proxy, req: &Request<Incoming>, path: &str) -> Response<R
             serde_json::json!({"error": "not found"}),
         );
     };
-    let purged = proxy.store.purge(match scope {
-        PurgeScope::All => Target::All,
-        PurgeScope::Account(a) => Target::Account(a),
-        PurgeScope::Conversation(a, c) => Target::Conversation {
-            account: a,
-            conversation: c,
-        },
-    });
+    let purged = proxy
+        .store
+        .purge(match scope {
+            PurgeScope::All => Target::All,
+            PurgeScope::Account(a) => Target::Account(a),
+            PurgeScope::Conversation(a, c) => Target::Conversation {
+                account: a,
+                conversation: c,
+            },
+        })
+        .await;
     tracing::info!(purged, path, "cache purge");
     json(StatusCode::OK, serde_json::json!({ "purged": purged }))
 }
@@ -224,13 +227,14 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>, peer: IpAddr) -> Respons
                 account,
                 conversation: c,
             };
-            proxy.store.invalidate(target, Source::Webhook);
+            proxy.store.invalidate(target, Source::Webhook).await;
             "conversation"
         }
         WebhookTarget::Account => {
             proxy
                 .store
-                .invalidate(Target::Account(account), Source::Webhook);
+                .invalidate(Target::Account(account), Source::Webhook)
+                .await;
             "account"
         }
         WebhookTarget::Nothing => "nothing",

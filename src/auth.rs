@@ -215,6 +215,16 @@ impl Scoper {
         Ok(Scoper { key })
     }
 
+    /// A key derived from `--scope-secret`, so every replica computes the same scopes (SPEC 11).
+    /// Derived, not the secret itself: the secret also keys the shared values' HMAC.
+    pub fn from_secret(secret: &[u8]) -> Self {
+        let derive = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let key = hmac::sign(&derive, b"chatwoot-cache token scope v1");
+        Scoper {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key.as_ref()),
+        }
+    }
+
     pub fn scope(&self, token: &[u8]) -> Scope {
         let tag = hmac::sign(&self.key, token);
         let mut first = [0u8; 16];
@@ -576,6 +586,18 @@ mod tests {
         assert_eq!(memo.scope(&scoper, b"token-bb"), scoper.scope(b"token-bb"));
         assert_eq!(memo.scope(&scoper, b"token-c"), scoper.scope(b"token-c"));
         assert_eq!(memo.scope(&scoper, b"token-a"), a);
+    }
+
+    #[test]
+    fn a_secret_gives_every_replica_the_same_scopes() {
+        let secret = [3u8; 32];
+        let a = Scoper::from_secret(&secret);
+        let b = Scoper::from_secret(&secret);
+        assert_eq!(a.scope(b"tok"), b.scope(b"tok"));
+        assert_ne!(
+            a.scope(b"tok"),
+            Scoper::from_secret(&[4u8; 32]).scope(b"tok")
+        );
     }
 
     #[test]

@@ -309,6 +309,49 @@ pub struct Cli {
     )]
     pub reload_interval: String,
 
+    /// Shared tier: Redis URL, redis://[user:password@]host:port[/db] or rediss:// (SPEC 11);
+    /// needs --scope-secret. Use a Redis of the cache's own (maxmemory, allkeys-lru)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// CA bundle that verifies a rediss:// server (instead of the system roots)
+    #[arg(long, env = "CHATWOOT_CACHE_REDIS_CA_FILE", value_name = "PEM")]
+    pub redis_ca_file: Option<String>,
+
+    /// Budget for all Redis work of one request on the request path
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_REDIS_TIMEOUT",
+        value_name = "DUR",
+        default_value = "50ms"
+    )]
+    pub redis_timeout: String,
+
+    /// Namespace of every Redis key and channel
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_REDIS_KEY_PREFIX",
+        value_name = "S",
+        default_value = "chatwoot-cache:"
+    )]
+    pub redis_key_prefix: String,
+
+    /// Key of the token scope hash and of the shared values' integrity check (at least 32
+    /// bytes); required with --redis-url so every replica derives the same scopes [default:
+    /// random per process]
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_SCOPE_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub scope_secret: Option<String>,
+
     /// Log line format on stderr: text or json
     #[arg(
         long,
@@ -431,7 +474,37 @@ pub struct Config {
     pub reload_interval: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// The shared tier (SPEC 11), when `--redis-url` is set.
+    pub redis: Option<RedisConfig>,
+    /// `--scope-secret`: stable token scopes (and, with Redis, the values' HMAC key).
+    pub scope_secret: Option<String>,
 }
+
+/// Settings of the Redis shared tier (SPEC 11).
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` URL; may carry a password, so never logged.
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    /// Budget for one request's Redis work.
+    pub timeout: Duration,
+    pub key_prefix: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &"..")
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// Shortest `--scope-secret` accepted: 256 bits, as the HMAC-SHA256 key it is.
+pub const MIN_SCOPE_SECRET_BYTES: usize = 32;
 
 /// One raw setting value and where it came from (for error messages).
 struct Raw {
@@ -612,6 +685,7 @@ impl Config {
         };
         let webhook_allow_query_secret =
             parse_with(&src, "webhook_allow_query_secret", parse_bool)?;
+        let (redis, scope_secret) = parse_shared(&src)?;
 
         both_or_neither(
             "upstream-client-cert-file",
@@ -689,6 +763,8 @@ impl Config {
             reload_interval,
             log_format,
             log_level,
+            redis,
+            scope_secret,
         })
     }
 
@@ -887,6 +963,77 @@ fn optional_file(src: &Sources<'_>, id: &str) -> Result<Option<PathBuf>, ConfigE
             Ok(Some(path))
         }
     }
+}
+
+/// `--redis-*` and `--scope-secret` (SPEC 11): the secret is required with Redis and at least
+/// [`MIN_SCOPE_SECRET_BYTES`] long whenever set.
+fn parse_shared(src: &Sources<'_>) -> Result<(Option<RedisConfig>, Option<String>), ConfigError> {
+    let scope_secret = match src.get("scope_secret")? {
+        Some(raw) if raw.value.is_empty() => None,
+        Some(raw) if raw.value.len() < MIN_SCOPE_SECRET_BYTES => {
+            return Err(with_origin(
+                "scope_secret",
+                &raw,
+                format!(
+                    "must be at least {MIN_SCOPE_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Some(raw) => Some(raw.value),
+        None => None,
+    };
+    let timeout = parse_with(src, "redis_timeout", parse_positive_duration)?;
+    let key_prefix = src.required("redis_key_prefix")?.value;
+    let ca_file = optional_file(src, "redis_ca_file")?;
+    let url = match src.get("redis_url")? {
+        Some(raw) if !raw.value.trim().is_empty() => raw,
+        _ => {
+            if ca_file.is_some() {
+                return Err(ConfigError::invalid(
+                    "redis-ca-file",
+                    "needs --redis-url as well",
+                ));
+            }
+            return Ok((None, scope_secret));
+        }
+    };
+    let value = url.value.trim();
+    // The value may carry a password: the problem is named, never the URL.
+    if !(value.starts_with("redis://") || value.starts_with("rediss://")) {
+        return Err(with_origin(
+            "redis_url",
+            &url,
+            "must start with redis:// or rediss://".into(),
+        ));
+    }
+    if let Err(e) = redis::Client::open(value) {
+        return Err(with_origin(
+            "redis_url",
+            &url,
+            format!("not a usable Redis URL ({:?})", e.kind()),
+        ));
+    }
+    if ca_file.is_some() && !value.starts_with("rediss://") {
+        return Err(ConfigError::invalid(
+            "redis-ca-file",
+            "is only used with a rediss:// --redis-url",
+        ));
+    }
+    if scope_secret.is_none() {
+        return Err(ConfigError::invalid(
+            "scope-secret",
+            "is required with --redis-url: every replica must derive the same token scopes",
+        ));
+    }
+    Ok((
+        Some(RedisConfig {
+            url: value.to_string(),
+            ca_file,
+            timeout,
+            key_prefix,
+        }),
+        scope_secret,
+    ))
 }
 
 fn optional_secret(src: &Sources<'_>, id: &str) -> Result<Option<String>, ConfigError> {
@@ -1118,6 +1265,69 @@ mod tests {
             Err("invalid duration \"banana\"".to_string())
         );
         assert!(parse_duration("-1s").is_err());
+    }
+
+    /// SPEC 11: --scope-secret is required with --redis-url and at least 32 bytes; neither the
+    /// URL (it may carry a password) nor the secret appears in an error.
+    #[test]
+    fn shared_tier_settings() {
+        let secret = "s".repeat(32);
+        let args = |extra: &[&str]| {
+            let mut v = vec!["chatwoot-cache", "--upstream", "http://127.0.0.1:3000"];
+            v.extend_from_slice(extra);
+            Config::try_from_args(v)
+        };
+        let c = args(&[]).unwrap();
+        assert!(c.redis.is_none() && c.scope_secret.is_none());
+        let c = args(&[
+            "--redis-url",
+            "redis://:pw@127.0.0.1:6379/2",
+            "--scope-secret",
+            &secret,
+        ])
+        .unwrap();
+        let r = c.redis.expect("redis");
+        assert_eq!(r.timeout, Duration::from_millis(50));
+        assert_eq!(r.key_prefix, "chatwoot-cache:");
+        assert!(!format!("{r:?}").contains("pw"));
+        // A scope secret alone is fine: stable scopes across restarts.
+        assert!(args(&["--scope-secret", &secret]).unwrap().redis.is_none());
+
+        let problem = |extra: &[&str]| args(extra).unwrap_err().to_string();
+        let e = problem(&["--redis-url", "redis://:hunter2@127.0.0.1:6379"]);
+        assert!(
+            e.starts_with("--scope-secret: is required with --redis-url"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"));
+        let e = problem(&["--scope-secret", "short-secret-of-31-bytes-xxxxxx"]);
+        assert!(
+            e.starts_with("--scope-secret: must be at least 32 bytes"),
+            "{e}"
+        );
+        assert!(!e.contains("short-secret"));
+        let e = problem(&[
+            "--redis-url",
+            "http://:hunter2@x",
+            "--scope-secret",
+            &secret,
+        ]);
+        assert!(
+            e.starts_with("--redis-url: must start with redis://"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"));
+        let e = problem(&[
+            "--redis-url",
+            "redis://x",
+            "--scope-secret",
+            &secret,
+            "--redis-timeout",
+            "0",
+        ]);
+        assert!(e.starts_with("--redis-timeout:"), "{e}");
+        let e = problem(&["--redis-ca-file", "Cargo.toml"]);
+        assert!(e.starts_with("--redis-ca-file: needs --redis-url"), "{e}");
     }
 
     #[test]

@@ -284,19 +284,18 @@ impl Generations {
         self.global.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Bumps what `target` names.
-    pub fn bump(&self, target: Target) {
+    /// Bumps what `target` names. False only for a scope with nothing stored or in flight.
+    pub fn bump(&self, target: Target) -> bool {
         match target {
             Target::Conversation {
                 account,
                 conversation,
             } => self.bump_conversation(account, conversation),
             Target::Account(account) => self.bump_account(account),
-            Target::Scope(scope) => {
-                self.bump_scope(scope);
-            }
+            Target::Scope(scope) => return self.bump_scope(scope),
             Target::All => self.bump_all(),
         }
+        true
     }
 
     /// Scope cells in the index (dead ones not yet swept included): bounded by the scopes of

@@ -11,6 +11,7 @@
 //! - [`auth`]: token header validation and the keyed token *scope*.
 //! - [`cache`]: the conversation store, freshness, revalidation and single-flight fetches.
 //! - [`invalidation`]: O(1) generation counters bumped by writes, purges and webhooks.
+//! - [`shared`]: the Redis tier shared by replicas (generations, invalidation bus, L2).
 //! - [`upstream`]: the pooled HTTP/HTTPS client and request/response header rewriting.
 //! - [`protect`]: the upstream concurrency limit and the circuit breaker.
 //! - [`admin`]: health, readiness, metrics, purge API and webhook on the admin listener;
@@ -36,6 +37,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod shared;
 pub mod tls;
 pub mod upstream;
 pub mod webhook;

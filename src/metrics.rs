@@ -132,6 +132,50 @@ pub enum ReloadResult {
 }
 const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
 
+/// `redis_errors_total{op}` and `redis_duration_seconds{op}` (SPEC 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOp {
+    /// L2 read (value and generations) on an L1 miss.
+    Read = 0,
+    /// Conditional L2 write after a stored upstream answer.
+    Write = 1,
+    /// Generation increment and bus publish.
+    Invalidate = 2,
+    /// Purge API scan and delete.
+    Purge = 3,
+    /// Cross-replica fetch lease.
+    Lease = 4,
+    /// Background probe of a skipped Redis.
+    Probe = 5,
+    /// Bus (re)subscription.
+    Subscribe = 6,
+}
+const REDIS_OPS: [&str; 7] = [
+    "read",
+    "write",
+    "invalidate",
+    "purge",
+    "lease",
+    "probe",
+    "subscribe",
+];
+
+impl RedisOp {
+    pub fn label(self) -> &'static str {
+        REDIS_OPS[self as usize]
+    }
+}
+
+/// `l2_requests_total{result}` (SPEC 11).
+#[derive(Debug, Clone, Copy)]
+pub enum L2Result {
+    Hit = 0,
+    Miss = 1,
+    Error = 2,
+    Skipped = 3,
+}
+const L2_RESULTS: [&str; 4] = ["hit", "miss", "error", "skipped"];
+
 /// Buckets from 10µs (cache hits take tens of µs) to 30s (slow upstream calls).
 const LATENCY_BUCKETS: [f64; 20] = [
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -367,6 +411,67 @@ impl Metrics {
         }
     }
 
+    /// Registers the shared tier's metrics (SPEC 11). Only a proxy with `--redis-url` has
+    /// them: `chatwoot_cache_redis_up == 0` is an alert, which a replica without Redis must not
+    /// fire.
+    pub fn register_shared(&self) -> Result<SharedMetrics, prometheus::Error> {
+        let up = IntGauge::new(
+            "chatwoot_cache_redis_up",
+            "1 while Redis is in use, 0 while it is skipped after failures",
+        )?;
+        self.registry.register(Box::new(up.clone()))?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "chatwoot_cache_redis_errors_total",
+                "Failed or timed-out Redis calls, by operation",
+            ),
+            &["op"],
+        )?;
+        self.registry.register(Box::new(errors.clone()))?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "chatwoot_cache_redis_duration_seconds",
+                "Time of Redis calls, by operation",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        self.registry.register(Box::new(duration.clone()))?;
+        let l2 = IntCounterVec::new(
+            Opts::new(
+                "chatwoot_cache_l2_requests_total",
+                "Shared (L2) lookups on an L1 miss, by result",
+            ),
+            &["result"],
+        )?;
+        self.registry.register(Box::new(l2.clone()))?;
+        let bus = IntCounterVec::new(
+            Opts::new(
+                "chatwoot_cache_bus_messages_total",
+                "Invalidation bus messages, by direction",
+            ),
+            &["direction"],
+        )?;
+        self.registry.register(Box::new(bus.clone()))?;
+        Ok(SharedMetrics {
+            up,
+            errors: REDIS_OPS
+                .iter()
+                .map(|op| errors.with_label_values(&[op]))
+                .collect(),
+            duration: REDIS_OPS
+                .iter()
+                .map(|op| duration.with_label_values(&[op]))
+                .collect(),
+            l2: L2_RESULTS
+                .iter()
+                .map(|r| l2.with_label_values(&[r]))
+                .collect(),
+            bus_sent: bus.with_label_values(&["sent"]),
+            bus_received: bus.with_label_values(&["received"]),
+        })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> (Vec<u8>, String) {
         let encoder = TextEncoder::new();
@@ -376,6 +481,38 @@ impl Metrics {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         (buf, encoder.format_type().to_string())
+    }
+}
+
+/// The shared tier's metrics (SPEC 11), from [`Metrics::register_shared`].
+pub struct SharedMetrics {
+    pub up: IntGauge,
+    errors: Vec<IntCounter>,
+    duration: Vec<Histogram>,
+    l2: Vec<IntCounter>,
+    bus_sent: IntCounter,
+    bus_received: IntCounter,
+}
+
+impl SharedMetrics {
+    pub fn error(&self, op: RedisOp) {
+        self.errors[op as usize].inc();
+    }
+
+    pub fn observe(&self, op: RedisOp, seconds: f64) {
+        self.duration[op as usize].observe(seconds);
+    }
+
+    pub fn l2(&self, result: L2Result) {
+        self.l2[result as usize].inc();
+    }
+
+    pub fn bus_sent(&self) {
+        self.bus_sent.inc();
+    }
+
+    pub fn bus_received(&self) {
+        self.bus_received.inc();
     }
 }
 

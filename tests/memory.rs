@@ -174,7 +174,8 @@ async fn heap_per_entry_matches_weight() {
     proxy
         .proxy
         .store
-        .purge(chatwoot_cache::invalidation::Target::All);
+        .purge(chatwoot_cache::invalidation::Target::All)
+        .await;
     let base = settled_live(&proxy, &fake).await;
     let base_footprint = footprint();
     let mut body_bytes = 0;
@@ -212,7 +213,8 @@ async fn heap_per_entry_matches_weight() {
     let purged = proxy
         .proxy
         .store
-        .purge(chatwoot_cache::invalidation::Target::All);
+        .purge(chatwoot_cache::invalidation::Target::All)
+        .await;
     assert_eq!(purged as u64, n);
     assert_eq!(proxy.proxy.store.usage(), (0, 0));
     let after = settled_live(&proxy, &fake).await;

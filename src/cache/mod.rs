@@ -34,6 +34,8 @@ use crate::auth::Scope;
 use crate::invalidation::{Generations, Source, Stamp, Target};
 use crate::live::Live;
 use crate::metrics::{EvictionCause, Metrics};
+use crate::shared::codec::{Gens, SharedValue};
+use crate::shared::{Budget, L2Read, Shared};
 
 /// The cache key. Holds the token *scope* (a keyed hash), never the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,11 +136,31 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 /// talks to (lookups, [`Store::apply`] of admission decisions, [`Store::invalidate`]).
 pub struct Store {
     entries: Cache<CacheKey, Arc<Entry>>,
-    pub generations: Generations,
+    /// Shared with the shared tier's bus task, which applies other replicas' invalidations.
+    pub generations: Arc<Generations>,
     /// The current policy: [`Live::load`] where the upstream is involved, a connection's
     /// [`crate::live::Local`] copy on the hit path.
     pub policy: Live<CachePolicy>,
     metrics: Arc<Metrics>,
+    /// The Redis tier (SPEC 11), with `--redis-url`.
+    shared: Option<Arc<Shared>>,
+}
+
+/// What the shared tier answered before a fetch (see [`Store::read_shared`]).
+pub enum SharedRead {
+    /// A valid, fresh shared entry, now also in L1: no upstream request needed.
+    Hit(Arc<Entry>),
+    /// Fetch from the upstream; with Redis in use, what the write after it needs.
+    Fetch(Option<SharedFetch>),
+}
+
+/// The shared tier's part of one fetch: the generations read before it (the L2 write is
+/// conditional on them) and what is left of the request's Redis budget.
+pub struct SharedFetch {
+    gens: Gens,
+    /// An (unusable or outdated) value was there: a 404 must still drop it everywhere.
+    had_value: bool,
+    budget: Budget,
 }
 
 impl Store {
@@ -164,10 +186,23 @@ impl Store {
             .build();
         Store {
             entries,
-            generations: Generations::new(),
+            generations: Arc::new(Generations::new()),
             policy: Live::new(policy),
             metrics,
+            shared: None,
         }
+    }
+
+    /// Puts the shared tier behind this store and starts its bus and probe tasks.
+    pub fn with_shared(mut self, shared: Arc<Shared>) -> Store {
+        shared.start(self.generations.clone());
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The shared tier, if configured.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
     }
 
     /// The current stamp for `key` (the miss path: see [`Generations::stamp`]).
@@ -186,18 +221,138 @@ impl Store {
     /// The one way to invalidate (SPEC 7, and a refused token's scope, SPEC 4): bumps the
     /// generations `target` covers, O(1), and counts `invalidations_total{source}` for the
     /// sources SPEC 9 names. Entries are not scanned: each lookup finds its own stamp outdated.
-    pub fn invalidate(&self, target: Target, source: Source) {
-        self.generations.bump(target);
+    ///
+    /// With the shared tier, the counter in Redis is incremented and the invalidation published
+    /// to every replica before this returns (within `--redis-timeout`), so a response that waits
+    /// for it is only sent once other replicas can no longer serve what it changed.
+    pub async fn invalidate(&self, target: Target, source: Source) {
+        let had_entries = self.invalidate_local(target, source);
+        if let Some(shared) = &self.shared {
+            shared
+                .invalidate(target, had_entries, &mut shared.budget())
+                .await;
+        }
+    }
+
+    /// [`Store::invalidate`] for code that cannot wait (a write whose client went away): the
+    /// local part now, the shared part in a task of its own.
+    pub fn invalidate_detached(&self, target: Target, source: Source) {
+        let had_entries = self.invalidate_local(target, source);
+        if let Some(shared) = self.shared.clone() {
+            tokio::spawn(async move {
+                shared
+                    .invalidate(target, had_entries, &mut shared.budget())
+                    .await;
+            });
+        }
+    }
+
+    /// The local part: bump and count. False for a token scope with nothing stored here.
+    fn invalidate_local(&self, target: Target, source: Source) -> bool {
+        let had_entries = self.generations.bump(target);
         if let Some(label) = source.metric() {
             self.metrics.invalidation(label);
         }
+        had_entries
+    }
+
+    /// On an L1 miss (or before revalidating a stale entry): the shared tier's entry for `key`
+    /// if one is valid and fresh (copied into L1, under `stamp`: the local generations read
+    /// before this call), otherwise what the fetch's shared write needs.
+    pub async fn read_shared(&self, key: &CacheKey, stamp: &Stamp) -> SharedRead {
+        let Some(shared) = &self.shared else {
+            return SharedRead::Fetch(None);
+        };
+        let mut budget = shared.budget();
+        let (gens, had_value) = match shared.read(key, &mut budget).await {
+            L2Read::Unavailable => return SharedRead::Fetch(None),
+            L2Read::Miss { gens, had_value } => (gens, had_value),
+            L2Read::Hit(value) => {
+                let gens = value.gens.map(Some);
+                match self.entry_from_shared(key, stamp, value) {
+                    Some(entry) => {
+                        self.insert(*key, entry.clone());
+                        return SharedRead::Hit(entry);
+                    }
+                    None => (gens, true),
+                }
+            }
+        };
+        SharedRead::Fetch(Some(SharedFetch {
+            gens,
+            had_value,
+            budget,
+        }))
+    }
+
+    /// An L1 entry from a shared value, if it is a storable conversation still fresh by its
+    /// original fetch time. A stale shared value is not served: the fetch goes upstream.
+    fn entry_from_shared(
+        &self,
+        key: &CacheKey,
+        stamp: &Stamp,
+        value: SharedValue,
+    ) -> Option<Arc<Entry>> {
+        let age = Duration::from_millis(
+            crate::shared::unix_ms_now().saturating_sub(value.fetched_unix_ms),
+        );
+        let policy = self.policy.load();
+        if age >= policy.ttl {
+            return None;
+        }
+        let probe = rules::probe(&value.body, key.account, key.conversation)?;
+        let stored_at = Instant::now().checked_sub(age)?;
+        let entry = rules::positive_entry(
+            &value.headers,
+            value.body,
+            probe,
+            stamp.clone(),
+            &policy,
+            stored_at,
+            // The form of the client that asked first is not known here; the other form is
+            // built when a client first asks for it.
+            coding::Coding::Identity,
+        );
+        Some(Arc::new(entry))
+    }
+
+    /// Writes a stored entry to the shared tier, conditional on the generations read before
+    /// its fetch.
+    async fn write_shared(&self, key: &CacheKey, entry: &Arc<Entry>, fetch: &mut SharedFetch) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let age = u64::try_from(entry.age(Instant::now()).as_millis()).unwrap_or(u64::MAX);
+        let (headers, body, built) = rules::upstream_view(entry);
+        if built {
+            self.recharge(key, entry);
+        }
+        let value = SharedValue {
+            gens: [0; 4],
+            fetched_unix_ms: crate::shared::unix_ms_now().saturating_sub(age),
+            headers,
+            body,
+        };
+        shared
+            .write(key, &fetch.gens, value, &mut fetch.budget)
+            .await;
     }
 
     /// Carries out an admission decision for `key` (see [`admission`]) and returns the entry
     /// to serve, if it made one. Stores are conditional on the decision's stamp, so what a
     /// fetch that raced an invalidation built is not kept (it is still served to the requests
     /// that were waiting on that fetch, which began before the invalidation).
-    pub fn apply(&self, key: CacheKey, admission: Admission) -> Option<Arc<Entry>> {
+    ///
+    /// With the shared tier (`shared` from [`Store::read_shared`]): a stored positive entry is
+    /// written to Redis, and an authorization answer that drops a stored `200` (here or in
+    /// Redis) invalidates the conversation on every replica.
+    pub async fn apply(
+        &self,
+        key: CacheKey,
+        admission: Admission,
+        dropped_stored: bool,
+        shared: Option<&mut SharedFetch>,
+    ) -> Option<Arc<Entry>> {
         use admission::Pass;
         match admission {
             Admission::Store(entry)
@@ -205,16 +360,33 @@ impl Store {
             | Admission::KeepOlder(entry) => {
                 let entry = Arc::new(entry);
                 self.insert(key, entry.clone());
+                if let Some(fetch) = shared {
+                    self.write_shared(&key, &entry, fetch).await;
+                }
                 Some(entry)
             }
-            Admission::Negative(entry) => {
+            Admission::Negative(_) | Admission::Remove => {
                 // Removed first: the stored 200 goes even if the negative entry is not kept.
                 self.remove(&key);
+                if let (Some(fetch), Some(tier)) = (shared, &self.shared)
+                    && (dropped_stored || fetch.had_value)
+                {
+                    // Only the shared part: locally the key is gone already, and bumping the
+                    // local generation would also refuse the negative entry below.
+                    let target = Target::Conversation {
+                        account: key.account,
+                        conversation: key.conversation,
+                    };
+                    tier.invalidate(target, true, &mut fetch.budget).await;
+                }
+                let Admission::Negative(entry) = admission else {
+                    return None;
+                };
                 let entry = Arc::new(entry);
                 self.insert(key, entry.clone());
                 Some(entry)
             }
-            Admission::Remove | Admission::Pass(Pass::Supersedes) => {
+            Admission::Pass(Pass::Supersedes) => {
                 self.remove(&key);
                 None
             }
@@ -278,7 +450,11 @@ impl Store {
     /// The purge API (SPEC 7.2): removes every valid entry `target` covers and returns how many
     /// (a scan is fine for rare admin calls; entries already dead by generation are removed
     /// uncounted), then invalidates `target` so that fetches in flight store nothing.
-    pub fn purge(&self, target: Target) -> usize {
+    ///
+    /// With the shared tier the answer is the number of shared (L2) values removed (SPEC 11),
+    /// and every replica drops its L1 copies through the bus; if Redis cannot be used, the
+    /// local count.
+    pub async fn purge(&self, target: Target) -> usize {
         let keys: Vec<CacheKey> = self
             .entries
             .iter()
@@ -293,7 +469,12 @@ impl Store {
                 removed += 1;
             }
         }
-        self.invalidate(target, Source::Purge);
+        self.invalidate_local(target, Source::Purge);
+        if let Some(shared) = &self.shared
+            && let Some(n) = shared.purge(target).await
+        {
+            return n;
+        }
         removed
     }
 
@@ -356,7 +537,7 @@ mod tests {
         assert_eq!(store.usage().0, 1);
 
         // Invalidated by generation: gone from the store, counted as an explicit removal.
-        store.invalidate(
+        store.invalidate_local(
             Target::Conversation {
                 account: 1,
                 conversation: 42,

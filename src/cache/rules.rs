@@ -439,6 +439,32 @@ pub fn positive_entry(
     })
 }
 
+/// The headers `entry` replays as the upstream would send them: its identity form's block
+/// less the render slots and this cache's own validators, plus the upstream's `ETag`/
+/// `Last-Modified`; and the identity body. [`positive_entry`] on these rebuilds an equal entry
+/// (the shared tier stores it this way, so every replica derives validators and forms the same
+/// way). The bool: the identity form was built by this call (the caller re-weighs the entry).
+pub fn upstream_view(entry: &Entry) -> (HeaderMap, Bytes, bool) {
+    let (form, built) = entry.form(false);
+    let mut map = HeaderMap::with_capacity(form.headers.len());
+    for (name, value) in &form.headers {
+        let ours = RENDER_SLOTS.iter().any(|(slot, _)| slot == name)
+            || name == header::ETAG
+            || name == header::LAST_MODIFIED
+            || name == header::CONTENT_ENCODING;
+        if !ours {
+            map.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(v) = &entry.upstream_etag {
+        map.insert(header::ETAG, v.clone());
+    }
+    if let Some(v) = &entry.upstream_last_modified {
+        map.insert(header::LAST_MODIFIED, v.clone());
+    }
+    (map, form.body.clone(), built)
+}
+
 /// Builds a negative entry (404, or a 401 that is about this conversation, not the token).
 /// Kept as it came: these bodies are a few bytes.
 pub fn negative_entry(
@@ -785,6 +811,53 @@ mod tests {
         assert_eq!(plain["x-cache"], "HIT");
         assert!(!plain.contains_key("cache-status"));
         assert_eq!(plain.len(), 3);
+    }
+
+    /// What the shared tier stores rebuilds the same entry on another replica.
+    #[test]
+    fn the_upstream_view_rebuilds_an_equal_entry() {
+        let policy = test_policy();
+        let now = Instant::now();
+        let (head, _) = parsed_head(HEAD);
+        // Long enough to be kept gzip-compressed: the view is still the identity one.
+        let body = Bytes::from(format!(
+            r#"{{"id":42,"updated_at":1765182000.482917,"pad":"{}"}}"#,
+            "ab".repeat(500)
+        ));
+        let p = || probe(&body, 1, 42).unwrap();
+        let e = positive_entry(
+            &head,
+            body.clone(),
+            p(),
+            stamp(),
+            &policy,
+            now,
+            Coding::Gzip,
+        );
+        assert_eq!(e.coding, Coding::Gzip);
+        let (view, identity, built) = upstream_view(&e);
+        assert!(built, "the identity form was built for the view");
+        assert_eq!(identity, body);
+        assert!(!view.contains_key("x-cache") && !view.contains_key("cache-status"));
+        assert!(!view.contains_key("content-encoding"));
+        assert_eq!(
+            view["etag"], HEAD[2].1,
+            "the upstream's validator, not ours"
+        );
+        let again = positive_entry(
+            &view,
+            identity,
+            p(),
+            stamp(),
+            &policy,
+            now,
+            Coding::Identity,
+        );
+        assert_eq!(again.form(false).0.headers, e.form(false).0.headers);
+        assert_eq!(again.form(true).0.headers, e.form(true).0.headers);
+        assert_eq!(again.upstream_etag, e.upstream_etag);
+        assert_eq!(again.upstream_last_modified, e.upstream_last_modified);
+        assert_eq!(again.identity_body(), e.identity_body());
     }
 
     #[test]

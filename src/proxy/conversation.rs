@@ -18,7 +18,7 @@ use crate::cache::admission::{
 };
 use crate::cache::coding::{self, Coding};
 use crate::cache::flight::Role;
-use crate::cache::{CacheKey, CachePolicy, Entry, Freshness, Store};
+use crate::cache::{CacheKey, CachePolicy, Entry, Freshness, SharedFetch, SharedRead, Store};
 use crate::invalidation::Stamp;
 use crate::metrics::{RevalidationOutcome, XCache};
 use crate::protect::Charge;
@@ -41,6 +41,8 @@ pub enum FetchResult {
     },
     /// An upstream answer that is not stored; forwarded as is.
     Forward(Forwarded),
+    /// A fresh entry another replica stored (the shared tier), now in L1 too.
+    Shared(Arc<Entry>),
     /// A 200 over `--max-object-bytes`: streamed to the first taker only.
     TooLarge(std::sync::Mutex<Option<LargeBody>>),
     /// No usable upstream answer.
@@ -165,6 +167,23 @@ impl Proxy {
                     render((&self.store, &key), entry, &req, now, *xcache, status, head);
                 answer.upstream_status = Some(*fwd_status);
                 answer
+            }
+            FetchResult::Shared(entry) => {
+                let status = match self.store.policy.load().freshness(entry, now) {
+                    Freshness::Fresh { remaining } => cache_status_shared(remaining),
+                    // Read fresh, but this request waited past its freshness: still the
+                    // shared tier's answer, no older than a revalidation would allow.
+                    _ => cache_status_shared(Duration::ZERO),
+                };
+                render(
+                    (&self.store, &key),
+                    entry,
+                    &req,
+                    now,
+                    XCache::Hit,
+                    status,
+                    head,
+                )
             }
             FetchResult::Forward(fwd) => {
                 if is_upstream_failure(fwd.status)
@@ -346,6 +365,12 @@ impl Proxy {
                     .insert(header::IF_MODIFIED_SINCE, lm.clone());
             }
         }
+        // The shared tier first: another replica may have stored this key (or a fresher copy
+        // of a stale prior); otherwise it says what the write after the fetch is conditional on.
+        let mut shared = match self.store.read_shared(&key, &stamp).await {
+            SharedRead::Hit(entry) => return FetchResult::Shared(entry),
+            SharedRead::Fetch(shared) => shared,
+        };
         // A failed revalidation: counted, and remembered on the entry for a short backoff.
         let failed = |fwd_status: u16| {
             if let Some(p) = &prior {
@@ -390,8 +415,6 @@ impl Proxy {
         let max = policy.max_object_bytes;
 
         let oversized = |body: UpstreamBody, headers: HeaderMap| {
-            let decision = admit_oversized(prior.is_some(), status);
-            self.apply(key, decision, status, prior.is_some(), &failed);
             FetchResult::TooLarge(std::sync::Mutex::new(Some(LargeBody {
                 status,
                 headers,
@@ -402,11 +425,21 @@ impl Proxy {
             && !is_encoded(&headers)
             && content_length(&headers).is_some_and(|n| n > max)
         {
+            let decision = admit_oversized(prior.is_some(), status);
+            let (revalidating, store) = (prior.is_some(), None);
+            self.apply(key, decision, status, revalidating, &failed, store)
+                .await;
             return oversized(body, headers);
         }
         let bytes = match collect_limited(body, max, deadline).await {
             Ok(b) => b,
-            Err(Collect::TooLarge(body)) => return oversized(body, headers),
+            Err(Collect::TooLarge(body)) => {
+                let decision = admit_oversized(prior.is_some(), status);
+                let (revalidating, store) = (prior.is_some(), None);
+                self.apply(key, decision, status, revalidating, &failed, store)
+                    .await;
+                return oversized(body, headers);
+            }
             Err(Collect::Timeout) => {
                 let e = UpstreamError::Timeout;
                 failed(e.fwd_status());
@@ -436,7 +469,17 @@ impl Proxy {
             form,
         };
         let decision = admission::admit(&at, status, &headers, &bytes);
-        match self.apply(key, decision, status, prior.is_some(), &failed) {
+        let applied = self
+            .apply(
+                key,
+                decision,
+                status,
+                prior.is_some(),
+                &failed,
+                shared.as_mut(),
+            )
+            .await;
+        match applied {
             Some(result) => result,
             None => FetchResult::Forward(Forwarded {
                 status,
@@ -449,13 +492,14 @@ impl Proxy {
     /// Applies an admission decision: the store's part through [`crate::cache::Store::apply`],
     /// the proxy's (token refusal, revalidation metrics, the failure backoff) here. Returns the
     /// entry to render, or `None` when the answer is forwarded as it is.
-    fn apply(
+    async fn apply(
         &self,
         key: CacheKey,
         decision: Admission,
         status: StatusCode,
         revalidating: bool,
-        failed: &dyn Fn(u16),
+        failed: &(dyn Fn(u16) + Sync),
+        shared: Option<&mut SharedFetch>,
     ) -> Option<FetchResult> {
         if matches!(decision, Admission::Pass(Pass::Failure)) {
             failed(status.as_u16());
@@ -473,10 +517,7 @@ impl Proxy {
                 );
                 (XCache::Revalidated, Some("older-upstream"))
             }
-            Admission::TokenRefused => {
-                self.token_refused(key.scope);
-                (XCache::Miss, None)
-            }
+            Admission::TokenRefused => (XCache::Miss, None),
             Admission::Remove | Admission::Pass(_) => (XCache::Miss, None),
         };
         let fwd_status = match &decision {
@@ -486,7 +527,13 @@ impl Proxy {
             } => 304,
             _ => status.as_u16(),
         };
-        let entry = self.store.apply(key, decision)?;
+        if matches!(decision, Admission::TokenRefused) {
+            self.token_refused(key.scope).await;
+        }
+        let entry = self
+            .store
+            .apply(key, decision, revalidating, shared)
+            .await?;
         Some(FetchResult::Entry {
             entry,
             xcache,
@@ -639,6 +686,12 @@ fn cache_status_hit(remaining: Duration) -> HeaderValue {
         Some(v) => v.clone(),
         None => header_value(format!("chatwoot-cache; hit; ttl={ttl}")),
     }
+}
+
+/// `chatwoot-cache; hit; ttl=7; detail=shared`: an entry another replica stored (SPEC 11).
+fn cache_status_shared(remaining: Duration) -> HeaderValue {
+    let ttl = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
+    header_value(format!("chatwoot-cache; hit; ttl={ttl}; detail=shared"))
 }
 
 /// `chatwoot-cache; hit; ttl=-3; detail=stale-while-revalidate`: negative ttl = stale for.

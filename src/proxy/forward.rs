@@ -36,9 +36,29 @@ struct WriteGuard<'a> {
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.proxy.invalidate_after_write(self.path);
+            // No answer (the client went away, the upstream failed mid-way): locally now, the
+            // shared tier in the background.
+            if let Some((target, source)) = write_invalidation(self.path) {
+                self.proxy.store.invalidate_detached(target, source);
+            }
         }
     }
+}
+
+/// What a write to `path` invalidates (SPEC §7.1): the conversation (all scopes) or the whole
+/// account.
+fn write_invalidation(path: &str) -> Option<(Target, Source)> {
+    let target = match routing::write_target(path)? {
+        WriteTarget::Conversation {
+            account,
+            conversation,
+        } => Target::Conversation {
+            account,
+            conversation,
+        },
+        WriteTarget::Account { account } => Target::Account(account),
+    };
+    Some((target, Source::Write))
 }
 
 /// Largest 401 body read to look for "Invalid Access Token" (Chatwoot's is 32 bytes).
@@ -131,14 +151,19 @@ impl Proxy {
         strip_response_hop_by_hop(status, &mut resp_parts.headers);
 
         if let Some(mut w) = write.take() {
-            // Invalidate now, before the response is returned, on a 2xx; disarm otherwise.
-            w.armed = status.is_success();
-            if w.armed
-                && parts.uri.path() == RESET_ACCESS_TOKEN
-                && let Some(scope) = scope
-            {
-                // The token that made this call is dead upstream from now on.
-                self.token_refused(scope);
+            // A definite answer: invalidate now, before the response is returned, on a 2xx
+            // (on every replica, through the shared tier); nothing otherwise.
+            w.armed = false;
+            if status.is_success() {
+                if let Some((target, source)) = write_invalidation(parts.uri.path()) {
+                    self.store.invalidate(target, source).await;
+                }
+                if parts.uri.path() == RESET_ACCESS_TOKEN
+                    && let Some(scope) = scope
+                {
+                    // The token that made this call is dead upstream from now on.
+                    self.token_refused(scope).await;
+                }
             }
         }
         let body = UpstreamBody::new(resp_body, self.upstream.timeout(), exchange.permit);
@@ -151,7 +176,7 @@ impl Proxy {
                     Ok(collected) => {
                         let bytes = collected.to_bytes();
                         if is_invalid_token_body(&bytes) {
-                            self.token_refused(scope);
+                            self.token_refused(scope).await;
                         }
                         ResponseBody::full(bytes)
                     }
@@ -171,34 +196,15 @@ impl Proxy {
         }
     }
 
-    /// SPEC §7.1 write-through: the conversation (all scopes) or the whole account.
-    pub(crate) fn invalidate_after_write(&self, path: &str) {
-        match routing::write_target(path) {
-            Some(WriteTarget::Conversation {
-                account,
-                conversation,
-            }) => self.store.invalidate(
-                Target::Conversation {
-                    account,
-                    conversation,
-                },
-                Source::Write,
-            ),
-            Some(WriteTarget::Account { account }) => self
-                .store
-                .invalidate(Target::Account(account), Source::Write),
-            None => {}
-        }
-    }
-
     /// The upstream called this token invalid: refuse it locally for a while and drop every
     /// entry stored under its scope — only those (SPEC 10: random tokens cost other tokens'
     /// entries nothing; see [`crate::invalidation`]).
-    pub(crate) fn token_refused(&self, scope: Scope) {
+    pub(crate) async fn token_refused(&self, scope: Scope) {
         self.invalid_tokens.insert(scope);
         self.upstream.forget_token(scope);
         self.store
-            .invalidate(Target::Scope(scope), Source::TokenRefused);
+            .invalidate(Target::Scope(scope), Source::TokenRefused)
+            .await;
     }
 }
 

@@ -41,6 +41,8 @@ pub enum StartupError {
     Metrics(#[from] prometheus::Error),
     #[error("no secure randomness available for the token scope key")]
     Random,
+    #[error(transparent)]
+    Shared(#[from] crate::shared::SharedError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -189,14 +191,26 @@ impl Proxy {
             }
             _ => None,
         };
-        let store = Store::new(
-            config.cache_max_bytes,
-            cache_policy(&config),
-            metrics.clone(),
-        );
+        let policy = cache_policy(&config);
+        let lifetime = policy.positive_lifetime();
+        let mut store = Store::new(config.cache_max_bytes, policy, metrics.clone());
+        let scoper = match &config.scope_secret {
+            Some(secret) => Scoper::from_secret(secret.as_bytes()),
+            None => Scoper::random().map_err(|_| StartupError::Random)?,
+        };
+        if let (Some(redis), Some(secret)) = (&config.redis, &config.scope_secret) {
+            let shared = crate::shared::Shared::new(
+                redis,
+                secret.as_bytes(),
+                lifetime,
+                config.max_object_bytes,
+                &metrics,
+            )?;
+            store = store.with_shared(shared);
+        }
         Ok(Arc::new(Proxy {
             token_header: TokenHeader::new(config.token_header.clone()),
-            scoper: Scoper::random().map_err(|_| StartupError::Random)?,
+            scoper,
             invalid_tokens: InvalidTokens::new(config.auth_negative_ttl),
             ready: AtomicBool::new(true),
             webhooks: crate::webhook::WebhookGate::new(),

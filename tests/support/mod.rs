@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

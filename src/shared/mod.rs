@@ -1,0 +1,687 @@
+//! The shared tier across replicas (SPEC 11): generations and the invalidation bus in Redis,
+//! and the L2 of stored conversations.
+//!
+//! The cache talks to it only through [`crate::cache::Store`] (reads on an L1 miss, writes of
+//! what admission stored, invalidations, purges); nothing here decides what is cacheable.
+//!
+//! - **Generations.** Per key there are four counters in Redis (global, account, conversation,
+//!   scope). An invalidation increments its counter and publishes on the bus in one script call,
+//!   before the response that caused it completes; every replica applies bus messages to its L1
+//!   generations. A counter that does not exist is created with a random value (never 0), so a
+//!   counter that expired or was evicted never comes back with a value an old L2 value carries.
+//! - **L2.** A value carries the generations read before its fetch and is valid only while all
+//!   four counters still hold exactly those values. Writes are a script that checks them first,
+//!   so a fetch that began before an invalidation never lands after it. See [`codec`].
+//! - **Degrade, never fail.** Every call of a request is bounded by what is left of the
+//!   request's [`Budget`] (`--redis-timeout` in total). After [`FAILURES_TO_SKIP`] failures in a
+//!   row Redis is skipped (no per-request cost) until a background probe answers; one log line
+//!   per state change. Invalidations made while Redis was skipped cannot reach the other
+//!   replicas: when it is back, one global invalidation is published instead, so no replica
+//!   keeps serving from L2 what they changed.
+//! - **Missed messages.** When the bus subscription (re)starts, every L1 entry stored before is
+//!   invalidated locally, so it is revalidated against Redis's generations (an L2 read) or the
+//!   upstream before it is served as `HIT` again.
+
+pub mod bus;
+pub mod codec;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::time::Instant;
+
+use crate::cache::CacheKey;
+use crate::config::RedisConfig;
+use crate::invalidation::{Generations, Target};
+use crate::metrics::{L2Result, Metrics, RedisOp, SharedMetrics};
+use codec::{Codec, Gens, SharedValue};
+
+/// Consecutive failed Redis calls after which Redis is skipped until a probe succeeds.
+pub const FAILURES_TO_SKIP: u32 = 3;
+/// How often a skipped Redis is probed, and how long the bus waits before resubscribing.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Deadline of the admin purge's scan (not on the request path).
+const PURGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the shared tier could not be set up (start-up only).
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("--redis-url: {0}")]
+    Url(String),
+    #[error("--redis-ca-file: cannot read {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("no secure randomness available")]
+    Random,
+}
+
+/// Checks a value and its generations, then stores it with an expiry. KEYS: value, then the
+/// global, account, conversation and scope counters. ARGV 1-4: the counters read before the
+/// fetch ('' = did not exist), 5-8: the value to create each missing counter with, 9: the value,
+/// 10: the expiry in ms. Returns 1 when stored, 0 when an invalidation came in between.
+const WRITE_SCRIPT: &str = r"
+for i = 1, 4 do
+  local cur = redis.call('GET', KEYS[i + 1])
+  if ARGV[i] == '' then
+    if cur then return 0 end
+  elseif cur ~= ARGV[i] then
+    return 0
+  end
+end
+for i = 1, 4 do
+  if ARGV[i] == '' then
+    redis.call('SET', KEYS[i + 1], ARGV[i + 4], 'PX', ARGV[10])
+  else
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[10])
+  end
+end
+redis.call('SET', KEYS[1], ARGV[9], 'PX', ARGV[10])
+return 1
+";
+
+/// Increments one generation counter and publishes the invalidation. KEYS: the counter.
+/// ARGV: 1 the value to create it with when missing, 2 its expiry in ms, 3 the channel, 4 the
+/// message, 5 '1' to create a missing counter (and publish) or '0' to do nothing then (a token
+/// scope that has no entries anywhere). Returns 1 when it bumped and published.
+const BUMP_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCR', KEYS[1])
+elseif ARGV[5] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  return 0
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
+
+/// Key and channel names under `--redis-key-prefix`. Keys carry account, conversation and
+/// scope (a keyed hash), never a token.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn value(&self, k: &CacheKey) -> String {
+        format!(
+            "{}v:{}:{}:{:032x}",
+            self.prefix, k.account, k.conversation, k.scope.0
+        )
+    }
+
+    /// The counters of `k`, in [`Gens`] order.
+    fn gens(&self, k: &CacheKey) -> [String; 4] {
+        [
+            self.target(Target::All),
+            self.target(Target::Account(k.account)),
+            self.target(Target::Conversation {
+                account: k.account,
+                conversation: k.conversation,
+            }),
+            self.target(Target::Scope(k.scope)),
+        ]
+    }
+
+    /// The counter an invalidation of `target` increments.
+    fn target(&self, target: Target) -> String {
+        let p = &self.prefix;
+        match target {
+            Target::All => format!("{p}g"),
+            Target::Account(a) => format!("{p}g:a:{a}"),
+            Target::Conversation {
+                account,
+                conversation,
+            } => format!("{p}g:c:{account}:{conversation}"),
+            Target::Scope(s) => format!("{p}g:s:{:032x}", s.0),
+        }
+    }
+
+    fn channel(&self) -> String {
+        format!("{}bus", self.prefix)
+    }
+
+    /// SCAN pattern of the values `target` covers.
+    fn values_matching(&self, target: Target) -> String {
+        let p = glob_escape(&self.prefix);
+        match target {
+            Target::All => format!("{p}v:*"),
+            Target::Scope(s) => format!("{p}v:*:*:{:032x}", s.0),
+            Target::Account(a) => format!("{p}v:{a}:*"),
+            Target::Conversation {
+                account,
+                conversation,
+            } => format!("{p}v:{account}:{conversation}:*"),
+        }
+    }
+}
+
+/// Escapes Redis glob characters, so a prefix is matched literally.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What is left of one request's Redis time (`--redis-timeout` in total).
+#[derive(Debug)]
+pub struct Budget {
+    left: Duration,
+}
+
+impl Budget {
+    pub fn new(total: Duration) -> Budget {
+        Budget { left: total }
+    }
+}
+
+/// Up or skipped, with the failures in a row that lead to skipping.
+struct Health {
+    up: AtomicBool,
+    failures: AtomicU32,
+    /// An invalidation could not be sent while Redis was skipped or failing.
+    missed_invalidation: AtomicBool,
+}
+
+/// The value (if any) and the four counters (each if it exists), as Redis returns them.
+type ReadReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
+
+/// An L2 read on an L1 miss.
+#[derive(Debug)]
+pub enum L2Read {
+    /// A valid value (generations current, integrity checked, this key).
+    Hit(SharedValue),
+    /// No valid value; the generations read (for the conditional write after the fetch), and
+    /// whether an unusable value was there.
+    Miss { gens: Gens, had_value: bool },
+    /// Redis skipped, failing or out of budget: go on as without Redis.
+    Unavailable,
+}
+
+/// The shared tier of one replica.
+pub struct Shared {
+    conn: ConnectionManager,
+    client: redis::Client,
+    keys: Keys,
+    channel: String,
+    timeout: Duration,
+    codec: Codec,
+    /// This replica's id on the bus (its own messages are skipped).
+    origin: u64,
+    health: Health,
+    metrics: SharedMetrics,
+    /// Expiry of values and counters: ttl + the larger stale window (SPEC 11).
+    lifetime: Duration,
+    max_object_bytes: u64,
+    write_script: redis::Script,
+    bump_script: redis::Script,
+    subscribed: AtomicBool,
+    /// Bus subscriptions made so far (tests and diagnostics: a resubscription shows here).
+    subscriptions: std::sync::atomic::AtomicU64,
+    random: SystemRandom,
+}
+
+impl Shared {
+    /// Sets up the client (connections are made lazily) and registers the SPEC 11 metrics.
+    /// Needs a tokio runtime.
+    pub fn new(
+        cfg: &RedisConfig,
+        scope_secret: &[u8],
+        lifetime: Duration,
+        max_object_bytes: u64,
+        metrics: &Metrics,
+    ) -> Result<Arc<Shared>, SharedError> {
+        let client = match &cfg.ca_file {
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|source| SharedError::CaFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                redis::Client::build_with_tls(
+                    cfg.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+            None => redis::Client::open(cfg.url.as_str()),
+        }
+        .map_err(|e| SharedError::Url(format!("{:?}", e.kind())))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.timeout.max(Duration::from_millis(500))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+            .map_err(|e| SharedError::Url(format!("{:?}", e.kind())))?;
+        let random = SystemRandom::new();
+        let mut origin = [0u8; 8];
+        random.fill(&mut origin).map_err(|_| SharedError::Random)?;
+        let metrics = metrics
+            .register_shared()
+            .map_err(|e| SharedError::Url(format!("metrics: {e}")))?;
+        let keys = Keys {
+            prefix: cfg.key_prefix.clone(),
+        };
+        Ok(Arc::new(Shared {
+            conn,
+            client,
+            channel: keys.channel(),
+            keys,
+            timeout: cfg.timeout,
+            codec: Codec::new(scope_secret),
+            origin: u64::from_be_bytes(origin),
+            health: Health {
+                up: AtomicBool::new(false),
+                failures: AtomicU32::new(0),
+                missed_invalidation: AtomicBool::new(false),
+            },
+            metrics,
+            lifetime,
+            max_object_bytes,
+            write_script: redis::Script::new(WRITE_SCRIPT),
+            bump_script: redis::Script::new(BUMP_SCRIPT),
+            subscribed: AtomicBool::new(false),
+            subscriptions: std::sync::atomic::AtomicU64::new(0),
+            random,
+        }))
+    }
+
+    /// Starts the background tasks: the probe that brings a skipped Redis back, and the bus
+    /// subscriber that applies other replicas' invalidations to `generations`.
+    pub fn start(self: &Arc<Self>, generations: Arc<Generations>) {
+        tokio::spawn(self.clone().probe_loop());
+        tokio::spawn(self.clone().bus_loop(generations));
+    }
+
+    /// A fresh budget for one request.
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.timeout)
+    }
+
+    /// Whether Redis is in use (not skipped).
+    pub fn is_up(&self) -> bool {
+        self.health.up.load(Ordering::Acquire)
+    }
+
+    /// Whether the bus subscription is established (tests, diagnostics).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// How many times the bus subscription was established.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Acquire)
+    }
+
+    /// Expiry of values (ttl + the larger stale window).
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// Runs one Redis call within what is left of `budget`, recording its duration, errors and
+    /// the health state. `None`: skipped, out of budget, timed out or failed.
+    async fn call<T>(
+        &self,
+        op: RedisOp,
+        budget: &mut Budget,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        if !self.is_up() || budget.left.is_zero() {
+            return None;
+        }
+        let start = Instant::now();
+        let result = tokio::time::timeout(budget.left, fut).await;
+        let spent = start.elapsed();
+        budget.left = budget.left.saturating_sub(spent);
+        self.metrics.observe(op, spent.as_secs_f64());
+        match result {
+            Ok(Ok(v)) => {
+                self.health.failures.store(0, Ordering::Relaxed);
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.failed(op, &format!("{:?}", e.kind()));
+                None
+            }
+            Err(_) => {
+                self.failed(op, "timeout");
+                None
+            }
+        }
+    }
+
+    fn failed(&self, op: RedisOp, what: &str) {
+        self.metrics.error(op);
+        let n = self.health.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= FAILURES_TO_SKIP && self.health.up.swap(false, Ordering::AcqRel) {
+            self.metrics.up.set(0);
+            tracing::warn!(
+                op = op.label(),
+                error = what,
+                "Redis failing; skipped until a probe succeeds (serving without the shared tier)"
+            );
+        }
+    }
+
+    /// A random value to create a missing generation counter with: never 0, and below 2^62 so
+    /// increments never overflow Redis's 64-bit integers.
+    fn fresh_generation(&self) -> u64 {
+        let mut b = [0u8; 8];
+        if self.random.fill(&mut b).is_err() {
+            // No randomness: the clock in nanoseconds is still never a value seen before.
+            b = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                .to_be_bytes();
+        }
+        (u64::from_be_bytes(b) >> 2).max(1)
+    }
+
+    /// Reads the L2 value of `key` and its four generation counters.
+    pub async fn read(&self, key: &CacheKey, budget: &mut Budget) -> L2Read {
+        if !self.is_up() {
+            self.metrics.l2(L2Result::Skipped);
+            return L2Read::Unavailable;
+        }
+        let value_key = self.keys.value(key);
+        let gen_keys = self.keys.gens(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&value_key).cmd("MGET").arg(&gen_keys);
+        let mut conn = self.conn.clone();
+        let reply: Option<ReadReply> = self
+            .call(RedisOp::Read, budget, pipe.query_async(&mut conn))
+            .await;
+        let Some((raw, gens_raw)) = reply else {
+            self.metrics.l2(L2Result::Error);
+            return L2Read::Unavailable;
+        };
+        let mut gens: Gens = [None; 4];
+        for (slot, raw) in gens.iter_mut().zip(gens_raw) {
+            *slot = raw.and_then(|r| std::str::from_utf8(&r).ok()?.parse().ok());
+        }
+        let Some(raw) = raw else {
+            self.metrics.l2(L2Result::Miss);
+            return L2Read::Miss {
+                gens,
+                had_value: false,
+            };
+        };
+        match self.codec.decode(
+            value_key.as_bytes(),
+            key,
+            Bytes::from(raw),
+            self.max_object_bytes,
+        ) {
+            Ok(value) if gens.iter().zip(value.gens).all(|(g, v)| *g == Some(v)) => {
+                self.metrics.l2(L2Result::Hit);
+                L2Read::Hit(value)
+            }
+            Ok(_) => {
+                self.metrics.l2(L2Result::Miss);
+                L2Read::Miss {
+                    gens,
+                    had_value: true,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "unusable shared value; treated as a miss");
+                self.metrics.l2(L2Result::Miss);
+                L2Read::Miss {
+                    gens,
+                    had_value: true,
+                }
+            }
+        }
+    }
+
+    /// Writes `value` (its `gens` are filled in here) for `key`, if the generations are still
+    /// the `read` ones: a fetch that raced an invalidation does not land.
+    pub async fn write(
+        &self,
+        key: &CacheKey,
+        read: &Gens,
+        mut value: SharedValue,
+        budget: &mut Budget,
+    ) -> bool {
+        let inits: [u64; 4] = std::array::from_fn(|_| self.fresh_generation());
+        for i in 0..4 {
+            value.gens[i] = read[i].unwrap_or(inits[i]);
+        }
+        let value_key = self.keys.value(key);
+        let Ok(encoded) = self.codec.encode(value_key.as_bytes(), key, &value) else {
+            return false;
+        };
+        let mut inv = self.write_script.key(&value_key);
+        inv.key(&self.keys.gens(key));
+        for g in read {
+            inv.arg(g.map_or_else(String::new, |g| g.to_string()));
+        }
+        for i in inits {
+            inv.arg(i);
+        }
+        inv.arg(encoded).arg(millis(self.lifetime));
+        let mut conn = self.conn.clone();
+        let stored: Option<i64> = self
+            .call(RedisOp::Write, budget, inv.invoke_async(&mut conn))
+            .await;
+        stored == Some(1)
+    }
+
+    /// Increments `target`'s counter and publishes the invalidation on the bus. A scope's
+    /// counter is created (and the message sent) only if `scope_has_entries` here or it exists
+    /// in Redis: a refused token with nothing stored anywhere costs nothing.
+    pub async fn invalidate(&self, target: Target, scope_has_entries: bool, budget: &mut Budget) {
+        let create = !matches!(target, Target::Scope(_)) || scope_has_entries;
+        let message = bus::message(self.origin, target);
+        let mut inv = self.bump_script.key(self.keys.target(target));
+        inv.arg(self.fresh_generation())
+            .arg(millis(self.lifetime))
+            .arg(&self.channel)
+            .arg(&message)
+            .arg(if create { "1" } else { "0" });
+        let mut conn = self.conn.clone();
+        let published: Option<i64> = self
+            .call(RedisOp::Invalidate, budget, inv.invoke_async(&mut conn))
+            .await;
+        match published {
+            Some(1) => self.metrics.bus_sent(),
+            Some(_) => {}
+            None if create => {
+                // Not delivered: when Redis is back, everything is invalidated once instead.
+                self.health
+                    .missed_invalidation
+                    .store(true, Ordering::Release);
+            }
+            None => {}
+        }
+    }
+
+    /// Deletes the L2 values `target` covers and invalidates it (purge API). Returns how many
+    /// values were removed, or `None` if Redis could not be used.
+    pub async fn purge(&self, target: Target) -> Option<usize> {
+        if !self.is_up() {
+            self.health
+                .missed_invalidation
+                .store(true, Ordering::Release);
+            return None;
+        }
+        let pattern = self.keys.values_matching(target);
+        let mut conn = self.conn.clone();
+        let scan = async {
+            let mut cursor: u64 = 0;
+            let mut removed = 0usize;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                if !keys.is_empty() {
+                    let n: usize = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+                    removed += n;
+                }
+                if next == 0 {
+                    return Ok(removed);
+                }
+                cursor = next;
+            }
+        };
+        let mut budget = Budget::new(PURGE_TIMEOUT);
+        let removed = self.call(RedisOp::Purge, &mut budget, scan).await;
+        self.invalidate(target, true, &mut budget).await;
+        removed
+    }
+
+    /// Probes a skipped Redis until it answers, then uses it again. Invalidations that could
+    /// not be sent meanwhile become one global invalidation.
+    async fn probe_loop(self: Arc<Self>) {
+        let probe_timeout = self.timeout.max(Duration::from_millis(250));
+        loop {
+            if !self.is_up() {
+                let mut conn = self.conn.clone();
+                let start = Instant::now();
+                let ping = tokio::time::timeout(
+                    probe_timeout,
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await;
+                self.metrics
+                    .observe(RedisOp::Probe, start.elapsed().as_secs_f64());
+                if matches!(ping, Ok(Ok(_))) {
+                    self.health.failures.store(0, Ordering::Release);
+                    self.health.up.store(true, Ordering::Release);
+                    self.metrics.up.set(1);
+                    tracing::info!("Redis reachable; shared tier in use");
+                    if self
+                        .health
+                        .missed_invalidation
+                        .swap(false, Ordering::AcqRel)
+                    {
+                        tracing::info!(
+                            "invalidations were made while Redis was unusable: invalidating all shared entries"
+                        );
+                        let mut budget = Budget::new(probe_timeout);
+                        self.invalidate(Target::All, true, &mut budget).await;
+                    }
+                } else {
+                    self.metrics.error(RedisOp::Probe);
+                }
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
+    /// Subscribes to the bus and applies other replicas' invalidations to `generations`. Every
+    /// (re)subscription first invalidates the whole L1: messages may have been missed.
+    async fn bus_loop(self: Arc<Self>, generations: Arc<Generations>) {
+        let mut broken = false;
+        loop {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&self.channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let connect_timeout = self.timeout.max(Duration::from_secs(1));
+            match tokio::time::timeout(connect_timeout, subscribed).await {
+                Ok(Ok(mut pubsub)) => {
+                    generations.bump_all();
+                    self.subscribed.store(true, Ordering::Release);
+                    self.subscriptions.fetch_add(1, Ordering::AcqRel);
+                    if broken {
+                        tracing::info!(
+                            "invalidation bus subscribed again; entries stored before are revalidated"
+                        );
+                    }
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        self.metrics.bus_received();
+                        if let Some((origin, target)) = bus::parse(msg.get_payload_bytes())
+                            && origin != self.origin
+                        {
+                            generations.bump(target);
+                        }
+                    }
+                    self.subscribed.store(false, Ordering::Release);
+                    broken = true;
+                    tracing::warn!(
+                        "invalidation bus subscription lost; serving from L1, resubscribing"
+                    );
+                }
+                Ok(Err(_)) | Err(_) => {
+                    self.metrics.error(RedisOp::Subscribe);
+                }
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+}
+
+/// Milliseconds of `d`, at least 1 (Redis refuses `PX 0`).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Scope;
+
+    #[test]
+    fn keys_carry_ids_and_scope_never_more() {
+        let keys = Keys {
+            prefix: "cw*[x]:".into(),
+        };
+        let k = CacheKey {
+            account: 1,
+            conversation: 42,
+            scope: Scope(255),
+        };
+        assert_eq!(
+            keys.value(&k),
+            "cw*[x]:v:1:42:000000000000000000000000000000ff"
+        );
+        assert_eq!(
+            keys.gens(&k),
+            [
+                "cw*[x]:g".to_string(),
+                "cw*[x]:g:a:1".to_string(),
+                "cw*[x]:g:c:1:42".to_string(),
+                "cw*[x]:g:s:000000000000000000000000000000ff".to_string(),
+            ]
+        );
+        assert_eq!(
+            keys.values_matching(Target::Conversation {
+                account: 1,
+                conversation: 42
+            }),
+            "cw\\*\\[x\\]:v:1:42:*"
+        );
+        assert_eq!(
+            keys.values_matching(Target::Account(1)),
+            "cw\\*\\[x\\]:v:1:*"
+        );
+        assert_eq!(keys.channel(), "cw*[x]:bus");
+    }
+}

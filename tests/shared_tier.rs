@@ -1,0 +1,411 @@
+//! The shared tier across replicas (SPEC 11) against real `redis-server` processes, with several
+//! proxy instances in one test process.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use chatwoot_cache::config::RedisConfig;
+use http::Method;
+use support::redis::RedisServer;
+use support::*;
+
+const SECRET: &str = "shared-tier-test-secret-0123456789abcdef";
+const CONV: &str = "/api/v1/accounts/1/conversations/42";
+
+/// A replica on `redis`, waiting until its shared tier is up and subscribed to the bus.
+async fn replica(fake: &FakeChatwoot, redis: &RedisServer, timeout: Duration) -> ProxyHandle {
+    replica_with(fake, redis, timeout, SECRET).await
+}
+
+async fn replica_with(
+    fake: &FakeChatwoot,
+    redis: &RedisServer,
+    timeout: Duration,
+    secret: &str,
+) -> ProxyHandle {
+    let mut cfg = config(&fake.url());
+    cfg.redis = Some(RedisConfig {
+        url: redis.url(),
+        ca_file: None,
+        timeout,
+        key_prefix: "test:".into(),
+    });
+    cfg.scope_secret = Some(secret.into());
+    let proxy = start_proxy(cfg).await;
+    wait_ready(&proxy).await;
+    proxy
+}
+
+/// Waits (generously) until the replica uses Redis and is subscribed to the bus.
+async fn wait_ready(proxy: &ProxyHandle) {
+    let shared = proxy.proxy.store.shared().expect("shared tier configured");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(shared.is_up() && shared.is_subscribed()) {
+        assert!(Instant::now() < deadline, "shared tier not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn updated_at(r: &Resp) -> String {
+    r.json()["updated_at"].to_string()
+}
+
+/// An entry stored through one replica is served by the others without an upstream request,
+/// as `HIT` with `detail=shared`, its `Age` counted from the original fetch; HEAD too.
+#[tokio::test]
+async fn an_entry_stored_through_one_replica_is_served_by_the_others() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let (a, b, c) = (
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    );
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+    assert_eq!(fake.show_requests(), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT"));
+    assert!(
+        r.header("cache-status").ends_with("detail=shared"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert!(
+        r.header("age").parse::<u64>().unwrap() >= 1,
+        "age from the fetch"
+    );
+    assert_eq!(r.body, first.body);
+    assert_eq!(r.header("etag"), first.header("etag"));
+    assert_eq!(r.header("last-modified"), first.header("last-modified"));
+    let head = send(
+        Method::HEAD,
+        &c.url(CONV),
+        &[("api_access_token", "admin-token")],
+        b"",
+    )
+    .await;
+    assert_eq!((head.status.as_u16(), head.x_cache()), (200, "HIT"));
+    assert!(head.body.is_empty());
+    // Now in B's L1: a plain hit.
+    let again = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!(again.x_cache(), "HIT");
+    assert!(!again.header("cache-status").contains("shared"));
+    assert_eq!(
+        fake.show_requests(),
+        1,
+        "one upstream request for three replicas"
+    );
+    // Another token is another scope: never served another's entry.
+    let agent = conv(&c, 1, 42, "agent-token").await;
+    assert_eq!(agent.x_cache(), "MISS");
+    let text = metrics_text(&b).await;
+    assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 1.0);
+    assert!(metric(&text, "chatwoot_cache_l2_requests_total{result=\"hit\"}") >= 1.0);
+    // Keys name ids and scopes, never a token.
+    for key in redis.keys("*") {
+        assert!(!key.contains("token"), "{key}");
+    }
+}
+
+/// 200 write-then-read pairs alternating replicas, each read at least 50 ms after the write's
+/// response: every read returns the written body, from L1 and from L2.
+#[tokio::test]
+async fn writes_through_one_replica_are_read_through_the_others() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let replicas = [
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    ];
+    // Every replica holds the conversation in L1 first.
+    for r in &replicas {
+        assert_eq!(conv(r, 1, 42, "admin-token").await.status, 200);
+    }
+    let mut shared_hits = 0;
+    for i in 0..200 {
+        let writer = &replicas[i % 3];
+        let reader = &replicas[(i + 1) % 3];
+        let third = &replicas[(i + 2) % 3];
+        let w = send(
+            Method::PATCH,
+            &writer.url(CONV),
+            &[
+                ("api_access_token", "admin-token"),
+                ("content-type", "application/json"),
+            ],
+            br#"{"status":"open"}"#,
+        )
+        .await;
+        assert_eq!(w.status, 200, "write {i}");
+        let written = updated_at(&w);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for (who, r) in [("reader", reader), ("third", third)] {
+            let got = conv(r, 1, 42, "admin-token").await;
+            assert_eq!(got.status, 200);
+            assert_eq!(updated_at(&got), written, "pair {i}, {who}: pre-write body");
+            shared_hits += usize::from(got.header("cache-status").ends_with("detail=shared"));
+        }
+        // And the writer itself, from its L1 or L2.
+        assert_eq!(
+            updated_at(&conv(writer, 1, 42, "admin-token").await),
+            written
+        );
+    }
+    assert!(shared_hits >= 150, "reads served from L2: {shared_hits}");
+}
+
+/// A fetch that began before a write does not put the pre-write body into Redis (nor into
+/// its replica's L1): the write's generation moved while it was in flight.
+#[tokio::test]
+async fn a_fetch_that_began_before_a_write_does_not_land() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let (a, b, c) = (
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    );
+    *fake.state.show_post_delay.lock().unwrap() = Duration::from_millis(600);
+    let slow_url = a.url(CONV);
+    let slow = tokio::spawn(async move { get(&slow_url, Some("admin-token")).await });
+    // The slow fetch has rendered the pre-write body and is on its way back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let w = send(
+        Method::PATCH,
+        &b.url(CONV),
+        &[("api_access_token", "admin-token")],
+        br#"{"status":"resolved"}"#,
+    )
+    .await;
+    assert_eq!(w.status, 200);
+    let written = updated_at(&w);
+    let old = slow.await.unwrap();
+    assert_eq!(old.status, 200);
+    assert_ne!(
+        updated_at(&old),
+        written,
+        "the slow fetch began before the write"
+    );
+    *fake.state.show_post_delay.lock().unwrap() = Duration::ZERO;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for r in [&c, &a, &b] {
+        let got = conv(r, 1, 42, "admin-token").await;
+        assert_eq!(updated_at(&got), written, "the pre-write body came back");
+    }
+}
+
+/// A garbage value, a value forged with another secret, and a valid value copied under another
+/// key are all misses, and are overwritten by the next store.
+#[tokio::test]
+async fn garbage_forged_and_moved_values_are_misses() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    fake.add_conversation(1, 43, "1765182000.1");
+    let t = Duration::from_millis(500);
+    let a = replica(&fake, &redis, t).await;
+    let forger = replica_with(&fake, &redis, t, "another-secret-another-secret-0123456789").await;
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    assert_eq!(conv(&a, 1, 43, "admin-token").await.x_cache(), "MISS");
+    assert_eq!(conv(&forger, 1, 42, "admin-token").await.x_cache(), "MISS");
+    let values = redis.keys("test:v:1:42:*");
+    assert_eq!(values.len(), 2, "two scopes: {values:?}");
+    let key42 = |k: &&String| redis.command(&["GET", k]).unwrap_or_default().len() > 10;
+    assert!(values.iter().all(|k| key42(&k)));
+    let ours = redis
+        .keys("test:v:1:43:*")
+        .pop()
+        .expect("conversation 43 stored");
+    let scope = ours.rsplit(':').next().unwrap().to_string();
+    let our42 = format!("test:v:1:42:{scope}");
+    let forged42 = values.iter().find(|k| **k != our42).unwrap().clone();
+
+    // Each case is the Redis command that tampers with the value of (1, 42, our scope).
+    let cases = [
+        ("garbage", vec!["SET", &our42, "garbage"]),
+        (
+            "forged with another secret",
+            vec!["COPY", &forged42, &our42, "REPLACE"],
+        ),
+        (
+            "moved from another key",
+            vec!["COPY", &ours, &our42, "REPLACE"],
+        ),
+    ];
+    for (what, tamper) in cases {
+        let reply = redis.command(&tamper).unwrap_or_default();
+        assert!(
+            reply.starts_with('+') || reply.starts_with(":1"),
+            "{what}: {reply}"
+        );
+        let before = fake.show_requests();
+        // A fresh replica: its L1 is empty, so it reads the tampered value.
+        let reader = replica(&fake, &redis, t).await;
+        let r = conv(&reader, 1, 42, "admin-token").await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"), "{what}");
+        assert_eq!(r.json()["id"], 42, "{what}");
+        assert_eq!(fake.show_requests(), before + 1, "{what}");
+        // Overwritten with a valid value: the next fresh replica gets it from L2.
+        let next = replica(&fake, &redis, t).await;
+        let r = conv(&next, 1, 42, "admin-token").await;
+        assert_eq!(r.x_cache(), "HIT", "{what}: not overwritten");
+        assert!(r.header("cache-status").ends_with("detail=shared"));
+    }
+}
+
+/// Redis killed mid-run: no client sees an error, Redis is skipped; restarted (empty): caching
+/// through Redis resumes by itself.
+#[tokio::test]
+async fn redis_killed_and_restarted() {
+    let mut redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    for c in 43..=60 {
+        fake.add_conversation(1, c, "1765182000.1");
+    }
+    let t = Duration::from_millis(300);
+    let (a, b) = (
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    );
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "HIT");
+    redis.kill();
+    for c in 43..=50 {
+        for r in [&a, &b] {
+            let got = conv(r, 1, c, "admin-token").await;
+            assert_eq!(got.status, 200, "conversation {c} with Redis down");
+        }
+    }
+    let text = metrics_text(&a).await;
+    assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 0.0, "skipped");
+    assert!(
+        metric(
+            &text,
+            "chatwoot_cache_l2_requests_total{result=\"skipped\"}"
+        ) >= 1.0
+    );
+    redis.restart();
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    assert_eq!(conv(&a, 1, 55, "admin-token").await.x_cache(), "MISS");
+    let r = conv(&b, 1, 55, "admin-token").await;
+    assert_eq!(r.x_cache(), "HIT", "caching through Redis resumed");
+    assert!(r.header("cache-status").ends_with("detail=shared"));
+}
+
+/// Redis paused (SIGSTOP): a request's Redis work gives up after --redis-timeout in total, the
+/// request goes on without it, and after a few failures Redis is skipped entirely. Resumed, it
+/// is used again.
+#[tokio::test]
+async fn redis_paused() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    for c in 43..=60 {
+        fake.add_conversation(1, c, "1765182000.1");
+    }
+    let t = Duration::from_millis(400);
+    let a = replica(&fake, &redis, t).await;
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    redis.pause();
+    let mut c = 43;
+    let mut slowest = Duration::ZERO;
+    while a.proxy.store.shared().unwrap().is_up() {
+        assert!(c < 60, "Redis never skipped");
+        let start = Instant::now();
+        let r = conv(&a, 1, c, "admin-token").await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+        c += 1;
+    }
+    // One budget of Redis time per request (plus the upstream and a loaded CI's slack).
+    assert!(slowest < t + Duration::from_millis(1500), "{slowest:?}");
+    assert!(slowest >= t, "the read waited for Redis: {slowest:?}");
+    // Skipped: no Redis time at all.
+    let start = Instant::now();
+    let r = conv(&a, 1, c, "admin-token").await;
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() < t, "{:?}", start.elapsed());
+    let text = metrics_text(&a).await;
+    assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 0.0);
+    assert!(metric(&text, "chatwoot_cache_redis_errors_total{op=\"read\"}") >= 1.0);
+    redis.resume();
+    wait_ready(&a).await;
+    let text = metrics_text(&a).await;
+    assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 1.0);
+}
+
+/// A replica whose bus subscription breaks keeps serving; once resubscribed, entries stored
+/// before the break are checked against Redis's generations before they are a `HIT` again (here:
+/// an invalidation it missed meanwhile).
+#[tokio::test]
+async fn a_replica_whose_subscription_drops_revalidates_before_hit() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let a = replica(&fake, &redis, t).await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "HIT");
+    let shared = a.proxy.store.shared().unwrap();
+    let before = shared.subscriptions();
+    let killed = redis
+        .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .unwrap();
+    assert!(killed.starts_with(":1"), "{killed}");
+    // An invalidation the replica cannot hear: the conversation changed and its counter moved.
+    fake.touch(1, 42, "1765182999.5");
+    let incr = redis.command(&["INCR", "test:g:c:1:42"]).unwrap();
+    assert!(incr.starts_with(':'), "{incr}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shared.subscriptions() == before {
+        // Serving meanwhile.
+        assert_eq!(conv(&a, 1, 42, "admin-token").await.status, 200);
+        assert!(Instant::now() < deadline, "never resubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(r.x_cache(), "MISS", "revalidated, not served from L1");
+    assert_eq!(updated_at(&r), "1765182999.5");
+}
+
+/// Purge answers with the shared entries removed and every replica drops its L1 copies.
+#[tokio::test]
+async fn purge_removes_shared_entries_everywhere() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let mut cfg = config(&fake.url());
+    cfg.redis = Some(RedisConfig {
+        url: redis.url(),
+        ca_file: None,
+        timeout: t,
+        key_prefix: "test:".into(),
+    });
+    cfg.scope_secret = Some(SECRET.into());
+    cfg.admin_token = Some("purge-secret-token".into());
+    let a = start_proxy(cfg).await;
+    wait_ready(&a).await;
+    let b = replica(&fake, &redis, t).await;
+    for token in ["admin-token", "agent-token"] {
+        assert_eq!(conv(&a, 1, 42, token).await.x_cache(), "MISS");
+        assert_eq!(conv(&b, 1, 42, token).await.x_cache(), "HIT");
+    }
+    let r = send(
+        Method::DELETE,
+        &a.admin_url("/cache/accounts/1/conversations/42"),
+        &[("authorization", "Bearer purge-secret-token")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["purged"], 2);
+    assert!(redis.keys("test:v:*").is_empty());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "MISS");
+}

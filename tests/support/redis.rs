@@ -1,0 +1,183 @@
+//! Real `redis-server` processes for the shared-tier tests (SPEC 11): each test starts its own
+//! on a free loopback port, without persistence, and stops it by PID (on drop too).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `redis-server` process.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a `redis-server` on a free loopback port.
+    pub fn start() -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = RedisServer { port, child: None };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start (is it installed? .ci/run installs it)");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Starts the process on `self.port` and waits until it answers `PING`.
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self
+                .command(&["PING"])
+                .is_some_and(|r| r.starts_with("+PONG"))
+            {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                // Exited (the port was taken meanwhile).
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a fresh (empty) process on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(Instant::now() < deadline, "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGSTOP: the process holds its connections and answers nothing.
+    pub fn pause(&self) {
+        signal(self.pid(), "-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
+    /// Sends one command in RESP and returns the raw reply (`None` on I/O errors).
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.command_bytes(&bytes)
+    }
+
+    /// [`RedisServer::command`] with binary arguments.
+    pub fn command_bytes(&self, args: &[&[u8]]) -> Option<String> {
+        let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&req).ok()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = Vec::new();
+        // One read is enough for the short replies tests look at; keep reading while a bulk
+        // reply is obviously incomplete.
+        loop {
+            let n = s.read(&mut buf).ok()?;
+            got.extend_from_slice(&buf[..n]);
+            if n == 0 || complete(&got) {
+                break;
+            }
+        }
+        Some(String::from_utf8_lossy(&got).into_owned())
+    }
+
+    /// Keys matching `pattern`.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let reply = self.command(&["KEYS", pattern]).unwrap_or_default();
+        reply
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.starts_with('$') && !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Whether a RESP reply looks whole (simple replies end at their CRLF; a bulk string has its
+/// announced length).
+fn complete(reply: &[u8]) -> bool {
+    if reply.first() == Some(&b'$') {
+        let text = String::from_utf8_lossy(reply);
+        let Some((len, rest)) = text[1..].split_once("\r\n") else {
+            return false;
+        };
+        return match len.parse::<i64>() {
+            Ok(n) if n >= 0 => rest.len() >= n as usize + 2,
+            _ => true,
+        };
+    }
+    reply.ends_with(b"\r\n")
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A paused server must be able to die.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
