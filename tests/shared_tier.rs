@@ -409,3 +409,101 @@ async fn purge_removes_shared_entries_everywhere() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "MISS");
 }
+
+/// 3 replicas x 50 concurrent cold requests for one key make one upstream request: one replica
+/// takes the key's lease, the others wait for the value it stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_requests_on_three_replicas_make_one_upstream_request() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    // Generous: a loaded CI must not push Redis calls past the budget.
+    let t = Duration::from_secs(2);
+    let replicas = [
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    ];
+    fake.set_delay(Duration::from_millis(400));
+    let mut tasks = Vec::new();
+    for r in &replicas {
+        for _ in 0..50 {
+            let url = r.url(CONV);
+            tasks.push(tokio::spawn(
+                async move { get(&url, Some("admin-token")).await },
+            ));
+        }
+    }
+    let mut bodies = std::collections::HashSet::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        bodies.insert(r.body.clone());
+    }
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(
+        fake.show_requests(),
+        1,
+        "one upstream request across replicas"
+    );
+}
+
+/// A lease holder whose answer cannot be stored releases at once (the others fetch
+/// themselves); a lease whose holder died blocks no one longer than the lease; a waiter waits
+/// at most --upstream-timeout.
+#[tokio::test]
+async fn leases_never_block_longer_than_needed() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_secs(1);
+    let (a, b) = (
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    );
+    // Not found (a 404 is never shared): B waits for A only until A releases.
+    fake.set_delay(Duration::from_millis(300));
+    let (ra, rb) = tokio::join!(conv(&a, 1, 999, "admin-token"), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let start = Instant::now();
+        (conv(&b, 1, 999, "admin-token").await, start.elapsed())
+    });
+    assert_eq!((ra.status.as_u16(), rb.0.status.as_u16()), (404, 404));
+    assert!(rb.1 < Duration::from_secs(3), "B waited {:?}", rb.1);
+    fake.set_delay(Duration::ZERO);
+
+    // A holder that died: its lease (1.5 s left) is all a request waits.
+    let scope = chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token");
+    let lease = format!("test:l:1:42:{:032x}", scope.0);
+    redis.command(&["SET", &lease, "dead-holder", "PX", "1500"]);
+    let start = Instant::now();
+    let r = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+
+    // A lease longer than --upstream-timeout: the waiter fetches after --upstream-timeout.
+    let mut cfg = config(&fake.url());
+    cfg.redis = Some(RedisConfig {
+        url: redis.url(),
+        ca_file: None,
+        timeout: t,
+        key_prefix: "test:".into(),
+    });
+    cfg.scope_secret = Some(SECRET.into());
+    cfg.upstream_timeout = Duration::from_secs(2);
+    let c = start_proxy(cfg).await;
+    wait_ready(&c).await;
+    fake.add_conversation(1, 43, "1765182000.1");
+    let lease = format!("test:l:1:43:{:032x}", scope.0);
+    redis.command(&["SET", &lease, "stuck-holder", "PX", "60000"]);
+    let start = Instant::now();
+    let r = conv(&c, 1, 43, "admin-token").await;
+    assert_eq!(r.status, 200);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1800) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+}

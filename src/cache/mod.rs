@@ -35,7 +35,7 @@ use crate::invalidation::{Generations, Source, Stamp, Target};
 use crate::live::Live;
 use crate::metrics::{EvictionCause, Metrics};
 use crate::shared::codec::{Gens, SharedValue};
-use crate::shared::{Budget, L2Read, Shared};
+use crate::shared::{Budget, L2Read, Lease, LeaseOutcome, Shared};
 
 /// The cache key. Holds the token *scope* (a keyed hash), never the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,6 +161,8 @@ pub struct SharedFetch {
     /// An (unusable or outdated) value was there: a 404 must still drop it everywhere.
     had_value: bool,
     budget: Budget,
+    /// This replica's fetch lease, released (waking the other replicas) when the fetch is over.
+    _lease: Option<Lease>,
 }
 
 impl Store {
@@ -259,12 +261,16 @@ impl Store {
     /// On an L1 miss (or before revalidating a stale entry): the shared tier's entry for `key`
     /// if one is valid and fresh (copied into L1, under `stamp`: the local generations read
     /// before this call), otherwise what the fetch's shared write needs.
+    ///
+    /// Cold in Redis too: the first replica takes the key's lease and fetches; the others wait
+    /// (at most the lease's length, `--upstream-timeout`) for the value it stores, and fetch
+    /// themselves if it releases without one or dies.
     pub async fn read_shared(&self, key: &CacheKey, stamp: &Stamp) -> SharedRead {
         let Some(shared) = &self.shared else {
             return SharedRead::Fetch(None);
         };
         let mut budget = shared.budget();
-        let (gens, had_value) = match shared.read(key, &mut budget).await {
+        let (mut gens, mut had_value) = match shared.read(key, &mut budget).await {
             L2Read::Unavailable => return SharedRead::Fetch(None),
             L2Read::Miss { gens, had_value } => (gens, had_value),
             L2Read::Hit(value) => {
@@ -278,10 +284,32 @@ impl Store {
                 }
             }
         };
+        let mut lease = None;
+        match shared.acquire(key, &mut budget).await {
+            LeaseOutcome::Held(held) => lease = Some(held),
+            LeaseOutcome::Unavailable => {}
+            LeaseOutcome::Busy => match shared.wait_for_holder(key).await {
+                L2Read::Hit(value) => {
+                    if let Some(entry) = self.entry_from_shared(key, stamp, value) {
+                        self.insert(*key, entry.clone());
+                        return SharedRead::Hit(entry);
+                    }
+                }
+                L2Read::Miss {
+                    gens: now,
+                    had_value: had,
+                } => {
+                    gens = now;
+                    had_value |= had;
+                }
+                L2Read::Unavailable => {}
+            },
+        }
         SharedRead::Fetch(Some(SharedFetch {
             gens,
             had_value,
             budget,
+            _lease: lease,
         }))
     }
 

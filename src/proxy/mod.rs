@@ -204,6 +204,7 @@ impl Proxy {
                 secret.as_bytes(),
                 lifetime,
                 config.max_object_bytes,
+                config.upstream_timeout,
                 &metrics,
             )?;
             store = store.with_shared(shared);

@@ -102,6 +102,18 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 ";
 
+/// Deletes a lease if it is still ours. KEYS: the lease. ARGV: our token.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// How often a replica waiting on another's lease looks for the value (a bounded poll: one
+/// pipelined read per interval, only while a cold key is being fetched elsewhere).
+const LEASE_POLL: Duration = Duration::from_millis(10);
+
 /// Key and channel names under `--redis-key-prefix`. Keys carry account, conversation and
 /// scope (a keyed hash), never a token.
 struct Keys {
@@ -141,6 +153,14 @@ impl Keys {
             } => format!("{p}g:c:{account}:{conversation}"),
             Target::Scope(s) => format!("{p}g:s:{:032x}", s.0),
         }
+    }
+
+    /// The cross-replica fetch lease of `k`.
+    fn lease(&self, k: &CacheKey) -> String {
+        format!(
+            "{}l:{}:{}:{:032x}",
+            self.prefix, k.account, k.conversation, k.scope.0
+        )
     }
 
     fn channel(&self) -> String {
@@ -197,6 +217,9 @@ struct Health {
 /// The value (if any) and the four counters (each if it exists), as Redis returns them.
 type ReadReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
 
+/// A [`ReadReply`] and whether the lease is still held.
+type PollReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>, i64);
+
 /// An L2 read on an L1 miss.
 #[derive(Debug)]
 pub enum L2Read {
@@ -226,6 +249,10 @@ pub struct Shared {
     max_object_bytes: u64,
     write_script: redis::Script,
     bump_script: redis::Script,
+    release_script: redis::Script,
+    /// How long a lease holds (the holder's whole fetch: `--upstream-timeout`), and how long a
+    /// waiter waits at most.
+    lease: Duration,
     subscribed: AtomicBool,
     /// Bus subscriptions made so far (tests and diagnostics: a resubscription shows here).
     subscriptions: std::sync::atomic::AtomicU64,
@@ -240,6 +267,7 @@ impl Shared {
         scope_secret: &[u8],
         lifetime: Duration,
         max_object_bytes: u64,
+        lease: Duration,
         metrics: &Metrics,
     ) -> Result<Arc<Shared>, SharedError> {
         let client = match &cfg.ca_file {
@@ -292,6 +320,8 @@ impl Shared {
             max_object_bytes,
             write_script: redis::Script::new(WRITE_SCRIPT),
             bump_script: redis::Script::new(BUMP_SCRIPT),
+            release_script: redis::Script::new(RELEASE_SCRIPT),
+            lease,
             subscribed: AtomicBool::new(false),
             subscriptions: std::sync::atomic::AtomicU64::new(0),
             random,
@@ -407,12 +437,17 @@ impl Shared {
             self.metrics.l2(L2Result::Error);
             return L2Read::Unavailable;
         };
-        let mut gens: Gens = [None; 4];
-        for (slot, raw) in gens.iter_mut().zip(gens_raw) {
-            *slot = raw.and_then(|r| std::str::from_utf8(&r).ok()?.parse().ok());
-        }
+        let read = self.judge(key, &value_key, raw, parse_gens(gens_raw));
+        self.metrics.l2(match read {
+            L2Read::Hit(_) => L2Result::Hit,
+            _ => L2Result::Miss,
+        });
+        read
+    }
+
+    /// Whether `raw` (the value read under `value_key`) is valid for `key` under `gens`.
+    fn judge(&self, key: &CacheKey, value_key: &str, raw: Option<Vec<u8>>, gens: Gens) -> L2Read {
         let Some(raw) = raw else {
-            self.metrics.l2(L2Result::Miss);
             return L2Read::Miss {
                 gens,
                 had_value: false,
@@ -425,23 +460,80 @@ impl Shared {
             self.max_object_bytes,
         ) {
             Ok(value) if gens.iter().zip(value.gens).all(|(g, v)| *g == Some(v)) => {
-                self.metrics.l2(L2Result::Hit);
                 L2Read::Hit(value)
             }
-            Ok(_) => {
-                self.metrics.l2(L2Result::Miss);
+            Ok(_) => L2Read::Miss {
+                gens,
+                had_value: true,
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "unusable shared value; treated as a miss");
                 L2Read::Miss {
                     gens,
                     had_value: true,
                 }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "unusable shared value; treated as a miss");
-                self.metrics.l2(L2Result::Miss);
-                L2Read::Miss {
-                    gens,
-                    had_value: true,
-                }
+        }
+    }
+
+    /// Takes the cross-replica fetch lease of `key` (SPEC 11: concurrent cold requests on
+    /// several replicas make one upstream request).
+    pub async fn acquire(self: &Arc<Self>, key: &CacheKey, budget: &mut Budget) -> LeaseOutcome {
+        let lease_key = self.keys.lease(key);
+        let token = format!("{:016x}{:016x}", self.origin, self.fresh_generation());
+        let mut conn = self.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(&lease_key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(self.lease));
+        let taken = set.query_async::<Option<String>>(&mut conn);
+        match self.call(RedisOp::Lease, budget, taken).await {
+            Some(Some(_)) => LeaseOutcome::Held(Lease {
+                shared: self.clone(),
+                key: lease_key,
+                token,
+            }),
+            Some(None) => LeaseOutcome::Busy,
+            None => LeaseOutcome::Unavailable,
+        }
+    }
+
+    /// Waits (polling) while another replica holds `key`'s lease: the value it stores, or the
+    /// generations to fetch under when it released without storing (or died, or the wait
+    /// reached the lease's length). `Unavailable` when Redis fails meanwhile.
+    pub async fn wait_for_holder(&self, key: &CacheKey) -> L2Read {
+        let value_key = self.keys.value(key);
+        let gen_keys = self.keys.gens(key);
+        let lease_key = self.keys.lease(key);
+        let deadline = Instant::now() + self.lease;
+        loop {
+            tokio::time::sleep(LEASE_POLL).await;
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET")
+                .arg(&value_key)
+                .cmd("MGET")
+                .arg(&gen_keys)
+                .cmd("EXISTS")
+                .arg(&lease_key);
+            let mut conn = self.conn.clone();
+            // Each poll has a budget of its own: the wait is bounded by the lease, not by the
+            // request's Redis budget.
+            let mut budget = self.budget();
+            let reply: Option<PollReply> = self
+                .call(RedisOp::Lease, &mut budget, pipe.query_async(&mut conn))
+                .await;
+            let Some((raw, gens, held)) = reply else {
+                return L2Read::Unavailable;
+            };
+            let read = self.judge(key, &value_key, raw, parse_gens(gens));
+            if matches!(read, L2Read::Hit(_)) {
+                self.metrics.l2(L2Result::Hit);
+                return read;
+            }
+            if held == 0 || Instant::now() >= deadline {
+                return read;
             }
         }
     }
@@ -628,6 +720,51 @@ impl Shared {
             }
             tokio::time::sleep(PROBE_INTERVAL).await;
         }
+    }
+}
+
+/// Counters as Redis returns them; one that is not a number counts as missing.
+fn parse_gens(raw: Vec<Option<Vec<u8>>>) -> Gens {
+    let mut gens: Gens = [None; 4];
+    for (slot, raw) in gens.iter_mut().zip(raw) {
+        *slot = raw.and_then(|r| std::str::from_utf8(&r).ok()?.parse().ok());
+    }
+    gens
+}
+
+/// The answer to [`Shared::acquire`].
+pub enum LeaseOutcome {
+    /// This replica fetches; the lease is released when dropped.
+    Held(Lease),
+    /// Another replica is fetching: [`Shared::wait_for_holder`].
+    Busy,
+    /// Redis did not answer: fetch without a lease.
+    Unavailable,
+}
+
+/// A held fetch lease. Dropped when the fetch is over (its value is written by then, or it
+/// cannot be stored): the release wakes the waiters at once.
+pub struct Lease {
+    shared: Arc<Shared>,
+    key: String,
+    token: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let shared = self.shared.clone();
+        let key = std::mem::take(&mut self.key);
+        let token = std::mem::take(&mut self.token);
+        // Drop cannot await; a release that fails leaves the lease to expire (its length).
+        tokio::spawn(async move {
+            let mut budget = shared.budget();
+            let mut conn = shared.conn.clone();
+            let mut inv = shared.release_script.key(&key);
+            inv.arg(&token);
+            let _: Option<i64> = shared
+                .call(RedisOp::Lease, &mut budget, inv.invoke_async(&mut conn))
+                .await;
+        });
     }
 }
 
