@@ -97,7 +97,8 @@ impl AccessGuard {
             path = %LoggedPath(uri.path()),
             status = self.status,
             cache = self.cache.as_str(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            // Whole microseconds: `1.226`, not `1.2258760000000002`.
+            duration_ms = elapsed.as_micros() as f64 / 1000.0,
             upstream_status,
             complete,
         );

@@ -18,6 +18,11 @@ use http::{HeaderName, Uri};
 
 use crate::invalidation::WebhookSecrets;
 
+mod hints;
+pub mod report;
+
+pub use report::{Effective, Loaded};
+
 /// Command-line surface. Every value is a string here; typed parsing is in [`Config`].
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +38,11 @@ pub struct Cli {
     /// TOML file with settings (keys are flag names with `_` for `-`)
     #[arg(long, env = "CHATWOOT_CACHE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Print the effective configuration as TOML (each value's source in a comment, secrets as
+    /// set/unset) and exit
+    #[arg(long)]
+    pub print_config: bool,
 
     /// Chatwoot base URL, http:// or https:// (required)
     #[arg(long, env = "CHATWOOT_CACHE_UPSTREAM", value_name = "URL")]
@@ -513,12 +523,22 @@ struct Raw {
 }
 
 /// Resolves each setting's raw string by precedence; knows nothing about types.
+#[derive(Clone)]
 struct Sources<'a> {
     matches: &'a ArgMatches,
     file: BTreeMap<String, toml::Value>,
 }
 
-impl Sources<'_> {
+impl<'a> Sources<'a> {
+    /// The clap matches plus the `--config` file, if any (read and checked here).
+    fn new(matches: &'a ArgMatches) -> Result<Sources<'a>, ConfigError> {
+        let file = match matches.get_one::<PathBuf>("config") {
+            Some(path) => read_config_file(path)?,
+            None => BTreeMap::new(),
+        };
+        Ok(Sources { matches, file })
+    }
+
     /// flag > env > file > default, for the clap argument `id` (snake_case = TOML key).
     fn get(&self, id: &str) -> Result<Option<Raw>, ConfigError> {
         let source = self.matches.value_source(id);
@@ -595,12 +615,10 @@ impl Config {
 
     /// Builds a validated config from clap matches plus the optional TOML file.
     pub fn from_matches(matches: &ArgMatches) -> Result<Config, ConfigError> {
-        let file = match matches.get_one::<PathBuf>("config") {
-            Some(path) => read_config_file(path)?,
-            None => BTreeMap::new(),
-        };
-        let src = Sources { matches, file };
+        Config::from_sources(Sources::new(matches)?)
+    }
 
+    fn from_sources(src: Sources<'_>) -> Result<Config, ConfigError> {
         let upstream = parse_upstream(&src.required("upstream")?)?;
         let listen = parse_with(&src, "listen", parse_addr)?;
         // A default never contradicts a value that was set (SPEC §2): the admin port moves out
@@ -724,7 +742,7 @@ impl Config {
         }
 
         Ok(Config {
-            config_file: matches.get_one::<PathBuf>("config").cloned(),
+            config_file: src.matches.get_one::<PathBuf>("config").cloned(),
             upstream,
             listen,
             admin_listen,
@@ -886,18 +904,29 @@ fn read_config_file(path: &std::path::Path) -> Result<BTreeMap<String, toml::Val
     })?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         let msg = e.message().replace('\n', " ");
-        ConfigError::invalid("config", format!("{}: {}", path.display(), msg.trim()))
+        let at = match e.span() {
+            Some(span) => {
+                let (line, col) = hints::line_col(&text, span.start);
+                format!(":{line}:{col}")
+            }
+            None => String::new(),
+        };
+        ConfigError::invalid("config", format!("{}{at}: {}", path.display(), msg.trim()))
     })?;
-    let known: Vec<String> = Cli::command()
-        .get_arguments()
-        .map(|a| a.get_id().as_str().to_string())
-        .collect();
+    let known = hints::setting_keys();
     let mut out = BTreeMap::new();
     for (key, value) in table {
-        if key == "config" || !known.contains(&key) {
+        if !known.contains(&key) {
+            let hint = match hints::closest(&key, &known) {
+                Some(k) if key.contains('-') && k == key.replace('-', "_") => {
+                    format!("; did you mean `{k}`? (keys are flag names with `_` for `-`)")
+                }
+                Some(k) => format!("; did you mean `{k}`?"),
+                None => String::new(),
+            };
             return Err(ConfigError::invalid(
                 "config",
-                format!("{}: unknown setting `{key}`", path.display()),
+                format!("{}: unknown setting `{key}`{hint}", path.display()),
             ));
         }
         out.insert(key, value);
@@ -1191,7 +1220,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s).map_err(|_| format!("invalid duration {s:?}"))
+    humantime::parse_duration(s)
+        .map_err(|_| hints::duration_hint(s).unwrap_or_else(|| format!("invalid duration {s:?}")))
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use chatwoot_cache::config::{Cli, Config, LogFormat};
+use chatwoot_cache::config::{Cli, Config, Effective, LogFormat};
 use chatwoot_cache::reload::Reloader;
 use chatwoot_cache::{Proxy, server};
 use clap::CommandFactory;
@@ -18,12 +18,24 @@ fn main() -> ExitCode {
     // Kept for reloads: flags and environment cannot change in a running process, but the
     // --config file and the files settings name can, and are read again from these.
     let matches = Cli::command().get_matches();
-    let config = match Config::from_matches(&matches) {
-        Ok(c) => c,
+    let loaded = match Config::from_matches_reported(&matches) {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(e.exit_code() as u8);
         }
+    };
+    if loaded.print_config {
+        for warning in &loaded.warnings {
+            eprintln!("warning: {warning}");
+        }
+        print!("{}", loaded.effective.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let config = loaded.config;
+    let startup = Startup {
+        effective: loaded.effective,
+        warnings: loaded.warnings,
     };
     let (_log_guard, log_level) = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -37,7 +49,7 @@ fn main() -> ExitCode {
         }
     };
     let load = Box::new(move || Config::from_matches(&matches));
-    runtime.block_on(serve(config, load, log_level))
+    runtime.block_on(serve(config, startup, load, log_level))
 }
 
 /// Logs to stderr through a non-blocking writer (a stalled log pipe must not stall requests);
@@ -73,8 +85,35 @@ fn init_logging(
     (guard, hook)
 }
 
+/// What start-up reports once the listeners are bound.
+struct Startup {
+    effective: Effective,
+    warnings: Vec<String>,
+}
+
+/// The first log line: every setting, its value and where it came from (secrets as set/unset),
+/// so an operator sees which value won. In JSON, one object under `config`.
+fn log_effective_config(config: &Config, effective: &Effective) {
+    const MESSAGE: &str = "effective configuration";
+    match config.log_format {
+        LogFormat::Text => tracing::info!("{MESSAGE}: {}", effective.to_line()),
+        LogFormat::Json => {
+            // tracing's JSON output writes field values as strings; an object needs its own line.
+            let line = serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": "INFO",
+                "message": MESSAGE,
+                "config": effective.to_json(),
+                "target": "chatwoot_cache::config",
+            });
+            eprintln!("{line}");
+        }
+    }
+}
+
 async fn serve(
     config: Config,
+    startup: Startup,
     load: chatwoot_cache::reload::Loader,
     log_level: chatwoot_cache::reload::LogLevelHook,
 ) -> ExitCode {
@@ -106,11 +145,16 @@ async fn serve(
             return ExitCode::from(1);
         }
     };
+    // Logged once start-up can no longer fail: a start-up error stays one line on stderr.
+    log_effective_config(&config, &startup.effective);
+    for warning in &startup.warnings {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         listen = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %format!("{}://{}{}", config.upstream.scheme, config.upstream.authority, config.upstream.base_path),
-        tls = tls.is_some(),
+        listen_tls = tls.is_some(),
         "chatwoot-cache listening"
     );
     let reloader = Arc::new(Reloader::new(proxy.clone(), load).with_log_level(log_level));

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderName};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -190,6 +190,7 @@ impl Sent {
         breaker: &Arc<Breaker>,
         metrics: &Arc<Metrics>,
         accepted: &AcceptedTokens,
+        upstream: &Authority,
         result: Result<Response<PooledBody>, UpstreamError>,
         progress: Option<&Progress>,
     ) -> Result<Exchange, UpstreamError> {
@@ -246,7 +247,14 @@ impl Sent {
             Err(e) => {
                 metrics.observe_upstream(route, None, elapsed);
                 breaker.record(ticket, Outcome::Failure { retry_after: None });
-                tracing::warn!(route = route.as_str(), error = %e, "upstream request failed");
+                // The host and port (never credentials: --upstream refuses them) and the whole
+                // cause chain down to the OS error, so "connect failed" says what failed where.
+                tracing::warn!(
+                    route = route.as_str(),
+                    upstream = %upstream,
+                    error = %e,
+                    "upstream request failed"
+                );
                 Err(e)
             }
         }
@@ -531,6 +539,7 @@ impl Upstream {
             let breaker = self.breaker.clone();
             let metrics = self.metrics.clone();
             let accepted = self.accepted.clone();
+            let authority = self.url.authority.clone();
             let probe = tokio::spawn(async move {
                 let result = await_response(
                     &pool,
@@ -541,7 +550,14 @@ impl Upstream {
                     progress.as_deref(),
                 )
                 .await;
-                sent.conclude(&breaker, &metrics, &accepted, result, progress.as_deref())
+                sent.conclude(
+                    &breaker,
+                    &metrics,
+                    &accepted,
+                    &authority,
+                    result,
+                    progress.as_deref(),
+                )
             });
             return probe
                 .await
@@ -561,6 +577,7 @@ impl Upstream {
             &self.breaker,
             &self.metrics,
             &self.accepted,
+            &self.url.authority,
             result,
             progress,
         )

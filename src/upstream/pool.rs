@@ -36,12 +36,13 @@ type Sender = http1::SendRequest<RequestBody>;
 /// Why no response came back from the pool.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// TCP or TLS connect failed or timed out: nothing was sent.
-    #[error("connect: {0}")]
-    Connect(BoxError),
+    /// TCP or TLS connect failed or timed out: nothing was sent. The cause is a `source`, so
+    /// logs can walk down to the OS error (hyper's connect errors keep it out of Display).
+    #[error("connect")]
+    Connect(#[source] BoxError),
     /// The HTTP/1.1 handshake on a fresh connection failed: nothing was sent.
-    #[error("handshake: {0}")]
-    Handshake(hyper::Error),
+    #[error("handshake")]
+    Handshake(#[source] hyper::Error),
     /// The exchange failed after the request may have gone out (reset, garbage, early close).
     #[error(transparent)]
     Exchange(hyper::Error),
