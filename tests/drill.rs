@@ -522,7 +522,9 @@ async fn upstream_incident_drill() {
         black_holed
     );
     eprintln!(
-        "max latency: warmed keys {:?} (during outage {:?}), cold keys {:?}; cold statuses {cold_by_status:?}",
+        "max latency: warmed keys {:?} (during outage {:?}), cold keys {:?}; cold statuses \
+         {cold_by_status:?}; a request's own bound: queue timeout {QUEUE_TIMEOUT:?} + upstream \
+         timeout {UPSTREAM_TIMEOUT:?} (asserted: under {LATENCY_BOUND:?}, with slack for CI)",
         latency(&warm),
         latency(&outage_warm),
         latency(&cold)
