@@ -87,6 +87,11 @@ FLAGS = {
     "webhook-secret-file": "str",
     "webhook-secrets-file": "str",
     "reload-interval": "duration",
+    "redis-url": "secret",
+    "redis-ca-file": "str",
+    "redis-timeout": "duration",
+    "redis-key-prefix": "str",
+    "scope-secret": "secret",
     "shutdown-timeout": "duration",
     "client-header-timeout": "duration",
     "log-format": "logformat",
@@ -120,8 +125,18 @@ METRIC_LABELS = {
     "chatwoot_cache_auth_rejections_total": {"reason"},
     "chatwoot_cache_config_reloads_total": {"result"},
     "chatwoot_cache_tls_cert_expiry_timestamp_seconds": {"listener"},
+    # SPEC 11 (only with --redis-url)
+    "chatwoot_cache_redis_up": set(),
+    "chatwoot_cache_redis_errors_total": {"op"},
+    "chatwoot_cache_redis_duration_seconds": {"op"},
+    "chatwoot_cache_l2_requests_total": {"result"},
+    "chatwoot_cache_bus_messages_total": {"direction"},
 }
-HISTOGRAMS = {"chatwoot_cache_request_duration_seconds", "chatwoot_cache_upstream_request_duration_seconds"}
+HISTOGRAMS = {
+    "chatwoot_cache_request_duration_seconds",
+    "chatwoot_cache_upstream_request_duration_seconds",
+    "chatwoot_cache_redis_duration_seconds",
+}
 STATUS = {"2xx", "3xx", "4xx", "5xx"}
 LABEL_VALUES = {
     ("*", "route"): {"conversation", "protected", "other"},
@@ -135,6 +150,9 @@ LABEL_VALUES = {
     ("chatwoot_cache_auth_rejections_total", "reason"): {"missing", "malformed", "invalid"},
     ("chatwoot_cache_config_reloads_total", "result"): {"ok", "error"},
     ("*", "listener"): {"public", "upstream_client"},
+    ("*", "op"): {"read", "write", "invalidate", "purge", "lease", "probe", "subscribe"},
+    ("chatwoot_cache_l2_requests_total", "result"): {"hit", "miss", "error", "skipped"},
+    ("*", "direction"): {"sent", "received"},
 }
 # Labels Prometheus adds from the scrape target.
 TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
