@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Instructions per request of chatwoot-cache under load, counted by valgrind's callgrind.
 #
-#   bash benches/callgrind.sh [hit|miss|floor|both|all]     (default: both = hit miss;
-#                                                           all = hit miss floor)
+#   bash benches/callgrind.sh [hit|hit-gzip|miss|floor|both|all]   (default: both = hit miss;
+#                                                           all = hit hit-gzip miss floor)
 #
 # Instruction counts do not depend on how busy the machine is, unlike the CPU times of
 # benches/load.sh: this is how the hot paths were profiled and how a change to them is judged
 # (README, Performance). Installs valgrind and wrk if missing, builds release, starts the fake
 # origin (bench_origin) and the proxy under callgrind on 127.0.0.1, warms it with wrk, counts
 # only while a second wrk run of SECONDS (default 5) is going, and prints instructions per
-# request (proxy requests from its own /metrics; for `floor`, the bare hyper floor of
+# request (proxy requests from its own /metrics; `hit-gzip` is the hit of a client sending
+# `Accept-Encoding: gzip`, served the stored gzip bytes; for `floor`, the bare hyper floor of
 # benches/load.sh under the hit workload, requests as wrk counted them). Valgrind hides SHA-NI, so the HMAC and the
 # SHA-256 ETag weigh more here than on the real CPU.
 #
@@ -23,7 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
 MODES=${1:-both}
 SECS=${SECONDS_MEASURED:-5}
 [[ "$MODES" == both ]] && MODES="hit miss"
-[[ "$MODES" == all ]] && MODES="hit miss floor"
+[[ "$MODES" == all ]] && MODES="hit hit-gzip miss floor"
 
 bench_init
 if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
@@ -46,7 +47,10 @@ for mode in $MODES; do
     ORIGIN_PORT=${PORTS[0]} PROXY_PORT=${PORTS[1]} ADMIN_PORT=${PORTS[2]}
     start_origin "origin-$mode" "$ORIGIN_PORT" --threads 1
     OUT="$WORK/callgrind.$mode.out"
-    wrk_mode=$mode
+    wrk_mode=$mode accept=""
+    if [[ $mode == hit-gzip ]]; then
+        wrk_mode=hit accept=gzip
+    fi
     if [[ $mode == floor ]]; then
         wrk_mode=hit
         start_bg "floor" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
@@ -65,10 +69,10 @@ for mode in $MODES; do
         sleep 0.2
     done
     log "$mode: warming (2 s), then counting for ${SECS}s"
-    BENCH_MODE=$wrk_mode wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
+    BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
     [[ $mode == floor ]] || before=$(requests_total "$ADMIN_PORT")
     callgrind_control -i on "$VG_PID" >/dev/null
-    BENCH_MODE=$wrk_mode wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
+    BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
         "http://127.0.0.1:$PROXY_PORT" >"$WORK/wrk.$mode.txt"
     callgrind_control -i off "$VG_PID" >/dev/null
     if [[ $mode == floor ]]; then

@@ -63,7 +63,7 @@ fn usage() -> ! {
         "usage:\n  bench_origin origin --listen ADDR [--delay-ms N] [--threads N]\n  \
          bench_origin floor --listen ADDR [--threads N]\n  \
          bench_origin burst --url URL --token T [--n N] [--timeout-ms MS]\n  \
-         bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N]"
+         bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N] [--accept-encoding V]"
     );
     std::process::exit(2)
 }
@@ -571,6 +571,8 @@ async fn walk(args: &Args) -> i32 {
     let tokens = args.num("tokens", 1);
     let convs = args.num("convs", 100);
     let concurrency = args.num("concurrency", 64).max(1);
+    // e.g. `gzip`: the cache then fills as gzip clients (browsers, the SDKs) fill it.
+    let accept_encoding = args.get("accept-encoding").map(str::to_string);
     let total = tokens * convs;
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -578,6 +580,7 @@ async fn walk(args: &Args) -> i32 {
     for _ in 0..concurrency {
         let next = next.clone();
         let host = authority.to_string();
+        let accept_encoding = accept_encoding.clone();
         workers.push(tokio::spawn(async move {
             let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
             let mut x_cache: BTreeMap<String, u64> = BTreeMap::new();
@@ -596,11 +599,13 @@ async fn walk(args: &Args) -> i32 {
                 // same numbering as wrk.lua: token 1..=T, conversation 1..=C
                 let (t, c) = (i % tokens + 1, i / tokens + 1);
                 send.ready().await.map_err(|e| e.to_string())?;
-                let req = Request::get(format!("/api/v1/accounts/{account}/conversations/{c}"))
+                let mut req = Request::get(format!("/api/v1/accounts/{account}/conversations/{c}"))
                     .header(header::HOST, host.as_str())
-                    .header("api_access_token", format!("bench{t:019}"))
-                    .body(Empty::new())
-                    .unwrap();
+                    .header("api_access_token", format!("bench{t:019}"));
+                if let Some(v) = &accept_encoding {
+                    req = req.header(header::ACCEPT_ENCODING, v.as_str());
+                }
+                let req = req.body(Empty::new()).unwrap();
                 let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
                 *statuses
                     .entry(resp.status().as_u16().to_string())

@@ -7,6 +7,7 @@
 --   BENCH_TOKENS   number of distinct api_access_token values (default 1)
 --   BENCH_CONVS    number of conversations cycled (default 100)
 --   BENCH_ACCOUNT  account id (default 1)
+--   BENCH_ACCEPT_ENCODING  sent as Accept-Encoding when set (e.g. "gzip": a gzip client's hit)
 -- Every response is checked: a status other than 200, or an empty 200 body, is counted and
 -- reported, so a broken setup cannot pass for a fast one. done() prints one line
 -- "BENCH_JSON {...}" with requests, duration, errors, p50/p99 and the status counts.
@@ -15,6 +16,7 @@ local mode = os.getenv("BENCH_MODE") or "hit"
 local ntokens = tonumber(os.getenv("BENCH_TOKENS") or "1")
 local nconvs = tonumber(os.getenv("BENCH_CONVS") or "100")
 local account = tonumber(os.getenv("BENCH_ACCOUNT") or "1")
+local accept_encoding = os.getenv("BENCH_ACCEPT_ENCODING")
 
 local threads = {}
 local next_id = 0
@@ -51,7 +53,11 @@ function init(args)
   end
   local function add(p, t)
     nreqs = nreqs + 1
-    reqs[nreqs] = wrk.format("GET", p, { ["api_access_token"] = token(t) })
+    local headers = { ["api_access_token"] = token(t) }
+    if accept_encoding and accept_encoding ~= "" then
+      headers["Accept-Encoding"] = accept_encoding
+    end
+    reqs[nreqs] = wrk.format("GET", p, headers)
   end
   if mode == "mixed" then
     -- 10 consecutive requests: 9 conversation paths then one messages path
