@@ -178,6 +178,17 @@ pub struct Cli {
     )]
     pub upstream_max_in_flight_per_token: Option<String>,
 
+    /// Requests per token scope that need the upstream, e.g. 20/s, 600/m or 3600/h (cache hits
+    /// are never limited); requests over it get 429 rate_limited, or a stored conversation
+    /// STALE [default: off]
+    #[arg(long, env = "CHATWOOT_CACHE_RATE_LIMIT_PER_TOKEN", value_name = "RATE")]
+    pub rate_limit_per_token: Option<String>,
+
+    /// Bucket size of --rate-limit-per-token: requests a scope may make at once after being
+    /// idle [default: the rate per second, at least 1]
+    #[arg(long, env = "CHATWOOT_CACHE_RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<String>,
+
     /// Circuit breaker observation window
     #[arg(
         long,
@@ -458,6 +469,9 @@ pub struct Config {
     pub upstream_queue_timeout: Duration,
     /// `None`: derived, see [`Config::per_token_in_flight`].
     pub upstream_max_in_flight_per_token: Option<usize>,
+    pub rate_limit_per_token: Option<crate::protect::Rate>,
+    /// `None`: derived from the rate, see [`Config::rate_limit`].
+    pub rate_limit_burst: Option<u32>,
     pub breaker_window: Duration,
     pub breaker_min_requests: u32,
     pub breaker_failure_ratio: f64,
@@ -652,6 +666,17 @@ impl Config {
                 s.parse::<usize>()
                     .map_err(|_| format!("invalid number {s:?} (0 turns the cap off)"))
             })?;
+        let rate_limit_per_token =
+            parse_optional(&src, "rate_limit_per_token", crate::protect::parse_rate)?;
+        let rate_limit_burst = parse_optional(&src, "rate_limit_burst", |s| {
+            parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+        })?;
+        if rate_limit_burst.is_some() && rate_limit_per_token.is_none() {
+            return Err(ConfigError::invalid(
+                "rate-limit-burst",
+                "has no effect without --rate-limit-per-token",
+            ));
+        }
         let breaker_window = parse_with(&src, "breaker_window", parse_positive_duration)?;
         let breaker_min_requests = parse_with(&src, "breaker_min_requests", |s| {
             parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
@@ -759,6 +784,8 @@ impl Config {
             upstream_max_in_flight,
             upstream_queue_timeout,
             upstream_max_in_flight_per_token,
+            rate_limit_per_token,
+            rate_limit_burst,
             breaker_window,
             breaker_min_requests,
             breaker_failure_ratio,
@@ -870,6 +897,17 @@ impl Config {
     pub fn per_token_in_flight(&self) -> usize {
         self.upstream_max_in_flight_per_token
             .unwrap_or_else(|| default_per_token_in_flight(self.upstream_max_in_flight))
+    }
+
+    /// The per-token rate and its burst (unless set, the rate per second, at least 1), or
+    /// `None` when no rate limit is set.
+    pub fn rate_limit(&self) -> Option<(crate::protect::Rate, u32)> {
+        let rate = self.rate_limit_per_token?;
+        Some((
+            rate,
+            self.rate_limit_burst
+                .unwrap_or_else(|| rate.default_burst()),
+        ))
     }
 }
 
@@ -1498,6 +1536,55 @@ mod tests {
                 "many"
             ])
             .starts_with("--upstream-max-in-flight-per-token: invalid number")
+        );
+    }
+
+    /// SPEC 12: off by default; the burst follows the rate unless set.
+    #[test]
+    fn rate_limit_and_its_burst() {
+        assert!(ok_of(&[]).rate_limit().is_none());
+        let (rate, burst) = ok_of(&["--rate-limit-per-token", "20/s"])
+            .rate_limit()
+            .unwrap();
+        assert_eq!(
+            (rate.count, rate.per, burst),
+            (20, Duration::from_secs(1), 20)
+        );
+        let (_, burst) = ok_of(&["--rate-limit-per-token", "600/m"])
+            .rate_limit()
+            .unwrap();
+        assert_eq!(burst, 10);
+        let (_, burst) = ok_of(&["--rate-limit-per-token", "30/h"])
+            .rate_limit()
+            .unwrap();
+        assert_eq!(burst, 1, "at least 1");
+        let (_, burst) = ok_of(&[
+            "--rate-limit-per-token",
+            "600/m",
+            "--rate-limit-burst",
+            "50",
+        ])
+        .rate_limit()
+        .unwrap();
+        assert_eq!(burst, 50);
+        assert!(
+            err_of(&["--upstream", "http://x", "--rate-limit-per-token", "20"])
+                .starts_with("--rate-limit-per-token: invalid rate \"20\"")
+        );
+        assert!(
+            err_of(&["--upstream", "http://x", "--rate-limit-burst", "5"])
+                .starts_with("--rate-limit-burst: has no effect")
+        );
+        assert!(
+            err_of(&[
+                "--upstream",
+                "http://x",
+                "--rate-limit-per-token",
+                "1/s",
+                "--rate-limit-burst",
+                "0"
+            ])
+            .starts_with("--rate-limit-burst: must be at least 1")
         );
     }
 

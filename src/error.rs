@@ -19,6 +19,9 @@ pub enum LocalError {
     InvalidToken,
     /// Shed (queue timeout) or breaker open. `retry_after` is whole seconds, at least 1.
     Unavailable { retry_after: u64 },
+    /// Over `--rate-limit-per-token` (SPEC 12). `retry_after`: whole seconds until the scope
+    /// may make a request again, at least 1.
+    RateLimited { retry_after: u64 },
     /// The upstream did not answer within `--upstream-timeout`.
     Timeout,
     /// Connect failure or a malformed upstream response.
@@ -36,6 +39,7 @@ impl LocalError {
                 StatusCode::UNAUTHORIZED
             }
             LocalError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            LocalError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LocalError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             LocalError::BadGateway => StatusCode::BAD_GATEWAY,
             LocalError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -50,6 +54,7 @@ impl LocalError {
             LocalError::MalformedToken => "malformed_token",
             LocalError::InvalidToken => "invalid_token",
             LocalError::Unavailable { .. } => "upstream_unavailable",
+            LocalError::RateLimited { .. } => "rate_limited",
             LocalError::Timeout => "upstream_timeout",
             LocalError::BadGateway => "bad_gateway",
             LocalError::MethodNotAllowed => "method_not_allowed",
@@ -64,6 +69,9 @@ impl LocalError {
             // Chatwoot's own wording, so clients that match on it keep working.
             LocalError::InvalidToken => "Invalid Access Token".to_string(),
             LocalError::Unavailable { .. } => "Chatwoot is unavailable, retry later".to_string(),
+            LocalError::RateLimited { .. } => {
+                "Too many requests for this token, retry later".to_string()
+            }
             LocalError::Timeout => "Chatwoot did not answer in time".to_string(),
             LocalError::BadGateway => "Chatwoot could not be reached or answered invalidly".into(),
             LocalError::MethodNotAllowed => "Method not supported by the proxy".to_string(),
@@ -73,9 +81,10 @@ impl LocalError {
 
     fn field<'a>(&self, token_header: &'a str) -> &'a str {
         match self {
-            LocalError::MissingToken | LocalError::MalformedToken | LocalError::InvalidToken => {
-                token_header
-            }
+            LocalError::MissingToken
+            | LocalError::MalformedToken
+            | LocalError::InvalidToken
+            | LocalError::RateLimited { .. } => token_header,
             LocalError::MethodNotAllowed => "method",
             LocalError::RequestTimeout => "body",
             _ => "upstream",
@@ -108,7 +117,9 @@ impl LocalError {
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let LocalError::Unavailable { retry_after } = self {
+        if let LocalError::Unavailable { retry_after } | LocalError::RateLimited { retry_after } =
+            self
+        {
             h.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         resp
@@ -128,6 +139,18 @@ mod tests {
         assert_eq!(v["errors"][0]["field"], "api_access_token");
         assert_eq!(v["errors"][0]["message"], "Missing api_access_token header");
         assert_eq!(v["errors"][0]["code"], "missing_token");
+    }
+
+    #[test]
+    fn rate_limited_is_a_429_with_retry_after() {
+        let r = LocalError::RateLimited { retry_after: 4 }.response("api_access_token");
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "4");
+        let body = LocalError::RateLimited { retry_after: 4 }.body("api_access_token");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "rate_limited");
+        assert_eq!(v["errors"][0]["field"], "api_access_token");
+        assert_eq!(v["error"], v["description"]);
     }
 
     #[test]

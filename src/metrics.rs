@@ -102,8 +102,15 @@ pub enum ShedReason {
     BreakerOpen = 1,
     /// The request's scope held its whole share of upstream slots (SPEC 12).
     TokenQuota = 2,
+    /// The request's scope was over `--rate-limit-per-token` (SPEC 12).
+    RateLimited = 3,
 }
-const SHED_REASONS: [&str; 3] = ["queue_timeout", "breaker_open", "token_quota"];
+const SHED_REASONS: [&str; 4] = [
+    "queue_timeout",
+    "breaker_open",
+    "token_quota",
+    "rate_limited",
+];
 
 /// `auth_rejections_total{reason}`.
 #[derive(Debug, Clone, Copy)]
@@ -542,6 +549,7 @@ mod tests {
             "chatwoot_cache_invalidations_total{source=\"webhook\"} 0",
             "chatwoot_cache_shed_total{reason=\"breaker_open\"} 0",
             "chatwoot_cache_shed_total{reason=\"token_quota\"} 0",
+            "chatwoot_cache_shed_total{reason=\"rate_limited\"} 0",
             "chatwoot_cache_breaker_state 0",
             "chatwoot_cache_auth_rejections_total{reason=\"invalid\"} 0",
         ] {

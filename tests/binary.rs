@@ -180,6 +180,8 @@ fn help_lists_every_setting_and_default() {
             "--upstream-max-in-flight-per-token",
             "a quarter of --upstream-max-in-flight, at least 1",
         ),
+        ("--rate-limit-per-token", "off"),
+        ("--rate-limit-burst", "the rate per second, at least 1"),
         ("--breaker-window", "10s"),
         ("--breaker-min-requests", "20"),
         ("--breaker-failure-ratio", "0.5"),

@@ -279,3 +279,72 @@ async fn cap_zero_turns_fair_slots_off() {
     }
     assert_eq!(fake.max_concurrency(), 4);
 }
+
+const SHED_RATE: &str = r#"chatwoot_cache_shed_total{reason="rate_limited"}"#;
+
+fn assert_rate_limited(r: &Resp, what: &str) {
+    assert_eq!(
+        (r.status.as_u16(), r.x_cache()),
+        (429, "LOCAL"),
+        "{what}: {r:?}"
+    );
+    assert_eq!(r.json()["errors"][0]["code"], "rate_limited", "{what}");
+    let ra: u64 = r.header("retry-after").parse().expect("Retry-After");
+    // 1 request a minute: the next one is due within the minute, and never "0".
+    assert!((1..=60).contains(&ra), "{what}: Retry-After {ra}");
+}
+
+/// `--rate-limit-per-token 1/m` with a burst of 3: a token's first three requests that need
+/// the upstream pass, the fourth gets `429 rate_limited` with `Retry-After` (seconds until the
+/// next one is due, at least 1), on the conversation route and on pass-through alike, while
+/// cache hits are never limited and a stored conversation past its TTL is answered `STALE`
+/// (`fwd-status=429`) instead of the 429. Another token has its own bucket. Random tokens
+/// share their client address's bucket until the upstream accepts one.
+#[tokio::test]
+async fn rate_limit_answers_429_or_stale() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 10, &["t", "u"]);
+    let mut cfg = config(&fake.url());
+    cfg.rate_limit_per_token = Some(chatwoot_cache::protect::parse_rate("1/m").unwrap());
+    cfg.rate_limit_burst = Some(3);
+    cfg.cache_ttl = Duration::from_secs(2);
+    cfg.stale_while_revalidate = Duration::ZERO;
+    cfg.stale_if_error = Duration::from_secs(60);
+    let proxy = start_proxy(cfg).await;
+    // Not yet accepted: charged to the address's bucket (1 of 3), then t's own bucket.
+    assert_eq!(conv(&proxy, 1, 42, "t").await.x_cache(), "MISS");
+    let stored_at = Instant::now();
+    assert_eq!(conv(&proxy, 1, 1000, "t").await.x_cache(), "MISS");
+    assert_eq!(conv(&proxy, 1, 1001, "t").await.x_cache(), "MISS");
+    assert_eq!(conv(&proxy, 1, 1002, "t").await.x_cache(), "MISS");
+    let upstream_before = fake.requests();
+    assert_rate_limited(&conv(&proxy, 1, 1003, "t").await, "conversation miss");
+    let r = get(&proxy.url("/api/v1/accounts/1/contacts"), Some("t")).await;
+    assert_rate_limited(&r, "pass-through");
+    assert_eq!(
+        fake.requests(),
+        upstream_before,
+        "limited requests stay local"
+    );
+    // Hits are never limited.
+    for _ in 0..5 {
+        assert_eq!(conv(&proxy, 1, 1000, "t").await.x_cache(), "HIT");
+    }
+    // Another token: its own bucket (after its first request, charged to the address).
+    assert_eq!(conv(&proxy, 1, 1000, "u").await.x_cache(), "MISS");
+    assert_eq!(conv(&proxy, 1, 1001, "u").await.x_cache(), "MISS");
+    // Random tokens share the address's bucket: its last request, then 429s.
+    assert_eq!(conv(&proxy, 1, 1000, "random-1").await.status, 401);
+    assert_rate_limited(&conv(&proxy, 1, 1000, "random-2").await, "random token");
+
+    // (1, 42) past its TTL: stale instead of the 429.
+    let ttl_end = stored_at + Duration::from_millis(2100);
+    tokio::time::sleep(ttl_end.saturating_duration_since(Instant::now())).await;
+    let r = conv(&proxy, 1, 42, "t").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "STALE"), "{r:?}");
+    assert_eq!(
+        r.header("cache-status"),
+        "chatwoot-cache; fwd=stale; fwd-status=429; detail=stale-if-error"
+    );
+    assert_eq!(metric(&metrics_text(&proxy).await, SHED_RATE), 4.0);
+}

@@ -1,14 +1,16 @@
 //! Upstream protection (SPEC 6, 12): a concurrency limit with a queue deadline, shared fairly
 //! between token scopes ([`limiter`]), the token scopes the upstream has accepted ([`accepted`]),
-//! and a circuit breaker. They sit in front of every upstream request, all routes together.
+//! a per-token rate limit ([`rate`]) and a circuit breaker. They sit in front of every upstream request, all routes together.
 
 mod accepted;
 mod breaker;
 mod limiter;
+mod rate;
 
 pub use accepted::AcceptedTokens;
 pub use breaker::{Admission, Breaker, BreakerConfig, BreakerState, Outcome, Ticket};
 pub use limiter::{Key, Limiter, Shed, UpstreamPermit};
+pub use rate::{Rate, RateLimiter, parse_rate};
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -26,8 +28,9 @@ pub struct Charge {
 }
 
 impl Charge {
-    /// The scope this request's fair share is counted in: its token once the upstream has
-    /// accepted that token, else its client address, so random tokens cannot escape the cap.
+    /// The scope this request's fair share and rate are counted in: its token once the
+    /// upstream has accepted that token, else its client address, so random tokens cannot
+    /// escape the cap or the rate limit.
     pub fn key(&self, accepted: &AcceptedTokens) -> Key {
         match self.token {
             Some(t) if accepted.contains(t) => Key::Token(t),

@@ -29,8 +29,8 @@ use crate::error::LocalError;
 use crate::live::Live;
 use crate::metrics::{Metrics, ShedReason};
 use crate::protect::{
-    self, AcceptedTokens, Admission, Breaker, BreakerConfig, Charge, Limiter, Outcome, Shed,
-    Ticket, UpstreamPermit,
+    self, AcceptedTokens, Admission, Breaker, BreakerConfig, Charge, Limiter, Outcome, RateLimiter,
+    Shed, Ticket, UpstreamPermit,
 };
 use crate::routing::RouteLabel;
 use crate::tls::{self, TlsError};
@@ -53,6 +53,9 @@ pub enum UpstreamError {
     /// The request's scope held its whole share of upstream slots for the queue timeout.
     #[error("shed: the token's share of upstream slots stayed taken")]
     TokenQuota,
+    /// The request's scope is over `--rate-limit-per-token`.
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
     #[error("circuit breaker open")]
     BreakerOpen { retry_after: Duration },
     /// The client's request body stalled or broke off: the client's doing, not the upstream's.
@@ -73,6 +76,9 @@ impl UpstreamError {
             UpstreamError::BreakerOpen { retry_after } => LocalError::Unavailable {
                 retry_after: protect::retry_after_secs(*retry_after),
             },
+            UpstreamError::RateLimited { retry_after } => LocalError::RateLimited {
+                retry_after: protect::retry_after_secs(*retry_after),
+            },
         }
     }
 
@@ -85,7 +91,10 @@ impl UpstreamError {
     pub fn is_local(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Shed | UpstreamError::TokenQuota | UpstreamError::BreakerOpen { .. }
+            UpstreamError::Shed
+                | UpstreamError::TokenQuota
+                | UpstreamError::RateLimited { .. }
+                | UpstreamError::BreakerOpen { .. }
         )
     }
 }
@@ -359,8 +368,16 @@ pub struct Upstream {
     limiter: Limiter,
     /// Tokens charged as their own scope (see [`Charge::key`]).
     accepted: Arc<AcceptedTokens>,
+    /// `--rate-limit-per-token`, when set (live: a reload with other values replaces it).
+    rate: Live<Option<RateLimiter>>,
     breaker: Arc<Breaker>,
     metrics: Arc<Metrics>,
+}
+
+/// The rate limiter `cfg` asks for, if any.
+fn rate_limiter(cfg: &Config) -> Option<RateLimiter> {
+    cfg.rate_limit()
+        .map(|(rate, burst)| RateLimiter::new(rate, burst))
 }
 
 fn breaker_config(cfg: &Config) -> BreakerConfig {
@@ -437,6 +454,7 @@ impl Upstream {
                 metrics.upstream_in_flight.clone(),
             ),
             accepted: Arc::new(AcceptedTokens::default()),
+            rate: Live::new(rate_limiter(cfg)),
             breaker: Breaker::new(breaker_config(cfg), metrics.breaker_state.clone()),
             metrics,
         })
@@ -453,6 +471,11 @@ impl Upstream {
             cfg.upstream_queue_timeout,
         );
         self.breaker.reconfigure(breaker_config(cfg));
+        // Buckets are kept unless the rate or burst changed.
+        let rate = self.rate.load();
+        if rate.as_ref().as_ref().map(RateLimiter::settings) != cfg.rate_limit() {
+            self.rate.store(rate_limiter(cfg));
+        }
     }
 
     pub fn breaker(&self) -> &Breaker {
@@ -496,6 +519,16 @@ impl Upstream {
             upgrade,
             defer_outcome,
         } = opts;
+        let key = charge.key(&self.accepted);
+        // A request with a token is held to its scope's rate (SPEC 12) before anything else,
+        // so a limited request never becomes the breaker's probe nor waits for a slot.
+        if charge.token.is_some()
+            && let Some(rate) = &*self.rate.load()
+            && let Err(retry_after) = rate.check(key)
+        {
+            self.metrics.shed(ShedReason::RateLimited);
+            return Err(UpstreamError::RateLimited { retry_after });
+        }
         let ticket = match self.breaker.admit() {
             Admission::Allowed(t) => t,
             Admission::Rejected { retry_after } => {
@@ -503,7 +536,7 @@ impl Upstream {
                 return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
-        let permit = match self.limiter.acquire(charge.key(&self.accepted)).await {
+        let permit = match self.limiter.acquire(key).await {
             Ok(p) => p,
             Err(Shed::QueueTimeout) => {
                 self.metrics.shed(ShedReason::QueueTimeout);
