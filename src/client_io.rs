@@ -16,7 +16,9 @@
 //! moved to the real deadline only when it fires, so a busy keep-alive connection touches the
 //! timer wheel about once per timeout period instead of twice per request. Requests report their
 //! start and end through [`Activity`]; while one is in flight (its body is read by other
-//! deadlines) or once the connection is h2 or an upgraded tunnel, no head deadline applies.
+//! deadlines) or once the connection is an upgraded tunnel, no head deadline applies. h2
+//! connections are timed the same way, by their streams: one with no stream in flight for the
+//! limit is closed, whatever PINGs or WINDOW_UPDATEs its client keeps sending.
 
 use std::io;
 use std::pin::Pin;
@@ -36,8 +38,7 @@ pub struct Activity {
     in_flight: AtomicU32,
     /// Milliseconds after `base` when the connection last became idle (0: its start).
     idle_since_ms: AtomicU64,
-    /// h2 (streams multiplex; hyper's keep-alive pings watch the connection) or an upgraded
-    /// tunnel: no head deadline.
+    /// An upgraded tunnel: its bytes are not request heads, no head deadline.
     exempt: AtomicBool,
 }
 
@@ -67,7 +68,7 @@ impl Activity {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
-    /// The connection is h2 or became a tunnel: heads are not timed any more.
+    /// The connection became a tunnel: heads are not timed any more.
     pub fn exempt(&self) {
         self.exempt.store(true, Ordering::Release);
     }

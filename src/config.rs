@@ -373,6 +373,24 @@ pub struct Cli {
     )]
     pub scope_secret: Option<String>,
 
+    /// Open client connections per listener; past it, new ones wait in the kernel's backlog
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value = "10000"
+    )]
+    pub max_connections: String,
+
+    /// Concurrent /cable (ActionCable websocket) tunnels, outside the upstream request limit
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_MAX_TUNNELS",
+        value_name = "N",
+        default_value = "4096"
+    )]
+    pub max_tunnels: String,
+
     /// Log line format on stderr: text or json
     #[arg(
         long,
@@ -496,6 +514,8 @@ pub struct Config {
     pub client_header_timeout: Duration,
     pub trusted_proxies: crate::upstream::TrustedProxies,
     pub reload_interval: Duration,
+    pub max_connections: usize,
+    pub max_tunnels: usize,
     pub log_format: LogFormat,
     pub log_level: String,
     /// The shared tier (SPEC 11), when `--redis-url` is set.
@@ -700,6 +720,10 @@ impl Config {
                 .map_err(|problem| with_origin("trusted_proxies", &raw, problem))?,
         };
         let reload_interval = parse_with(&src, "reload_interval", parse_duration)?;
+        let max_connections = parse_with(&src, "max_connections", |s| {
+            parse_count(s).map(|n| n as usize)
+        })?;
+        let max_tunnels = parse_with(&src, "max_tunnels", |s| parse_count(s).map(|n| n as usize))?;
         let log_format = parse_with(&src, "log_format", |s| match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
@@ -806,6 +830,8 @@ impl Config {
             client_header_timeout,
             trusted_proxies,
             reload_interval,
+            max_connections,
+            max_tunnels,
             log_format,
             log_level,
             redis,
@@ -1806,6 +1832,7 @@ mod tests {
         assert_eq!(c.max_object_bytes, 4 << 20);
         assert_eq!(c.upstream_max_in_flight, 256);
         assert_eq!(c.breaker_min_requests, 20);
+        assert_eq!((c.max_connections, c.max_tunnels), (10_000, 4096));
         assert_eq!(c.token_header, "api_access_token");
         assert!(c.upstream.is_https());
         assert_eq!(c.upstream.base_path, "");

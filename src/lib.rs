@@ -2,7 +2,8 @@
 //!
 //! The request path, in the order a request meets the modules:
 //!
-//! - [`server`]: accept loops (plain or TLS), HTTP/1.1 + h2, graceful shutdown;
+//! - [`server`]: accept loops (plain or TLS), HTTP/1.1 + h2, graceful shutdown; [`listener`]
+//!   caps open connections and backs off on accept errors;
 //!   [`client_io`] keeps the head (slowloris, idle keep-alive) and write deadlines of client
 //!   connections.
 //! - [`proxy`]: the per-request handler that ties everything together.
@@ -30,6 +31,7 @@ pub mod client_io;
 pub mod config;
 pub mod error;
 pub mod invalidation;
+pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod protect;

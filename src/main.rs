@@ -9,7 +9,6 @@ use chatwoot_cache::config::{Cli, Config, Effective, LogFormat};
 use chatwoot_cache::reload::Reloader;
 use chatwoot_cache::{Proxy, server};
 use clap::CommandFactory;
-use tokio::net::TcpListener;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -131,14 +130,14 @@ async fn serve(
             return ExitCode::from(1);
         }
     };
-    let public = match TcpListener::bind(config.listen).await {
+    let public = match chatwoot_cache::listener::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: --listen {}: {e}", config.listen);
             return ExitCode::from(1);
         }
     };
-    let admin = match TcpListener::bind(config.admin_listen).await {
+    let admin = match chatwoot_cache::listener::bind(config.admin_listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: --admin-listen {}: {e}", config.admin_listen);

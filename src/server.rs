@@ -24,14 +24,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::client_io::{Activity, ClientIo, InFlight};
+use crate::listener::{Accepted, Listener};
 
 use crate::proxy::Proxy;
 use crate::upstream::ClientInfo;
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// How long a TLS handshake may take.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent h2 streams per client connection (SPEC §10): bounds what one connection can
+/// hold (hyper's default is 200).
+const MAX_H2_STREAMS: u32 = 100;
 
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -48,6 +50,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MAX_H2_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
@@ -68,30 +71,32 @@ pub async fn run(
     // hyper's graceful shutdown does not see: they must not hold up the drain.
     let stopping = CancellationToken::new();
 
+    // Not live (SPEC 13): the listeners keep the cap they started with.
+    let max_connections = proxy.config.load().max_connections;
+    let admin = Listener::new(admin, max_connections, "admin");
     let admin_task = tokio::spawn(admin_loop(proxy.clone(), admin, builder.clone()));
 
+    let mut public = Listener::new(public, max_connections, "public");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = public.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let conn = PublicConn {
-                        proxy: proxy.clone(),
-                        builder: builder.clone(),
-                        acceptor: acceptor.clone(),
-                        peer,
-                        // Live: a reload applies to connections accepted afterwards.
-                        header_timeout: proxy.config.load().client_header_timeout,
-                        watcher: graceful.watcher(),
-                        stopping: stopping.clone(),
-                    };
-                    tokio::spawn(async move {
-                        let _ = stream.set_nodelay(true);
-                        conn.serve(stream).await;
-                    });
-                }
-                Err(e) => accept_backoff(e).await,
-            },
+            Accepted { stream, peer, slot } = public.accept() => {
+                let conn = PublicConn {
+                    proxy: proxy.clone(),
+                    builder: builder.clone(),
+                    acceptor: acceptor.clone(),
+                    peer,
+                    // Live: a reload applies to connections accepted afterwards.
+                    header_timeout: proxy.config.load().client_header_timeout,
+                    watcher: graceful.watcher(),
+                    stopping: stopping.clone(),
+                };
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    conn.serve(stream).await;
+                    drop(slot);
+                });
+            }
             _ = &mut shutdown => break,
         }
     }
@@ -150,8 +155,9 @@ impl PublicConn {
             service_fn(move |req| proxy.handle(req, client, &conn).map(Ok::<_, Infallible>));
         let result = match acceptor {
             Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                // The handshake counts against the first request head's deadline, which runs
+                // from the connection's start (the activity's base) in `ClientIo` below.
+                let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
                 let tls = tokio::select! {
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
@@ -166,9 +172,6 @@ impl PublicConn {
                     },
                     _ = stopping.cancelled() => return,
                 };
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    activity.exempt();
-                }
                 let io = TokioIo::new(ClientIo::new(tls, write_limit, activity, header_timeout));
                 let conn = builder.serve_connection_with_upgrades(io, service);
                 watcher.watch(conn.into_owned()).await
@@ -229,37 +232,28 @@ fn connection_error(
 
 async fn admin_loop(
     proxy: Arc<Proxy>,
-    listener: TcpListener,
+    mut listener: Listener,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
+        let Accepted { stream, peer, slot } = listener.accept().await;
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let limit = proxy.config.load().client_header_timeout;
+            let activity = Activity::new();
+            let io = ClientIo::new(stream, limit, activity.clone(), limit);
+            let service = service_fn(move |req| {
                 let proxy = proxy.clone();
-                let builder = builder.clone();
-                tokio::spawn(async move {
-                    let limit = proxy.config.load().client_header_timeout;
-                    let activity = Activity::new();
-                    let io = ClientIo::new(stream, limit, activity.clone(), limit);
-                    let service = service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        let in_flight = InFlight::start(&activity);
-                        async move {
-                            let response = crate::admin::handle(proxy, req, peer.ip()).await;
-                            drop(in_flight);
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                    let _ = builder.serve_connection(TokioIo::new(io), service).await;
-                });
-            }
-            Err(e) => accept_backoff(e).await,
-        }
+                let in_flight = InFlight::start(&activity);
+                async move {
+                    let response = crate::admin::handle(proxy, req, peer.ip()).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = builder.serve_connection(TokioIo::new(io), service).await;
+            drop(slot);
+        });
     }
-}
-
-/// Accept errors are usually fd exhaustion: log and back off briefly instead of spinning.
-async fn accept_backoff(e: std::io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }

@@ -200,6 +200,8 @@ fn help_lists_every_setting_and_default() {
         ("--reload-interval", "10s"),
         ("--upstream-client-cert-file", ""),
         ("--upstream-client-key-file", ""),
+        ("--max-connections", "10000"),
+        ("--max-tunnels", "4096"),
         ("--log-format", "text"),
         ("--log-level", "info"),
     ] {

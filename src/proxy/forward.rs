@@ -1,6 +1,14 @@
 //! Transparent pass-through (SPEC §3): protected and other routes, non-canonical conversation
 //! spellings, alternate-auth requests, and HTTP/1.1 upgrades (ActionCable on `/cable`).
 //!
+//! Only a websocket upgrade of `/cable` (Chatwoot's only websocket) is tunnelled, at most
+//! `--max-tunnels` at once (past it: `503` with `Retry-After: 1`, which ActionCable's client
+//! retries). An `Upgrade` anywhere else is not honoured: the request is forwarded as a plain
+//! request without its hop-by-hop `Upgrade`/`Connection` headers. Refusing it instead would
+//! break clients that offer an upgrade they can do without, such as curl's `Upgrade: h2c` on
+//! its first plain-HTTP request; a plain answer is what a server that does not speak the
+//! offered protocol gives (RFC 9110 §7.8).
+//!
 //! Bodies stream both ways. A 2xx write invalidates what it touched *before* its response
 //! headers are returned, so a read sent after the write's response cannot see the old body.
 
@@ -73,7 +81,24 @@ impl Proxy {
         route: Route,
         scope: Option<Scope>,
     ) -> Answer {
-        let upgrade = is_upgrade_request(&req);
+        let upgrade = is_upgrade_request(&req) && is_cable(&req);
+        // Held by the tunnel task for the tunnel's life.
+        let tunnel_slot = match upgrade {
+            false => None,
+            true => match self.tunnels.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    tracing::warn!(
+                        max_tunnels = self.config.load().max_tunnels,
+                        "tunnel refused: --max-tunnels reached"
+                    );
+                    return Answer::local(
+                        LocalError::Unavailable { retry_after: 1 },
+                        self.token_header_name(),
+                    );
+                }
+            },
+        };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         let (body, progress) = if incoming.is_end_stream() {
@@ -135,7 +160,10 @@ impl Proxy {
                 return Answer::local(LocalError::BadGateway, self.token_header_name());
             };
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            tokio::spawn(async move {
+                tunnel(client_upgrade, upstream_upgrade).await;
+                drop(tunnel_slot);
+            });
             let mut headers = std::mem::take(response.headers_mut());
             strip_response_hop_by_hop(status, &mut headers);
             let mut resp = Response::new(ResponseBody::empty());
@@ -221,6 +249,16 @@ fn is_upgrade_request<B>(req: &Request<B>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .any(|v| has_token(v, "upgrade"))
+}
+
+/// ActionCable's websocket: `/cable` (any query), asking for `websocket`.
+fn is_cable<B>(req: &Request<B>) -> bool {
+    req.uri().path() == "/cable"
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| has_token(v, "websocket"))
 }
 
 fn has_token(v: &HeaderValue, token: &str) -> bool {

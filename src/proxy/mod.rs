@@ -60,6 +60,8 @@ pub struct Proxy {
     token_header: TokenHeader,
     scoper: Scoper,
     pub(crate) invalid_tokens: InvalidTokens,
+    /// `/cable` tunnels open now, at most `--max-tunnels` (SPEC §10).
+    tunnels: Arc<tokio::sync::Semaphore>,
     ready: AtomicBool,
     /// Webhook handling slots and replay memory (admin listener).
     pub webhooks: crate::webhook::WebhookGate,
@@ -213,6 +215,11 @@ impl Proxy {
             token_header: TokenHeader::new(config.token_header.clone()),
             scoper,
             invalid_tokens: InvalidTokens::new(config.auth_negative_ttl),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .max_tunnels
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             ready: AtomicBool::new(true),
             webhooks: crate::webhook::WebhookGate::new(),
             config: Live::new(config),
@@ -260,9 +267,6 @@ impl Proxy {
         conn: &ConnState,
     ) -> Handled {
         let start = Instant::now();
-        if req.version() == http::Version::HTTP_2 {
-            conn.activity.exempt();
-        }
         // Behind a trusted proxy the client address is the request's, not the connection's.
         let client = if client.trusted_peer {
             conn.config.with(&self.config, |config| {
