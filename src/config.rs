@@ -859,7 +859,25 @@ impl Config {
             token_header => "--token-header",
             cache_max_bytes => "--cache-max-bytes",
             log_format => "--log-format",
+            max_connections => "--max-connections",
+            max_tunnels => "--max-tunnels",
+            scope_secret => "--scope-secret",
         );
+        // The Redis client, its channels and its keys are set up once at start.
+        let redis_key = |r: &Option<RedisConfig>| {
+            r.as_ref().map(|r| {
+                (
+                    r.url.clone(),
+                    r.ca_file.clone(),
+                    r.timeout,
+                    r.key_prefix.clone(),
+                )
+            })
+        };
+        if redis_key(&self.redis) != redis_key(&running.redis) {
+            self.redis = running.redis.clone();
+            kept.push("--redis-url, --redis-ca-file, --redis-timeout, --redis-key-prefix");
+        }
         // The public listener terminates TLS or not from start to end; its certificate
         // (another file, or new content) is live.
         if self.tls_cert_file.is_some() != running.tls_cert_file.is_some() {
@@ -1837,5 +1855,29 @@ mod tests {
         assert!(c.upstream.is_https());
         assert_eq!(c.upstream.base_path, "");
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn connection_caps_redis_and_scope_secret_are_restart_only() {
+        let running = Config::for_upstream("http://x").unwrap();
+        let mut next = Config::for_upstream("http://x").unwrap();
+        next.max_connections = 5;
+        next.max_tunnels = 6;
+        next.scope_secret = Some("s".repeat(40));
+        next.redis = Some(RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            ca_file: None,
+            timeout: Duration::from_millis(50),
+            key_prefix: "p:".into(),
+        });
+        let kept = next.keep_restart_only(&running);
+        assert_eq!(
+            (next.max_connections, next.max_tunnels),
+            (running.max_connections, running.max_tunnels)
+        );
+        assert!(next.scope_secret.is_none() && next.redis.is_none());
+        assert_eq!(kept.len(), 4, "{kept:?}");
+        // Nothing changed: nothing named.
+        assert!(running.clone().keep_restart_only(&running).is_empty());
     }
 }
