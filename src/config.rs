@@ -522,6 +522,18 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// `--scope-secret`: stable token scopes (and, with Redis, the values' HMAC key).
     pub scope_secret: Option<String>,
+    /// Which derived settings were given explicitly: a reload that keeps a restart-only value
+    /// re-derives the defaults that depend on it ([`Config::keep_restart_only`]).
+    pub explicit: Explicit,
+}
+
+/// Settings whose default is derived from another one, and whether they were set explicitly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Explicit {
+    /// `--max-object-bytes` (else derived from `--cache-max-bytes`).
+    pub max_object_bytes: bool,
+    /// `--admin-listen` (else derived from `--listen`).
+    pub admin_listen: bool,
 }
 
 /// Settings of the Redis shared tier (SPEC 11).
@@ -657,13 +669,8 @@ impl Config {
         let listen = parse_with(&src, "listen", parse_addr)?;
         // A default never contradicts a value that was set (SPEC §2): the admin port moves out
         // of the way of a public listener that took it.
-        let admin_listen = match parse_optional(&src, "admin_listen", parse_addr)? {
-            Some(addr) => addr,
-            None if listen.port() == DEFAULT_ADMIN_PORT => {
-                SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT + 1))
-            }
-            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT)),
-        };
+        let explicit_admin_listen = parse_optional(&src, "admin_listen", parse_addr)?;
+        let admin_listen = explicit_admin_listen.unwrap_or_else(|| default_admin_listen(listen));
         let token_header = parse_with(&src, "token_header", parse_header_name)?;
         let cache_ttl = parse_with(&src, "cache_ttl", parse_duration)?;
         let stale_while_revalidate = parse_with(&src, "stale_while_revalidate", parse_duration)?;
@@ -672,13 +679,20 @@ impl Config {
         let auth_negative_ttl = parse_with(&src, "auth_negative_ttl", parse_duration)?;
         let cache_max_bytes = parse_with(&src, "cache_max_bytes", parse_size)?;
         // Derived from --cache-max-bytes unless set, so a small cache alone starts (SPEC §2).
-        let max_object_bytes = parse_optional(&src, "max_object_bytes", parse_size)?
-            .unwrap_or_else(|| default_max_object_bytes(cache_max_bytes));
+        let explicit_max_object_bytes = parse_optional(&src, "max_object_bytes", parse_size)?;
+        let max_object_bytes =
+            explicit_max_object_bytes.unwrap_or_else(|| default_max_object_bytes(cache_max_bytes));
         let upstream_timeout = parse_with(&src, "upstream_timeout", parse_positive_duration)?;
         let upstream_connect_timeout =
             parse_with(&src, "upstream_connect_timeout", parse_positive_duration)?;
         let upstream_max_in_flight = parse_with(&src, "upstream_max_in_flight", |s| {
-            parse_count(s).map(|n| n as usize)
+            let n = parse_count(s)?;
+            if n > MAX_UPSTREAM_IN_FLIGHT {
+                return Err(format!(
+                    "{n} is above the maximum of {MAX_UPSTREAM_IN_FLIGHT}"
+                ));
+            }
+            usize::try_from(n).map_err(|_| format!("{n} is too large"))
         })?;
         let upstream_queue_timeout = parse_with(&src, "upstream_queue_timeout", parse_duration)?;
         let upstream_max_in_flight_per_token =
@@ -836,6 +850,10 @@ impl Config {
             log_level,
             redis,
             scope_secret,
+            explicit: Explicit {
+                max_object_bytes: explicit_max_object_bytes.is_some(),
+                admin_listen: explicit_admin_listen.is_some(),
+            },
         })
     }
 
@@ -844,6 +862,12 @@ impl Config {
     /// names those a reload asked to change. A new restart-only setting gets one line here.
     pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
         let mut kept = Vec::new();
+        // A derived default follows the value it is derived from *as it will run*: derived
+        // from the new file's (discarded) listen address or cache size, it would report or
+        // refuse a change nobody asked for, or silently shrink the object limit.
+        if !self.explicit.admin_listen {
+            self.admin_listen = running.admin_listen;
+        }
         macro_rules! keep {
             ($($field:ident => $flag:literal),* $(,)?) => {$(
                 if self.$field != running.$field {
@@ -884,6 +908,9 @@ impl Config {
             self.tls_cert_file = running.tls_cert_file.clone();
             self.tls_key_file = running.tls_key_file.clone();
             kept.push("--tls-cert-file (TLS on or off)");
+        }
+        if !self.explicit.max_object_bytes {
+            self.max_object_bytes = default_max_object_bytes(self.cache_max_bytes);
         }
         kept
     }
@@ -960,8 +987,24 @@ pub fn default_per_token_in_flight(max_in_flight: usize) -> usize {
     (max_in_flight / 4).max(1)
 }
 
+/// The largest `--upstream-max-in-flight`: far more than any Chatwoot takes. A bound checked at
+/// parse time keeps slot arithmetic far from overflow (a semaphore-based limiter panicked on a
+/// value above `usize::MAX >> 3`), so a reload's switch-over cannot fail (`Proxy::apply_config`).
+pub const MAX_UPSTREAM_IN_FLIGHT: u64 = 1_000_000;
+
 /// The admin listener's port unless `--admin-listen` says otherwise.
 pub const DEFAULT_ADMIN_PORT: u16 = 9090;
+
+/// `--admin-listen` when not set: port 9090 on every address, or 9091 if `--listen` took 9090
+/// (a default never contradicts a value that was set, SPEC §2).
+fn default_admin_listen(listen: SocketAddr) -> SocketAddr {
+    let port = if listen.port() == DEFAULT_ADMIN_PORT {
+        DEFAULT_ADMIN_PORT + 1
+    } else {
+        DEFAULT_ADMIN_PORT
+    };
+    SocketAddr::from(([0, 0, 0, 0], port))
+}
 
 /// `--max-object-bytes` when not set: 4MiB, but at most 1/16 of the cache, so one object can
 /// never crowd out the rest of a small cache.
@@ -1630,6 +1673,50 @@ mod tests {
             ])
             .starts_with("--rate-limit-burst: must be at least 1")
         );
+    }
+
+    #[test]
+    fn upstream_max_in_flight_is_bounded() {
+        assert_eq!(
+            ok_of(&["--upstream-max-in-flight", "1000000"]).upstream_max_in_flight,
+            1_000_000
+        );
+        for huge in ["1000001", "2305843009213693952", "18446744073709551615"] {
+            let e = err_of(&["--upstream", "http://x", "--upstream-max-in-flight", huge]);
+            assert!(
+                e.starts_with("--upstream-max-in-flight:") && e.contains("maximum of 1000000"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    /// A reload keeps the running cache size and listen address; the defaults derived from them
+    /// follow the running values, not the discarded new ones.
+    #[test]
+    fn a_reload_re_derives_defaults_from_the_kept_restart_only_values() {
+        // 1MiB running (object limit 64KiB), the file now says 1GiB: 64KiB stays, and only
+        // --cache-max-bytes is reported kept (before: the reload failed on a 4MiB limit).
+        let running = ok_of(&["--cache-max-bytes", "1MiB"]);
+        let mut next = ok_of(&["--cache-max-bytes", "1GiB", "--cache-ttl", "1m"]);
+        assert_eq!(next.keep_restart_only(&running), vec!["--cache-max-bytes"]);
+        assert_eq!(next.cache_max_bytes, 1 << 20);
+        assert_eq!(next.max_object_bytes, 64 << 10);
+        // The reverse: 1GiB running (4MiB), the file says 1MiB: the limit is not silently cut.
+        let running = ok_of(&["--cache-max-bytes", "1GiB"]);
+        let mut next = ok_of(&["--cache-max-bytes", "1MiB"]);
+        next.keep_restart_only(&running);
+        assert_eq!(next.max_object_bytes, 4 << 20);
+        // An explicit limit is taken as given.
+        let mut next = ok_of(&["--cache-max-bytes", "1MiB", "--max-object-bytes", "8KiB"]);
+        next.keep_restart_only(&running);
+        assert_eq!(next.max_object_bytes, 8 << 10);
+        // A listen address moved onto 9090 would move the derived admin port: only --listen
+        // is reported.
+        let running = ok_of(&[]);
+        let mut next = ok_of(&["--listen", "0.0.0.0:9090"]);
+        assert_eq!(next.keep_restart_only(&running), vec!["--listen"]);
+        assert_eq!(next.admin_listen, running.admin_listen);
     }
 
     #[test]

@@ -32,10 +32,26 @@ pub enum ReloadError {
     Tls(#[from] TlsError),
 }
 
+/// A new configuration with everything it needs built and checked: switching to it cannot fail.
+struct Prepared {
+    next: Config,
+    kept: Vec<&'static str>,
+    server_cert: Option<tls::ServerCert>,
+    dial: crate::upstream::Dial,
+}
+
 impl Proxy {
     /// Applies a newly loaded configuration. Returns the restart-only settings that asked for a
     /// change and kept their running values. On error nothing has changed.
-    pub fn apply_config(&self, mut next: Config) -> Result<Vec<&'static str>, ReloadError> {
+    pub fn apply_config(&self, next: Config) -> Result<Vec<&'static str>, ReloadError> {
+        let prepared = self.prepare_config(next)?;
+        let kept = prepared.kept.clone();
+        self.switch_config(prepared);
+        Ok(kept)
+    }
+
+    /// Everything that can fail, before anything changes.
+    fn prepare_config(&self, mut next: Config) -> Result<Prepared, ReloadError> {
         let running = self.config.load();
         let kept = next.keep_restart_only(&running);
         // The cache's size stays: a new object limit must still fit the running one.
@@ -49,15 +65,33 @@ impl Proxy {
             }
             .into());
         }
-        // Everything that can fail, before anything changes.
         let server_cert = match (&self.server_tls, &next.tls_cert_file, &next.tls_key_file) {
             (Some(_), Some(cert), Some(key)) => Some(tls::server_cert(cert, key)?),
             _ => None,
         };
         let dial = crate::upstream::dial(&next)?;
+        Ok(Prepared {
+            next,
+            kept,
+            server_cert,
+            dial,
+        })
+    }
 
-        // Switch over. Each store is independent; a request may see some components on the
-        // old values and others on the new for the instant this takes.
+    /// Switches every component over. Infallible by construction, so a reload applies whole
+    /// or not at all: every value was bounded when it was parsed to what the components accept
+    /// (e.g. `--upstream-max-in-flight` at most `MAX_UPSTREAM_IN_FLIGHT`), and everything read from files was built in [`Proxy::prepare_config`]. Keep it
+    /// that way: a check that can fail belongs there.
+    ///
+    /// Each store is independent; a request may see some components on the old values and
+    /// others on the new for the instant this takes.
+    fn switch_config(&self, prepared: Prepared) {
+        let Prepared {
+            next,
+            kept: _,
+            server_cert,
+            dial,
+        } = prepared;
         self.metrics
             .set_cert_expiry(CertListener::UpstreamClient, dial.client_cert_not_after);
         self.upstream.reconfigure(&next, dial);
@@ -69,7 +103,6 @@ impl Proxy {
         self.store.policy.store(cache_policy(&next));
         self.invalid_tokens.set_ttl(next.auth_negative_ttl);
         self.config.store(next);
-        Ok(kept)
     }
 }
 
@@ -84,8 +117,20 @@ pub struct Reloader {
     proxy: Arc<Proxy>,
     load: Loader,
     on_log_level: Option<LogLevelHook>,
+    /// What the last reload saw; also serialises reloads (SIGHUP and the file watcher).
+    state: Mutex<WatchState>,
+}
+
+/// The trigger of the retries [`Reloader::check_files`] makes while the last reload failed.
+const RETRY: &str = "retry of a failed reload";
+
+struct WatchState {
     /// The watched files' contents as of the last reload (or start).
-    seen: Mutex<Vec<(PathBuf, Option<u64>)>>,
+    seen: Vec<(PathBuf, Option<u64>)>,
+    /// The last reload's error, while it stands. A failed reload may have named files the
+    /// running configuration does not watch (a new `webhook_secrets_file` in a ConfigMap
+    /// updated before the Secret holding it), so while this is set every check retries.
+    failed: Option<String>,
 }
 
 impl Reloader {
@@ -95,7 +140,7 @@ impl Reloader {
             proxy,
             load,
             on_log_level: None,
-            seen: Mutex::new(seen),
+            state: Mutex::new(WatchState { seen, failed: None }),
         }
     }
 
@@ -109,9 +154,9 @@ impl Reloader {
     /// for the log line. Returns whether the new configuration was applied.
     pub fn reload(&self, trigger: &str) -> bool {
         let running = self.proxy.config.load();
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         // Taken before reading, so a file that changes while we read is seen again next time.
-        *seen = fingerprints(&running);
+        let before = fingerprints(&running);
         let result = (self.load)()
             .map_err(ReloadError::from)
             .and_then(|next| self.proxy.apply_config(next));
@@ -119,7 +164,16 @@ impl Reloader {
             Ok(kept) => {
                 self.proxy.metrics.config_reload(ReloadResult::Ok);
                 let now = self.proxy.config.load();
-                *seen = fingerprints(&now);
+                // The hashes from before the loader read the files, never after applying: a
+                // file replaced in between must not be recorded as applied. Files the new
+                // configuration names for the first time have no such hash; leaving them out
+                // makes the next check reload once more (harmless) rather than miss a change.
+                state.seen = now
+                    .watched_files()
+                    .into_iter()
+                    .filter_map(|path| before.iter().find(|(p, _)| p == path).cloned())
+                    .collect();
+                state.failed = None;
                 if now.log_level != running.log_level
                     && let Some(hook) = &self.on_log_level
                 {
@@ -138,18 +192,38 @@ impl Reloader {
                 true
             }
             Err(e) => {
-                self.proxy.metrics.config_reload(ReloadResult::Error);
-                tracing::error!(trigger, "configuration reload failed, nothing changed: {e}");
+                let problem = e.to_string();
+                // Retries repeat a standing failure every interval: logged and counted once
+                // per distinct failure. A SIGHUP always is (an operator asked).
+                if trigger == RETRY && state.failed.as_deref() == Some(problem.as_str()) {
+                    tracing::debug!(trigger, "configuration reload still failing: {problem}");
+                } else {
+                    self.proxy.metrics.config_reload(ReloadResult::Error);
+                    tracing::error!(
+                        trigger,
+                        "configuration reload failed, nothing changed: {problem}"
+                    );
+                }
+                state.failed = Some(problem);
+                state.seen = before;
                 false
             }
         }
     }
 
-    /// Reloads if a watched file's content changed since the last look.
+    /// Reloads if a watched file's content changed since the last look, or retries while the
+    /// last reload failed (what it needs may be a file nobody watches yet).
     pub fn check_files(&self) -> bool {
         let now = fingerprints(&self.proxy.config.load());
-        let changed = *self.seen.lock().unwrap_or_else(PoisonError::into_inner) != now;
-        changed && self.reload("file change")
+        let (changed, failed) = {
+            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            (state.seen != now, state.failed.is_some())
+        };
+        if failed {
+            self.reload(RETRY)
+        } else {
+            changed && self.reload("file change")
+        }
     }
 
     /// Checks the watched files every `--reload-interval` (live: a reload can change it; 0

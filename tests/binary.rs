@@ -48,6 +48,16 @@ fn invalid_settings_exit_2_with_one_line() {
             &["--upstream", "http://x", "--upstream-max-in-flight", "0"],
             "error: --upstream-max-in-flight:",
         ),
+        // Above tokio's semaphore limit it used to panic at start-up instead.
+        (
+            &[
+                "--upstream",
+                "http://x",
+                "--upstream-max-in-flight",
+                "18446744073709551615",
+            ],
+            "error: --upstream-max-in-flight: 18446744073709551615 is above the maximum of 1000000",
+        ),
         (
             &["--upstream", "http://x", "--log-format", "xml"],
             "error: --log-format:",

@@ -298,6 +298,12 @@ async fn an_invalid_reload_changes_nothing() {
     let mut fresh = tls_connect(proxy.addr, ca.roots()).await.unwrap();
     assert_eq!(fresh.get(CONV).await.unwrap(), (200, "HIT".into()));
     assert!(!reloader.check_files(), "a refused change is reported once");
+    let m = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(&m, r#"chatwoot_cache_config_reloads_total{result="error"}"#),
+        2.0,
+        "a retry of the same failure is not counted again"
+    );
 }
 
 /// A TTL lowered by a reload takes effect for the next request: the entry stored under the old
@@ -340,6 +346,120 @@ async fn a_reloaded_ttl_applies_to_the_next_request_and_entries_survive() {
         assert!(std::time::Instant::now() < deadline, "no revalidation");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A small cache started with only `cache_max_bytes` (derived object limit 64KiB); the file
+/// then asks for 1GiB (restart-only) and a new TTL: the TTL applies, the object limit stays
+/// derived from the running size (before: the reload failed naming --max-object-bytes).
+#[tokio::test]
+async fn a_kept_cache_size_keeps_its_derived_object_limit() {
+    let fake = FakeChatwoot::start().await;
+    let dir = temp_dir("config");
+    let file = dir.join("config.toml");
+    std::fs::write(&file, "cache_max_bytes = \"1MiB\"\n").unwrap();
+    let args = s(&[
+        "--upstream",
+        &fake.url(),
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let proxy = start_proxy(load(args.clone()).unwrap()).await;
+    let reloader = reloader(&proxy, args);
+    std::fs::write(&file, "cache_max_bytes = \"1GiB\"\ncache_ttl = \"7m\"\n").unwrap();
+    assert!(reloader.reload("SIGHUP"));
+    let config = proxy.proxy.config.load();
+    assert_eq!(config.cache_ttl, Duration::from_secs(420));
+    assert_eq!(config.cache_max_bytes, 1 << 20);
+    assert_eq!(config.max_object_bytes, 64 << 10);
+}
+
+/// The kubelet updates a ConfigMap and a Secret independently: the config may name a new
+/// secrets file before the Secret holding it arrives. That reload fails; the next checks
+/// retry (the failure is counted once) and apply as soon as the file is there, although the
+/// running configuration never watched it.
+#[tokio::test]
+async fn a_failed_reload_is_retried_until_the_file_it_named_arrives() {
+    let fake = FakeChatwoot::start().await;
+    let dir = temp_dir("config");
+    let file = dir.join("config.toml");
+    let secrets = temp_dir("secrets").join("webhooks.toml");
+    std::fs::write(&file, "cache_ttl = \"1h\"\n").unwrap();
+    let args = s(&[
+        "--upstream",
+        &fake.url(),
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let proxy = start_proxy(load(args.clone()).unwrap()).await;
+    let reloader = reloader(&proxy, args);
+    assert_ne!(
+        deliver_signed(&proxy, 1, "account-one").await,
+        200,
+        "no secret yet"
+    );
+
+    std::fs::write(
+        &file,
+        format!("webhook_secrets_file = {:?}\n", secrets.to_str().unwrap()),
+    )
+    .unwrap();
+    assert!(!reloader.check_files(), "the Secret has not arrived");
+    assert!(!reloader.check_files(), "still not");
+    let m = metrics_text(&proxy).await;
+    let errors = r#"chatwoot_cache_config_reloads_total{result="error"}"#;
+    assert_eq!(metric(&m, errors), 1.0, "one failure, counted once");
+
+    std::fs::write(&secrets, "[accounts]\n1 = [\"account-one\"]\n").unwrap();
+    assert!(reloader.check_files(), "retried once the file is there");
+    assert_eq!(deliver_signed(&proxy, 1, "account-one").await, 200);
+    // A file named for the first time is read once more (its content before the reload read
+    // it is unknown), then the checks are quiet: no retries after a success.
+    assert!(reloader.check_files());
+    assert!(!reloader.check_files(), "no retry after success");
+}
+
+/// A file replaced after the loader read it but before the reload finished is not recorded
+/// as applied: the next check reloads again.
+#[tokio::test]
+async fn a_file_replaced_during_a_reload_is_reloaded_again() {
+    let fake = FakeChatwoot::start().await;
+    let dir = temp_dir("config");
+    let file = dir.join("config.toml");
+    std::fs::write(&file, "cache_ttl = \"1h\"\n").unwrap();
+    let args = s(&[
+        "--upstream",
+        &fake.url(),
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let proxy = start_proxy(load(args.clone()).unwrap()).await;
+    let swap = file.clone();
+    let reloader = Reloader::new(
+        proxy.proxy.clone(),
+        Box::new(move || {
+            let c = load(args.clone());
+            // The kubelet swaps the file right after it was read.
+            if std::fs::read_to_string(&swap).unwrap().contains("2m") {
+                std::fs::write(&swap, "cache_ttl = \"3m\"\n").unwrap();
+            }
+            c
+        }),
+    );
+    std::fs::write(&file, "cache_ttl = \"2m\"\n").unwrap();
+    assert!(reloader.check_files());
+    assert_eq!(
+        proxy.proxy.config.load().cache_ttl,
+        Duration::from_secs(120)
+    );
+    assert!(
+        reloader.check_files(),
+        "the swapped-in file is seen as a change"
+    );
+    assert_eq!(
+        proxy.proxy.config.load().cache_ttl,
+        Duration::from_secs(180)
+    );
+    assert!(!reloader.check_files());
 }
 
 /// Upstream mTLS: an upstream that requires a client certificate refuses the proxy without
