@@ -380,7 +380,25 @@ async fn dashboard_and_alerts_use_only_real_metrics() {
     cfg.tls_key_file = Some(dir.join("key.pem"));
     cfg.upstream_client_cert_file = Some(dir.join("cert.pem"));
     cfg.upstream_client_key_file = Some(dir.join("key.pem"));
+    // And with the shared tier (a real redis-server), so its series (redis_up, l2, bus) exist.
+    let redis = support::redis::RedisServer::start();
+    cfg.redis = Some(chatwoot_cache::config::RedisConfig {
+        url: redis.url(),
+        ca_file: None,
+        timeout: Duration::from_secs(2),
+        key_prefix: "metrics-test:".into(),
+    });
+    cfg.scope_secret = Some("a-scope-secret-of-at-least-32-bytes!".into());
     let proxy = start_proxy(cfg).await;
+    let shared = proxy.proxy.store.shared().expect("shared tier configured");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(shared.is_up() && shared.is_subscribed()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shared tier not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let text = metrics_text(&proxy).await;
     let exposed: std::collections::BTreeSet<String> = text
         .lines()
