@@ -330,7 +330,7 @@ pub struct Cli {
     )]
     pub reload_interval: String,
 
-    /// Shared tier: Redis URL, redis://[user:password@]host:port[/db] or rediss:// (SPEC 11);
+    /// Shared tier: Redis URL, redis://[user:password@]host:port[/db] or rediss://;
     /// needs --scope-secret. Use a Redis of the cache's own (maxmemory, allkeys-lru)
     #[arg(
         long,
