@@ -390,15 +390,7 @@ async fn dashboard_and_alerts_use_only_real_metrics() {
     });
     cfg.scope_secret = Some("a-scope-secret-of-at-least-32-bytes!".into());
     let proxy = start_proxy(cfg).await;
-    let shared = proxy.proxy.store.shared().expect("shared tier configured");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !(shared.is_up() && shared.is_subscribed()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shared tier not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::redis::wait_ready(&proxy).await;
     let text = metrics_text(&proxy).await;
     let exposed: std::collections::BTreeSet<String> = text
         .lines()

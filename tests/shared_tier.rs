@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chatwoot_cache::config::RedisConfig;
 use http::Method;
-use support::redis::RedisServer;
+use support::redis::{RedisServer, wait_ready};
 use support::*;
 
 const SECRET: &str = "shared-tier-test-secret-0123456789abcdef";
@@ -35,16 +35,6 @@ async fn replica_with(
     let proxy = start_proxy(cfg).await;
     wait_ready(&proxy).await;
     proxy
-}
-
-/// Waits (generously) until the replica uses Redis and is subscribed to the bus.
-async fn wait_ready(proxy: &ProxyHandle) {
-    let shared = proxy.proxy.store.shared().expect("shared tier configured");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(shared.is_up() && shared.is_subscribed()) {
-        assert!(Instant::now() < deadline, "shared tier not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn updated_at(r: &Resp) -> String {

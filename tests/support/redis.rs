@@ -181,3 +181,13 @@ fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+/// Waits (generously) until `proxy` uses Redis and is subscribed to the bus.
+pub async fn wait_ready(proxy: &super::ProxyHandle) {
+    let shared = proxy.proxy.store.shared().expect("shared tier configured");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(shared.is_up() && shared.is_subscribed()) {
+        assert!(Instant::now() < deadline, "shared tier not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
