@@ -119,6 +119,7 @@ METRIC_LABELS = {
     "chatwoot_cache_evictions_total": {"cause"},
     "chatwoot_cache_coalesced_total": set(),
     "chatwoot_cache_revalidations_total": {"outcome"},
+    "chatwoot_cache_refresh_ahead_total": {"outcome"},
     "chatwoot_cache_invalidations_total": {"source"},
     "chatwoot_cache_shed_total": {"reason"},
     "chatwoot_cache_breaker_state": set(),

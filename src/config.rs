@@ -189,6 +189,25 @@ pub struct Cli {
     #[arg(long, env = "CHATWOOT_CACHE_RATE_LIMIT_BURST", value_name = "N")]
     pub rate_limit_burst: Option<String>,
 
+    /// Share of --cache-ttl after which a hot entry is revalidated in the background, so that
+    /// clients polling it keep getting HIT (0 = off)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_REFRESH_AHEAD",
+        value_name = "F",
+        default_value = "0.8"
+    )]
+    pub refresh_ahead: String,
+
+    /// Hits during its freshness that make an entry hot (worth refreshing ahead)
+    #[arg(
+        long,
+        env = "CHATWOOT_CACHE_REFRESH_AHEAD_MIN_HITS",
+        value_name = "N",
+        default_value = "2"
+    )]
+    pub refresh_ahead_min_hits: String,
+
     /// Circuit breaker observation window
     #[arg(
         long,
@@ -490,6 +509,9 @@ pub struct Config {
     pub rate_limit_per_token: Option<crate::protect::Rate>,
     /// `None`: derived from the rate, see [`Config::rate_limit`].
     pub rate_limit_burst: Option<u32>,
+    /// F of refresh-ahead, in [0, 1); 0 = off.
+    pub refresh_ahead: f64,
+    pub refresh_ahead_min_hits: u32,
     pub breaker_window: Duration,
     pub breaker_min_requests: u32,
     pub breaker_failure_ratio: f64,
@@ -705,6 +727,14 @@ impl Config {
         let rate_limit_burst = parse_optional(&src, "rate_limit_burst", |s| {
             parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
         })?;
+        let refresh_ahead = parse_with(&src, "refresh_ahead", |s| match s.parse::<f64>() {
+            Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
+            Ok(_) => Err(format!("must be in [0, 1) (0 turns it off), not {s:?}")),
+            Err(_) => Err(format!("invalid number {s:?}")),
+        })?;
+        let refresh_ahead_min_hits = parse_with(&src, "refresh_ahead_min_hits", |s| {
+            parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+        })?;
         if rate_limit_burst.is_some() && rate_limit_per_token.is_none() {
             return Err(ConfigError::invalid(
                 "rate-limit-burst",
@@ -824,6 +854,8 @@ impl Config {
             upstream_max_in_flight_per_token,
             rate_limit_per_token,
             rate_limit_burst,
+            refresh_ahead,
+            refresh_ahead_min_hits,
             breaker_window,
             breaker_min_requests,
             breaker_failure_ratio,
@@ -1717,6 +1749,24 @@ mod tests {
         let mut next = ok_of(&["--listen", "0.0.0.0:9090"]);
         assert_eq!(next.keep_restart_only(&running), vec!["--listen"]);
         assert_eq!(next.admin_listen, running.admin_listen);
+    }
+
+    #[test]
+    fn refresh_ahead_settings() {
+        let c = ok_of(&[]);
+        assert_eq!((c.refresh_ahead, c.refresh_ahead_min_hits), (0.8, 2));
+        assert_eq!(ok_of(&["--refresh-ahead", "0"]).refresh_ahead, 0.0);
+        for bad in ["1", "1.5", "x"] {
+            assert!(
+                err_of(&["--upstream", "http://x", "--refresh-ahead", bad])
+                    .starts_with("--refresh-ahead:"),
+                "{bad}"
+            );
+        }
+        assert!(
+            err_of(&["--upstream", "http://x", "--refresh-ahead-min-hits", "0"])
+                .starts_with("--refresh-ahead-min-hits: must be at least 1")
+        );
     }
 
     #[test]

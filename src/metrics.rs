@@ -202,6 +202,7 @@ pub struct Metrics {
     evictions: Vec<IntCounter>,
     pub coalesced: IntCounter,
     revalidations: Vec<IntCounter>,
+    refresh_ahead: Vec<IntCounter>,
     invalidations: Vec<IntCounter>,
     shed: Vec<IntCounter>,
     pub breaker_state: IntGauge,
@@ -302,6 +303,11 @@ impl Metrics {
             "Revalidations of stored entries with the upstream, by outcome",
             &["outcome"],
         )?;
+        let refresh_ahead = counter_vec(
+            "chatwoot_cache_refresh_ahead_total",
+            "Background refreshes of hot entries before they went stale, by outcome",
+            &["outcome"],
+        )?;
         let invalidations = counter_vec(
             "chatwoot_cache_invalidations_total",
             "Invalidation events, by source",
@@ -357,6 +363,7 @@ impl Metrics {
                 "Requests that waited on another request's upstream fetch",
             )?,
             revalidations: children(&revalidations, &REVALIDATION_OUTCOMES),
+            refresh_ahead: children(&refresh_ahead, &REVALIDATION_OUTCOMES),
             invalidations: children(&invalidations, &INVALIDATION_SOURCES),
             shed: children(&shed, &SHED_REASONS),
             breaker_state: gauge(
@@ -388,6 +395,12 @@ impl Metrics {
 
     pub fn revalidation(&self, outcome: RevalidationOutcome) {
         self.revalidations[outcome as usize].inc();
+    }
+
+    /// A refresh-ahead (SPEC 12); also counted in `revalidations_total`, of which these are a
+    /// part.
+    pub fn refresh_ahead(&self, outcome: RevalidationOutcome) {
+        self.refresh_ahead[outcome as usize].inc();
     }
 
     pub fn invalidation(&self, source: InvalidationSource) {
@@ -546,6 +559,7 @@ mod tests {
             "chatwoot_cache_evictions_total{cause=\"size\"} 0",
             "chatwoot_cache_coalesced_total 0",
             "chatwoot_cache_revalidations_total{outcome=\"not_modified\"} 0",
+            "chatwoot_cache_refresh_ahead_total{outcome=\"error\"} 0",
             "chatwoot_cache_invalidations_total{source=\"webhook\"} 0",
             "chatwoot_cache_shed_total{reason=\"breaker_open\"} 0",
             "chatwoot_cache_shed_total{reason=\"token_quota\"} 0",

@@ -192,6 +192,8 @@ fn help_lists_every_setting_and_default() {
         ),
         ("--rate-limit-per-token", "off"),
         ("--rate-limit-burst", "the rate per second, at least 1"),
+        ("--refresh-ahead", "0.8"),
+        ("--refresh-ahead-min-hits", "2"),
         ("--breaker-window", "10s"),
         ("--breaker-min-requests", "20"),
         ("--breaker-failure-ratio", "0.5"),

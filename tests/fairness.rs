@@ -348,3 +348,207 @@ async fn rate_limit_answers_429_or_stale() {
     );
     assert_eq!(metric(&metrics_text(&proxy).await, SHED_RATE), 4.0);
 }
+
+const ADMIN: &str = "admin-token";
+
+fn refresh_ahead(outcome: &str) -> String {
+    format!(r#"chatwoot_cache_refresh_ahead_total{{outcome="{outcome}"}}"#)
+}
+
+async fn refreshes(proxy: &ProxyHandle) -> f64 {
+    let m = metrics_text(proxy).await;
+    ["not_modified", "unchanged", "changed", "older", "error"]
+        .iter()
+        .map(|o| metric(&m, &refresh_ahead(o)))
+        .sum()
+}
+
+/// Polls (1, 42) every 10 ms until `until` after `from`, asserting every answer is `HIT`.
+async fn poll_hits(proxy: &ProxyHandle, from: Instant, until: Duration) -> usize {
+    let mut n = 0;
+    while from.elapsed() < until {
+        let r = conv(proxy, 1, 42, ADMIN).await;
+        assert_eq!(
+            (r.status.as_u16(), r.x_cache()),
+            (200, "HIT"),
+            "at {:?}: {r:?}",
+            from.elapsed()
+        );
+        n += 1;
+        tokio::time::sleep(ms(10)).await;
+    }
+    n
+}
+
+fn refresh_config(fake: &FakeChatwoot) -> Config {
+    let mut cfg = config(&fake.url());
+    cfg.cache_ttl = ms(400);
+    cfg.refresh_ahead = 0.8;
+    cfg.refresh_ahead_min_hits = 2;
+    cfg
+}
+
+/// A conversation polled every 10 ms for five TTLs (ttl 1 s, refresh-ahead 0.7) is answered
+/// `HIT` every time — never `STALE`, never a synchronous revalidation (`REVALIDATED`) — and
+/// costs the upstream one revalidation per F × ttl = 700 ms (±1), each counted in
+/// `refresh_ahead_total{outcome="not_modified"}` (Chatwoot answers them 304).
+#[tokio::test]
+async fn a_hot_key_goes_from_hit_to_hit() {
+    let fake = FakeChatwoot::start().await;
+    // ttl 1 s and F 0.7 rather than 400 ms and 0.8: the refresh must land within the last
+    // (1 - F) × ttl, and a loaded 2-core CI can take longer than 80 ms to run one.
+    let mut cfg = refresh_config(&fake);
+    cfg.cache_ttl = ms(1000);
+    cfg.refresh_ahead = 0.7;
+    let proxy = start_proxy(cfg).await;
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    let stored = Instant::now();
+    let before = fake.show_requests();
+    let hits = poll_hits(&proxy, stored, ms(5000)).await;
+    let elapsed = stored.elapsed().as_secs_f64();
+    let upstream = (fake.show_requests() - before) as f64;
+    // One per F × ttl, plus or minus one. Each refresh starts at the first poll past 700 ms
+    // and takes a round trip, so the period runs a little longer than 320 ms on a loaded
+    // machine; it can never exceed the ttl (the answers would turn STALE).
+    let per_share = elapsed / 0.7;
+    let per_ttl = elapsed / 1.0;
+    eprintln!("hot key: {upstream} upstream requests in {elapsed:.2}s, {hits} hits");
+    assert!(
+        upstream <= per_share + 1.0 && upstream >= per_ttl - 1.0,
+        "{upstream} upstream requests in {elapsed:.2}s ({hits} hits): expected about \
+         {per_share:.1}, at least {per_ttl:.1} - 1"
+    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(metric(&m, &refresh_ahead("not_modified")), upstream);
+    assert_eq!(
+        metric(
+            &m,
+            r#"chatwoot_cache_requests_total{cache="stale",route="conversation",status="2xx"}"#
+        ),
+        0.0
+    );
+}
+
+/// Refresh-ahead and stale-while-revalidate share one background revalidation per key: with a
+/// slow upstream (800 ms), the refresh started at 0.8 × ttl is still running when the entry goes
+/// stale; the `STALE` answers then join it instead of sending their own, so the upstream sees
+/// one request, and the answer it brings turns the key back to `HIT`.
+#[tokio::test]
+async fn refresh_ahead_and_stale_while_revalidate_share_one_revalidation() {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = refresh_config(&fake);
+    cfg.stale_while_revalidate = Duration::from_secs(10);
+    let proxy = start_proxy(cfg).await;
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    let stored = Instant::now();
+    let before = fake.show_requests();
+    fake.set_delay(ms(800));
+    // Hot, then past 0.8 × ttl: the refresh starts (in the background: still a HIT).
+    poll_hits(&proxy, stored, ms(350)).await;
+    // (The fake counts a show request when it answers; `in_flight` from its arrival.)
+    until("the refresh to reach the upstream", || {
+        fake.in_flight() == 1
+    })
+    .await;
+    // Past the ttl while it runs: STALE, and no second revalidation.
+    tokio::time::sleep(ms(450).saturating_sub(stored.elapsed())).await;
+    let mut stale = 0;
+    while fake.in_flight() == 1 {
+        let r = conv(&proxy, 1, 42, ADMIN).await;
+        if r.x_cache() == "STALE" {
+            stale += 1;
+        } else {
+            assert_eq!(r.x_cache(), "HIT", "{r:?}");
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert!(stale > 0, "the entry went stale while the refresh ran");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conv(&proxy, 1, 42, ADMIN).await.x_cache() != "HIT" {
+        assert!(Instant::now() < deadline, "never HIT again");
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert_eq!(
+        fake.show_requests(),
+        before + 1,
+        "one background revalidation"
+    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(metric(&m, &refresh_ahead("not_modified")), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"chatwoot_cache_revalidations_total{outcome="not_modified"}"#
+        ),
+        1.0
+    );
+}
+
+/// While the breaker is open, a hot entry past 0.8 × ttl is not refreshed ahead: nothing
+/// reaches the upstream and no probe is spent on it.
+#[tokio::test]
+async fn refresh_ahead_stops_while_the_breaker_is_open() {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = refresh_config(&fake);
+    cfg.breaker_min_requests = 2;
+    cfg.breaker_failure_ratio = 0.5;
+    cfg.breaker_open = Duration::from_secs(10);
+    let proxy = start_proxy(cfg).await;
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    let stored = Instant::now();
+    fake.set_fault(
+        Fault::Status {
+            status: 500,
+            body: "{}".into(),
+            headers: vec![],
+        },
+        Some(2),
+    );
+    // The warm-up's success and one or two 500s open it (min 2 requests, ratio 0.5).
+    for _ in 0..2 {
+        let _ = get(&proxy.url("/echo"), None).await;
+    }
+    let m = metrics_text(&proxy).await;
+    assert_eq!(metric(&m, "chatwoot_cache_breaker_state"), 2.0, "open");
+    fake.clear_fault();
+    let before = fake.requests();
+    poll_hits(&proxy, stored, ms(390)).await;
+    assert_eq!(fake.requests(), before, "nothing went upstream");
+    assert_eq!(refreshes(&proxy).await, 0.0);
+}
+
+/// Refresh-ahead never takes one of the last quarter of the upstream slots: with 3 of 4 slots
+/// held by hung requests, a hot entry past 0.8 × ttl is not refreshed (the upstream sees no
+/// request for it), and its clients still get `HIT`.
+#[tokio::test]
+async fn refresh_ahead_never_takes_the_last_quarter_of_slots() {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = refresh_config(&fake);
+    cfg.upstream_max_in_flight = 4;
+    cfg.upstream_max_in_flight_per_token = Some(0);
+    cfg.upstream_timeout = Duration::from_secs(5);
+    let proxy = Arc::new(start_proxy(cfg).await);
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    let stored = Instant::now();
+    fake.set_fault(Fault::Hang, Some(3));
+    let mut hung = Vec::new();
+    for _ in 0..3 {
+        let url = proxy.url("/echo");
+        hung.push(tokio::spawn(async move { get(&url, None).await }));
+    }
+    until("3 slots held", || {
+        proxy.proxy.upstream.limiter().available() == 1
+    })
+    .await;
+    let before = fake.show_requests();
+    poll_hits(&proxy, stored, ms(390)).await;
+    assert_eq!(
+        fake.show_requests(),
+        before,
+        "no refresh on the last free slot"
+    );
+    assert_eq!(refreshes(&proxy).await, 0.0);
+    for h in hung {
+        h.abort();
+    }
+}

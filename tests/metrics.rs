@@ -318,6 +318,7 @@ async fn metric_names_and_labels_are_the_contract() {
         "chatwoot_cache_evictions_total",
         "chatwoot_cache_coalesced_total",
         "chatwoot_cache_revalidations_total",
+        "chatwoot_cache_refresh_ahead_total",
         "chatwoot_cache_invalidations_total",
         "chatwoot_cache_shed_total",
         "chatwoot_cache_breaker_state",

@@ -44,6 +44,7 @@ pub fn bench_policy(ttl: Duration) -> CachePolicy {
         stale_if_error: Duration::from_secs(600),
         negative_ttl: Duration::from_secs(5),
         max_object_bytes: 4 << 20,
+        refresh_ahead: None,
     }
 }
 

@@ -229,6 +229,7 @@ mod tests {
             stale_if_error: Duration::from_secs(600),
             negative_ttl: Duration::from_secs(negative_ttl),
             max_object_bytes: 200,
+            refresh_ahead: None,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct Entry {
     /// Set when revalidating this entry failed: for a short while it is served stale without
     /// asking the upstream again (see [`FailureMark`]).
     pub failure: FailureMark,
+    /// Hits while fresh, for refresh-ahead (see [`Heat`]).
+    pub heat: Heat,
     /// Set while the store re-inserts this very entry to re-weigh it after a form was added
     /// ([`super::Store::recharge`]): that replacement is not an eviction.
     pub(crate) recharging: AtomicBool,
@@ -98,6 +100,30 @@ pub struct FailureMark {
     status: std::sync::atomic::AtomicU16,
     /// The breaker's recovery count when it failed: a recovery since ends the backoff.
     recoveries: std::sync::atomic::AtomicU64,
+}
+
+/// How hot an entry is, for refresh-ahead (SPEC 12): its hits while fresh, and whether its
+/// refresh-ahead was tried. A hit's whole cost (the hit path is kept lean): one atomic load,
+/// plus an increment until the entry is hot — the count stops at the threshold, so a hot
+/// entry's counter is only read, never bounced between cores.
+#[derive(Debug, Default)]
+pub struct Heat {
+    hits: std::sync::atomic::AtomicU32,
+    tried: std::sync::atomic::AtomicBool,
+}
+
+impl Heat {
+    /// Counts one fresh hit. True for exactly one hit: the first that finds the entry hot (at
+    /// least `min_hits`, this one included) while `due` (its age past F × ttl).
+    #[inline]
+    pub fn hit(&self, min_hits: u32, due: bool) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut hits = self.hits.load(Relaxed);
+        if hits < min_hits {
+            hits = self.hits.fetch_add(1, Relaxed).saturating_add(1);
+        }
+        due && hits >= min_hits && !self.tried.load(Relaxed) && !self.tried.swap(true, Relaxed)
+    }
 }
 
 impl Entry {

@@ -55,9 +55,42 @@ pub struct CachePolicy {
     pub stale_if_error: Duration,
     pub negative_ttl: Duration,
     pub max_object_bytes: u64,
+    /// `None`: refresh-ahead is off.
+    pub refresh_ahead: Option<RefreshAhead>,
+}
+
+/// Refresh-ahead (SPEC 12): a hot entry is revalidated in the background once its age passes
+/// F × ttl, so that clients polling it go from `HIT` to `HIT`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RefreshAhead {
+    /// The freshness left at F × ttl: ttl × (1 − F).
+    pub window: Duration,
+    /// Hits during its freshness that make an entry hot.
+    pub min_hits: u32,
+}
+
+impl RefreshAhead {
+    /// `share` is F (`--refresh-ahead`); 0 turns refresh-ahead off.
+    pub fn new(ttl: Duration, share: f64, min_hits: u32) -> Option<RefreshAhead> {
+        (share > 0.0 && share < 1.0).then(|| RefreshAhead {
+            window: ttl.mul_f64(1.0 - share),
+            min_hits,
+        })
+    }
 }
 
 impl CachePolicy {
+    /// Counts a fresh hit on `entry` (`remaining`: the rest of its freshness) and says whether
+    /// this hit should start the entry's refresh-ahead: true once per entry, for the first hit
+    /// that finds it hot past F × ttl. Negative entries are not refreshed ahead.
+    #[inline]
+    pub fn hit_starts_refresh(&self, entry: &Entry, remaining: Duration) -> bool {
+        match &self.refresh_ahead {
+            Some(ra) if !entry.is_negative() => entry.heat.hit(ra.min_hits, remaining <= ra.window),
+            _ => false,
+        }
+    }
+
     /// How long a positive entry is worth keeping at all.
     pub fn positive_lifetime(&self) -> Duration {
         self.ttl + self.stale_while_revalidate.max(self.stale_if_error)
@@ -265,7 +298,17 @@ impl Store {
     /// Cold in Redis too: the first replica takes the key's lease and fetches; the others wait
     /// (at most the lease's length, `--upstream-timeout`) for the value it stores, and fetch
     /// themselves if it releases without one or dies.
-    pub async fn read_shared(&self, key: &CacheKey, stamp: &Stamp) -> SharedRead {
+    ///
+    /// `fresh_for`: how much freshness a shared value must have left to be taken. Zero for a
+    /// miss or a revalidation; a refresh-ahead passes its window, so that a shared copy no
+    /// fresher than the entry it refreshes (the one this replica copied) is not taken for a
+    /// refresh: the fetch goes upstream, under the same lease (SPEC 11, 12).
+    pub async fn read_shared(
+        &self,
+        key: &CacheKey,
+        stamp: &Stamp,
+        fresh_for: Duration,
+    ) -> SharedRead {
         let Some(shared) = &self.shared else {
             return SharedRead::Fetch(None);
         };
@@ -275,7 +318,7 @@ impl Store {
             L2Read::Miss { gens, had_value } => (gens, had_value),
             L2Read::Hit(value) => {
                 let gens = value.gens.map(Some);
-                match self.entry_from_shared(key, stamp, value) {
+                match self.entry_from_shared(key, stamp, value, fresh_for) {
                     Some(entry) => {
                         self.insert(*key, entry.clone());
                         return SharedRead::Hit(entry);
@@ -290,7 +333,7 @@ impl Store {
             LeaseOutcome::Unavailable => {}
             LeaseOutcome::Busy => match shared.wait_for_holder(key).await {
                 L2Read::Hit(value) => {
-                    if let Some(entry) = self.entry_from_shared(key, stamp, value) {
+                    if let Some(entry) = self.entry_from_shared(key, stamp, value, fresh_for) {
                         self.insert(*key, entry.clone());
                         return SharedRead::Hit(entry);
                     }
@@ -320,12 +363,13 @@ impl Store {
         key: &CacheKey,
         stamp: &Stamp,
         value: SharedValue,
+        fresh_for: Duration,
     ) -> Option<Arc<Entry>> {
         let age = Duration::from_millis(
             crate::shared::unix_ms_now().saturating_sub(value.fetched_unix_ms),
         );
         let policy = self.policy.load();
-        if age >= policy.ttl {
+        if age + fresh_for >= policy.ttl {
             return None;
         }
         let probe = rules::probe(&value.body, key.account, key.conversation)?;
@@ -526,6 +570,63 @@ mod tests {
             stale_if_error: Duration::from_secs(600),
             negative_ttl: Duration::from_secs(5),
             max_object_bytes: 1 << 22,
+            refresh_ahead: RefreshAhead::new(Duration::from_secs(10), 0.8, 2),
+        }
+    }
+
+    /// Refresh-ahead starts once, for the first hit that finds an entry both hot and past
+    /// F × ttl; negative entries and a policy without it never start one.
+    #[test]
+    fn refresh_ahead_starts_once_for_a_hot_entry_past_its_share() {
+        let policy = policy();
+        let ra = policy.refresh_ahead.unwrap();
+        assert_eq!(ra.window, Duration::from_secs(2));
+        let now = Instant::now();
+        let key = CacheKey {
+            account: 1,
+            conversation: 42,
+            scope: Scope(7),
+        };
+        let body = Bytes::from_static(br#"{"id":42}"#);
+        let probe = rules::probe(&body, 1, 42).unwrap();
+        let store = Store::new(1 << 20, policy, Arc::new(Metrics::new().unwrap()));
+        let entry = rules::positive_entry(
+            &HeaderMap::new(),
+            body,
+            probe,
+            store.stamp(&key),
+            &policy,
+            now,
+            coding::Coding::Gzip,
+        );
+        let early = Duration::from_secs(5);
+        let late = Duration::from_secs(1);
+        assert!(!policy.hit_starts_refresh(&entry, early), "1 hit, early");
+        assert!(!policy.hit_starts_refresh(&entry, early), "hot, but early");
+        assert!(policy.hit_starts_refresh(&entry, late), "hot and due");
+        assert!(!policy.hit_starts_refresh(&entry, late), "once");
+        // Due at its first hit, hot at its second.
+        let cold = rules::refreshed(&entry, None, store.stamp(&key), now);
+        assert!(!policy.hit_starts_refresh(&cold, late));
+        assert!(policy.hit_starts_refresh(&cold, late));
+        let off = CachePolicy {
+            refresh_ahead: RefreshAhead::new(policy.ttl, 0.0, 2),
+            ..policy
+        };
+        let again = rules::refreshed(&entry, None, store.stamp(&key), now);
+        for _ in 0..5 {
+            assert!(!off.hit_starts_refresh(&again, late));
+        }
+        let negative = rules::negative_entry(
+            StatusCode::NOT_FOUND,
+            &HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+            store.stamp(&key),
+            &policy,
+            now,
+        );
+        for _ in 0..5 {
+            assert!(!policy.hit_starts_refresh(&negative, late));
         }
     }
 

@@ -378,6 +378,7 @@ fn assemble(p: Parts) -> Entry {
         lifetime: p.lifetime,
         base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
         failure: Default::default(),
+        heat: Default::default(),
         recharging: Default::default(),
     }
 }
@@ -571,6 +572,7 @@ pub fn refreshed(
         lifetime: prior.lifetime,
         base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
         failure: Default::default(),
+        heat: Default::default(),
         recharging: Default::default(),
     }
 }
@@ -664,6 +666,7 @@ mod tests {
             stale_if_error: std::time::Duration::from_secs(600),
             negative_ttl: std::time::Duration::from_secs(5),
             max_object_bytes: 1 << 22,
+            refresh_ahead: None,
         }
     }
 

@@ -202,6 +202,13 @@ impl Breaker {
         }
     }
 
+    /// Admits a request only while the breaker is closed: background work (refresh-ahead,
+    /// SPEC 12) never probes a recovering upstream nor adds to a failing one.
+    pub fn admit_if_closed(&self) -> Option<Ticket> {
+        let inner = self.lock();
+        matches!(inner.state, State::Closed).then(|| self.ticket(inner.epoch, false))
+    }
+
     /// Re-checks an admission after the request waited for an upstream slot. If the breaker
     /// opened (or closed again) while it waited, the old ticket is void: the request is
     /// admitted afresh under the current state (as the probe, if one is due) or rejected.
@@ -545,6 +552,27 @@ mod tests {
             matches!(b.recheck(t), Admission::Allowed(_)),
             "closed: kept"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_work_is_admitted_only_while_closed() {
+        let b = breaker(1);
+        assert!(b.admit_if_closed().is_some());
+        run(&b, FAIL);
+        assert!(b.admit_if_closed().is_none(), "open");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            b.admit_if_closed().is_none(),
+            "due for a probe: left to clients"
+        );
+        assert_eq!(b.state(), BreakerState::Open, "and no probe was taken");
+        let probe = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert!(b.admit_if_closed().is_none(), "half-open");
+        b.record(probe, Outcome::Success);
+        assert!(b.admit_if_closed().is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,7 +24,7 @@ use crate::metrics::{RevalidationOutcome, XCache};
 use crate::protect::Charge;
 use crate::routing::RouteLabel;
 use crate::upstream::{
-    ClientInfo, SendOptions, UpstreamError, content_length, strip_response_hop_by_hop,
+    ClientInfo, Reserved, SendOptions, UpstreamError, content_length, strip_response_hop_by_hop,
 };
 
 /// The outcome of one upstream fetch on the conversation route, shared by every waiter.
@@ -47,6 +47,24 @@ pub enum FetchResult {
     TooLarge(std::sync::Mutex<Option<LargeBody>>),
     /// No usable upstream answer.
     Failed(UpstreamError),
+}
+
+/// How a fetch reaches the upstream.
+enum Via {
+    /// Like any client request: rate-limited, queued for a slot, charged to this scope.
+    Request(Charge),
+    /// Refresh-ahead, on a slot and breaker admission reserved beforehand (never queued).
+    RefreshAhead(Reserved),
+}
+
+/// What a fetch is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Miss,
+    /// `revalidations_total`.
+    Revalidation,
+    /// `revalidations_total` and `refresh_ahead_total`.
+    RefreshAhead,
 }
 
 /// A complete upstream answer held in memory.
@@ -82,6 +100,10 @@ impl Proxy {
         if let Some(entry) = &stored {
             match policy.freshness(entry, now) {
                 Freshness::Fresh { remaining } => {
+                    // A counter on the hit; the refresh itself starts once per entry.
+                    if policy.hit_starts_refresh(entry, remaining) {
+                        self.refresh_ahead(key, entry, req, client);
+                    }
                     let status = cache_status_hit(remaining);
                     return Next::Answer(render(at, entry, req, now, XCache::Hit, status, head));
                 }
@@ -141,7 +163,7 @@ impl Proxy {
             );
         }
         let prior = stored.filter(|e| !e.is_negative());
-        let (flight, role) = self.start_fetch(key, prior.clone(), &req, client);
+        let (flight, role) = self.start_fetch(key, prior.clone(), &req, client, None);
         if role == Role::Waiter {
             self.metrics.coalesced.inc();
         }
@@ -264,6 +286,7 @@ impl Proxy {
         prior: Option<Arc<Entry>>,
         req: &Request<Incoming>,
         client: ClientInfo,
+        reserved: Option<Reserved>,
     ) -> (crate::cache::flight::FlightFuture<FetchResult>, Role) {
         // A revalidation runs under the stamp its prior entry was valid for (checked at lookup):
         // if a write lands in between, whatever it stores — even a kept "older" body — is
@@ -278,7 +301,10 @@ impl Proxy {
                 let upstream_req = self.fetch_request(req, client);
                 // The one upstream request of the flight is charged to the request starting it;
                 // coalesced waiters are not charged (SPEC 12).
-                let charge = client.charge(Some(key.scope));
+                let via = match reserved {
+                    Some(reserved) => Via::RefreshAhead(reserved),
+                    None => Via::Request(client.charge(Some(key.scope))),
+                };
                 let form = if coding::prefers_gzip(req.headers()) {
                     Coding::Gzip
                 } else {
@@ -287,7 +313,7 @@ impl Proxy {
                 let proxy = Arc::clone(self);
                 async move {
                     match upstream_req {
-                        Ok(r) => proxy.fetch(key, r, charge, prior, stamp, form).await,
+                        Ok(r) => proxy.fetch(key, r, via, prior, stamp, form).await,
                         Err(_) => FetchResult::Failed(UpstreamError::BadResponse(
                             "cannot build upstream request".into(),
                         )),
@@ -307,7 +333,35 @@ impl Proxy {
         client: ClientInfo,
     ) {
         // Dropping the handle is fine: the flight's task runs to completion on its own.
-        let _ = self.start_fetch(key, Some(entry), req, client);
+        let _ = self.start_fetch(key, Some(entry), req, client, None);
+    }
+
+    /// Revalidates a hot entry in the background before it goes stale (SPEC 12), with the same
+    /// request, token and validators as any revalidation, if the upstream has room to spare:
+    /// the breaker closed, a slot outside the last quarter free at once, the scope below its
+    /// cap and rate ([`crate::upstream::Upstream::reserve_background`]). Otherwise it is
+    /// skipped, never queued: the entry then goes stale and stale-while-revalidate takes over.
+    /// One background revalidation per key: a fetch already running for the key (a
+    /// revalidation or a miss) is left to do the work, and one started here is the fetch
+    /// stale-while-revalidate joins.
+    fn refresh_ahead(
+        self: &Arc<Self>,
+        key: CacheKey,
+        entry: &Arc<Entry>,
+        req: &Request<Incoming>,
+        client: ClientInfo,
+    ) {
+        if self.flights.in_flight(&key) {
+            return;
+        }
+        let Some(reserved) = self
+            .upstream
+            .reserve_background(client.charge(Some(key.scope)))
+        else {
+            return;
+        };
+        // Should a fetch have started meanwhile, the reservation is dropped (released) unused.
+        let _ = self.start_fetch(key, Some(entry.clone()), req, client, Some(reserved));
     }
 
     /// The upstream GET for a fetch: the client's end-to-end headers minus its conditionals
@@ -350,11 +404,16 @@ impl Proxy {
         self: Arc<Self>,
         key: CacheKey,
         mut req: Request<RequestBody>,
-        charge: Charge,
+        via: Via,
         prior: Option<Arc<Entry>>,
         stamp: Stamp,
         form: Coding,
     ) -> FetchResult {
+        let purpose = match (&via, &prior) {
+            (Via::RefreshAhead(_), _) => Purpose::RefreshAhead,
+            (Via::Request(_), Some(_)) => Purpose::Revalidation,
+            (Via::Request(_), None) => Purpose::Miss,
+        };
         if let Some(p) = &prior {
             if let Some(etag) = &p.upstream_etag {
                 req.headers_mut()
@@ -367,7 +426,16 @@ impl Proxy {
         }
         // The shared tier first: another replica may have stored this key (or a fresher copy
         // of a stale prior); otherwise it says what the write after the fetch is conditional on.
-        let mut shared = match self.store.read_shared(&key, &stamp).await {
+        let fresh_for = match purpose {
+            Purpose::RefreshAhead => self
+                .store
+                .policy
+                .load()
+                .refresh_ahead
+                .map_or(Duration::ZERO, |ra| ra.window),
+            Purpose::Miss | Purpose::Revalidation => Duration::ZERO,
+        };
+        let mut shared = match self.store.read_shared(&key, &stamp, fresh_for).await {
             SharedRead::Hit(entry) => return FetchResult::Shared(entry),
             SharedRead::Fetch(shared) => shared,
         };
@@ -375,6 +443,9 @@ impl Proxy {
         let failed = |fwd_status: u16| {
             if let Some(p) = &prior {
                 self.metrics.revalidation(RevalidationOutcome::Error);
+                if purpose == Purpose::RefreshAhead {
+                    self.metrics.refresh_ahead(RevalidationOutcome::Error);
+                }
                 p.note_failure(
                     Instant::now(),
                     fwd_status,
@@ -384,17 +455,23 @@ impl Proxy {
             }
         };
         let start = Instant::now();
-        let exchange = match self
-            .upstream
-            .send(
-                req,
-                SendOptions {
+        let sent = match via {
+            Via::Request(charge) => {
+                let opts = SendOptions {
                     defer_outcome: true,
                     ..SendOptions::new(RouteLabel::Conversation, charge)
-                },
-            )
-            .await
-        {
+                };
+                self.upstream.send(req, opts).await
+            }
+            Via::RefreshAhead(reserved) => {
+                let opts = SendOptions {
+                    defer_outcome: true,
+                    ..SendOptions::new(RouteLabel::Conversation, reserved.charge())
+                };
+                self.upstream.send_reserved(req, reserved, opts).await
+            }
+        };
+        let exchange = match sent {
             Ok(x) => x,
             Err(e) => {
                 failed(e.fwd_status());
@@ -426,8 +503,8 @@ impl Proxy {
             && content_length(&headers).is_some_and(|n| n > max)
         {
             let decision = admit_oversized(prior.is_some(), status);
-            let (revalidating, store) = (prior.is_some(), None);
-            self.apply(key, decision, status, revalidating, &failed, store)
+            let store = None;
+            self.apply(key, decision, status, purpose, &failed, store)
                 .await;
             return oversized(body, headers);
         }
@@ -435,8 +512,8 @@ impl Proxy {
             Ok(b) => b,
             Err(Collect::TooLarge(body)) => {
                 let decision = admit_oversized(prior.is_some(), status);
-                let (revalidating, store) = (prior.is_some(), None);
-                self.apply(key, decision, status, revalidating, &failed, store)
+                let store = None;
+                self.apply(key, decision, status, purpose, &failed, store)
                     .await;
                 return oversized(body, headers);
             }
@@ -470,14 +547,7 @@ impl Proxy {
         };
         let decision = admission::admit(&at, status, &headers, &bytes);
         let applied = self
-            .apply(
-                key,
-                decision,
-                status,
-                prior.is_some(),
-                &failed,
-                shared.as_mut(),
-            )
+            .apply(key, decision, status, purpose, &failed, shared.as_mut())
             .await;
         match applied {
             Some(result) => result,
@@ -497,14 +567,18 @@ impl Proxy {
         key: CacheKey,
         decision: Admission,
         status: StatusCode,
-        revalidating: bool,
+        purpose: Purpose,
         failed: &(dyn Fn(u16) + Sync),
         shared: Option<&mut SharedFetch>,
     ) -> Option<FetchResult> {
         if matches!(decision, Admission::Pass(Pass::Failure)) {
             failed(status.as_u16());
-        } else if revalidating {
-            self.metrics.revalidation(decision.revalidation());
+        } else if purpose != Purpose::Miss {
+            let outcome = decision.revalidation();
+            self.metrics.revalidation(outcome);
+            if purpose == Purpose::RefreshAhead {
+                self.metrics.refresh_ahead(outcome);
+            }
         }
         let (xcache, detail) = match &decision {
             Admission::Store(_) | Admission::Negative(_) => (XCache::Miss, None),
@@ -532,7 +606,7 @@ impl Proxy {
         }
         let entry = self
             .store
-            .apply(key, decision, revalidating, shared)
+            .apply(key, decision, purpose != Purpose::Miss, shared)
             .await?;
         Some(FetchResult::Entry {
             entry,

@@ -176,6 +176,11 @@ pub(crate) fn cache_policy(config: &Config) -> CachePolicy {
         stale_if_error: config.stale_if_error,
         negative_ttl: config.negative_ttl,
         max_object_bytes: config.max_object_bytes,
+        refresh_ahead: crate::cache::RefreshAhead::new(
+            config.cache_ttl,
+            config.refresh_ahead,
+            config.refresh_ahead_min_hits,
+        ),
     }
 }
 

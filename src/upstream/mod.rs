@@ -180,6 +180,21 @@ impl<'a> SendOptions<'a> {
     }
 }
 
+/// The upstream reserved for background work (refresh-ahead): a breaker admission taken
+/// while closed and a slot taken at once. Dropped unused, it releases both.
+pub struct Reserved {
+    ticket: Ticket,
+    permit: UpstreamPermit,
+    charge: Charge,
+}
+
+impl Reserved {
+    /// Who the reserved slot is charged to.
+    pub fn charge(&self) -> Charge {
+        self.charge
+    }
+}
+
 /// An admitted request on its way to the upstream: what is needed to record its outcome.
 struct Sent {
     route: RouteLabel,
@@ -512,13 +527,7 @@ impl Upstream {
         req: Request<RequestBody>,
         opts: SendOptions<'_>,
     ) -> Result<Exchange, UpstreamError> {
-        let SendOptions {
-            route,
-            charge,
-            progress,
-            upgrade,
-            defer_outcome,
-        } = opts;
+        let charge = opts.charge;
         let key = charge.key(&self.accepted);
         // A request with a token is held to its scope's rate (SPEC 12) before anything else,
         // so a limited request never becomes the breaker's probe nor waits for a slot.
@@ -556,6 +565,56 @@ impl Upstream {
                 return Err(UpstreamError::BreakerOpen { retry_after });
             }
         };
+        self.exchange(req, ticket, permit, opts).await
+    }
+
+    /// Reserves the upstream for background work that must yield to client requests (SPEC 12
+    /// refresh-ahead): only while the breaker is closed (never a probe), only a slot free at
+    /// once outside the last quarter of the slots, within the scope's cap and rate. `None`:
+    /// skip the work.
+    pub fn reserve_background(&self, charge: Charge) -> Option<Reserved> {
+        let key = charge.key(&self.accepted);
+        let ticket = self.breaker.admit_if_closed()?;
+        let permit = self.limiter.try_acquire_background(key)?;
+        if charge.token.is_some()
+            && let Some(rate) = &*self.rate.load()
+            && rate.check(key).is_err()
+        {
+            return None;
+        }
+        Some(Reserved {
+            ticket,
+            permit,
+            charge,
+        })
+    }
+
+    /// Sends a request on an upstream reserved with [`Upstream::reserve_background`].
+    pub async fn send_reserved(
+        &self,
+        req: Request<RequestBody>,
+        reserved: Reserved,
+        opts: SendOptions<'_>,
+    ) -> Result<Exchange, UpstreamError> {
+        let Reserved { ticket, permit, .. } = reserved;
+        self.exchange(req, ticket, permit, opts).await
+    }
+
+    /// The exchange of an admitted request holding its slot.
+    async fn exchange(
+        &self,
+        req: Request<RequestBody>,
+        ticket: Ticket,
+        permit: UpstreamPermit,
+        opts: SendOptions<'_>,
+    ) -> Result<Exchange, UpstreamError> {
+        let SendOptions {
+            route,
+            charge,
+            progress,
+            upgrade,
+            defer_outcome,
+        } = opts;
         let sent = Sent {
             route,
             token: charge.token,
