@@ -61,6 +61,11 @@ impl AccessGuard {
         }
     }
 
+    /// The client connection this request came on.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
     /// The answer the client is getting.
     pub fn answered(&mut self, status: u16, cache: XCache, upstream_status: Option<u16>) {
         self.status = status;

@@ -2,13 +2,16 @@
 //!
 //! [`ResponseBody`] is what every public response carries: an in-memory body (cache hits, local
 //! errors) or a streamed upstream body. Streamed bodies hold the upstream concurrency permit until
-//! they end (tower's limits release at headers, which undercounts long bodies) and fail loudly if
-//! the upstream dies or stalls mid-body, so a truncated upstream response never looks complete.
+//! their last frame is read from the upstream (tower's limits release at headers, which
+//! undercounts long bodies) and fail loudly if the upstream dies or stalls mid-body, so a
+//! truncated upstream response never looks complete. On h2, where flow control lets a client
+//! stop reading one stream unseen by any socket deadline, a streamed body is also [`Watched`].
 //! Both carry the access-log guard, so the log line and request metrics are written when the
 //! response is really finished, with the real outcome.
 //!
 //! [`RequestBody`] streams a client body to the upstream and records progress, so the upstream
-//! deadline counts from the last byte uploaded rather than cutting off large uploads.
+//! deadline counts from the last byte uploaded rather than cutting off large uploads; an upload
+//! slower than [`MIN_UPLOAD_RATE`] is cut off, so a trickle cannot hold an upstream slot.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,6 +48,116 @@ enum Kind {
     /// Boxed: every response (hits included) is moved several times on its way to hyper,
     /// and the streamed variant is three times the size of the in-memory one.
     Upstream(Box<UpstreamBody>),
+    /// A streamed body on an h2 connection, watched for a client that stops reading.
+    Watched(Arc<Watched>),
+}
+
+/// An upstream body on an h2 stream, shared with the connection's deadline keeper
+/// ([`crate::client_io::Stalled`]): when the client leaves a handed-over frame untaken for
+/// `--client-header-timeout`, the keeper drops the upstream body (its slot and connection) and
+/// finishes the request's log line; hyper, if it ever polls again, gets an error and resets
+/// the stream.
+pub struct Watched {
+    state: std::sync::Mutex<Option<WatchedState>>,
+    /// Milliseconds after `base` when the body was last handed to hyper — at the start, or a
+    /// frame — with no poll since (hyper polls again once the client's window lets the frame
+    /// out); `u64::MAX` while the body waits on the upstream instead (whose own deadline runs).
+    handed_ms: AtomicU64,
+    base: Instant,
+}
+
+struct WatchedState {
+    body: Box<UpstreamBody>,
+    guard: Option<AccessGuard>,
+}
+
+/// The client stopped reading this response and it was abandoned.
+#[derive(Debug, thiserror::Error)]
+#[error("response abandoned: the client stopped reading")]
+pub struct ResponseAbandoned;
+
+const NOT_HANDED: u64 = u64::MAX;
+
+impl Watched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<WatchedState>> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut slot = self.lock();
+        let Some(state) = slot.as_mut() else {
+            return Poll::Ready(Some(Err(Box::new(ResponseAbandoned))));
+        };
+        let res = Pin::new(&mut *state.body).poll_frame(cx);
+        let handed = match &res {
+            Poll::Ready(Some(Ok(_))) => {
+                u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NOT_HANDED - 1)
+            }
+            _ => NOT_HANDED,
+        };
+        self.handed_ms.store(handed, Ordering::Release);
+        match &res {
+            Poll::Ready(None) => {
+                if let Some(g) = state.guard.take() {
+                    g.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(g) = state.guard.take() {
+                    g.finish(false);
+                }
+            }
+            _ => {}
+        }
+        res
+    }
+
+    /// The response body is dropped (hyper is done with it): ends the request.
+    fn release(&self) {
+        let Some(state) = self.lock().take() else {
+            return;
+        };
+        let complete = state.body.is_end_stream();
+        drop(state.body);
+        if let Some(g) = state.guard {
+            g.finish(complete);
+        }
+    }
+
+    /// Ends the response from outside: drops the upstream body, logs the request incomplete.
+    fn abandon(&self) -> bool {
+        let taken = match self.state.try_lock() {
+            Ok(mut slot) => slot.take(),
+            // Being polled right now: the client is taking data.
+            Err(_) => return false,
+        };
+        let Some(state) = taken else {
+            return false;
+        };
+        drop(state.body);
+        if let Some(g) = state.guard {
+            g.finish(false);
+        }
+        true
+    }
+}
+
+impl crate::client_io::Stalled for Watched {
+    fn reap(&self, now: Instant, limit: Duration) {
+        let handed = self.handed_ms.load(Ordering::Acquire);
+        if handed == NOT_HANDED {
+            return;
+        }
+        let since = self.base + Duration::from_millis(handed);
+        if now.saturating_duration_since(since) >= limit && self.abandon() {
+            tracing::info!(
+                waited_ms = now.saturating_duration_since(since).as_millis() as u64,
+                "response abandoned: the h2 client stopped reading it"
+            );
+        }
+    }
 }
 
 impl ResponseBody {
@@ -74,6 +187,37 @@ impl ResponseBody {
         self.guard = Some(guard);
     }
 
+    /// For a streamed body on an h2 stream (called after [`ResponseBody::set_guard`]): hands
+    /// the body and its guard to the connection's deadline keeper (see [`Watched`]). Other
+    /// bodies are left as they are; only responses that needed the upstream come here, never a
+    /// cache hit.
+    pub fn watch_stalls(&mut self) {
+        if !matches!(self.kind, Kind::Upstream(_)) {
+            return;
+        }
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let Kind::Upstream(body) = std::mem::replace(&mut self.kind, Kind::Full(None)) else {
+            return;
+        };
+        let activity = guard.activity().clone();
+        let base = Instant::now();
+        let watched = Arc::new(Watched {
+            state: std::sync::Mutex::new(Some(WatchedState {
+                body,
+                guard: Some(guard),
+            })),
+            // Handed over now: hyper polls an h2 body only once the client's window has room,
+            // so a client that opened the stream with a zero window never gets a first poll.
+            handed_ms: AtomicU64::new(0),
+            base,
+        });
+        let weak: std::sync::Weak<dyn crate::client_io::Stalled> = Arc::downgrade(&watched) as _;
+        activity.watch(weak);
+        self.kind = Kind::Watched(watched);
+    }
+
     fn finish(&mut self, complete: bool) {
         if let Some(g) = self.guard.take() {
             g.finish(complete);
@@ -93,6 +237,7 @@ impl Body for ResponseBody {
         let res = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(u) => Pin::new(&mut **u).poll_frame(cx),
+            Kind::Watched(w) => return w.poll_frame(cx),
         };
         match &res {
             Poll::Ready(None) => this.finish(true),
@@ -106,6 +251,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(u) => u.is_end_stream(),
+            Kind::Watched(w) => w.lock().as_ref().is_some_and(|s| s.body.is_end_stream()),
         }
     }
 
@@ -114,6 +260,10 @@ impl Body for ResponseBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(u) => u.size_hint(),
+            Kind::Watched(w) => w
+                .lock()
+                .as_ref()
+                .map_or_else(SizeHint::default, |s| s.body.size_hint()),
         }
     }
 }
@@ -121,8 +271,14 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Dropped before the end: the client went away (or hyper discarded a HEAD body).
-        let complete = matches!(self.kind, Kind::Full(None))
-            || matches!(&self.kind, Kind::Upstream(u) if u.is_end_stream());
+        let complete = match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(u) => u.is_end_stream(),
+            Kind::Watched(w) => {
+                w.release();
+                return;
+            }
+        };
         self.finish(complete);
     }
 }
@@ -171,7 +327,11 @@ impl Body for UpstreamBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(s) = this.stall.as_mut() {
+                if this.inner.is_end_stream() {
+                    // The upstream exchange is over once its last frame is read: the slot is
+                    // free even if the client never takes this frame (h2 may not poll again).
+                    this.permit.take();
+                } else if let Some(s) = this.stall.as_mut() {
                     s.as_mut().reset(Instant::now() + this.idle);
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -258,27 +418,64 @@ pub enum RequestBody {
     Client {
         inner: Incoming,
         progress: Arc<Progress>,
-        /// How long the client may stall mid-body before the upload is abandoned.
+        /// The upload must keep [`MIN_UPLOAD_RATE`] over every window of this much time spent
+        /// waiting for the client (`--client-header-timeout`).
         idle: Duration,
         stall: Option<Pin<Box<Sleep>>>,
+        window: UploadWindow,
     },
 }
 
+/// The least an upload must average, in bytes per second of waiting for the client, over each
+/// `--client-header-timeout` window (Apache mod_reqtimeout's default `MinRate`). A stall fails
+/// the first window; so does a trickle (one byte every 14 s would otherwise hold an upstream
+/// slot for as long as it likes), while any real uplink passes.
+pub const MIN_UPLOAD_RATE: u64 = 500;
+
+/// Time spent waiting on the client, and bytes received, in the current window. Time the
+/// upstream spent not reading (backpressure) is not the client's and is not counted.
+#[derive(Debug, Default)]
+pub struct UploadWindow {
+    waited: Duration,
+    bytes: u64,
+    pending_since: Option<Instant>,
+}
+
+impl UploadWindow {
+    /// Closes the window if it is complete: `Err` if it fell below the minimum rate.
+    fn check(&mut self, idle: Duration, now: Instant) -> Result<(), ()> {
+        let waited = self.waited + self.pending_since.map_or(Duration::ZERO, |p| now - p);
+        if waited < idle {
+            return Ok(());
+        }
+        if (self.bytes as f64) < MIN_UPLOAD_RATE as f64 * idle.as_secs_f64() {
+            return Err(());
+        }
+        *self = UploadWindow {
+            pending_since: self.pending_since.map(|_| now),
+            ..UploadWindow::default()
+        };
+        Ok(())
+    }
+}
+
 impl RequestBody {
-    /// The client's body, streamed, failing if the client stops sending for `idle`.
+    /// The client's body, streamed, failing if the client stalls or trickles (see
+    /// [`MIN_UPLOAD_RATE`]) over a window of `idle`.
     pub fn client(inner: Incoming, progress: Arc<Progress>, idle: Duration) -> Self {
         RequestBody::Client {
             inner,
             progress,
             idle,
             stall: None,
+            window: UploadWindow::default(),
         }
     }
 }
 
-/// The client stopped sending its request body.
+/// The client stopped sending its request body, or sent it slower than [`MIN_UPLOAD_RATE`].
 #[derive(Debug, thiserror::Error)]
-#[error("client request body stalled for {0:?}")]
+#[error("client request body stalled (under {MIN_UPLOAD_RATE} B/s over {0:?})")]
 pub struct ClientBodyStalled(pub Duration);
 
 impl Body for RequestBody {
@@ -296,25 +493,49 @@ impl Body for RequestBody {
                 progress,
                 idle,
                 stall,
-            } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(res) => {
-                    if matches!(res, Some(Err(_))) {
-                        progress.fail();
+                window,
+            } => {
+                let idle = *idle;
+                match Pin::new(&mut *inner).poll_frame(cx) {
+                    Poll::Ready(res) => {
+                        let now = Instant::now();
+                        if let Some(since) = window.pending_since.take() {
+                            window.waited += now - since;
+                        }
+                        match &res {
+                            Some(Ok(frame)) => {
+                                if let Some(d) = frame.data_ref() {
+                                    window.bytes += d.len() as u64;
+                                }
+                            }
+                            Some(Err(_)) => progress.fail(),
+                            None => {}
+                        }
+                        progress.touch();
+                        if !inner.is_end_stream() && window.check(idle, now).is_err() {
+                            progress.fail();
+                            return Poll::Ready(Some(Err(Box::new(ClientBodyStalled(idle)))));
+                        }
+                        Poll::Ready(res.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
                     }
-                    progress.touch();
-                    if let Some(s) = stall.as_mut() {
-                        s.as_mut().reset(Instant::now() + *idle);
-                    }
-                    Poll::Ready(res.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+                    Poll::Pending => loop {
+                        let now = Instant::now();
+                        let since = *window.pending_since.get_or_insert(now);
+                        let deadline = since + idle.saturating_sub(window.waited);
+                        let timer = stall
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        ready!(timer.as_mut().poll(cx));
+                        if window.check(idle, Instant::now()).is_err() {
+                            progress.fail();
+                            return Poll::Ready(Some(Err(Box::new(ClientBodyStalled(idle)))));
+                        }
+                        // A new window began: arm the timer for it.
+                    },
                 }
-                Poll::Pending => {
-                    let idle = *idle;
-                    let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    ready!(timer.as_mut().poll(cx));
-                    progress.fail();
-                    Poll::Ready(Some(Err(Box::new(ClientBodyStalled(idle)))))
-                }
-            },
+            }
         }
     }
 
@@ -330,5 +551,49 @@ impl Body for RequestBody {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Client { inner, .. } => inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn an_upload_window_needs_the_minimum_rate_once_it_is_full() {
+        let idle = secs(2.0);
+        let t0 = Instant::now();
+        // Not full yet: no verdict, however few bytes.
+        let mut w = UploadWindow {
+            waited: secs(1.9),
+            bytes: 1,
+            pending_since: None,
+        };
+        assert!(w.check(idle, t0).is_ok());
+        // A trickle (one byte a second never stalls for 2 s) fails the full window.
+        w.waited = secs(2.0);
+        w.bytes = 2;
+        assert!(w.check(idle, t0).is_err());
+        // Enough bytes: the window closes and a new one starts, empty.
+        let mut w = UploadWindow {
+            waited: secs(2.0),
+            bytes: 1000,
+            pending_since: Some(t0),
+        };
+        assert!(w.check(idle, t0).is_ok());
+        assert_eq!(
+            (w.waited, w.bytes, w.pending_since),
+            (Duration::ZERO, 0, Some(t0))
+        );
+        // The wait in progress counts: a plain stall fails at the window's end.
+        let mut w = UploadWindow {
+            pending_since: Some(t0),
+            ..UploadWindow::default()
+        };
+        assert!(w.check(idle, t0 + secs(1.0)).is_ok());
+        assert!(w.check(idle, t0 + secs(2.0)).is_err());
     }
 }

@@ -19,11 +19,17 @@
 //! deadlines) or once the connection is an upgraded tunnel, no head deadline applies. h2
 //! connections are timed the same way, by their streams: one with no stream in flight for the
 //! limit is closed, whatever PINGs or WINDOW_UPDATEs its client keeps sending.
+//!
+//! **Stalled h2 readers.** A client can stop reading one h2 stream (a zero flow-control window)
+//! while its connection stays busy; no socket write blocks, so no write deadline sees it. The
+//! head timer, which fires about once per limit while requests are in flight, also abandons
+//! every streamed response of the connection whose client has left it waiting for the limit
+//! ([`Stalled`]): within one to two limits, its upstream slot is free.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -40,6 +46,20 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// An upgraded tunnel: its bytes are not request heads, no head deadline.
     exempt: AtomicBool,
+    /// Streamed h2 responses: they wait on the client's flow control, which no write deadline
+    /// sees (see [`Stalled`]).
+    watched: Mutex<Vec<Weak<dyn Stalled>>>,
+}
+
+/// A response streamed on an h2 connection. h2 flow control lets a client stop reading one
+/// stream (a zero window) while the connection stays busy, and hyper then stops polling that
+/// response's body: nothing in the body itself can notice. The connection's head timer, which
+/// fires about once per `--client-header-timeout` while requests are in flight, asks every
+/// registered response whether its client has kept it waiting for that long.
+pub trait Stalled: Send + Sync {
+    /// Abandons the response (releasing its upstream slot) if its client has not taken what
+    /// it was handed for `limit`.
+    fn reap(&self, now: Instant, limit: Duration);
 }
 
 impl Activity {
@@ -49,7 +69,34 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
             exempt: AtomicBool::new(false),
+            watched: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Registers a streamed h2 response for [`Stalled::reap`].
+    pub fn watch(&self, response: Weak<dyn Stalled>) {
+        let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        // Finished responses are dropped whenever the list would grow: amortised O(1).
+        if watched.len() == watched.capacity() {
+            watched.retain(|w| w.strong_count() > 0);
+        }
+        watched.push(response);
+    }
+
+    /// Abandons the registered responses whose clients stopped reading (see [`Stalled`]).
+    fn reap_stalled(&self, now: Instant, limit: Duration) {
+        let live: Vec<Arc<dyn Stalled>> = {
+            let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+            if watched.is_empty() {
+                return;
+            }
+            watched.retain(|w| w.strong_count() > 0);
+            watched.iter().filter_map(Weak::upgrade).collect()
+        };
+        // Outside the lock: abandoning drops bodies and finishes their requests.
+        for response in live {
+            response.reap(now, limit);
+        }
     }
 
     /// A request head arrived.
@@ -156,6 +203,7 @@ impl<S> ClientIo<S> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.activity.base + limit)));
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
+            self.activity.reap_stalled(now, limit);
             // hyper counts a response as sent once its last frame is queued; a slow reader may
             // still be draining it from hyper's buffer. While a write is blocked, and for the
             // head timeout after it last moved, that is not a wait for the next head.

@@ -151,6 +151,17 @@ fn finish(answer: Answer, mut guard: AccessGuard) -> Response<ResponseBody> {
     response
 }
 
+/// [`finish`] for an answer that needed the upstream: on h2, a streamed body is also watched
+/// for a client that stops reading it (see [`crate::body::Watched`]); HTTP/1.1's write
+/// deadline covers that case already.
+fn finish_streamed(answer: Answer, guard: AccessGuard, h2: bool) -> Response<ResponseBody> {
+    let mut response = finish(answer, guard);
+    if h2 {
+        response.body_mut().watch_stalls();
+    }
+    response
+}
+
 /// What a handler produced, before the access-log guard is attached.
 pub(crate) struct Answer {
     pub response: Response<ResponseBody>,
@@ -294,15 +305,18 @@ impl Proxy {
             Next::Answer(answer) => Handled::Ready(std::future::ready(finish(answer, guard))),
             Next::Forward { scope } => {
                 let proxy = self.clone();
+                let h2 = req.version() == http::Version::HTTP_2;
                 Handled::Upstream(Box::pin(async move {
-                    finish(proxy.forward(req, client, route, scope).await, guard)
+                    let answer = proxy.forward(req, client, route, scope).await;
+                    finish_streamed(answer, guard, h2)
                 }))
             }
             Next::Fetch { key, stored } => {
                 let proxy = self.clone();
+                let h2 = req.version() == http::Version::HTTP_2;
                 Handled::Upstream(Box::pin(async move {
                     let answer = proxy.conversation_upstream(key, req, client, stored).await;
-                    finish(answer, guard)
+                    finish_streamed(answer, guard, h2)
                 }))
             }
         }

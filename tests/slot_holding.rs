@@ -1,0 +1,365 @@
+//! Holding upstream slots without a token (issue 16, SPEC §10): a client that stops reading
+//! (h2 with a zero flow-control window, HTTP/1.1 with a full socket) or uploads a trickle must
+//! not keep `--upstream-max-in-flight` slots from everyone else. Each test pins every slot
+//! with hostile requests on a route that needs no token, then waits (generously) for a polite
+//! client's cache miss to be served.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chatwoot_cache::Config;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The `--client-header-timeout` of these tests: the stalled-reader and upload windows.
+const LIMIT: Duration = Duration::from_secs(2);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A proxy with `slots` upstream slots, a short queue and the short client timeout.
+async fn start(fake: &FakeChatwoot, slots: usize, tweak: impl FnOnce(&mut Config)) -> ProxyHandle {
+    let mut cfg = config(&fake.url());
+    cfg.upstream_max_in_flight = slots;
+    cfg.upstream_queue_timeout = ms(300);
+    cfg.client_header_timeout = LIMIT;
+    // Every client here is 127.0.0.1. Fair shares (on by default) would already hold one
+    // hostile address to a quarter of the slots; off, the attack stands for many addresses.
+    cfg.upstream_max_in_flight_per_token = Some(0);
+    tweak(&mut cfg);
+    start_proxy(cfg).await
+}
+
+/// Upstream requests holding a slot now, from the proxy's own gauge.
+async fn in_flight(proxy: &ProxyHandle) -> f64 {
+    metric(
+        &metrics_text(proxy).await,
+        "chatwoot_cache_upstream_in_flight",
+    )
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(ms(100)).await;
+    }
+}
+
+/// Polite cache misses (a new conversation each time, so never a hit) until one is served
+/// `200 MISS`; returns how long that took, or `None` after `limit`.
+async fn polite_miss_served(
+    fake: &FakeChatwoot,
+    proxy: &ProxyHandle,
+    limit: Duration,
+) -> Option<Duration> {
+    static NEXT: AtomicU64 = AtomicU64::new(10_000);
+    let start = Instant::now();
+    let served = eventually(limit, || async {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        fake.add_conversation(1, id, "1765182000.482917");
+        let r = conv(proxy, 1, id, "admin-token").await;
+        r.status == 200 && r.x_cache() == "MISS"
+    })
+    .await;
+    served.then(|| start.elapsed())
+}
+
+/// An h2c connection whose client announces a zero stream window: the proxy may send
+/// response headers but not one byte of any body until the client opens the window, which
+/// it never does.
+async fn zero_window_h2(
+    proxy: &ProxyHandle,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// 200 streams on two h2 connections with a zero window, on an `other` route (no token),
+/// against 4 slots: every slot is held at once (before the fix, forever: hyper never polls a
+/// body its client has no window for, so no body deadline ran). Within the stalled-reader
+/// deadline (one to two `--client-header-timeout`s) the responses are abandoned, the slots
+/// free and a polite client's miss is served; the hostile connections, with nothing left in
+/// flight, are closed. An h2 client that reads slowly but steadily is not cut off.
+#[tokio::test]
+async fn h2_zero_window_streams_release_their_slots() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start(&fake, 4, |_| {}).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let sender = zero_window_h2(&proxy).await;
+        for i in 0..100 {
+            let mut sender = sender.clone();
+            // 64 KiB in 1 KiB frames: hyper takes the first frame, then waits for a window
+            // that never opens, so the rest of the upstream body (and its slot) waits too.
+            let url = format!("http://{}/stream?chunks=64&delay_ms=0&n={i}", proxy.addr);
+            held.push(tokio::spawn(async move {
+                sender.ready().await.ok()?;
+                let req = http::Request::get(url).body(Empty::<Bytes>::new()).ok()?;
+                // Headers arrive; the body is never read (and could not be: window 0).
+                sender.send_request(req).await.ok()
+            }));
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            in_flight(&proxy).await >= 4.0
+        })
+        .await,
+        "the zero-window streams hold every slot"
+    );
+    let attacked = Instant::now();
+    let served = polite_miss_served(&fake, &proxy, Duration::from_secs(40)).await;
+    let waited = served.expect("a polite miss is served once the stalled streams are abandoned");
+    assert!(
+        attacked.elapsed() < Duration::from_secs(40),
+        "slots freed in {waited:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            in_flight(&proxy).await == 0.0
+        })
+        .await,
+        "no slot left held"
+    );
+    // Every stream got its headers (a 200 holding a slot, or a 503 shed while they were
+    // held); none of them got a body, and none of them holds anything any more.
+    let mut answered = 0;
+    for h in held {
+        if let Ok(Some(resp)) = h.await {
+            answered += 1;
+            assert!(
+                [200, 503].contains(&resp.status().as_u16()),
+                "{}",
+                resp.status()
+            );
+        }
+    }
+    assert!(answered > 0, "the hostile streams were answered");
+
+    // A slow but steady h2 reader (16 KiB window, a pause of a third of the deadline after
+    // every window) gets its whole 128 KiB.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender.ready().await.unwrap();
+    let url = format!("http://{}/stream?chunks=128&delay_ms=0", proxy.addr);
+    let req = http::Request::get(url).body(Empty::<Bytes>::new()).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut got, mut since_pause) = (0usize, 0usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("a steady reader is not cut off");
+        if let Ok(d) = frame.into_data() {
+            got += d.len();
+            since_pause += d.len();
+            if since_pause >= 16 * 1024 {
+                since_pause = 0;
+                tokio::time::sleep(LIMIT / 3).await;
+            }
+        }
+    }
+    assert_eq!(got, 128 * 1024);
+}
+
+/// Sends a request head for an upload of `len` bytes to `/upload` on a new connection.
+async fn upload_head(proxy: &ProxyHandle, len: usize) -> TcpStream {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Reads whatever the proxy answers until it closes (or `within` passes).
+async fn answer_within(s: &mut (impl AsyncReadExt + Unpin), within: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    read.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// An HTTP/1.1 upload trickling one byte a second never stalls for the 2 s window, yet it is
+/// cut off (408) within a couple of windows for going under 500 B/s, and its slot is freed
+/// (before the fix it held the slot as long as it kept trickling). A slow but honest upload
+/// (16 KiB/s) beside it completes.
+#[tokio::test]
+async fn a_trickling_upload_is_cut_off_and_an_honest_one_is_not() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start(&fake, 2, |_| {}).await;
+    let mut trickle = upload_head(&proxy, 100).await;
+    let (mut trickle_read, mut trickle_write) = trickle.split();
+    let trickling = async {
+        for _ in 0..100 {
+            if trickle_write.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let answer = async { answer_within(&mut trickle_read, Duration::from_secs(30)).await };
+    let honest = async {
+        let mut s = upload_head(&proxy, 64 * 1024).await;
+        for _ in 0..16 {
+            s.write_all(&[b'h'; 4096]).await.unwrap();
+            tokio::time::sleep(ms(250)).await;
+        }
+        answer_within(&mut s, Duration::from_secs(30)).await
+    };
+    let cut_off = async {
+        tokio::select! {
+            a = answer => a,
+            _ = trickling => None,
+        }
+    };
+    let holding = async {
+        eventually(Duration::from_secs(10), || async {
+            in_flight(&proxy).await >= 2.0
+        })
+        .await
+    };
+    let started = Instant::now();
+    let (trickle_answer, honest_answer, held) = tokio::join!(cut_off, honest, holding);
+    assert!(held, "both uploads held a slot");
+    let trickle_answer = trickle_answer.expect("the trickling upload is answered");
+    assert!(
+        trickle_answer.starts_with("HTTP/1.1 408"),
+        "{trickle_answer}"
+    );
+    assert!(
+        started.elapsed() >= LIMIT,
+        "not cut before a whole window: {:?}",
+        started.elapsed()
+    );
+    let honest_answer = honest_answer.expect("the honest upload is answered");
+    assert!(honest_answer.starts_with("HTTP/1.1 200"), "{honest_answer}");
+    assert!(
+        honest_answer.contains(r#""bytes":65536"#),
+        "{honest_answer}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            in_flight(&proxy).await == 0.0
+        })
+        .await,
+        "the trickle's slot is freed"
+    );
+    assert!(
+        polite_miss_served(&fake, &proxy, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+}
+
+/// A GET on a new connection with a small receive buffer; returns once the response head
+/// arrived, after which the client reads nothing more.
+async fn stop_reading_after_head(proxy: &ProxyHandle, path: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte, so nothing past the head is read.
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("response head")
+            .unwrap();
+        assert!(n > 0, "closed before the head");
+        got.push(byte[0]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    s
+}
+
+/// HTTP/1.1 clients that stop reading a response body. One whose (8 KiB) body the proxy has
+/// read whole from the upstream holds no slot although it keeps its connection open and the
+/// client header timeout is a minute. One whose (8 MiB) body cannot be handed over is
+/// abandoned at the write deadline (`--client-header-timeout`): the slot frees and the
+/// connection is closed before the body could end.
+#[tokio::test]
+async fn a_client_that_stops_reading_http1_holds_no_slot() {
+    let fake = FakeChatwoot::start().await;
+    {
+        let proxy = start(&fake, 1, |c| {
+            c.client_header_timeout = Duration::from_secs(60)
+        })
+        .await;
+        let _unread = stop_reading_after_head(&proxy, "/stream?chunks=8&delay_ms=0").await;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                in_flight(&proxy).await == 0.0
+            })
+            .await,
+            "a body read whole from the upstream holds no slot"
+        );
+        assert!(
+            polite_miss_served(&fake, &proxy, Duration::from_secs(10))
+                .await
+                .is_some()
+        );
+    }
+    let proxy = start(&fake, 1, |_| {}).await;
+    let mut unread = stop_reading_after_head(&proxy, "/stream?chunks=8192&delay_ms=0").await;
+    assert!(
+        in_flight(&proxy).await >= 1.0,
+        "the unread 8 MiB body holds the only slot"
+    );
+    let waited = polite_miss_served(&fake, &proxy, Duration::from_secs(30)).await;
+    assert!(waited.is_some(), "the slot is freed at the write deadline");
+    // The proxy gave up on the response: the connection ends before the chunked body's
+    // terminator.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), unread.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the abandoned connection is closed");
+    assert!(
+        rest.len() < 8192 * 1024,
+        "the whole body could not have been sent: {} bytes",
+        rest.len()
+    );
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "the body must not end cleanly"
+    );
+}
