@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per request of chatwoot-cache under load, counted by valgrind's callgrind.
 #
-#   bash benches/callgrind.sh [hit|hit-gzip|miss|floor|both|all]   (default: both = hit miss;
-#                                                           all = hit hit-gzip miss floor)
+#   bash benches/callgrind.sh [hit|hit-gzip|hit-plain|hit-due|miss|floor|both|all|fairness]
+#       (default: both = hit miss; all = hit hit-gzip miss floor; fairness = hit-plain hit hit-due)
 #
 # Instruction counts do not depend on how busy the machine is, unlike the CPU times of
 # benches/load.sh: this is how the hot paths were profiled and how a change to them is judged
@@ -11,7 +11,13 @@
 # only while a second wrk run of SECONDS (default 5) is going, and prints instructions per
 # request (proxy requests from its own /metrics; `hit-gzip` is the hit of a client sending
 # `Accept-Encoding: gzip`, served the stored gzip bytes; for `floor`, the bare hyper floor of
-# benches/load.sh under the hit workload, requests as wrk counted them). Valgrind hides SHA-NI, so the HMAC and the
+# benches/load.sh under the hit workload, requests as wrk counted them). `hit-plain` and
+# `hit-due` are the hit with SPEC 12's features off (no refresh-ahead, no fair slots) and with
+# them at their most expensive on a hit (rate limit on; refresh-ahead 0.0003 with one upstream
+# slot: from 1.1 s after it is stored every entry is hot and due and its refresh has been tried
+# and refused, as no slot outside the last quarter exists, so each hit reads both flags and no
+# refresh ever runs during the count); `hit` has the defaults (fair slots on, refresh-ahead
+# 0.8, not yet due). Valgrind hides SHA-NI, so the HMAC and the
 # SHA-256 ETag weigh more here than on the real CPU.
 #
 # Environment: SECONDS_MEASURED (5), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1,
@@ -25,6 +31,7 @@ MODES=${1:-both}
 SECS=${SECONDS_MEASURED:-5}
 [[ "$MODES" == both ]] && MODES="hit miss"
 [[ "$MODES" == all ]] && MODES="hit hit-gzip miss floor"
+[[ "$MODES" == fairness ]] && MODES="hit-plain hit hit-due"
 
 bench_init
 if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
@@ -47,10 +54,13 @@ for mode in $MODES; do
     ORIGIN_PORT=${PORTS[0]} PROXY_PORT=${PORTS[1]} ADMIN_PORT=${PORTS[2]}
     start_origin "origin-$mode" "$ORIGIN_PORT" --threads 1
     OUT="$WORK/callgrind.$mode.out"
-    wrk_mode=$mode accept=""
-    if [[ $mode == hit-gzip ]]; then
-        wrk_mode=hit accept=gzip
-    fi
+    wrk_mode=$mode accept="" flags=()
+    case $mode in
+        hit-gzip) wrk_mode=hit accept=gzip ;;
+        hit-plain) wrk_mode=hit flags=(--refresh-ahead 0 --upstream-max-in-flight-per-token 0) ;;
+        hit-due) wrk_mode=hit flags=(--refresh-ahead 0.0003 --upstream-max-in-flight 1
+            --rate-limit-per-token 100/s --rate-limit-burst 1000) ;;
+    esac
     if [[ $mode == floor ]]; then
         wrk_mode=hit
         start_bg "floor" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
@@ -60,7 +70,7 @@ for mode in $MODES; do
         start_bg "proxy-$mode" valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
             --instr-atstart=no "$PROXY_BIN" --upstream "http://127.0.0.1:$ORIGIN_PORT" \
             --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
-            --log-level warn --cache-ttl 1h --cache-max-bytes 1GiB
+            --log-level warn --cache-ttl 1h --cache-max-bytes 1GiB "${flags[@]}"
         ready_url="http://127.0.0.1:$ADMIN_PORT/healthz"
     fi
     VG_PID=$LAST_PID
@@ -71,10 +81,12 @@ for mode in $MODES; do
     log "$mode: warming (2 s), then counting for ${SECS}s"
     BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
     [[ $mode == floor ]] || before=$(requests_total "$ADMIN_PORT")
+    up_before=$(origin_count "$ORIGIN_PORT")
     callgrind_control -i on "$VG_PID" >/dev/null
     BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
         "http://127.0.0.1:$PROXY_PORT" >"$WORK/wrk.$mode.txt"
     callgrind_control -i off "$VG_PID" >/dev/null
+    up=$(($(origin_count "$ORIGIN_PORT") - up_before))
     if [[ $mode == floor ]]; then
         n=$(grep -o '"requests":[0-9]*' "$WORK/wrk.$mode.txt" | cut -d: -f2)
     else
@@ -91,7 +103,7 @@ for mode in $MODES; do
     total=$(callgrind_annotate "$dump" 2>/dev/null |
         awk '/PROGRAM TOTALS/ && !seen {gsub(",", "", $1); print $1; seen = 1}')
     [[ -n "$total" && $n -gt 0 ]] || die "no callgrind totals for $mode (see $WORK)"
-    printf '%s: %d requests, %d instructions, %d instructions per request\n' \
-        "$mode" "$n" "$total" $((total / n))
+    printf '%s: %d requests, %d instructions, %d instructions per request (upstream requests meanwhile: %d)\n' \
+        "$mode" "$n" "$total" $((total / n)) "$up"
     kill -TERM -- "-$VG_PID" 2>/dev/null || true
 done

@@ -1,5 +1,5 @@
-//! Load-benchmark helper for `benches/load.sh` and `benches/coalesce.sh`: a fast fake Chatwoot
-//! origin, the "bare hyper" floor, and a burst client. Not part of the proxy.
+//! Load-benchmark helper for `benches/load.sh`, `benches/coalesce.sh` and `benches/flood.sh`: a
+//! fast fake Chatwoot origin, the "bare hyper" floor, and the clients. Not part of the proxy.
 //!
 //! ```text
 //! bench_origin origin --listen 127.0.0.1:PORT [--delay-ms N] [--threads N]
@@ -7,6 +7,9 @@
 //! bench_origin burst  --url http://127.0.0.1:PORT/path --token T [--n 2000] [--timeout-ms 30000]
 //! bench_origin walk   --base http://127.0.0.1:PORT [--account 1] [--tokens 1] [--convs 100]
 //!                     [--concurrency 64]
+//! bench_origin flood  --base http://127.0.0.1:PORT [--duration-ms 15000] [--ramp-ms 1000]
+//!                     [--flood-connections 200] [--flood-interval-ms 400] [--polite 4]
+//!                     [--polite-interval-ms 100] [--first-conv 1000000] [--timeout-ms 10000]
 //! ```
 //!
 //! - `origin`: `GET /api/v1/accounts/{a}/conversations/{c}` answers a ~8 KB conversation shaped
@@ -33,6 +36,8 @@
 //!   `bench` + 19 digits, as `benches/load/wrk.lua` makes them), over `--concurrency`
 //!   keep-alive connections, to warm a cache. Prints one JSON line; exit code 0 only if every
 //!   request got a `200`.
+//! - `flood`: the fairness bench's client (`benches/flood.sh`): one runaway token flooding cold
+//!   misses while polite tokens read cold conversations one at a time; see [`flood`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -63,7 +68,8 @@ fn usage() -> ! {
         "usage:\n  bench_origin origin --listen ADDR [--delay-ms N] [--threads N]\n  \
          bench_origin floor --listen ADDR [--threads N]\n  \
          bench_origin burst --url URL --token T [--n N] [--timeout-ms MS]\n  \
-         bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N] [--accept-encoding V]"
+         bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N] [--accept-encoding V]\n  \
+         bench_origin flood --base URL [--duration-ms D] [--ramp-ms R] [--flood-connections N] [--flood-interval-ms I] [--polite P] [--polite-interval-ms I] [--first-conv C] [--timeout-ms T]"
     );
     std::process::exit(2)
 }
@@ -124,6 +130,7 @@ fn main() {
             }
             "burst" => burst(&args).await,
             "walk" => walk(&args).await,
+            "flood" => flood(&args).await,
             _ => usage(),
         }
     });
@@ -656,4 +663,272 @@ async fn walk(args: &Args) -> i32 {
     } else {
         1
     }
+}
+
+// ---------------------------------------------------------------- flood (fairness bench)
+
+/// One keep-alive HTTP/1.1 client connection of the flood bench; reconnects after an error.
+struct Client {
+    addr: SocketAddr,
+    host: String,
+    send: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+}
+
+impl Client {
+    fn new(addr: SocketAddr, host: &str) -> Client {
+        Client {
+            addr,
+            host: host.to_string(),
+            send: None,
+        }
+    }
+
+    /// GETs `path` with `token`, reading the whole body; (status, X-Cache).
+    async fn get(&mut self, path: &str, token: &str) -> Result<(u16, String), String> {
+        if self.send.is_none() {
+            let stream = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(conn);
+            self.send = Some(send);
+        }
+        let result = async {
+            let send = self.send.as_mut().ok_or("no connection")?;
+            send.ready().await.map_err(|e| format!("ready: {e}"))?;
+            let req = Request::get(path)
+                .header(header::HOST, self.host.as_str())
+                .header("api_access_token", token)
+                .body(Empty::new())
+                .map_err(|e| format!("request: {e}"))?;
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let status = resp.status().as_u16();
+            let x_cache = resp
+                .headers()
+                .get("x-cache")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            Ok::<_, String>((status, x_cache))
+        }
+        .await;
+        if result.is_err() {
+            self.send = None;
+        }
+        result
+    }
+}
+
+/// Status, X-Cache and error counts of one group of clients.
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    statuses: BTreeMap<String, u64>,
+    x_cache: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    latencies: Vec<Duration>,
+}
+
+impl Tally {
+    fn record(&mut self, r: &Result<(u16, String), String>, took: Duration) {
+        self.requests += 1;
+        match r {
+            Ok((status, xc)) => {
+                *self.statuses.entry(status.to_string()).or_default() += 1;
+                *self.x_cache.entry(xc.clone()).or_default() += 1;
+            }
+            Err(e) => *self.errors.entry(e.clone()).or_default() += 1,
+        }
+        self.latencies.push(took);
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.requests += other.requests;
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        for (k, v) in other.x_cache {
+            *self.x_cache.entry(k).or_default() += v;
+        }
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.latencies.extend(other.latencies);
+    }
+
+    fn status(&self, s: &str) -> u64 {
+        self.statuses.get(s).copied().unwrap_or(0)
+    }
+
+    /// The q-quantile of the latencies in ms (nearest rank), 0 without any.
+    fn quantile_ms(&mut self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        self.latencies.sort_unstable();
+        let rank =
+            ((q * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[rank - 1].as_secs_f64() * 1e3
+    }
+
+    fn json(&mut self) -> String {
+        let map = |m: &BTreeMap<String, u64>| serde_json::to_string(m).unwrap();
+        let ok = self.status("200");
+        let shed = self.status("503") + self.status("429");
+        let share = |n: u64| {
+            if self.requests == 0 {
+                0.0
+            } else {
+                n as f64 / self.requests as f64
+            }
+        };
+        let (ok_share, shed_share) = (share(ok), share(shed));
+        let (p50, p99, max) = (
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.99),
+            self.quantile_ms(1.0),
+        );
+        format!(
+            "{{\"requests\":{},\"ok_200\":{ok},\"ok_share\":{ok_share:.4},\"shed_share\":{shed_share:.4},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"max_ms\":{:.1},\"statuses\":{},\"x_cache\":{},\"errors\":{}}}",
+            self.requests,
+            p50,
+            p99,
+            max,
+            map(&self.statuses),
+            map(&self.x_cache),
+            map(&self.errors),
+        )
+    }
+}
+
+/// The fairness bench's client (`benches/flood.sh`): one runaway token sends cold misses over
+/// `--flood-connections` connections, each at most one request per `--flood-interval-ms`,
+/// while `--polite` tokens each read cold conversations one at a time with
+/// `--polite-interval-ms` between them. Every token first makes one request on its own (so the
+/// upstream has accepted it and it counts as its own scope, not its client address). Polite
+/// clients start `--ramp-ms` after the flood and stop at `--duration-ms`; then the flood stops.
+/// Prints one JSON line: the polite and the flood requests' status and X-Cache counts, their
+/// 200 and shed (503 + 429) shares, and latency percentiles.
+async fn flood(args: &Args) -> i32 {
+    let base: http::Uri = args
+        .get("base")
+        .unwrap_or_else(|| usage())
+        .parse()
+        .unwrap_or_else(|_| usage());
+    let authority = base.authority().unwrap_or_else(|| usage()).to_string();
+    let addr: SocketAddr = authority.parse().unwrap_or_else(|_| {
+        eprintln!("flood: --base must use a literal IP:port");
+        std::process::exit(2)
+    });
+    let account = args.num("account", 1);
+    let duration = Duration::from_millis(args.num("duration-ms", 15_000));
+    let ramp = Duration::from_millis(args.num("ramp-ms", 1_000));
+    let flood_conns = args.num("flood-connections", 200);
+    let flood_interval = Duration::from_millis(args.num("flood-interval-ms", 400));
+    let polite = args.num("polite", 4);
+    let polite_interval = Duration::from_millis(args.num("polite-interval-ms", 100));
+    let timeout = Duration::from_millis(args.num("timeout-ms", 10_000));
+    // Conversation numbers: every request is a cold miss (a new number each time).
+    let first = args.num("first-conv", 1_000_000);
+    let flood_token = format!("flood{:019}", 0);
+    let polite_tokens: Vec<String> = (0..polite).map(|p| format!("polite{p:018}")).collect();
+    let path = move |c: u64| format!("/api/v1/accounts/{account}/conversations/{c}");
+
+    // Warm-up: one request per token, so that each is a scope of its own.
+    let mut warm = Client::new(addr, &authority);
+    for (i, token) in std::iter::once(&flood_token)
+        .chain(&polite_tokens)
+        .enumerate()
+    {
+        match warm.get(&path(first - 1 - i as u64), token).await {
+            Ok((200, _)) => {}
+            other => {
+                eprintln!("flood: warm-up request for token {i} answered {other:?}");
+                return 1;
+            }
+        }
+    }
+
+    let next_conv = Arc::new(AtomicU64::new(first));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = Instant::now();
+    let mut flooders = Vec::new();
+    for k in 0..flood_conns {
+        let (next_conv, stop, token) = (next_conv.clone(), stop.clone(), flood_token.clone());
+        let mut client = Client::new(addr, &authority);
+        // Spread over one interval, so the flood is steady rather than in lockstep.
+        let offset = flood_interval.mul_f64(k as f64 / flood_conns as f64);
+        flooders.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            tokio::time::sleep(offset).await;
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let c = next_conv.fetch_add(1, Ordering::Relaxed);
+                let r = tokio::time::timeout(timeout, client.get(&path(c), &token))
+                    .await
+                    .unwrap_or_else(|_| Err("timeout".into()));
+                if r.is_err() {
+                    client.send = None;
+                }
+                tally.record(&r, sent.elapsed());
+                tokio::time::sleep_until((sent + flood_interval).into()).await;
+            }
+            tally
+        }));
+    }
+    tokio::time::sleep(ramp).await;
+    let mut polites = Vec::new();
+    for token in polite_tokens {
+        let next_conv = next_conv.clone();
+        let mut client = Client::new(addr, &authority);
+        polites.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while start.elapsed() < duration {
+                let sent = Instant::now();
+                let c = next_conv.fetch_add(1, Ordering::Relaxed);
+                let r = tokio::time::timeout(timeout, client.get(&path(c), &token))
+                    .await
+                    .unwrap_or_else(|_| Err("timeout".into()));
+                if r.is_err() {
+                    client.send = None;
+                }
+                tally.record(&r, sent.elapsed());
+                tokio::time::sleep(polite_interval).await;
+            }
+            tally
+        }));
+    }
+    let mut polite_tally = Tally::default();
+    for p in polites {
+        match p.await {
+            Ok(t) => polite_tally.merge(t),
+            Err(e) => eprintln!("flood: polite task: {e}"),
+        }
+    }
+    let polite_secs = start.elapsed().saturating_sub(ramp).as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut flood_tally = Tally::default();
+    for f in flooders {
+        match f.await {
+            Ok(t) => flood_tally.merge(t),
+            Err(e) => eprintln!("flood: flood task: {e}"),
+        }
+    }
+    println!(
+        "{{\"polite_seconds\":{polite_secs:.2},\"flood_seconds\":{:.2},\"polite\":{},\"flood\":{}}}",
+        start.elapsed().as_secs_f64(),
+        polite_tally.json(),
+        flood_tally.json()
+    );
+    0
 }
