@@ -235,7 +235,15 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let res = match &mut this.kind {
-            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Full(b) => {
+                let frame = b.take().map(|b| Ok(Frame::data(b)));
+                // Handed over whole: the request is over for the proxy. On h2 the bytes may
+                // still wait for the client's window (a zero one: forever), and a request in
+                // flight would exempt its connection from the idle deadline. The same single
+                // `finish` as at the end of a body (HTTP/1.1 drops the body right after this).
+                this.finish(true);
+                return Poll::Ready(frame);
+            }
             Kind::Upstream(u) => Pin::new(&mut **u).poll_frame(cx),
             Kind::Watched(w) => return w.poll_frame(cx),
         };

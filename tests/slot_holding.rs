@@ -190,6 +190,48 @@ async fn h2_zero_window_streams_release_their_slots() {
     assert_eq!(got, 128 * 1024);
 }
 
+/// A zero window on answers the proxy holds in memory (a cache hit, its own 401) takes no slot,
+/// and does not keep the connection either: the request is over once its body is handed to
+/// hyper, so the connection, with nothing else in flight, is closed at the idle deadline
+/// (before the fix, never: the unsent answers counted as requests in flight, and the client's
+/// h2 stack answers the proxy's keep-alive pings).
+#[tokio::test]
+async fn a_zero_window_on_in_memory_answers_does_not_keep_the_connection() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start(&fake, 4, |_| {}).await;
+    assert_eq!(conv(&proxy, 1, 42, "admin-token").await.status, 200);
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let url = format!("http://{}/api/v1/accounts/1/conversations/42", proxy.addr);
+    let mut answers = Vec::new();
+    for token in [Some("admin-token"), None] {
+        sender.ready().await.unwrap();
+        let mut req = http::Request::get(&url);
+        if let Some(t) = token {
+            req = req.header("api_access_token", t);
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        answers.push(resp);
+    }
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(statuses, [200, 401]);
+    assert_eq!(answers[0].headers()["x-cache"], "HIT");
+    let closed = tokio::time::timeout(Duration::from_secs(30), &mut conn).await;
+    assert!(
+        closed.is_ok(),
+        "the connection with only unsendable in-memory answers is closed"
+    );
+    drop((sender, answers));
+}
+
 /// Sends a request head for an upload of `len` bytes to `/upload` on a new connection.
 async fn upload_head(proxy: &ProxyHandle, len: usize) -> TcpStream {
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
