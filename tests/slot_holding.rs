@@ -19,6 +19,9 @@ use tokio::net::TcpStream;
 
 /// The `--client-header-timeout` of these tests: the stalled-reader and upload windows.
 const LIMIT: Duration = Duration::from_secs(2);
+/// A longer one where a hold must be seen from outside (through `/metrics`) before it ends,
+/// which a loaded machine can make slow.
+const OBSERVED_LIMIT: Duration = Duration::from_secs(4);
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -107,7 +110,7 @@ async fn zero_window_h2(
 #[tokio::test]
 async fn h2_zero_window_streams_release_their_slots() {
     let fake = FakeChatwoot::start().await;
-    let proxy = start(&fake, 4, |_| {}).await;
+    let proxy = start(&fake, 4, |c| c.client_header_timeout = OBSERVED_LIMIT).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let sender = zero_window_h2(&proxy).await;
@@ -134,9 +137,10 @@ async fn h2_zero_window_streams_release_their_slots() {
     let attacked = Instant::now();
     let served = polite_miss_served(&fake, &proxy, Duration::from_secs(40)).await;
     let waited = served.expect("a polite miss is served once the stalled streams are abandoned");
-    assert!(
-        attacked.elapsed() < Duration::from_secs(40),
-        "slots freed in {waited:?}"
+    eprintln!(
+        "4 of 4 slots held by zero-window streams; a polite miss served {waited:?} after the \
+         hold was seen ({:?} since)",
+        attacked.elapsed()
     );
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -183,7 +187,7 @@ async fn h2_zero_window_streams_release_their_slots() {
             since_pause += d.len();
             if since_pause >= 16 * 1024 {
                 since_pause = 0;
-                tokio::time::sleep(LIMIT / 3).await;
+                tokio::time::sleep(OBSERVED_LIMIT / 3).await;
             }
         }
     }
@@ -287,11 +291,13 @@ async fn a_trickling_upload_is_cut_off_and_an_honest_one_is_not() {
         }
         answer_within(&mut s, Duration::from_secs(30)).await
     };
+    let started = Instant::now();
     let cut_off = async {
-        tokio::select! {
+        let answer = tokio::select! {
             a = answer => a,
             _ = trickling => None,
-        }
+        };
+        (answer, started.elapsed())
     };
     let holding = async {
         eventually(Duration::from_secs(10), || async {
@@ -299,19 +305,15 @@ async fn a_trickling_upload_is_cut_off_and_an_honest_one_is_not() {
         })
         .await
     };
-    let started = Instant::now();
-    let (trickle_answer, honest_answer, held) = tokio::join!(cut_off, honest, holding);
+    let ((trickle_answer, cut), honest_answer, held) = tokio::join!(cut_off, honest, holding);
     assert!(held, "both uploads held a slot");
     let trickle_answer = trickle_answer.expect("the trickling upload is answered");
     assert!(
         trickle_answer.starts_with("HTTP/1.1 408"),
         "{trickle_answer}"
     );
-    assert!(
-        started.elapsed() >= LIMIT,
-        "not cut before a whole window: {:?}",
-        started.elapsed()
-    );
+    assert!(cut >= LIMIT, "not cut before a whole window: {cut:?}");
+    eprintln!("a 1 B/s upload cut off with 408 after {cut:?} (window {LIMIT:?})");
     let honest_answer = honest_answer.expect("the honest upload is answered");
     assert!(honest_answer.starts_with("HTTP/1.1 200"), "{honest_answer}");
     assert!(
@@ -382,14 +384,15 @@ async fn a_client_that_stops_reading_http1_holds_no_slot() {
                 .is_some()
         );
     }
-    let proxy = start(&fake, 1, |_| {}).await;
+    let proxy = start(&fake, 1, |c| c.client_header_timeout = OBSERVED_LIMIT).await;
     let mut unread = stop_reading_after_head(&proxy, "/stream?chunks=8192&delay_ms=0").await;
     assert!(
         in_flight(&proxy).await >= 1.0,
         "the unread 8 MiB body holds the only slot"
     );
     let waited = polite_miss_served(&fake, &proxy, Duration::from_secs(30)).await;
-    assert!(waited.is_some(), "the slot is freed at the write deadline");
+    let waited = waited.expect("the slot is freed at the write deadline");
+    eprintln!("an unread HTTP/1.1 body's slot freed; a polite miss served after {waited:?}");
     // The proxy gave up on the response: the connection ends before the chunked body's
     // terminator.
     let mut rest = Vec::new();
