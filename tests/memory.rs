@@ -2,12 +2,15 @@
 //! counted (`#[global_allocator]`, this binary only) and the heap a stored entry really holds
 //! is compared with the weight it is counted as.
 //!
-//! - `heap_per_entry_matches_weight`: stores thousands of distinct conversations (several
-//!   tokens) through the proxy against the fake, then asserts heap growth per entry ≤ 1.25 ×
-//!   the weight per entry, and that purging everything gives the heap back.
-//! - `stored_headers_own_exactly_their_values`: the header block of an entry is one exact
-//!   copy of its values (not slices of the upstream read buffer) in a map without spare slots,
-//!   costing exactly what `header_map_bytes` says.
+//! - `heap_per_entry_gzip_clients` / `heap_per_entry_identity_clients`: store thousands of
+//!   distinct conversations (several tokens, Rails' header set) through the proxy against the
+//!   fake, then assert that everything an entry holds beyond its bodies (the stored gzip body,
+//!   and for identity clients the identity copy) is at most [`MAX_BEYOND_BODY`] (issue 15), that
+//!   heap growth per entry ≤ 1.25 × the weight per entry, and that purging everything gives the
+//!   heap back.
+//! - `stored_entry_is_one_exact_buffer`: an entry is its struct and one exact-size buffer
+//!   (stored body, per-entry header values, validators), nothing pointing into the upstream read
+//!   buffer, and its header names and static values cost nothing (an interned shape).
 //! - `moka_bookkeeping_per_entry`: what moka itself holds per entry, the floor under the
 //!   per-entry overhead.
 //!
@@ -21,7 +24,8 @@ use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatwoot_cache::cache::entry::{ENTRY_OVERHEAD, HEADER_SLOT, header_map_bytes};
+use chatwoot_cache::cache::coding::{self, Coding};
+use chatwoot_cache::cache::entry::{BYTES_SHARED, ENTRY_OVERHEAD, Entry};
 use chatwoot_cache::cache::rules;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use support::*;
@@ -101,25 +105,47 @@ const WARM: u64 = 50;
 const MEASURED: u64 = 500;
 const FIRST_ID: u64 = 10_000;
 
+/// Everything a stored entry may hold beyond its bodies, with Rails' header set (issue 15).
+const MAX_BEYOND_BODY: f64 = 768.0;
+
+/// The headers Rails sends on every response besides the fake's own (`Content-Type`,
+/// `Cache-Control`, `ETag`, `X-Runtime`; hyper adds `Date`), with a UUID request id as Rails
+/// makes it.
+const RAILS_HEADERS: [(&str, &str); 7] = [
+    ("x-frame-options", "SAMEORIGIN"),
+    ("x-xss-protection", "0"),
+    ("x-content-type-options", "nosniff"),
+    ("x-download-options", "noopen"),
+    ("x-permitted-cross-domain-policies", "none"),
+    ("referrer-policy", "strict-origin-when-cross-origin"),
+    ("x-request-id", "6f1c2a7e-3b0d-4e5f-9a8b-00000000002a"),
+];
+
 /// GETs conversation `id` through the proxy with every token at once (each a miss); returns
-/// the body bytes.
-async fn fetch_misses(client: &TestClient, proxy: &ProxyHandle, id: u64) -> u64 {
+/// the bytes of the bodies the entries hold: the stored gzip body, and for identity clients
+/// the identity copy too.
+async fn fetch_misses(client: &TestClient, proxy: &ProxyHandle, id: u64, gzip: bool) -> u64 {
     let url = proxy.url(&format!("/api/v1/accounts/1/conversations/{id}"));
     let get = |token: &'static str| {
         let url = url.clone();
         async move {
-            let r = try_send(
-                client,
-                Method::GET,
-                &url,
-                &[("api_access_token", token)],
-                b"",
-            )
-            .await
-            .unwrap_or_else(|e| panic!("conversation {id}: {e}"));
+            let mut headers = vec![("api_access_token", token)];
+            if gzip {
+                headers.push(("accept-encoding", "gzip"));
+            }
+            let r = try_send(client, Method::GET, &url, &headers, b"")
+                .await
+                .unwrap_or_else(|e| panic!("conversation {id}: {e}"));
             assert_eq!(r.status, 200, "{}", r.text());
             assert_eq!(r.x_cache(), "MISS", "conversation {id} with {token}");
-            r.body.len() as u64
+            let identity = r.decoded();
+            let stored = coding::gzip(&identity).map_or(identity.len(), |g| g.len());
+            assert_eq!(
+                r.header("content-encoding") == "gzip",
+                gzip,
+                "the form the client asked for"
+            );
+            (stored + if gzip { 0 } else { identity.len() }) as u64
         }
     };
     let [a, b, c, d] = TOKENS;
@@ -146,10 +172,23 @@ async fn settled_live(proxy: &ProxyHandle, fake: &FakeChatwoot) -> isize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heap_per_entry_matches_weight() {
+async fn heap_per_entry_gzip_clients() {
+    heap_per_entry(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_per_entry_identity_clients() {
+    heap_per_entry(false).await;
+}
+
+async fn heap_per_entry(gzip: bool) {
     let _serial = SERIAL.lock().await;
     let started = std::time::Instant::now();
     let fake = FakeChatwoot::start().await;
+    *fake.state.show_headers.lock().unwrap() = RAILS_HEADERS
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
     for t in &TOKENS[1..] {
         fake.add_user(t, "admin", None);
     }
@@ -165,7 +204,7 @@ async fn heap_per_entry_matches_weight() {
     // Warm up the runtime, both connection pools, the fake's and the proxy's tables, and
     // moka (its node pools and first table sizes) with entries of their own.
     for c in 0..WARM {
-        fetch_misses(&client, &proxy, FIRST_ID + c).await;
+        fetch_misses(&client, &proxy, FIRST_ID + c, gzip).await;
     }
     assert_eq!(proxy.proxy.store.usage().0, WARM * TOKENS.len() as u64);
 
@@ -180,7 +219,7 @@ async fn heap_per_entry_matches_weight() {
     let base_footprint = footprint();
     let mut body_bytes = 0;
     for c in WARM..WARM + MEASURED {
-        body_bytes += fetch_misses(&client, &proxy, FIRST_ID + c).await;
+        body_bytes += fetch_misses(&client, &proxy, FIRST_ID + c, gzip).await;
     }
     let stored = settled_live(&proxy, &fake).await;
     let stored_footprint = footprint();
@@ -191,8 +230,9 @@ async fn heap_per_entry_matches_weight() {
     let body = body_bytes as f64 / n as f64;
     let allocs = (stored_footprint.0 - base_footprint.0) as f64 / n as f64;
     let chunks = (stored_footprint.1 - base_footprint.1) as f64 / n as f64;
+    let clients = if gzip { "gzip" } else { "identity" };
     eprintln!(
-        "memory: {n} entries: weight {weighed:.0} B/entry, real heap {heap:.0} B/entry \
+        "memory ({clients} clients): {n} entries: weight {weighed:.0} B/entry, real heap {heap:.0} B/entry \
          (heap/weight {:.3}), body {body:.0} B/entry; beyond the body: weighed {:.0} B, \
          real {:.0} B; ENTRY_OVERHEAD {ENTRY_OVERHEAD}; {allocs:.1} allocations/entry, \
          ~{chunks:.0} B/entry in glibc malloc chunks ({:.3} x weight)",
@@ -200,6 +240,11 @@ async fn heap_per_entry_matches_weight() {
         weighed - body,
         heap - body,
         chunks / weighed,
+    );
+    assert!(
+        heap - body <= MAX_BEYOND_BODY,
+        "an entry holds {:.0} B beyond its bodies ({clients} clients), more than {MAX_BEYOND_BODY} B",
+        heap - body
     );
     assert!(
         heap <= 1.25 * weighed,
@@ -234,81 +279,147 @@ async fn heap_per_entry_matches_weight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stored_headers_own_exactly_their_values() {
+async fn stored_entry_is_one_exact_buffer() {
     let _serial = SERIAL.lock().await;
     // An upstream head parsed the way hyper does it: every value a slice of one read buffer.
-    let head: &[(&str, &str)] = &[
-        ("content-type", "application/json; charset=utf-8"),
-        ("cache-control", "max-age=0, private, must-revalidate"),
-        ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
-        ("x-request-id", "5c1b2a7e-3f0e-4f7d-9a6e-0b9f1d2c3e4f"),
-        ("x-runtime", "0.041237"),
-        ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
-        ("x-frame-options", "SAMEORIGIN"),
-        ("x-content-type-options", "nosniff"),
-        ("referrer-policy", "strict-origin-when-cross-origin"),
-        ("vary", "Origin"),
-        ("set-cookie", "_chatwoot_session=secret"),
-    ];
-    let before = thread_live();
-    let mut read_buf = vec![0u8; 8192];
-    let mut upstream = HeaderMap::new();
-    let mut at = 0;
-    let mut ranges = vec![];
-    for (_, v) in head {
-        read_buf[at..at + v.len()].copy_from_slice(v.as_bytes());
-        ranges.push(at..at + v.len());
-        at += v.len();
-    }
-    let read_buf = Bytes::from(read_buf);
-    for ((name, _), r) in head.iter().zip(ranges) {
-        upstream.append(
-            HeaderName::from_static(name),
-            HeaderValue::from_maybe_shared(read_buf.slice(r)).unwrap(),
+    let head = |request_id: &'static str| -> (HeaderMap, Bytes) {
+        let fields: &[(&str, &str)] = &[
+            ("content-type", "application/json; charset=utf-8"),
+            ("cache-control", "max-age=0, private, must-revalidate"),
+            ("etag", "W/\"0123456789abcdef0123456789abcdef\""),
+            ("x-request-id", request_id),
+            ("x-runtime", "0.041237"),
+            ("date", "Mon, 08 Dec 2025 08:20:05 GMT"),
+            ("x-frame-options", "SAMEORIGIN"),
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "strict-origin-when-cross-origin"),
+            ("set-cookie", "_chatwoot_session=secret"),
+        ];
+        let mut read_buf = vec![0u8; 8192];
+        let mut at = 0;
+        let mut ranges = vec![];
+        for (_, v) in fields {
+            read_buf[at..at + v.len()].copy_from_slice(v.as_bytes());
+            ranges.push(at..at + v.len());
+            at += v.len();
+        }
+        let read_buf = Bytes::from(read_buf);
+        let mut upstream = HeaderMap::new();
+        for ((name, _), r) in fields.iter().zip(ranges) {
+            upstream.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_maybe_shared(read_buf.slice(r)).unwrap(),
+            );
+        }
+        (upstream, read_buf)
+    };
+    let body = Bytes::from(
+        format!(
+            r#"{{"id":42,"updated_at":1765182000.482917,"messages":[{}]}}"#,
+            vec![r#"{"content":"hello, how can I help?"}"#; 60].join(",")
+        )
+        .into_bytes(),
+    );
+    let policy = chatwoot_cache::cache::CachePolicy {
+        ttl: Duration::from_secs(10),
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(5),
+        max_object_bytes: 1 << 22,
+        refresh_ahead: None,
+    };
+    let stamp = chatwoot_cache::invalidation::Generations::new().stamp(
+        1,
+        42,
+        chatwoot_cache::auth::Scope(7),
+    );
+    let entry = |request_id| {
+        let (upstream, read_buf) = head(request_id);
+        let probe = rules::probe(&body, 1, 42).unwrap();
+        let now = tokio::time::Instant::now();
+        let e = rules::positive_entry(
+            &upstream,
+            body.clone(),
+            probe,
+            stamp.clone(),
+            &policy,
+            now,
+            Coding::Gzip,
         );
-    }
+        (std::sync::Arc::new(e), read_buf)
+    };
+    // The first entry of this header set interns its shape (and warms the compressor).
+    let (first, _) = entry("5c1b2a7e-3f0e-4f7d-9a6e-0b9f1d2c3e4f");
+
+    let before = thread_live();
+    let (e, read_buf) = entry("9d0e1f2a-3b4c-4d5e-8f90-a1b2c3d4e5f6");
     drop(read_buf);
-
-    let start = thread_live();
-    let stored = rules::stored_headers(&upstream);
-    let built = thread_live() - start;
-    drop(upstream);
     let kept = thread_live() - before;
-
-    // Dropped: set-cookie and the upstream etag; added: the three render slots (X-Cache, Age,
-    // Cache-Status, with static placeholders) and `Vary: Accept-Encoding` (SPEC 14; the
-    // upstream's Vary names only Origin). All names here are standard or shared statics,
-    // and the values Rails sends on every response (content-type, cache-control, nosniff, …)
-    // are shared statics too, so the map's slots and one buffer of the other values are all.
-    assert_eq!(stored.len(), head.len() - 2 + 3 + 1);
-    let values: usize = ["x-request-id", "x-runtime", "date"]
+    let buffer = e.weight() as usize - ENTRY_OVERHEAD;
+    let expected = size_of::<Entry>() + 16 + buffer;
+    // Rendered once: the buffer gets the shared header `bytes` adds when it is first shared,
+    // and nothing else stays.
+    let now = tokio::time::Instant::now();
+    let resp = e.render(
+        e.form(true).0,
+        now,
+        HeaderValue::from_static("chatwoot-cache; hit"),
+        false,
+        false,
+    );
+    let h: Vec<(String, String)> = resp
+        .headers()
         .iter()
-        .map(|n| stored[*n].len())
-        .sum();
-    // One buffer for the copied values: its bytes plus the `bytes` crate's shared header. The
-    // second Vary value sits in http's smaller extra-value slot (the value and two 16-byte
-    // links), which `header_map_bytes` does not assume (it is an upper bound).
-    let extra_value_slot = size_of::<HeaderValue>() + 2 * 16;
-    let repeated = stored.len() - stored.keys_len();
-    let expected = header_map_bytes(stored.len()) - repeated * (HEADER_SLOT - extra_value_slot)
-        + values
-        + 3 * size_of::<usize>();
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+        .collect();
+    drop(resp);
+    let get = |name: &str| {
+        h.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let after_hit = thread_live() - before;
     eprintln!(
-        "stored headers: {} values ({values} B of text): built {built} B, kept after the \
-         upstream head is gone {kept} B, expected {expected} B (slot {HEADER_SLOT} B)",
-        stored.len(),
+        "stored entry: struct {} B, buffer {buffer} B (stored body {} B of {} B identity): \
+         kept {kept} B, expected {expected} B; after a hit {after_hit} B",
+        size_of::<Entry>() + 16,
+        e.stored_body().len(),
+        body.len()
     );
     assert_eq!(
         kept as usize, expected,
-        "the stored header block holds more than its map and one copy of its values \
-         (a pinned upstream read buffer, or spare map slots)"
+        "an entry holds more than its struct and one exact buffer (a pinned upstream read \
+         buffer, a header map of its own, a shape not shared)"
+    );
+    // (Less what this test itself holds: the rendered headers as strings.)
+    let rendered: usize = h
+        .iter()
+        .map(|(n, v)| n.capacity() + v.capacity())
+        .sum::<usize>()
+        + h.capacity() * size_of::<(String, String)>();
+    assert_eq!(
+        after_hit as usize - rendered,
+        expected + BYTES_SHARED,
+        "a hit leaves nothing behind but the buffer's shared header"
+    );
+    assert_eq!(get("x-request-id"), "9d0e1f2a-3b4c-4d5e-8f90-a1b2c3d4e5f6");
+    assert_eq!(get("x-runtime"), "0.041237");
+    assert_eq!(get("content-encoding"), "gzip");
+    assert_eq!(
+        get("etag").as_bytes(),
+        first.form(true).0.etag_bytes().unwrap(),
+        "the same body: the same gzip ETag"
     );
     assert!(
-        !stored.contains_key("content-length"),
-        "hyper writes it from the body"
+        !h.iter()
+            .any(|(n, _)| n == "set-cookie" || n == "content-length")
     );
-    assert_eq!(stored["x-runtime"], "0.041237");
-    assert!(!stored.contains_key("set-cookie") && !stored.contains_key("etag"));
+    drop(first);
+    assert_eq!(
+        e.upstream_etag().unwrap(),
+        "W/\"0123456789abcdef0123456789abcdef\""
+    );
 }
 
 /// The part of the per-entry overhead that is moka's own: its bookkeeping for an entry (hash

@@ -140,12 +140,12 @@ pub fn admit(at: &Admit<'_>, status: StatusCode, headers: &HeaderMap, body: &Byt
                 return not_storable(prior.is_some());
             };
             if let Some(prior) = prior
-                && let (Some(old), Some(new)) = (&prior.updated_at, &probe.updated_at)
+                && let (Some(old), Some(new)) = (&prior.updated_at(), &probe.updated_at)
                 && new < old
             {
                 return Admission::KeepOlder(refreshed(prior, None, stamp.clone(), now));
             }
-            let updated_at_same = prior.is_some_and(|p| p.updated_at == probe.updated_at);
+            let updated_at_same = prior.is_some_and(|p| p.updated_at() == probe.updated_at);
             let entry = positive_entry(
                 headers,
                 body.clone(),
@@ -159,7 +159,7 @@ pub fn admit(at: &Admit<'_>, status: StatusCode, headers: &HeaderMap, body: &Byt
             if let Some(prior) = prior
                 && updated_at_same
                 && prior.identity_len == entry.identity_len
-                && prior.digest == entry.digest
+                && prior.digest() == entry.digest()
             {
                 return Admission::Refresh {
                     entry,
@@ -412,16 +412,16 @@ mod tests {
             panic!("a 304 refreshes");
         };
         assert_eq!(entry.identity_body(), old);
-        assert_eq!(entry.upstream_etag.as_ref().unwrap(), "W/\"v2\"");
+        assert_eq!(entry.upstream_etag().unwrap(), "W/\"v2\"");
         let not_found = Bytes::from_static(br#"{"error":"not found"}"#);
         let Admission::Negative(e) = decide(None, 5, 404, &none, &not_found) else {
             panic!("a 404 is remembered");
         };
         assert_eq!(
-            (e.status, e.body.clone()),
+            (e.status, e.stored_body()),
             (StatusCode::NOT_FOUND, not_found)
         );
-        assert_eq!(e.lifetime, Duration::from_secs(5));
+        assert_eq!(e.lifetime(), Duration::from_secs(5));
     }
 
     #[test]

@@ -37,23 +37,39 @@ thread_local! {
 
 /// `body` gzip-compressed in an allocation of exactly its size, if that is smaller than `body`.
 pub fn gzip(body: &[u8]) -> Option<Bytes> {
+    with_gzip(body, Bytes::copy_from_slice)
+}
+
+/// Calls `f` with `body` gzip-compressed (in a per-thread scratch buffer), if that is smaller
+/// than `body`: the caller copies the bytes where it keeps them, once.
+pub fn with_gzip<R>(body: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
     COMPRESSOR.with_borrow_mut(|(compressor, scratch)| {
         let bound = compressor.gzip_compress_bound(body.len());
         if scratch.len() < bound {
             scratch.resize(bound, 0);
         }
         let n = compressor.gzip_compress(body, scratch).ok()?;
-        (n < body.len()).then(|| Bytes::copy_from_slice(&scratch[..n]))
+        (n < body.len()).then(|| f(&scratch[..n]))
     })
 }
 
 /// The identity bytes of a gzip body made by [`gzip`], whose identity length is `len`.
 pub fn gunzip(gz: &[u8], len: usize) -> Option<Bytes> {
-    let mut out = vec![0u8; len];
-    let n = DECOMPRESSOR
-        .with_borrow_mut(|d| d.gzip_decompress(gz, &mut out))
-        .ok()?;
-    (n == len).then(|| Bytes::from(out))
+    let mut out = Vec::with_capacity(len);
+    gunzip_into(gz, len, &mut out).then(|| Bytes::from(out))
+}
+
+/// Appends the `len` identity bytes of `gz` to `out`; false (and `out` unchanged) if `gz` does
+/// not decompress to exactly `len` bytes.
+pub fn gunzip_into(gz: &[u8], len: usize, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    out.resize(start + len, 0);
+    let n = DECOMPRESSOR.with_borrow_mut(|d| d.gzip_decompress(gz, &mut out[start..]));
+    if n.is_ok_and(|n| n == len) {
+        return true;
+    }
+    out.truncate(start);
+    false
 }
 
 /// Whether the stored gzip bytes are the better answer for this request (RFC 9110 §12.5.3).

@@ -11,8 +11,8 @@
 //! in the slots the block starts with and shares the body `Bytes`: no JSON parsing, no hashing,
 //! no body copy, no compression.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,65 +22,102 @@ use tokio::time::Instant;
 
 use super::coding::{self, Coding};
 use super::decimal::Decimal;
+use super::head::{self, Shape};
 use crate::body::ResponseBody;
 
 /// A positive (stored 200) or negative (remembered 404 / non-token 401) answer.
+///
+/// Held compactly (issue 15): one allocation `buf` holds the stored body, the per-entry header
+/// values ([`head`]) and what only revalidation reads (digest, upstream validators,
+/// `updated_at`); the header names and static values are the interned [`Shape`].
 #[derive(Debug)]
 pub struct Entry {
     pub status: StatusCode,
-    /// The body as kept: gzip of the identity bytes when that was smaller ([`Coding::Gzip`]),
-    /// the identity bytes otherwise.
-    pub body: Bytes,
+    /// How `buf`'s body is kept: gzip of the identity bytes when that was smaller
+    /// ([`Coding::Gzip`]), the identity bytes otherwise.
     pub coding: Coding,
-    /// Length of the identity body (what a gzip `body` decompresses to).
-    pub identity_len: usize,
-    /// The first 128 bits of the identity body's SHA-256 (positive entries): both forms' strong
-    /// ETags derive from it, and a revalidation compares it instead of the bytes.
-    pub digest: Option<[u8; 16]>,
-    /// The forms built so far (see the module doc); at least one is always set.
-    pub(crate) gzip: OnceLock<Form>,
-    pub(crate) identity: OnceLock<Form>,
-    /// Unix seconds of the forms' `Last-Modified` (from `updated_at` whole seconds), for
-    /// `If-Modified-Since`.
-    pub last_modified_secs: Option<u64>,
-    pub updated_at: Option<Decimal>,
-    /// Validators the upstream gave, replayed on revalidation. Like every value in a form's
-    /// headers they are slices of an exact-size copy owned by the entry (see
-    /// [`super::rules`]), never of the upstream connection's read buffer.
-    pub upstream_etag: Option<HeaderValue>,
-    pub upstream_last_modified: Option<HeaderValue>,
+    /// Set while the store re-inserts this very entry to re-weigh it after its identity copy
+    /// was made ([`super::Store::recharge`]): that replacement is not an eviction.
+    pub(crate) recharging: AtomicBool,
+    /// Length of the identity body (what a gzip body decompresses to).
+    pub identity_len: u32,
+    /// `buf[..body_len]` is the stored body; `buf[body_len..cold_at]` the per-entry header
+    /// values, the stored form's ETag first (positive entries); `buf[cold_at..]` the digest
+    /// (positive entries) and the upstream `ETag`, `Last-Modified` and `updated_at` text.
+    body_len: u32,
+    cold_at: u32,
+    /// Bytes counted against `--cache-max-bytes` besides the identity copy (see
+    /// [`Entry::weight`]).
+    pub(crate) base_weight: u32,
+    /// How long moka may keep it (freshness + stale windows, or the negative TTL), in
+    /// milliseconds, at most ~49 days ([`Entry::lifetime`]).
+    lifetime_ms: u32,
+    buf: Bytes,
+    shape: Arc<Shape>,
+    /// For a gzip entry, the identity body followed by its ETag, made when an identity client
+    /// first asks for it and then kept (weighed against `--cache-max-bytes`), so identity hits
+    /// never decompress.
+    identity: OnceLock<Bytes>,
+    /// Unix seconds of `Last-Modified` (from `updated_at` whole seconds), for
+    /// `If-Modified-Since`; `u64::MAX` for none (`http_date` refuses it anyway).
+    last_modified: u64,
     pub stored_at: Instant,
     /// Generations at fetch start (see [`crate::invalidation`]).
     pub stamp: crate::invalidation::Stamp,
-    /// How long moka may keep it (freshness + stale windows, or the negative TTL).
-    pub lifetime: Duration,
-    /// Bytes counted against `--cache-max-bytes` besides the forms' own (see [`Entry::weight`]).
-    pub(crate) base_weight: u32,
     /// Set when revalidating this entry failed: for a short while it is served stale without
     /// asking the upstream again (see [`FailureMark`]).
     pub failure: FailureMark,
     /// Hits while fresh, for refresh-ahead (see [`Heat`]).
     pub heat: Heat,
-    /// Set while the store re-inserts this very entry to re-weigh it after a form was added
-    /// ([`super::Store::recharge`]): that replacement is not an eviction.
-    pub(crate) recharging: AtomicBool,
 }
 
-/// One form of an entry as it is sent: its header block (render slots first, see
-/// `rules::RENDER_SLOTS`) and its body.
-#[derive(Debug, Clone)]
-pub struct Form {
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    /// Bytes this form adds to the entry's weight: the header block, and the body unless it is
-    /// the entry's stored body.
-    pub(crate) weight: u32,
+/// What [`super::rules`] assembles an entry from.
+pub(crate) struct Parts {
+    pub status: StatusCode,
+    pub coding: Coding,
+    pub identity_len: usize,
+    /// The stored body, then the values region, then the cold region (see [`Entry`]).
+    pub buf: Bytes,
+    pub body_len: usize,
+    pub cold_at: usize,
+    pub shape: Arc<Shape>,
+    /// The shape is not interned: its heap is this entry's.
+    pub private_shape: bool,
+    pub identity: Option<Bytes>,
+    pub last_modified_secs: Option<u64>,
+    pub stored_at: Instant,
+    pub stamp: crate::invalidation::Stamp,
+    pub lifetime: Duration,
 }
 
-impl Form {
+/// One form of an entry as it is sent: the buffer its body and ETag are slices of.
+#[derive(Debug, Clone, Copy)]
+pub struct Form<'a> {
+    pub coding: Coding,
+    buf: &'a Bytes,
+    body_len: usize,
+    etag: Option<(usize, usize)>,
+}
+
+impl Form<'_> {
+    /// The body this form sends.
+    pub fn body(&self) -> Bytes {
+        self.buf.slice(..self.body_len)
+    }
+
+    pub fn body_len(&self) -> usize {
+        self.body_len
+    }
+
+    /// The form's strong ETag text (positive entries only).
+    pub fn etag_bytes(&self) -> Option<&[u8]> {
+        self.etag.map(|(a, b)| &self.buf[a..b])
+    }
+
     /// The form's strong ETag (positive entries only).
-    pub fn etag(&self) -> Option<&HeaderValue> {
-        self.headers.get(header::ETAG)
+    pub fn etag(&self) -> Option<HeaderValue> {
+        let (a, b) = self.etag?;
+        HeaderValue::from_maybe_shared(self.buf.slice(a..b)).ok()
     }
 }
 
@@ -94,12 +131,14 @@ pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 /// A failed revalidation remembered on the entry it tried to refresh.
 #[derive(Debug, Default)]
 pub struct FailureMark {
-    /// Milliseconds after `stored_at` until which the entry is not revalidated; 0 = none.
-    until_ms: std::sync::atomic::AtomicU64,
+    /// Milliseconds after `stored_at` until which the entry is not revalidated; 0 = none
+    /// (saturating: an entry ~49 days old is past any backoff).
+    until_ms: std::sync::atomic::AtomicU32,
     /// The `fwd-status` of that failure.
     status: std::sync::atomic::AtomicU16,
-    /// The breaker's recovery count when it failed: a recovery since ends the backoff.
-    recoveries: std::sync::atomic::AtomicU64,
+    /// The breaker's recovery count when it failed (its low 32 bits): a recovery since ends
+    /// the backoff.
+    recoveries: std::sync::atomic::AtomicU32,
 }
 
 /// How hot an entry is, for refresh-ahead (SPEC 12): its hits while fresh, and whether its
@@ -127,100 +166,194 @@ impl Heat {
 }
 
 impl Entry {
+    pub(crate) fn assemble(p: Parts) -> Entry {
+        let private = if p.private_shape { p.shape.weight } else { 0 };
+        let base_weight = p.buf.len() + ENTRY_OVERHEAD + private;
+        Entry {
+            status: p.status,
+            coding: p.coding,
+            recharging: AtomicBool::new(false),
+            identity_len: u32::try_from(p.identity_len).unwrap_or(u32::MAX),
+            body_len: u32::try_from(p.body_len).unwrap_or(u32::MAX),
+            cold_at: u32::try_from(p.cold_at).unwrap_or(u32::MAX),
+            base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
+            lifetime_ms: u32::try_from(p.lifetime.as_millis()).unwrap_or(u32::MAX),
+            buf: p.buf,
+            shape: p.shape,
+            identity: p.identity.map_or_else(OnceLock::new, OnceLock::from),
+            last_modified: p.last_modified_secs.unwrap_or(u64::MAX),
+            stored_at: p.stored_at,
+            stamp: p.stamp,
+            failure: FailureMark::default(),
+            heat: Heat::default(),
+        }
+    }
+
     pub fn is_negative(&self) -> bool {
         self.status != StatusCode::OK
+    }
+
+    /// How long moka may keep it (freshness + stale windows, or the negative TTL).
+    pub fn lifetime(&self) -> Duration {
+        Duration::from_millis(u64::from(self.lifetime_ms))
+    }
+
+    /// Unix seconds of `Last-Modified`, if it has one.
+    pub fn last_modified_secs(&self) -> Option<u64> {
+        (self.last_modified != u64::MAX).then_some(self.last_modified)
     }
 
     pub fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.stored_at)
     }
 
-    /// Bytes counted against `--cache-max-bytes`: the stored body and bookkeeping, plus every
-    /// form built so far.
+    /// Bytes counted against `--cache-max-bytes`: the entry's buffer and bookkeeping, plus
+    /// the identity copy once made.
     pub fn weight(&self) -> u32 {
-        let forms = [&self.gzip, &self.identity]
-            .into_iter()
-            .filter_map(OnceLock::get)
-            .map(|f| f.weight);
-        forms.fold(self.base_weight, u32::saturating_add)
+        let identity = self.identity.get().map_or(0, |b| b.len() + BYTES_SHARED);
+        self.base_weight
+            .saturating_add(u32::try_from(identity).unwrap_or(u32::MAX))
     }
 
-    /// The form for a client that prefers gzip (`gzip`) or not, and whether it was built by
-    /// this call (the entry then weighs more: the caller has the store re-weigh it). A client
-    /// preferring gzip gets identity when the body did not compress.
-    pub fn form(&self, gzip: bool) -> (&Form, bool) {
-        let want = if gzip && self.coding == Coding::Gzip {
-            Coding::Gzip
-        } else {
-            Coding::Identity
-        };
-        let slot = self.slot(want);
-        if let Some(form) = slot.get() {
+    /// The stored body (gzip when [`Entry::coding`] says so).
+    pub fn stored_body(&self) -> Bytes {
+        self.buf.slice(..self.body_len as usize)
+    }
+
+    /// The interned shape.
+    pub(crate) fn shape(&self) -> &Arc<Shape> {
+        &self.shape
+    }
+
+    /// The values region less the stored form's ETag (positive entries).
+    pub(crate) fn values(&self) -> &[u8] {
+        &self.buf[self.values_range()]
+    }
+
+    fn values_range(&self) -> std::ops::Range<usize> {
+        let (start, end) = (self.body_len as usize, self.cold_at as usize);
+        if self.is_negative() {
+            return start..end;
+        }
+        let mut at = start;
+        match head::next_value(&self.buf[..end], &mut at) {
+            Some(_) => at..end,
+            None => start..end,
+        }
+    }
+
+    /// The cold fields: digest (positive entries), upstream ETag, upstream Last-Modified,
+    /// `updated_at` text (empty: absent).
+    fn cold(&self) -> (Option<[u8; 16]>, [&[u8]; 3]) {
+        let mut cold = &self.buf[self.cold_at as usize..];
+        let mut digest = None;
+        if !self.is_negative()
+            && let Some((d, rest)) = cold.split_first_chunk::<16>()
+        {
+            digest = Some(*d);
+            cold = rest;
+        }
+        let mut at = 0;
+        let mut next = || head::next_value(cold, &mut at).map_or(&[][..], |r| &cold[r]);
+        let fields = [next(), next(), next()];
+        (digest, fields)
+    }
+
+    /// The first 128 bits of the identity body's SHA-256 (positive entries): both forms' strong
+    /// ETags derive from it, and a revalidation compares it instead of the bytes.
+    pub fn digest(&self) -> Option<[u8; 16]> {
+        self.cold().0
+    }
+
+    /// The upstream's validators, replayed on revalidation.
+    pub fn upstream_etag(&self) -> Option<HeaderValue> {
+        self.cold_value(0)
+    }
+
+    pub fn upstream_last_modified(&self) -> Option<HeaderValue> {
+        self.cold_value(1)
+    }
+
+    fn cold_value(&self, i: usize) -> Option<HeaderValue> {
+        let v = self.cold().1[i];
+        (!v.is_empty())
+            // Only the ETag (field 0) is ever packed; no header value starts with a zero byte.
+            .then(|| HeaderValue::from_bytes(&super::rules::unpack_etag(v)).ok())
+            .flatten()
+    }
+
+    /// `updated_at` of the stored body, if it had one.
+    pub fn updated_at(&self) -> Option<Decimal> {
+        self.updated_at_text()
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(Decimal::parse)
+    }
+
+    /// The JSON text of `updated_at`, if the body had one.
+    pub(crate) fn updated_at_text(&self) -> Option<&[u8]> {
+        let text = self.cold().1[2];
+        (!text.is_empty()).then_some(text)
+    }
+
+    /// The identity copy of a gzip entry, if made (body, then ETag).
+    pub(crate) fn identity_copy(&self) -> Option<&Bytes> {
+        self.identity.get()
+    }
+
+    /// The form for a client that prefers gzip (`gzip`) or not, and whether this call made
+    /// the identity copy (the entry then weighs more: the caller has the store re-weigh it). A
+    /// client preferring gzip gets identity when the body did not compress.
+    pub fn form(&self, gzip: bool) -> (Form<'_>, bool) {
+        if self.coding == Coding::Identity || gzip {
+            let etag = if self.is_negative() {
+                None
+            } else {
+                let mut at = self.body_len as usize;
+                head::next_value(&self.buf[..self.cold_at as usize], &mut at)
+                    .map(|r| (r.start, r.end))
+            };
+            let form = Form {
+                coding: self.coding,
+                buf: &self.buf,
+                body_len: self.body_len as usize,
+                etag,
+            };
             return (form, false);
         }
-        match self.build_form(want) {
-            Some(built) => {
-                // Two threads may build it at once: only the one whose form is kept re-weighs.
-                let mut kept = false;
-                let form = slot.get_or_init(|| {
-                    kept = true;
-                    built
-                });
-                (form, kept)
-            }
-            // Cannot happen for bytes we compressed ourselves; the other form is at least
-            // labelled for what it is.
-            None => match self.slot(other(want)).get() {
-                Some(form) => (form, false),
-                None => (slot.get_or_init(|| self.fallback_form()), true),
-            },
-        }
-    }
-
-    fn slot(&self, coding: Coding) -> &OnceLock<Form> {
-        match coding {
-            Coding::Gzip => &self.gzip,
-            Coding::Identity => &self.identity,
-        }
-    }
-
-    /// Builds form `want` from the form the entry already has.
-    fn build_form(&self, want: Coding) -> Option<Form> {
-        let from = self.slot(other(want)).get()?;
-        let body = match want {
-            Coding::Gzip => self.body.clone(),
-            Coding::Identity if self.coding == Coding::Gzip => {
-                coding::gunzip(&self.body, self.identity_len)?
-            }
-            Coding::Identity => self.body.clone(),
+        let mut built = false;
+        let copy = self.identity.get_or_init(|| {
+            built = true;
+            self.make_identity_copy()
+        });
+        let len = self.identity_len as usize;
+        let form = Form {
+            coding: Coding::Identity,
+            buf: copy,
+            body_len: len.min(copy.len()),
+            etag: (copy.len() > len).then_some((len, copy.len())),
         };
-        Some(super::rules::convert_form(
-            from,
-            want,
-            self.digest.as_ref(),
-            body,
-            &self.body,
-        ))
+        (form, built)
     }
 
-    /// A form of nothing but the stored block's slots (never expected: see [`Entry::form`]).
-    fn fallback_form(&self) -> Form {
-        super::rules::convert_form(
-            &Form {
-                headers: HeaderMap::new(),
-                body: Bytes::new(),
-                weight: 0,
-            },
-            self.coding,
-            self.digest.as_ref(),
-            self.body.clone(),
-            &self.body,
-        )
+    /// The identity body of a gzip entry followed by its strong ETag.
+    fn make_identity_copy(&self) -> Bytes {
+        let len = self.identity_len as usize;
+        let mut out = Vec::with_capacity(len + 34);
+        if !coding::gunzip_into(&self.buf[..self.body_len as usize], len, &mut out) {
+            // Cannot happen for bytes we compressed ourselves; the gzip bytes are at least
+            // not served as identity.
+            tracing::error!("stored gzip body does not decompress to its length");
+            out.clear();
+        }
+        if let Some(digest) = self.digest() {
+            out.extend_from_slice(&etag_text(&digest, Coding::Identity));
+        }
+        Bytes::from(out)
     }
 
-    /// The identity body (building the identity form if needed; tests and the shared tier).
+    /// The identity body (making the identity copy if needed; tests and the shared tier).
     pub fn identity_body(&self) -> Bytes {
-        self.form(false).0.body.clone()
+        self.form(false).0.body()
     }
 
     /// Takes the "being re-weighed" mark (see [`Entry::recharging`]).
@@ -234,9 +367,9 @@ impl Entry {
         use std::sync::atomic::Ordering::Relaxed;
         let until = self.age(now) + backoff;
         self.failure.status.store(fwd_status, Relaxed);
-        self.failure.recoveries.store(recoveries, Relaxed);
+        self.failure.recoveries.store(recoveries as u32, Relaxed);
         self.failure.until_ms.store(
-            u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
+            u32::try_from(until.as_millis()).unwrap_or(u32::MAX),
             Relaxed,
         );
     }
@@ -247,112 +380,95 @@ impl Entry {
         use std::sync::atomic::Ordering::Relaxed;
         let until = self.failure.until_ms.load(Relaxed);
         (until > 0
-            && (self.age(now).as_millis() as u64) < until
-            && self.failure.recoveries.load(Relaxed) == recoveries)
+            && self.age(now).as_millis() < u128::from(until)
+            && self.failure.recoveries.load(Relaxed) == recoveries as u32)
             .then(|| self.failure.status.load(Relaxed))
-    }
-
-    /// Bytes a header block weighs: names and values and the map's own slots
-    /// ([`header_map_bytes`]).
-    pub fn header_block_weight(headers: &HeaderMap) -> usize {
-        let header_text: usize = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        header_text + header_map_bytes(headers.len())
     }
 
     /// Whether the client's conditional headers make `form` a 304 (RFC 9110 §13.1.2,
     /// §13.1.3): `If-None-Match` (weak comparison, against this form's own ETag) takes
     /// precedence over `If-Modified-Since`.
-    pub fn not_modified_for(&self, form: &Form, req: &HeaderMap) -> bool {
+    pub fn not_modified_for(&self, form: Form<'_>, req: &HeaderMap) -> bool {
         if self.is_negative() {
             return false;
         }
         if let Some(inm) = req.get(header::IF_NONE_MATCH) {
-            let Some(etag) = form.etag() else {
+            let Some(etag) = form.etag_bytes() else {
                 return false;
             };
-            return etag_list_matches(inm.as_bytes(), etag.as_bytes());
+            return etag_list_matches(inm.as_bytes(), etag);
         }
-        if let (Some(ims), Some(lm)) = (req.get(header::IF_MODIFIED_SINCE), self.last_modified_secs)
-            && let Some(ims) = ims
-                .to_str()
-                .ok()
-                .and_then(|s| httpdate::parse_http_date(s).ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        if let (Some(ims), Some(lm)) = (
+            req.get(header::IF_MODIFIED_SINCE),
+            self.last_modified_secs(),
+        ) && let Some(ims) = ims
+            .to_str()
+            .ok()
+            .and_then(|s| httpdate::parse_http_date(s).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         {
             return ims.as_secs() >= lm;
         }
         false
     }
 
+    /// The header map of `form`: the render slots first (their placeholders unless given),
+    /// then the entry's headers.
+    pub fn form_headers(&self, form: Form<'_>, render: [Option<HeaderValue>; 3]) -> HeaderMap {
+        let values = self.buf.slice(self.values_range());
+        self.shape.render(form.coding, form.etag(), &values, render)
+    }
+
     /// Renders `form` of the entry. `head` drops the body; `not_modified` renders a 304.
     /// `X-Cache` is left to the caller, which stamps it on every answer (`proxy::finish`), into
-    /// the stored block's slot.
+    /// the block's slot.
     pub fn render(
         &self,
-        form: &Form,
+        form: Form<'_>,
         now: Instant,
         cache_status: HeaderValue,
         head: bool,
         not_modified: bool,
     ) -> Response<ResponseBody> {
-        let mut resp = if not_modified {
+        let age = small_number(self.age(now).as_secs());
+        let headers = self.form_headers(form, [None, Some(age), Some(cache_status)]);
+        if not_modified {
             let mut r = Response::new(ResponseBody::empty());
             *r.status_mut() = StatusCode::NOT_MODIFIED;
             let h = r.headers_mut();
-            // RFC 9110 §15.4.5: the validator and caching headers, no representation metadata.
+            // RFC 9110 §15.4.5: the validator and caching headers, no representation metadata
+            // (Age and Cache-Status too; X-Cache is stamped on every answer by the caller).
             for name in [
+                header::AGE,
+                CACHE_STATUS.clone(),
                 header::CACHE_CONTROL,
                 header::VARY,
                 header::ETAG,
                 header::LAST_MODIFIED,
             ] {
-                for v in form.headers.get_all(&name) {
+                for v in headers.get_all(&name) {
                     h.append(name.clone(), v.clone());
                 }
             }
-            r
+            return r;
+        }
+        let (body, content_length) = if head {
+            // hyper derives Content-Length from the body; a HEAD answer has none, so the GET
+            // body's length is stated here.
+            (
+                ResponseBody::empty(),
+                Some(HeaderValue::from(form.body_len)),
+            )
         } else {
-            let (body, content_length) = if head {
-                // hyper derives Content-Length from the body; a HEAD answer has none, so the
-                // GET body's length is stated here.
-                (
-                    ResponseBody::empty(),
-                    Some(HeaderValue::from(form.body.len())),
-                )
-            } else {
-                (ResponseBody::full(form.body.clone()), None)
-            };
-            let mut r = Response::new(body);
-            *r.status_mut() = self.status;
-            // The stored block has slots for X-Cache, Age and Cache-Status (see
-            // `rules::RENDER_SLOTS`), overwritten below by position.
-            *r.headers_mut() = form.headers.clone();
-            if let Some(len) = content_length {
-                r.headers_mut().insert(header::CONTENT_LENGTH, len);
-            }
-            r
+            (ResponseBody::full(form.body()), None)
         };
-        // The form's block already holds ETag, Last-Modified, Vary and Content-Encoding.
-        // `Content-Length` is not stored: hyper writes it from the body's exact size.
-        let age = small_number(self.age(now).as_secs());
-        let by_position = set_render_slots(resp.headers_mut(), None, Some(age), Some(cache_status));
-        // Every stored block starts with the slots (`rules::build_map`); only the
-        // freshly built 304 map has none.
-        debug_assert!(
-            by_position || not_modified,
-            "stored block without render slots"
-        );
-        resp
-    }
-}
-
-fn other(coding: Coding) -> Coding {
-    match coding {
-        Coding::Gzip => Coding::Identity,
-        Coding::Identity => Coding::Gzip,
+        let mut r = Response::new(body);
+        *r.status_mut() = self.status;
+        *r.headers_mut() = headers;
+        if let Some(len) = content_length {
+            r.headers_mut().insert(header::CONTENT_LENGTH, len);
+        }
+        r
     }
 }
 
@@ -422,25 +538,27 @@ pub fn small_number(n: u64) -> HeaderValue {
     }
 }
 
-/// Fixed per-entry bookkeeping counted in the weight: the `Arc<Entry>` allocation (344 bytes:
-/// the struct holds the header map's and the body's handles inline), the shared-buffer headers
-/// of the body and of the one allocation holding the entry's header values (24 bytes each),
-/// and moka's per-entry cost (its node with the key, deque and timer-wheel links, hash-table
-/// slot, share of table growth and of the frequency sketch: ~300 bytes, measured on its own by
+/// Fixed per-entry bookkeeping counted in the weight besides the entry's buffer: the
+/// `Arc<Entry>` allocation (the struct and the two reference counts), the shared-buffer header
+/// `bytes` allocates for the buffer once a hit shares it ([`BYTES_SHARED`]), and moka's
+/// per-entry cost (its node with the key, deque and timer-wheel links, hash-table slot, share
+/// of table growth and of the frequency sketch: ~300 bytes, measured on its own by
 /// `moka_bookkeeping_per_entry` in tests/memory.rs).
 ///
-/// Measured, not estimated, with a counting global allocator (tests/memory.rs, which fails
-/// if the heap per entry exceeds 1.25 x the weight): real heap growth per stored entry minus
-/// the body, the header names and values, the header map's slots (`header_map_bytes`) and
-/// the validators/`updated_at` digits came to ~570 B/entry for 2000 entries stored through
-/// the proxy, and ~620-650 B/entry for 2000-16000 entries inserted into a bare `Store` (fewer
-/// standard header names, whose text is counted but costs no heap). Rounded up. Not included:
-/// malloc's own per-allocation overhead (~15 allocations per entry; the same test estimates
-/// it at ~200 B/entry for glibc).
-pub const ENTRY_OVERHEAD: usize = 640;
+/// tests/memory.rs checks it with a counting global allocator: the real heap per entry beyond
+/// the bodies must stay within 768 B (issue 15) and within 1.25 x what the weight says. Not
+/// included: malloc's own per-allocation overhead (~4 allocations per entry now, ~16 B each
+/// for glibc).
+pub const ENTRY_OVERHEAD: usize = size_of::<Entry>() + 16 + BYTES_SHARED + MOKA_PER_ENTRY;
+
+/// moka's own heap per entry (see [`ENTRY_OVERHEAD`]), rounded up.
+pub const MOKA_PER_ENTRY: usize = 300;
+
+/// The header `bytes` allocates for a buffer the first time a `Bytes` of it is cloned.
+pub const BYTES_SHARED: usize = 24;
 
 /// The heap of a stored header map holding `values` values, as `rules` builds it (exact-size
-/// entries, see `rules::exact_size_map`): one slot per value (http's private
+/// entries, see `head::Shape`): one slot per value (http's private
 /// `Bucket { hash: u16, key: HeaderName, value: HeaderValue, links: Option<Links> }` — 104
 /// bytes on 64-bit; an extra value of a repeated name takes a smaller slot, so this is an upper
 /// bound) and a power-of-two index of 4-byte positions. tests/memory.rs checks this against the

@@ -18,6 +18,7 @@ pub mod coding;
 pub mod decimal;
 pub mod entry;
 pub mod flight;
+pub mod head;
 pub mod rules;
 
 use std::sync::Arc;
@@ -149,7 +150,7 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         value: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(value.lifetime)
+        Some(value.lifetime())
     }
 
     /// Counted from the entry's own store time: a re-weighed entry ([`Store::recharge`]) keeps
@@ -161,7 +162,7 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.lifetime.saturating_sub(value.age(Instant::now())))
+        Some(value.lifetime().saturating_sub(value.age(Instant::now())))
     }
 }
 
@@ -318,7 +319,7 @@ impl Store {
             L2Read::Miss { gens, had_value } => (gens, had_value),
             L2Read::Hit(value) => {
                 let gens = value.gens.map(Some);
-                match self.entry_from_shared(key, stamp, value, fresh_for) {
+                match self.entry_from_shared(stamp, value, fresh_for) {
                     Some(entry) => {
                         self.insert(*key, entry.clone());
                         return SharedRead::Hit(entry);
@@ -333,7 +334,7 @@ impl Store {
             LeaseOutcome::Unavailable => {}
             LeaseOutcome::Busy => match shared.wait_for_holder(key).await {
                 L2Read::Hit(value) => {
-                    if let Some(entry) = self.entry_from_shared(key, stamp, value, fresh_for) {
+                    if let Some(entry) = self.entry_from_shared(stamp, value, fresh_for) {
                         self.insert(*key, entry.clone());
                         return SharedRead::Hit(entry);
                     }
@@ -356,11 +357,10 @@ impl Store {
         }))
     }
 
-    /// An L1 entry from a shared value, if it is a storable conversation still fresh by its
-    /// original fetch time. A stale shared value is not served: the fetch goes upstream.
+    /// An L1 entry from a shared value (authenticated, and checked to be this key's by the
+    /// codec), if still fresh by its original fetch time. A stale shared value is not served: the fetch goes upstream.
     fn entry_from_shared(
         &self,
-        key: &CacheKey,
         stamp: &Stamp,
         value: SharedValue,
         fresh_for: Duration,
@@ -372,19 +372,10 @@ impl Store {
         if age + fresh_for >= policy.ttl {
             return None;
         }
-        let probe = rules::probe(&value.body, key.account, key.conversation)?;
         let stored_at = Instant::now().checked_sub(age)?;
-        let entry = rules::positive_entry(
-            &value.headers,
-            value.body,
-            probe,
-            stamp.clone(),
-            &policy,
-            stored_at,
-            // The form of the client that asked first is not known here; the other form is
-            // built when a client first asks for it.
-            coding::Coding::Identity,
-        );
+        // Kept as stored (gzip when it compressed): an identity client's copy is made when
+        // one first asks for it.
+        let entry = rules::from_image(&value.image, stamp.clone(), &policy, stored_at)?;
         Some(Arc::new(entry))
     }
 
@@ -395,15 +386,13 @@ impl Store {
             return;
         };
         let age = u64::try_from(entry.age(Instant::now()).as_millis()).unwrap_or(u64::MAX);
-        let (headers, body, built) = rules::upstream_view(entry);
-        if built {
-            self.recharge(key, entry);
-        }
+        let Some(image) = rules::image(entry) else {
+            return;
+        };
         let value = SharedValue {
             gens: [0; 4],
             fetched_unix_ms: crate::shared::unix_ms_now().saturating_sub(age),
-            headers,
-            body,
+            image,
         };
         shared
             .write(key, &fetch.gens, value, &mut fetch.budget)
@@ -481,7 +470,7 @@ impl Store {
             // Its own lifetime (the negative TTL when it was stored, also moka's expiry): no
             // shared read on this path; a reload that shortens the TTL applies through
             // `CachePolicy::freshness`.
-            || (entry.is_negative() && entry.age(now) >= entry.lifetime)
+            || (entry.is_negative() && entry.age(now) >= entry.lifetime())
         {
             self.entries.invalidate(key);
             return None;

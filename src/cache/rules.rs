@@ -9,18 +9,19 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use std::sync::OnceLock;
-
 use super::CachePolicy;
 use super::coding::{self, Coding};
 use super::decimal::Decimal;
-use super::entry::{ENTRY_OVERHEAD, Entry, Form, body_digest, etag_text};
+use super::entry::{Entry, Parts, body_digest, etag_text};
+use super::head::{self, Field};
 use crate::invalidation::Stamp;
 
 /// What the storage check learned from a body.
 #[derive(Debug)]
 pub struct Probe {
     pub updated_at: Option<Decimal>,
+    /// `updated_at` as the JSON had it (kept with the entry; compared only on revalidation).
+    pub updated_at_text: Option<Box<str>>,
 }
 
 /// SPEC §5 storage rule for a 200 body: a JSON object whose `id` is the conversation id and
@@ -42,11 +43,16 @@ pub fn probe(body: &[u8], account: u64, conversation: u64) -> Option<Probe> {
     if f.id != Some(conversation) || f.account_id.is_some_and(|a| a != account) {
         return None;
     }
-    let updated_at = match f.updated_at {
-        Some(raw) if raw.get() != "null" => Some(Decimal::parse(raw.get())?),
-        _ => None,
-    };
-    Some(Probe { updated_at })
+    match f.updated_at {
+        Some(raw) if raw.get() != "null" => Some(Probe {
+            updated_at: Some(Decimal::parse(raw.get())?),
+            updated_at_text: Some(raw.get().trim().into()),
+        }),
+        _ => Some(Probe {
+            updated_at: None,
+            updated_at_text: None,
+        }),
+    }
 }
 
 /// Whether a 401 body is Chatwoot's "the token itself is bad" answer.
@@ -84,37 +90,11 @@ fn never_stored(name: &HeaderName) -> bool {
         )
 }
 
-/// Names of common non-standard response headers (Rails' defaults, proxies in front of
-/// Chatwoot), shared as statics. A custom name taken from an upstream response owns a small
-/// allocation of its own (plus a shared-buffer header once cloned); a stored map that uses
-/// one of these instead costs nothing for the name.
-static SHARED_NAMES: [HeaderName; 8] = [
-    HeaderName::from_static("x-request-id"),
-    HeaderName::from_static("x-runtime"),
-    HeaderName::from_static("x-download-options"),
-    HeaderName::from_static("x-permitted-cross-domain-policies"),
-    HeaderName::from_static("x-ratelimit-limit"),
-    HeaderName::from_static("x-ratelimit-remaining"),
-    HeaderName::from_static("x-ratelimit-reset"),
-    HeaderName::from_static("cf-ray"),
-];
-
-fn stored_name(name: &HeaderName) -> HeaderName {
-    SHARED_NAMES
-        .iter()
-        .find(|n| n.as_str() == name.as_str())
-        .unwrap_or(name)
-        .clone()
-}
-
-/// A header (name, value bytes) on its way into an entry.
-type Field<'a> = (HeaderName, Cow<'a, [u8]>);
-
 /// The upstream headers an entry replays, in order, with a `Date` guaranteed and `Vary`
 /// naming `Accept-Encoding` (SPEC 14: the answer depends on it). Values still borrow from
 /// `upstream`. `Content-Length` is not stored: hyper writes it from the body.
 fn replayed_fields(upstream: &HeaderMap) -> Vec<Field<'_>> {
-    let mut fields: Vec<Field<'_>> = Vec::with_capacity(upstream.len() + 6);
+    let mut fields: Vec<Field<'_>> = Vec::with_capacity(upstream.len() + 3);
     let mut has_date = false;
     let mut varies = false;
     for (name, value) in upstream {
@@ -126,7 +106,7 @@ fn replayed_fields(upstream: &HeaderMap) -> Vec<Field<'_>> {
                     t == b"*" || t.eq_ignore_ascii_case(b"accept-encoding")
                 });
             }
-            fields.push((stored_name(name), Cow::Borrowed(value.as_bytes())));
+            fields.push((head::shared_name(name), Cow::Borrowed(value.as_bytes())));
         }
     }
     if !has_date {
@@ -139,185 +119,25 @@ fn replayed_fields(upstream: &HeaderMap) -> Vec<Field<'_>> {
     fields
 }
 
-/// A header map for `fields`: the render slots first, then the fields in order, every value
-/// that is not a shared static copied into one exact-size buffer. Why copy: hyper parses a
-/// response's header values as slices of the connection's read buffer (~8 KiB), so keeping an
-/// upstream `HeaderValue` keeps that whole buffer alive. Measured with a counting allocator:
-/// an entry pinned one or two such buffers, ~3.9x the bytes it was weighed as.
-fn build_map(fields: &[Field<'_>]) -> HeaderMap {
-    // A rebuilt block (a 304 refresh, another form) already carries the slots: added once.
-    let fields = || {
-        fields
-            .iter()
-            .filter(|(name, _)| !RENDER_SLOTS.iter().any(|(slot, _)| slot == name))
-    };
-    let total = fields()
-        .filter(|(_, v)| common_value(v).is_none())
-        .map(|(_, v)| v.len())
-        .sum::<usize>();
-    let mut buf = Vec::with_capacity(total);
-    for (_, v) in fields() {
-        if common_value(v).is_none() {
-            buf.extend_from_slice(v);
-        }
-    }
-    let buf = Bytes::from(buf);
-    let mut at = 0;
-    let mut map = HeaderMap::with_capacity(fields().count() + RENDER_SLOTS.len());
-    // The slots go first: `entry::set_render_slots` finds them by position.
-    for (name, placeholder) in RENDER_SLOTS {
-        map.append(name, placeholder);
-    }
-    for (name, v) in fields() {
-        let value = common_value(v).or_else(|| {
-            let range = at..at + v.len();
-            at += v.len();
-            // Every value was a valid header value (or our own ASCII), so this cannot fail.
-            HeaderValue::from_maybe_shared(buf.slice(range)).ok()
-        });
-        if let Some(value) = value {
-            map.append(name.clone(), value);
-        }
-    }
-    exact_size_map(map)
-}
-
-/// The upstream validators an entry replays on revalidation, copied into one exact buffer
-/// (not kept as slices of the upstream read buffer: see [`build_map`]).
-fn copy_validators(
-    etag: Option<&[u8]>,
-    last_modified: Option<&[u8]>,
-) -> (Option<HeaderValue>, Option<HeaderValue>) {
-    let mut buf =
-        Vec::with_capacity(etag.map_or(0, <[u8]>::len) + last_modified.map_or(0, <[u8]>::len));
-    buf.extend_from_slice(etag.unwrap_or_default());
-    buf.extend_from_slice(last_modified.unwrap_or_default());
-    let buf = Bytes::from(buf);
-    let etag_len = etag.map_or(0, <[u8]>::len);
-    (
-        etag.and_then(|_| HeaderValue::from_maybe_shared(buf.slice(..etag_len)).ok()),
-        last_modified.and_then(|_| HeaderValue::from_maybe_shared(buf.slice(etag_len..)).ok()),
-    )
-}
-
-fn validator_bytes(etag: &Option<HeaderValue>, last_modified: &Option<HeaderValue>) -> usize {
-    etag.as_ref().map_or(0, HeaderValue::len) + last_modified.as_ref().map_or(0, HeaderValue::len)
-}
-
-/// One form of an entry: `base` (the fields both forms share) plus the form's own strong ETag
-/// (positive entries) and, for gzip, `Content-Encoding`. `stored` is the entry's stored body:
-/// a form sharing it adds nothing for its body to the weight.
-fn make_form(
-    base: &[Field<'_>],
-    coding: Coding,
-    digest: Option<&[u8; 16]>,
-    body: Bytes,
-    stored: &Bytes,
-) -> Form {
-    let mut fields: Vec<Field<'_>> = Vec::with_capacity(base.len() + 2);
-    fields.extend(
-        base.iter()
-            .map(|(n, v)| (n.clone(), Cow::Borrowed(v.as_ref()))),
-    );
-    if let Some(digest) = digest {
-        fields.push((header::ETAG, Cow::Owned(etag_text(digest, coding))));
-    }
-    if coding == Coding::Gzip {
-        fields.push((header::CONTENT_ENCODING, Cow::Borrowed(b"gzip")));
-    }
-    let headers = build_map(&fields);
-    let shares_body = body.as_ptr() == stored.as_ptr() && body.len() == stored.len();
-    let weight = Entry::header_block_weight(&headers) + if shares_body { 0 } else { body.len() };
-    Form {
-        headers,
-        body,
-        weight: u32::try_from(weight).unwrap_or(u32::MAX),
-    }
-}
-
-/// The fields a built form shares with the other form: everything but the render slots, its
-/// ETag and its `Content-Encoding`.
-fn shared_fields(form: &Form) -> Vec<Field<'_>> {
-    form.headers
-        .iter()
-        .filter(|(n, _)| {
-            **n != header::ETAG
-                && **n != header::CONTENT_ENCODING
-                && !RENDER_SLOTS.iter().any(|(slot, _)| slot == *n)
-        })
-        .map(|(n, v)| (n.clone(), Cow::Borrowed(v.as_bytes())))
-        .collect()
-}
-
-/// Form `want` of an entry, built from its other form `from` (see [`Entry::form`]).
-pub(crate) fn convert_form(
-    from: &Form,
-    want: Coding,
-    digest: Option<&[u8; 16]>,
-    body: Bytes,
-    stored: &Bytes,
-) -> Form {
-    make_form(&shared_fields(from), want, digest, body, stored)
-}
-
-/// Header values Chatwoot (Rails) sends on nearly every response, shared as statics: an entry
-/// that replays one of these stores nothing for it, and cloning it for a hit copies two words
-/// instead of touching the reference count of the entry's shared header buffer, a cache line
-/// that every hit on every worker thread would otherwise write.
-static COMMON_VALUES: [HeaderValue; 13] = [
-    HeaderValue::from_static("application/json; charset=utf-8"),
-    HeaderValue::from_static("max-age=0, private, must-revalidate"),
-    HeaderValue::from_static("nosniff"),
-    HeaderValue::from_static("SAMEORIGIN"),
-    HeaderValue::from_static("0"),
-    HeaderValue::from_static("1; mode=block"),
-    HeaderValue::from_static("noopen"),
-    HeaderValue::from_static("none"),
-    HeaderValue::from_static("strict-origin-when-cross-origin"),
-    HeaderValue::from_static("Origin"),
-    HeaderValue::from_static("Accept, Origin"),
-    HeaderValue::from_static("Accept-Encoding"),
-    HeaderValue::from_static("gzip"),
-];
-
-/// Headers every rendered entry carries with a per-request value. The stored block holds a
-/// slot for each (with a placeholder value), first and in this order, so a hit clones the block
-/// and overwrites the three values by position (`entry::set_render_slots`): no name is hashed,
-/// and a clone has no spare capacity, so adding three headers would regrow and rehash the map
-/// on every hit. Every answer overwrites X-Cache (`proxy::finish`), a rendered entry also Age
-/// and Cache-Status (`Entry::render`).
-const RENDER_SLOTS: [(HeaderName, HeaderValue); 3] = [
-    (
-        HeaderName::from_static("x-cache"),
-        HeaderValue::from_static("HIT"),
-    ),
-    (header::AGE, HeaderValue::from_static("0")),
-    (
-        HeaderName::from_static("cache-status"),
-        HeaderValue::from_static("chatwoot-cache; hit"),
-    ),
-];
-
-fn common_value(value: &[u8]) -> Option<HeaderValue> {
-    COMMON_VALUES
-        .iter()
-        .find(|v| v.as_bytes() == value)
-        .cloned()
-}
-
-/// `map` with no spare slots. `HeaderMap::with_capacity(n)` rounds its table up to a power of
-/// two and allocates ~3/4 of that many 104-byte slots: 24 (2.5 KB) for 13 headers. `Clone`
-/// allocates the slots for exactly `len()` values (measured: 13 headers → 1480 bytes including
-/// the 32-entry index), so a map built with `with_capacity(n)` is cloned once. The index keeps
-/// the builder's power-of-two size, which [`super::entry::header_map_bytes`] accounts for.
-fn exact_size_map(map: HeaderMap) -> HeaderMap {
-    map.clone()
-}
-
 /// The identity header block an entry with these upstream headers replays (no ETag: that
-/// is the body's), owning its values (see `build_map`).
+/// is the body's), as the identity form's map (render slots first).
 pub fn stored_headers(upstream: &HeaderMap) -> HeaderMap {
-    build_map(&replayed_fields(upstream))
+    let fields = replayed_fields(upstream);
+    let entry = build(Build {
+        status: StatusCode::OK,
+        fields: &fields,
+        stored: b"",
+        coding: Coding::Identity,
+        identity_len: 0,
+        digest: None,
+        cold: [b"", b"", b""],
+        identity: None,
+        last_modified_secs: None,
+        stamp: &crate::invalidation::Generations::new().stamp(0, 0, crate::auth::Scope(0)),
+        lifetime: std::time::Duration::ZERO,
+        now: Instant::now(),
+    });
+    entry.form_headers(entry.form(false).0, [None, None, None])
 }
 
 /// The earliest time `httpdate` cannot format (10000-01-01T00:00:00Z): it panics for years
@@ -336,55 +156,140 @@ fn http_date(secs: u64) -> Option<String> {
     Some(httpdate::fmt_http_date(t))
 }
 
-/// What the entry's constructors have in common.
-struct Parts {
+/// Everything an entry is built from.
+struct Build<'a> {
     status: StatusCode,
-    body: Bytes,
+    /// The replayed headers (ours included: Date, Vary, Last-Modified), not the ETag.
+    fields: &'a [Field<'a>],
+    /// The body as kept.
+    stored: &'a [u8],
     coding: Coding,
     identity_len: usize,
+    /// Positive entries: the identity body's digest (the ETags derive from it).
     digest: Option<[u8; 16]>,
-    form: Form,
-    form_coding: Coding,
+    /// Upstream ETag, upstream Last-Modified, `updated_at` text (empty: absent).
+    cold: [&'a [u8]; 3],
+    /// A gzip entry's identity copy (body, then its ETag), if made already.
+    identity: Option<Bytes>,
     last_modified_secs: Option<u64>,
-    updated_at: Option<Decimal>,
-    validators: (Option<HeaderValue>, Option<HeaderValue>),
-    stamp: Stamp,
+    stamp: &'a Stamp,
     lifetime: std::time::Duration,
     now: Instant,
 }
 
-fn assemble(p: Parts) -> Entry {
-    let extra = validator_bytes(&p.validators.0, &p.validators.1)
-        + p.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
-    let base_weight = p.body.len() + extra + ENTRY_OVERHEAD;
-    let (gzip, identity) = match p.form_coding {
-        Coding::Gzip => (OnceLock::from(p.form), OnceLock::new()),
-        Coding::Identity => (OnceLock::new(), OnceLock::from(p.form)),
+/// Lays an entry out in one exact-size buffer: the stored body, the per-entry header values
+/// (the stored form's ETag first), then the cold fields (see [`Entry`]). Every header value
+/// is copied: hyper parses a response's header values as slices of the connection's read
+/// buffer (~8 KiB), so keeping an upstream `HeaderValue` would keep that whole buffer alive.
+fn build(b: Build<'_>) -> Entry {
+    let block = head::block(b.fields, b.digest.is_some());
+    let packed = pack_etag(b.cold[0]);
+    let cold = [
+        packed.as_ref().map_or(b.cold[0], |p| &p[..]),
+        b.cold[1],
+        b.cold[2],
+    ];
+    let etag = b.digest.map(|d| etag_text(&d, b.coding));
+    let values = || {
+        etag.iter()
+            .map(Vec::as_slice)
+            .chain(block.values.iter().copied())
     };
-    Entry {
-        status: p.status,
-        body: p.body,
-        coding: p.coding,
-        identity_len: p.identity_len,
-        digest: p.digest,
-        gzip,
-        identity,
-        last_modified_secs: p.last_modified_secs,
-        updated_at: p.updated_at,
-        upstream_etag: p.validators.0,
-        upstream_last_modified: p.validators.1,
-        stored_at: p.now,
-        stamp: p.stamp,
-        lifetime: p.lifetime,
-        base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
-        failure: Default::default(),
-        heat: Default::default(),
-        recharging: Default::default(),
+    let len = b.stored.len()
+        + head::values_len(values())
+        + b.digest.map_or(0, |d| d.len())
+        + head::values_len(cold);
+    let mut buf = Vec::with_capacity(len);
+    buf.extend_from_slice(b.stored);
+    head::put_values(&mut buf, values());
+    let cold_at = buf.len();
+    if let Some(d) = &b.digest {
+        buf.extend_from_slice(d);
+    }
+    head::put_values(&mut buf, cold);
+    debug_assert_eq!(buf.len(), len, "exact size");
+    Entry::assemble(Parts {
+        status: b.status,
+        coding: b.coding,
+        identity_len: b.identity_len,
+        buf: Bytes::from(buf),
+        body_len: b.stored.len(),
+        cold_at,
+        shape: block.shape,
+        private_shape: !block.interned,
+        identity: b.identity,
+        last_modified_secs: b.last_modified_secs,
+        stored_at: b.now,
+        stamp: b.stamp.clone(),
+        lifetime: b.lifetime,
+    })
+}
+
+/// Rails' weak ETag (`W/"` + 32 lowercase hex digits + `"`, 36 bytes), as the cold region keeps
+/// it: a zero byte (never part of a header value) and the 16 bytes the digits spell.
+fn pack_etag(etag: &[u8]) -> Option<[u8; 17]> {
+    let hex = etag.strip_prefix(b"W/\"")?.strip_suffix(b"\"")?;
+    if hex.len() != 32 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 17];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        out[i + 1] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The upstream ETag text of a cold-region value ([`pack_etag`] undone).
+pub(crate) fn unpack_etag(stored: &[u8]) -> Cow<'_, [u8]> {
+    match stored {
+        [0, raw @ ..] if raw.len() == 16 => {
+            let mut out = Vec::with_capacity(36);
+            out.extend_from_slice(b"W/\"");
+            for b in raw {
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 15)]);
+            }
+            out.push(b'"');
+            Cow::Owned(out)
+        }
+        _ => Cow::Borrowed(stored),
     }
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The positive entry's fields from upstream headers, with `Last-Modified` from `updated_at`;
+/// and its whole seconds.
+fn positive_fields<'a>(
+    upstream: &'a HeaderMap,
+    updated_at: Option<&Decimal>,
+) -> (Vec<Field<'a>>, Option<u64>) {
+    let mut fields = replayed_fields(upstream);
+    // The body is identity (an encoded answer is not stored); each form says its own coding.
+    fields.retain(|(n, _)| *n != header::CONTENT_ENCODING);
+    let last_modified = updated_at
+        .and_then(Decimal::whole_seconds)
+        .and_then(|s| Some((s, http_date(s)?)));
+    let secs = last_modified.map(|(secs, text)| {
+        fields.push((header::LAST_MODIFIED, Cow::Owned(text.into_bytes())));
+        secs
+    });
+    (fields, secs)
+}
+
+fn upstream_validators(upstream: &HeaderMap) -> [&[u8]; 2] {
+    [header::ETAG, header::LAST_MODIFIED]
+        .map(|n| upstream.get(n).map_or(&[][..], HeaderValue::as_bytes))
+}
+
 /// Builds a positive entry from a storable 200: the body kept gzip-compressed when that is
-/// smaller (SPEC 14), and the form `form` (what the fetching client prefers) built at once.
+/// smaller (SPEC 14), and for a fetching client that prefers identity (`form`), the identity
+/// copy made at once from the bytes at hand.
 pub fn positive_entry(
     upstream_headers: &HeaderMap,
     body: Bytes,
@@ -395,75 +300,107 @@ pub fn positive_entry(
     form: Coding,
 ) -> Entry {
     let digest = body_digest(&body);
-    let mut base = replayed_fields(upstream_headers);
-    let last_modified = probe
-        .updated_at
-        .as_ref()
-        .and_then(Decimal::whole_seconds)
-        .and_then(|s| Some((s, http_date(s)?)));
-    let last_modified_secs = last_modified.map(|(secs, text)| {
-        base.push((header::LAST_MODIFIED, Cow::Owned(text.into_bytes())));
-        secs
-    });
-    let validators = copy_validators(
-        upstream_headers
-            .get(header::ETAG)
-            .map(HeaderValue::as_bytes),
-        upstream_headers
-            .get(header::LAST_MODIFIED)
-            .map(HeaderValue::as_bytes),
-    );
-    let identity_len = body.len();
-    let (stored, coding) = match coding::gzip(&body) {
-        Some(gz) => (gz, Coding::Gzip),
-        None => (body.clone(), Coding::Identity),
+    let (fields, last_modified_secs) = positive_fields(upstream_headers, probe.updated_at.as_ref());
+    let [etag, lm] = upstream_validators(upstream_headers);
+    let updated_at = probe.updated_at_text.as_deref().unwrap_or("").as_bytes();
+    let at = |stored: &[u8], coding: Coding| {
+        let identity = (coding == Coding::Gzip && form == Coding::Identity).then(|| {
+            let mut copy = Vec::with_capacity(body.len() + 34);
+            copy.extend_from_slice(&body);
+            copy.extend_from_slice(&etag_text(&digest, Coding::Identity));
+            Bytes::from(copy)
+        });
+        build(Build {
+            status: StatusCode::OK,
+            fields: &fields,
+            stored,
+            coding,
+            identity_len: body.len(),
+            digest: Some(digest),
+            cold: [etag, lm, updated_at],
+            identity,
+            last_modified_secs,
+            stamp: &stamp,
+            lifetime: policy.positive_lifetime(),
+            now,
+        })
     };
-    let (form_coding, form_body) = match (form, coding) {
-        (Coding::Gzip, Coding::Gzip) => (Coding::Gzip, stored.clone()),
-        _ => (Coding::Identity, body),
-    };
-    let form = make_form(&base, form_coding, Some(&digest), form_body, &stored);
-    assemble(Parts {
-        status: StatusCode::OK,
-        body: stored,
-        coding,
-        identity_len,
-        digest: Some(digest),
-        form,
-        form_coding,
-        last_modified_secs,
-        updated_at: probe.updated_at,
-        validators,
-        stamp,
-        lifetime: policy.positive_lifetime(),
-        now,
+    match coding::with_gzip(&body, |gz| at(gz, Coding::Gzip)) {
+        Some(entry) => entry,
+        None => at(&body, Coding::Identity),
+    }
+}
+
+/// What the shared tier keeps of a positive entry (SPEC 11, 14): the headers as the upstream
+/// sent them (the replayed ones plus the upstream `ETag`/`Last-Modified`; not this cache's
+/// validators or `Content-Encoding`), the stored body (gzip when it compressed), and what a
+/// replica needs to rebuild the entry without decompressing, hashing or parsing the body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedImage {
+    pub headers: HeaderMap,
+    pub stored: Bytes,
+    pub coding: Coding,
+    pub identity_len: u32,
+    pub digest: [u8; 16],
+    pub updated_at: Bytes,
+}
+
+/// The shared tier's image of a positive entry ([`from_image`] rebuilds an equal entry).
+pub fn image(entry: &Entry) -> Option<SharedImage> {
+    let digest = entry.digest()?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in entry.shape().fields(entry.values()) {
+        if name != header::LAST_MODIFIED
+            && let Ok(v) = HeaderValue::from_bytes(&value)
+        {
+            headers.append(name, v);
+        }
+    }
+    if let Some(v) = entry.upstream_etag() {
+        headers.insert(header::ETAG, v);
+    }
+    if let Some(v) = entry.upstream_last_modified() {
+        headers.insert(header::LAST_MODIFIED, v);
+    }
+    Some(SharedImage {
+        headers,
+        stored: entry.stored_body(),
+        coding: entry.coding,
+        identity_len: entry.identity_len,
+        digest,
+        updated_at: Bytes::copy_from_slice(entry.updated_at_text().unwrap_or_default()),
     })
 }
 
-/// The headers `entry` replays as the upstream would send them: its identity form's block
-/// less the render slots and this cache's own validators, plus the upstream's `ETag`/
-/// `Last-Modified`; and the identity body. [`positive_entry`] on these rebuilds an equal entry
-/// (the shared tier stores it this way, so every replica derives validators and forms the same
-/// way). The bool: the identity form was built by this call (the caller re-weighs the entry).
-pub fn upstream_view(entry: &Entry) -> (HeaderMap, Bytes, bool) {
-    let (form, built) = entry.form(false);
-    let mut map = HeaderMap::with_capacity(form.headers.len());
-    for (name, value) in &form.headers {
-        let ours = RENDER_SLOTS.iter().any(|(slot, _)| slot == name)
-            || name == header::ETAG
-            || name == header::LAST_MODIFIED
-            || name == header::CONTENT_ENCODING;
-        if !ours {
-            map.append(name.clone(), value.clone());
-        }
-    }
-    if let Some(v) = &entry.upstream_etag {
-        map.insert(header::ETAG, v.clone());
-    }
-    if let Some(v) = &entry.upstream_last_modified {
-        map.insert(header::LAST_MODIFIED, v.clone());
-    }
-    (map, form.body.clone(), built)
+/// An entry from the shared tier's image, stored at `stored_at`: nothing is compressed,
+/// hashed or parsed but `updated_at` (the image was checked by the replica that wrote it, and
+/// is authenticated: `shared::codec`).
+pub fn from_image(
+    image: &SharedImage,
+    stamp: Stamp,
+    policy: &CachePolicy,
+    stored_at: Instant,
+) -> Option<Entry> {
+    let updated_at = match &image.updated_at[..] {
+        [] => None,
+        text => Some(Decimal::parse(std::str::from_utf8(text).ok()?)?),
+    };
+    let (fields, last_modified_secs) = positive_fields(&image.headers, updated_at.as_ref());
+    let [etag, lm] = upstream_validators(&image.headers);
+    Some(build(Build {
+        status: StatusCode::OK,
+        fields: &fields,
+        stored: &image.stored,
+        coding: image.coding,
+        identity_len: image.identity_len as usize,
+        digest: Some(image.digest),
+        cold: [etag, lm, &image.updated_at],
+        identity: None,
+        last_modified_secs,
+        stamp: &stamp,
+        lifetime: policy.positive_lifetime(),
+        now: stored_at,
+    }))
 }
 
 /// Builds a negative entry (404, or a 401 that is about this conversation, not the token).
@@ -476,112 +413,69 @@ pub fn negative_entry(
     policy: &CachePolicy,
     now: Instant,
 ) -> Entry {
-    let base = replayed_fields(upstream_headers);
-    let form = make_form(&base, Coding::Identity, None, body.clone(), &body);
-    assemble(Parts {
+    let fields = replayed_fields(upstream_headers);
+    build(Build {
         status,
-        identity_len: body.len(),
-        body,
+        fields: &fields,
+        stored: &body,
         coding: Coding::Identity,
+        identity_len: body.len(),
         digest: None,
-        form,
-        form_coding: Coding::Identity,
+        cold: [b"", b"", b""],
+        identity: None,
         last_modified_secs: None,
-        updated_at: None,
-        validators: (None, None),
-        stamp,
+        stamp: &stamp,
         lifetime: policy.negative_ttl,
         now,
     })
 }
 
 /// A copy of `prior` made fresh again (upstream said 304, or sent an older body). A 304's
-/// `Date`, `Cache-Control`, `Expires` and `ETag` replace the stored ones (RFC 9111 §4.3.4);
-/// they are copied (with the rest of each form's block) into a new exact-size buffer, never
-/// kept as slices of the 304's read buffer. The forms the prior had built are kept.
+/// `Date`, `Cache-Control`, `Expires` and `ETag` replace the stored ones (RFC 9111 §4.3.4),
+/// copied into the new entry's own buffer, never kept as slices of the 304's read buffer. An
+/// identity copy the prior had made is kept.
 pub fn refreshed(
     prior: &Entry,
     not_modified: Option<&HeaderMap>,
     stamp: Stamp,
     now: Instant,
 ) -> Entry {
-    let built = [Coding::Gzip, Coding::Identity]
-        .into_iter()
-        .filter_map(|c| prior_form(prior, c).map(|f| (c, f)));
-    let (forms, validators): (Vec<(Coding, Form)>, _) = match not_modified {
-        // Same content: share the prior's blocks (their clones are exact) and buffers.
-        None => (
-            built.map(|(c, f)| (c, f.clone())).collect(),
-            (
-                prior.upstream_etag.clone(),
-                prior.upstream_last_modified.clone(),
-            ),
-        ),
-        Some(h) => {
-            let any = prior_form(prior, Coding::Identity).or(prior_form(prior, Coding::Gzip));
-            let mut base = any.map(shared_fields).unwrap_or_default();
-            for name in [header::DATE, header::CACHE_CONTROL, header::EXPIRES] {
-                if let Some(v) = h.get(&name) {
-                    // `insert` semantics: the 304's value replaces every stored one.
-                    base.retain(|(n, _)| *n != name);
-                    base.push((name, Cow::Borrowed(v.as_bytes())));
-                }
+    let mut fields = prior.shape().fields(prior.values());
+    let mut upstream_etag = prior.upstream_etag();
+    if let Some(h) = not_modified {
+        for name in [header::DATE, header::CACHE_CONTROL, header::EXPIRES] {
+            if let Some(v) = h.get(&name) {
+                // `insert` semantics: the 304's value replaces every stored one.
+                fields.retain(|(n, _)| *n != name);
+                fields.push((name, Cow::Borrowed(v.as_bytes())));
             }
-            let etag = h.get(header::ETAG).or(prior.upstream_etag.as_ref());
-            let forms = built
-                .map(|(c, f)| {
-                    let form =
-                        make_form(&base, c, prior.digest.as_ref(), f.body.clone(), &prior.body);
-                    (c, form)
-                })
-                .collect();
-            let validators = copy_validators(
-                etag.map(HeaderValue::as_bytes),
-                prior
-                    .upstream_last_modified
-                    .as_ref()
-                    .map(HeaderValue::as_bytes),
-            );
-            (forms, validators)
         }
-    };
-    let extra = validator_bytes(&validators.0, &validators.1)
-        + prior.updated_at.as_ref().map_or(0, Decimal::heap_bytes);
-    let base_weight = prior.body.len() + extra + ENTRY_OVERHEAD;
-    let (gzip, identity) = (OnceLock::new(), OnceLock::new());
-    for (c, form) in forms {
-        let _ = match c {
-            Coding::Gzip => gzip.set(form),
-            Coding::Identity => identity.set(form),
-        };
+        if let Some(etag) = h.get(header::ETAG) {
+            upstream_etag = Some(etag.clone());
+        }
     }
-    Entry {
+    let lm = prior.upstream_last_modified();
+    let stored = prior.stored_body();
+    build(Build {
         status: prior.status,
-        body: prior.body.clone(),
+        fields: &fields,
+        stored: &stored,
         coding: prior.coding,
-        identity_len: prior.identity_len,
-        digest: prior.digest,
-        gzip,
-        identity,
-        last_modified_secs: prior.last_modified_secs,
-        updated_at: prior.updated_at.clone(),
-        upstream_etag: validators.0,
-        upstream_last_modified: validators.1,
-        stored_at: now,
-        stamp,
-        lifetime: prior.lifetime,
-        base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
-        failure: Default::default(),
-        heat: Default::default(),
-        recharging: Default::default(),
-    }
-}
-
-fn prior_form(prior: &Entry, coding: Coding) -> Option<&Form> {
-    match coding {
-        Coding::Gzip => prior.gzip.get(),
-        Coding::Identity => prior.identity.get(),
-    }
+        identity_len: prior.identity_len as usize,
+        digest: prior.digest(),
+        cold: [
+            upstream_etag
+                .as_ref()
+                .map_or(&[][..], HeaderValue::as_bytes),
+            lm.as_ref().map_or(&[][..], HeaderValue::as_bytes),
+            prior.updated_at_text().unwrap_or_default(),
+        ],
+        identity: prior.identity_copy().cloned(),
+        last_modified_secs: prior.last_modified_secs(),
+        stamp: &stamp,
+        lifetime: prior.lifetime(),
+        now,
+    })
 }
 
 #[cfg(test)]
@@ -620,6 +514,21 @@ mod tests {
         assert!(probe(br#"{"id":42,"updated_at":"yesterday"}"#, 1, 42).is_none());
         assert!(probe(b"", 1, 42).is_none());
         assert!(probe(b"<html>", 1, 42).is_none());
+    }
+
+    #[test]
+    fn rails_etags_are_packed() {
+        let rails = b"W/\"0123456789abcdef0123456789abcdef\"";
+        let packed = pack_etag(rails).expect("Rails' shape");
+        assert_eq!(unpack_etag(&packed).as_ref(), rails);
+        for other in [
+            &b"\"abc\""[..],
+            b"W/\"0123456789ABCDEF0123456789abcdef\"",
+            b"W/\"0123\"",
+        ] {
+            assert!(pack_etag(other).is_none());
+            assert_eq!(unpack_etag(other).as_ref(), other);
+        }
     }
 
     #[test]
@@ -692,59 +601,33 @@ mod tests {
         (map, buf)
     }
 
-    /// The values of each allocation the entry keeps copies in: each built form's block and
-    /// the upstream validators, less the shared statics (common Rails values, render-slot
-    /// placeholders).
-    fn kept_values(e: &Entry) -> Vec<Vec<&HeaderValue>> {
-        let copied = |v: &&HeaderValue| {
-            common_value(v.as_bytes()).is_none()
-                && !RENDER_SLOTS
-                    .iter()
-                    .any(|(_, placeholder)| placeholder == *v)
-        };
-        let mut groups: Vec<Vec<&HeaderValue>> = [e.gzip.get(), e.identity.get()]
-            .into_iter()
-            .flatten()
-            .map(|f| f.headers.values().filter(copied).collect())
-            .collect();
-        groups.push(
-            e.upstream_etag
-                .iter()
-                .chain(&e.upstream_last_modified)
-                .collect(),
-        );
-        groups
-    }
-
-    /// Asserts the entry keeps no slice of `read_buf`, and holds the values of each form's
-    /// block (and the validators) in one contiguous copy (one allocation) sized exactly.
+    /// Asserts nothing the entry renders or replays points into `read_buf` (the upstream
+    /// connection's read buffer), and that its values live in the entry's own buffer.
     fn assert_owns_values(e: &Entry, read_buf: &Bytes) {
         let buf = read_buf.as_ptr_range();
-        for values in kept_values(e) {
-            for v in &values {
+        for gzip in [false, true] {
+            let h = headers_of_form(e, gzip);
+            for v in h.values() {
                 assert!(
                     !buf.contains(&v.as_bytes().as_ptr()),
                     "{v:?} still points into the upstream read buffer"
                 );
             }
-            let start = values
-                .iter()
-                .map(|v| v.as_bytes().as_ptr_range().start)
-                .min();
-            let end = values.iter().map(|v| v.as_bytes().as_ptr_range().end).max();
-            let total: usize = values.iter().map(|v| v.len()).sum();
-            if let (Some(start), Some(end)) = (start, end) {
-                assert_eq!(
-                    end as usize - start as usize,
-                    total,
-                    "values are not one exact copy"
-                );
-            }
+        }
+        for v in [e.upstream_etag(), e.upstream_last_modified()]
+            .into_iter()
+            .flatten()
+        {
+            assert!(!buf.contains(&v.as_bytes().as_ptr()));
         }
     }
 
-    fn headers_of(e: &Entry) -> &HeaderMap {
-        &e.form(false).0.headers
+    fn headers_of_form(e: &Entry, gzip: bool) -> HeaderMap {
+        e.form_headers(e.form(gzip).0, [None, None, None])
+    }
+
+    fn headers_of(e: &Entry) -> HeaderMap {
+        headers_of_form(e, false)
     }
 
     const HEAD: &[(&str, &str)] = &[
@@ -759,9 +642,9 @@ mod tests {
         ("vary", "Accept-Encoding"),
     ];
 
-    /// X-Cache, Age and Cache-Status are written into the stored block's slots by position:
-    /// one value each, the per-request one, also after a 304 rebuilt the block (upstream copies
-    /// of these headers are never stored: `never_stored`).
+    /// X-Cache, Age and Cache-Status are written into the block's slots by position: one value
+    /// each, the per-request one, also after a 304 rebuilt the block (upstream copies of these
+    /// headers are never stored: `never_stored`).
     #[test]
     fn render_fills_the_slots_once() {
         let policy = test_policy();
@@ -788,7 +671,7 @@ mod tests {
                     None,
                     None,
                 ),
-                "the stored block's slots are found by position"
+                "the block's slots are found by position"
             );
             let h = resp.headers();
             for (name, want) in [("x-cache", "STALE"), ("age", "7"), ("cache-status", "cs")] {
@@ -816,51 +699,47 @@ mod tests {
         assert_eq!(plain.len(), 3);
     }
 
-    /// What the shared tier stores rebuilds the same entry on another replica.
+    /// What the shared tier stores (the compressed form, SPEC 14) rebuilds the same entry on
+    /// another replica, without compressing or hashing again.
     #[test]
-    fn the_upstream_view_rebuilds_an_equal_entry() {
+    fn the_shared_image_rebuilds_an_equal_entry() {
         let policy = test_policy();
         let now = Instant::now();
         let (head, _) = parsed_head(HEAD);
-        // Long enough to be kept gzip-compressed: the view is still the identity one.
+        // Long enough to be kept gzip-compressed.
         let body = Bytes::from(format!(
             r#"{{"id":42,"updated_at":1765182000.482917,"pad":"{}"}}"#,
             "ab".repeat(500)
         ));
-        let p = || probe(&body, 1, 42).unwrap();
-        let e = positive_entry(
-            &head,
-            body.clone(),
-            p(),
-            stamp(),
-            &policy,
-            now,
-            Coding::Gzip,
-        );
+        let p = probe(&body, 1, 42).unwrap();
+        let e = positive_entry(&head, body.clone(), p, stamp(), &policy, now, Coding::Gzip);
         assert_eq!(e.coding, Coding::Gzip);
-        let (view, identity, built) = upstream_view(&e);
-        assert!(built, "the identity form was built for the view");
-        assert_eq!(identity, body);
+        let image = image(&e).expect("positive");
+        assert_eq!(image.coding, Coding::Gzip);
+        assert_eq!(
+            image.stored,
+            e.stored_body(),
+            "the gzip bytes, not identity"
+        );
+        assert!(image.stored.len() < body.len());
+        let view = &image.headers;
         assert!(!view.contains_key("x-cache") && !view.contains_key("cache-status"));
         assert!(!view.contains_key("content-encoding"));
         assert_eq!(
             view["etag"], HEAD[2].1,
             "the upstream's validator, not ours"
         );
-        let again = positive_entry(
-            &view,
-            identity,
-            p(),
-            stamp(),
-            &policy,
-            now,
-            Coding::Identity,
-        );
-        assert_eq!(again.form(false).0.headers, e.form(false).0.headers);
-        assert_eq!(again.form(true).0.headers, e.form(true).0.headers);
-        assert_eq!(again.upstream_etag, e.upstream_etag);
-        assert_eq!(again.upstream_last_modified, e.upstream_last_modified);
-        assert_eq!(again.identity_body(), e.identity_body());
+        assert_eq!(view["last-modified"], HEAD[3].1);
+        let again = from_image(&image, stamp(), &policy, now).expect("rebuilt");
+        for gzip in [false, true] {
+            assert_eq!(headers_of_form(&again, gzip), headers_of_form(&e, gzip));
+        }
+        assert_eq!(again.upstream_etag(), e.upstream_etag());
+        assert_eq!(again.upstream_last_modified(), e.upstream_last_modified());
+        assert_eq!(again.updated_at(), e.updated_at());
+        assert_eq!(again.digest(), e.digest());
+        assert_eq!(again.identity_body(), body);
+        assert_eq!(again.weight(), e.weight());
     }
 
     #[test]
@@ -872,8 +751,8 @@ mod tests {
         let p = probe(&body, 1, 42).unwrap();
         let e = positive_entry(&head, body, p, stamp(), &policy, now, Coding::Identity);
         assert_owns_values(&e, &read_buf);
-        assert_eq!(e.upstream_etag.as_ref().unwrap(), HEAD[2].1);
-        assert_eq!(e.upstream_last_modified.as_ref().unwrap(), HEAD[3].1);
+        assert_eq!(e.upstream_etag().unwrap(), HEAD[2].1);
+        assert_eq!(e.upstream_last_modified().unwrap(), HEAD[3].1);
         let h = headers_of(&e);
         assert_eq!(h["x-custom-thing"], "kept");
         assert_eq!(
@@ -886,7 +765,7 @@ mod tests {
             Some(&super::super::entry::strong_etag(&e.identity_body()))
         );
         assert_eq!(h["last-modified"], "Mon, 08 Dec 2025 08:20:00 GMT");
-        assert_eq!(e.last_modified_secs, Some(1765182000));
+        assert_eq!(e.last_modified_secs(), Some(1765182000));
 
         // A 304 refreshes Date, Cache-Control, Expires and the upstream ETag: copied too.
         let (nm, nm_buf) = parsed_head(&[
@@ -902,35 +781,25 @@ mod tests {
         assert_eq!(rh["date"], "Tue, 09 Dec 2025 10:00:00 GMT");
         assert_eq!(rh.get_all("cache-control").iter().count(), 1);
         assert_eq!(rh["expires"], "Tue, 09 Dec 2025 10:00:00 GMT");
-        assert_eq!(r.upstream_etag.as_ref().unwrap(), nm.get("etag").unwrap());
-        assert_eq!(r.upstream_last_modified, e.upstream_last_modified);
+        assert_eq!(r.upstream_etag().unwrap(), nm.get("etag").unwrap());
+        assert_eq!(r.upstream_last_modified(), e.upstream_last_modified());
         assert_eq!(rh.get("etag"), headers_of(&e).get("etag"));
         assert_eq!(rh.len(), headers_of(&e).len() + 1, "Expires added");
-        assert_eq!(
-            r.weight() as usize,
-            r.body.len()
-                + Entry::header_block_weight(rh)
-                + HEAD[3].1.len()
-                + nm.get("etag").unwrap().len()
-                + "1765182000482917".len()
-                + super::super::entry::ENTRY_OVERHEAD,
-            "weight recomputed for the refreshed headers"
-        );
-        assert!(r.weight() > e.weight());
+        assert_eq!(r.updated_at(), e.updated_at());
+        assert!(r.weight() > e.weight(), "a longer Cache-Control, Expires");
 
-        // An older upstream body: the prior's header block is shared as it is.
+        // An older upstream body: the prior's blocks are kept as they are.
         let kept = refreshed(&e, None, stamp(), now);
         assert_eq!(kept.weight(), e.weight());
-        assert_eq!(
-            headers_of(&kept)["date"].as_bytes().as_ptr(),
-            headers_of(&e)["date"].as_bytes().as_ptr()
-        );
+        assert_eq!(headers_of(&kept), headers_of(&e));
     }
 
+    /// The weight is the entry's one buffer (stored body, per-entry header values, cold
+    /// fields) plus the fixed overhead, and the identity copy once made.
     #[test]
-    fn weight_counts_text_slots_validators_and_overhead() {
+    fn weight_counts_the_buffer_the_identity_copy_and_overhead() {
         let (head, _) = parsed_head(HEAD);
-        // Compressible: kept as gzip, and the identity form (built later) holds its own body.
+        // Compressible: kept as gzip, and the identity copy (made later) holds its own body.
         let body = Bytes::from(format!(
             r#"{{"id":42,"updated_at":1765182000.482917,"messages":[{}]}}"#,
             vec![r#"{"content":"the same words again"}"#; 40].join(",")
@@ -946,35 +815,44 @@ mod tests {
             Coding::Gzip,
         );
         assert_eq!(e.coding, Coding::Gzip);
+        let stored = e.stored_body();
         assert!(
-            e.body.len() * 5 < body.len(),
+            stored.len() * 5 < body.len(),
             "{} of {}",
-            e.body.len(),
+            stored.len(),
             body.len()
         );
-        let block = |h: &HeaderMap| {
-            let text: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-            let n = h.len();
-            text + n * super::super::entry::HEADER_SLOT + 4 * (n + n / 3).next_power_of_two()
-        };
-        let validators = HEAD[2].1.len() + HEAD[3].1.len();
-        let gzip_block = block(&e.gzip.get().unwrap().headers);
-        let base = e.body.len()
-            + validators
-            + "1765182000482917".len()
-            + super::super::entry::ENTRY_OVERHEAD;
-        assert!(e.identity.get().is_none(), "built when first asked for");
-        assert_eq!(e.weight() as usize, base + gzip_block);
+        // Per entry: the ETag, the request id, the date and Last-Modified (Content-Type,
+        // Cache-Control and Vary are common values, in the shape), each with a length byte;
+        // the digest, the two upstream validators and `updated_at`, each with a length byte.
+        let values = [
+            "\"0123456789abcdef0123456789abcdef-gz\"".len(),
+            HEAD[4].1.len(),
+        ]
+        .iter()
+        .chain(&[HEAD[5].1.len(), HEAD[6].1.len(), HEAD[3].1.len()])
+        .map(|n| n + 1)
+        .sum::<usize>();
+        // (The upstream ETag is Rails' shape: packed to 17 bytes.)
+        let cold = 16 + 17 + HEAD[3].1.len() + "1765182000.482917".len() + 3;
+        let overhead = super::super::entry::ENTRY_OVERHEAD;
+        assert!(e.identity_copy().is_none(), "made when first asked for");
+        assert_eq!(e.weight() as usize, stored.len() + values + cold + overhead);
         let (identity, built) = e.form(false);
         assert!(built);
-        assert_eq!(identity.body, body);
-        let identity_block = block(&identity.headers);
+        assert_eq!(identity.body(), body);
         assert_eq!(
             e.weight() as usize,
-            base + gzip_block + identity_block + body.len(),
-            "the identity form's body is counted: it is a copy"
+            stored.len()
+                + values
+                + cold
+                + overhead
+                + body.len()
+                + 34
+                + super::super::entry::BYTES_SHARED,
+            "the identity copy and its ETag are counted"
         );
-        assert!(!e.form(false).1 && !e.form(true).1, "built once");
+        assert!(!e.form(false).1 && !e.form(true).1, "made once");
     }
 
     #[tokio::test]
@@ -1015,7 +893,7 @@ mod tests {
                 !headers_of(&e).contains_key("last-modified"),
                 "{updated_at}"
             );
-            assert_eq!(e.last_modified_secs, None, "{updated_at}");
+            assert_eq!(e.last_modified_secs(), None, "{updated_at}");
             assert!(headers_of(&e).contains_key("etag"));
             store.insert(key, Arc::new(e));
             let stored = store.lookup(&key, now).expect("stored");
@@ -1040,7 +918,7 @@ mod tests {
             headers_of(&e)["last-modified"],
             "Fri, 31 Dec 9999 23:59:59 GMT"
         );
-        assert_eq!(e.last_modified_secs, Some(253402300799));
+        assert_eq!(e.last_modified_secs(), Some(253402300799));
         assert_eq!(http_date(u64::MAX), None);
     }
 }

@@ -415,13 +415,11 @@ impl Proxy {
             (Via::Request(_), None) => Purpose::Miss,
         };
         if let Some(p) = &prior {
-            if let Some(etag) = &p.upstream_etag {
-                req.headers_mut()
-                    .insert(header::IF_NONE_MATCH, etag.clone());
+            if let Some(etag) = p.upstream_etag() {
+                req.headers_mut().insert(header::IF_NONE_MATCH, etag);
             }
-            if let Some(lm) = &p.upstream_last_modified {
-                req.headers_mut()
-                    .insert(header::IF_MODIFIED_SINCE, lm.clone());
+            if let Some(lm) = p.upstream_last_modified() {
+                req.headers_mut().insert(header::IF_MODIFIED_SINCE, lm);
             }
         }
         // The shared tier first: another replica may have stored this key (or a fresher copy

@@ -1,12 +1,18 @@
 //! The shared tier's value encoding: compact, versioned, and authenticated.
 //!
-//! A value is `CWC1` (magic and format version), a 32-byte HMAC-SHA256 tag, then the payload:
+//! A value is `CWC2` (magic and format version), a 32-byte HMAC-SHA256 tag, then the payload:
 //! the four generations the fetch began under, the original fetch time (Unix ms, for `Age` and
-//! freshness on every replica), the key it belongs to, the replayed upstream headers and the body.
+//! freshness on every replica), the key it belongs to, then the entry as L1 keeps it (SPEC 14):
+//! the body's coding, identity length and digest, `updated_at`, the upstream headers (common
+//! names and values as one-byte codes) and the stored body, gzip when it compressed. A replica
+//! rebuilds the entry without decompressing, hashing or parsing the body
+//! ([`crate::cache::rules::from_image`]).
+//!
 //! The tag covers the Redis key and the payload, under a key derived from `--scope-secret`: a
 //! value that was not written by a replica holding the secret, or that was copied under another
 //! key, is a miss. Lengths are checked before anything is allocated; nothing in a value can panic
-//! the decoder (Redis is trusted to be available, not to be right).
+//! the decoder (Redis is trusted to be available, not to be right). `CWC1` values (identity
+//! bodies, before SPEC 14) are a miss, overwritten by the next store.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -14,12 +20,36 @@ use ring::hmac;
 
 use crate::auth::Scope;
 use crate::cache::CacheKey;
+use crate::cache::coding::Coding;
+use crate::cache::head::COMMON_VALUES;
+use crate::cache::rules::SharedImage;
 
-const MAGIC: &[u8; 4] = b"CWC1";
+const MAGIC: &[u8; 4] = b"CWC2";
 const TAG_LEN: usize = 32;
-/// Fixed part of the payload: 4 generations, fetch time, account, conversation, scope, header
-/// count.
-const FIXED: usize = 4 * 8 + 8 + 8 + 8 + 16 + 2;
+/// Fixed part of the payload: 4 generations, fetch time, account, conversation, scope, coding,
+/// identity length, digest.
+const FIXED: usize = 4 * 8 + 8 + 8 + 8 + 16 + 1 + 4 + 16;
+
+/// Header names sent as a one-byte code (index + 1; 0: the name follows). Part of the format:
+/// append only.
+const NAMES: [&str; 16] = [
+    "content-type",
+    "cache-control",
+    "date",
+    "vary",
+    "x-frame-options",
+    "x-xss-protection",
+    "x-content-type-options",
+    "x-download-options",
+    "x-permitted-cross-domain-policies",
+    "referrer-policy",
+    "x-request-id",
+    "x-runtime",
+    "etag",
+    "last-modified",
+    "expires",
+    "link",
+];
 
 /// The generation counters of one key in Redis, in key order: global, account, conversation,
 /// scope. `None`: the counter does not exist (nothing stored under it can be valid).
@@ -32,9 +62,8 @@ pub struct SharedValue {
     pub gens: [u64; 4],
     /// When the upstream answered (Unix milliseconds).
     pub fetched_unix_ms: u64,
-    /// The upstream view of the stored headers: replayed headers plus the upstream validators.
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    /// The entry as stored.
+    pub image: SharedImage,
 }
 
 /// Why a value is not usable (each is a miss; the value is overwritten by the next store).
@@ -82,12 +111,15 @@ impl Codec {
         key: &CacheKey,
         value: &SharedValue,
     ) -> Result<Vec<u8>, DecodeError> {
-        let header_bytes: usize = value
+        let image = &value.image;
+        let header_bytes: usize = image
             .headers
             .iter()
-            .map(|(n, v)| 4 + n.as_str().len() + v.len())
+            .map(|(n, v)| 6 + n.as_str().len() + v.len())
             .sum();
-        let mut payload = BytesMut::with_capacity(FIXED + header_bytes + 4 + value.body.len());
+        let mut payload = BytesMut::with_capacity(
+            FIXED + 2 + image.updated_at.len() + 2 + header_bytes + 4 + image.stored.len(),
+        );
         for g in value.gens {
             payload.put_u64(g);
         }
@@ -95,19 +127,34 @@ impl Codec {
         payload.put_u64(key.account);
         payload.put_u64(key.conversation);
         payload.put_u128(key.scope.0);
-        let count = u16::try_from(value.headers.len()).map_err(|_| DecodeError::TooLarge)?;
+        payload.put_u8(match image.coding {
+            Coding::Identity => 0,
+            Coding::Gzip => 1,
+        });
+        payload.put_u32(image.identity_len);
+        payload.put_slice(&image.digest);
+        put_field(&mut payload, &image.updated_at)?;
+        let count = u16::try_from(image.headers.len()).map_err(|_| DecodeError::TooLarge)?;
         payload.put_u16(count);
-        for (name, v) in &value.headers {
-            let n = u16::try_from(name.as_str().len()).map_err(|_| DecodeError::TooLarge)?;
-            let l = u16::try_from(v.len()).map_err(|_| DecodeError::TooLarge)?;
-            payload.put_u16(n);
-            payload.put_slice(name.as_str().as_bytes());
-            payload.put_u16(l);
-            payload.put_slice(v.as_bytes());
+        for (name, v) in &image.headers {
+            match NAMES.iter().position(|n| *n == name.as_str()) {
+                Some(i) => payload.put_u8(i as u8 + 1),
+                None => {
+                    payload.put_u8(0);
+                    put_field(&mut payload, name.as_str().as_bytes())?;
+                }
+            }
+            match COMMON_VALUES.iter().position(|c| c == v) {
+                Some(i) => payload.put_u8(i as u8 + 1),
+                None => {
+                    payload.put_u8(0);
+                    put_field(&mut payload, v.as_bytes())?;
+                }
+            }
         }
-        let body_len = u32::try_from(value.body.len()).map_err(|_| DecodeError::TooLarge)?;
+        let body_len = u32::try_from(image.stored.len()).map_err(|_| DecodeError::TooLarge)?;
         payload.put_u32(body_len);
-        payload.put_slice(&value.body);
+        payload.put_slice(&image.stored);
         let tag = self.tag(redis_key, &payload);
         let mut out = Vec::with_capacity(MAGIC.len() + TAG_LEN + payload.len());
         out.extend_from_slice(MAGIC);
@@ -117,7 +164,7 @@ impl Codec {
     }
 
     /// Decodes a value read under `redis_key`, which must belong to `key` and carry a body of
-    /// at most `max_body` bytes.
+    /// at most `max_body` bytes (identity).
     pub fn decode(
         &self,
         redis_key: &[u8],
@@ -151,33 +198,77 @@ impl Codec {
         if stored_for != *key {
             return Err(DecodeError::OtherKey);
         }
+        let coding = match payload.get_u8() {
+            0 => Coding::Identity,
+            1 => Coding::Gzip,
+            _ => return Err(DecodeError::Malformed),
+        };
+        let identity_len = payload.get_u32();
+        if u64::from(identity_len) > max_body {
+            return Err(DecodeError::TooLarge);
+        }
+        let mut digest = [0u8; 16];
+        payload.copy_to_slice(&mut digest);
+        let updated_at = take(&mut payload)?;
+        if payload.remaining() < 2 {
+            return Err(DecodeError::Malformed);
+        }
         let count = payload.get_u16();
-        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        let mut headers = HeaderMap::with_capacity(usize::from(count).min(64));
         for _ in 0..count {
-            let name = take(&mut payload)?;
-            let value = take(&mut payload)?;
-            let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::Malformed)?;
-            let value =
-                HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::Malformed)?;
+            let name = match code(&mut payload)? {
+                0 => HeaderName::from_bytes(&take(&mut payload)?)
+                    .map_err(|_| DecodeError::Malformed)?,
+                i => HeaderName::from_static(NAMES.get(i - 1).ok_or(DecodeError::Malformed)?),
+            };
+            let value = match code(&mut payload)? {
+                0 => HeaderValue::from_maybe_shared(take(&mut payload)?)
+                    .map_err(|_| DecodeError::Malformed)?,
+                i => COMMON_VALUES
+                    .get(i - 1)
+                    .ok_or(DecodeError::Malformed)?
+                    .clone(),
+            };
             headers.append(name, value);
         }
         if payload.remaining() < 4 {
             return Err(DecodeError::Malformed);
         }
         let body_len = payload.get_u32() as usize;
-        if body_len as u64 > max_body {
-            return Err(DecodeError::TooLarge);
-        }
-        if payload.remaining() != body_len {
+        let consistent = match coding {
+            Coding::Identity => body_len == identity_len as usize,
+            Coding::Gzip => body_len < identity_len as usize,
+        };
+        if payload.remaining() != body_len || !consistent {
             return Err(DecodeError::Malformed);
         }
         Ok(SharedValue {
             gens,
             fetched_unix_ms,
-            headers,
-            body: payload,
+            image: SharedImage {
+                headers,
+                stored: payload,
+                coding,
+                identity_len,
+                digest,
+                updated_at,
+            },
         })
     }
+}
+
+fn put_field(payload: &mut BytesMut, bytes: &[u8]) -> Result<(), DecodeError> {
+    let len = u16::try_from(bytes.len()).map_err(|_| DecodeError::TooLarge)?;
+    payload.put_u16(len);
+    payload.put_slice(bytes);
+    Ok(())
+}
+
+fn code(buf: &mut Bytes) -> Result<usize, DecodeError> {
+    if buf.remaining() < 1 {
+        return Err(DecodeError::Malformed);
+    }
+    Ok(usize::from(buf.get_u8()))
 }
 
 /// A `u16`-length-prefixed field.
@@ -209,11 +300,18 @@ mod tests {
         headers.append("vary", HeaderValue::from_static("Origin"));
         headers.append("vary", HeaderValue::from_static("Accept-Encoding"));
         headers.insert("etag", HeaderValue::from_static("W/\"abc\""));
+        let body = br#"{"id":42,"pad":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#;
         SharedValue {
             gens: [1, 2, 3, u64::MAX],
             fetched_unix_ms: 1_765_182_000_123,
-            headers,
-            body: Bytes::from_static(br#"{"id":42}"#),
+            image: SharedImage {
+                headers,
+                stored: crate::cache::coding::gzip(body).expect("compressible"),
+                coding: Coding::Gzip,
+                identity_len: body.len() as u32,
+                digest: [9; 16],
+                updated_at: Bytes::from_static(b"1765182000.482917"),
+            },
         }
     }
 
@@ -230,8 +328,7 @@ mod tests {
         let want = value();
         assert_eq!(back.gens, want.gens);
         assert_eq!(back.fetched_unix_ms, want.fetched_unix_ms);
-        assert_eq!(back.headers, want.headers);
-        assert_eq!(back.body, want.body);
+        assert_eq!(back.image, want.image);
     }
 
     #[test]
@@ -298,7 +395,9 @@ mod tests {
         payload.put_u64(KEY.account);
         payload.put_u64(KEY.conversation);
         payload.put_u128(KEY.scope.0);
-        payload.put_u16(3);
+        payload.put_u8(1);
+        payload.put_u32(100);
+        payload.put_slice(&[0; 16]);
         payload.put_u16(60000);
         payload.put_slice(b"x");
         let tag = c.tag(REDIS_KEY, &payload);
