@@ -282,6 +282,46 @@ async fn cap_zero_turns_fair_slots_off() {
 
 const SHED_RATE: &str = r#"chatwoot_cache_shed_total{reason="rate_limited"}"#;
 
+/// One upstream request is charged once (SPEC 12): twenty concurrent requests of one token for
+/// one cold conversation, with a share of 1 slot and a rate of 1 a minute (burst 1), are all
+/// answered `200` from the one upstream request the first of them started; the others wait on
+/// it (coalesced) or hit what it stored, and none is shed for its quota or its rate.
+#[tokio::test]
+async fn coalesced_requests_are_charged_once() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 1, &["t"]);
+    let mut cfg = config(&fake.url());
+    cfg.upstream_max_in_flight = 4;
+    cfg.upstream_max_in_flight_per_token = Some(1);
+    cfg.rate_limit_per_token = Some(chatwoot_cache::protect::parse_rate("1/m").unwrap());
+    cfg.rate_limit_burst = Some(1);
+    let proxy = Arc::new(start_proxy(cfg).await);
+    fake.set_delay(ms(500));
+    let before = fake.show_requests();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(
+            async move { conv(&proxy, 1, 1000, "t").await },
+        ));
+    }
+    let mut xcache = std::collections::BTreeMap::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        *xcache.entry(r.x_cache().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(fake.show_requests(), before + 1, "{xcache:?}");
+    // MISS (coalesced onto the fetch); a request a loaded machine starts late is a HIT.
+    assert!(
+        xcache.keys().all(|x| x == "MISS" || x == "HIT"),
+        "{xcache:?}"
+    );
+    let m = metrics_text(&proxy).await;
+    assert_eq!(metric(&m, SHED_QUOTA) + metric(&m, SHED_RATE), 0.0);
+    assert!(metric(&m, "chatwoot_cache_coalesced_total") >= 1.0);
+}
+
 fn assert_rate_limited(r: &Resp, what: &str) {
     assert_eq!(
         (r.status.as_u16(), r.x_cache()),
