@@ -606,19 +606,23 @@ def check_proxy_container(where: str, docs, workload: dict, podspec: dict, c: di
                "(the environment wins over the file, so two places would disagree silently)")
     if "upstream" not in cfg and "upstream" not in flags and "upstream" not in env_cfg:
         R.fail(where, "upstream is required and not set")
+    for e in c.get("env", []) or []:
         ref = (e.get("valueFrom") or {}).get("secretKeyRef")
-        if ref:
-            s = secrets.get(ref["name"])
-            if not s:
-                R.fail(where, f"env {n}: Secret {ref['name']} not in the render")
-            elif (
-                ref["key"] not in (s.get("data") or {})
-                and ref["key"] not in (s.get("stringData") or {})
-                and not ref.get("optional")
-            ):
-                # An optional key may be absent: the shipped Secret is empty on purpose (purge
-                # API and webhook off until an operator sets real values).
-                R.fail(where, f"env {n}: Secret {ref['name']} has no key {ref['key']}")
+        if not ref:
+            continue
+        s = secrets.get(ref["name"])
+        if s is None:
+            # The Secret is created out of band on purpose (base/kustomization.yaml says why):
+            # a reference to it must not keep the pod from starting before it exists.
+            if not ref.get("optional"):
+                R.fail(where, f"env {e['name']}: Secret {ref['name']} is not in the render, "
+                       "so the reference must be optional: true")
+        elif (
+            ref["key"] not in (s.get("data") or {})
+            and ref["key"] not in (s.get("stringData") or {})
+            and not ref.get("optional")
+        ):
+            R.fail(where, f"env {e['name']}: Secret {ref['name']} has no key {ref['key']}")
     for ef in c.get("envFrom", []) or []:
         R.fail(where, "envFrom: list the proxy's variables explicitly")
 
@@ -772,14 +776,89 @@ def check_rotation_targets(ov: str, deploy: pathlib.Path, docs) -> None:
                 R.fail(where, f"mounts ConfigMap(s) {sorted(got_cms)}, but deploy/README.md rewrites "
                        f"{sorted(want_cms)}: a config change would never reach the pods")
                 ok = False
-            for kind, names in (("Secret", want_secrets), ("ConfigMap", want_cms)):
-                for n in sorted(names):
-                    if (kind, n) not in rendered:
-                        R.fail(where, f"the render has no {kind}/{n} (the name README's commands write)")
-                        ok = False
+            for n in sorted(want_cms):
+                if ("ConfigMap", n) not in rendered:
+                    R.fail(where, f"the render has no ConfigMap/{n} (the name README's commands write)")
+                    ok = False
+            # The Secret is created out of band (a generated one would lose keys rotated in
+            # place at the next `kubectl apply -k`): it must not be in the render, and the pod
+            # must start without it.
+            for n in sorted(want_secrets):
+                if ("Secret", n) in rendered:
+                    R.fail(where, f"the render has Secret/{n}: `kubectl apply -k` would delete keys "
+                           "rotated in place (three-way merge); create it out of band instead")
+                    ok = False
+            for v in vols:
+                if "secret" in v and not v["secret"].get("optional"):
+                    R.fail(where, f"Secret volume {v['name']} must be optional: true (the Secret is "
+                           "created out of band, possibly after the first rollout)")
+                    ok = False
             if ok:
                 R.ok(f"{where}: mounts exactly Secret {sorted(want_secrets)} and ConfigMap {sorted(want_cms)}, "
                      "the names deploy/README.md's rotation commands write")
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+
+
+def check_namespaces(ov: str, docs, want: str) -> None:
+    """Every namespaced object lands in the namespace the workload runs in: a ConfigMap rendered
+    into another namespace leaves the pod's configMapKeyRef and volumes dangling (the sidecar
+    overlay pointed at a Deployment with metadata.namespace, without `namespace:` in the
+    kustomization, renders exactly that)."""
+    want_ns = want or None
+    wrong = [f"{d['kind']}/{d['metadata']['name']} in {d['metadata'].get('namespace') or '(none)'}"
+             for d in docs
+             if d["kind"] not in CLUSTER_SCOPED and d["metadata"].get("namespace") != want_ns]
+    if wrong:
+        R.fail(ov, f"objects outside the namespace {want or '(none)'}: " + ", ".join(wrong))
+    else:
+        R.ok(f"{ov}: every namespaced object is in {want or 'no namespace (the one applied to)'}")
+
+
+SETTING_LINE = re.compile(r"^(#\s*)?([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*$")
+
+
+def config_lines(text: str) -> dict[str, tuple[bool, str]]:
+    """TOML setting lines of a config.toml, commented-out ones included: key -> (active, value)."""
+    out = {}
+    for line in text.splitlines():
+        m = SETTING_LINE.match(line)
+        if m and m.group(2).replace("_", "-") in FLAGS:
+            out[m.group(2)] = (m.group(1) is None, m.group(3))
+    return out
+
+
+# Keys an overlay's full copy of base/config.toml must carry exactly as base does: what it has
+# to do with files and secrets, not with incidents.
+KEEP_AS_BASE = ("_file", "reload_interval", "listen", "admin_listen", "token_header", "log_format")
+
+
+def check_config_keeps_base(ov: str, deploy: pathlib.Path, docs) -> None:
+    """load-shedding replaces base's config.toml with a full copy (TOML has no include): every
+    setting base has, active or commented out, must be in the copy in the same state, and the
+    secret file lines, reload_interval, listeners and log format identical, or switching
+    profiles silently turns off the purge API, the webhook or hot reload."""
+    base = config_lines((deploy / "kubernetes/base/config.toml").read_text())
+    cm = next((d for d in docs if d["kind"] == "ConfigMap"
+               and d["metadata"]["name"] == "chatwoot-cache-config"), None)
+    if cm is None or "config.toml" not in (cm.get("data") or {}):
+        R.fail(ov, "no ConfigMap chatwoot-cache-config with config.toml in the render")
+        return
+    got = config_lines(cm["data"]["config.toml"])
+    before = R.failures
+    for key, (active, value) in base.items():
+        if key not in got:
+            R.fail(ov, f"config.toml lacks {key} (base/config.toml has "
+                   f"`{'' if active else '# '}{key} = {value}`)")
+        elif got[key][0] != active:
+            R.fail(ov, f"config.toml has {key} {'commented out' if active else 'active'}, "
+                   f"base/config.toml {'active' if active else 'commented out'}")
+        elif any(key.endswith(k) or key == k for k in KEEP_AS_BASE) and got[key][1] != value:
+            R.fail(ov, f"config.toml sets {key} = {got[key][1]}, base/config.toml {value}: keep it as base")
+    if R.failures == before:
+        R.ok(f"{ov}: config.toml has all {len(base)} settings of base/config.toml in the same state "
+             "(secret files, reload_interval, listeners identical)")
 
 
 def check_manifests(args) -> None:
@@ -824,6 +903,9 @@ def check_manifests(args) -> None:
     if not effs:
         R.fail(ov, "no chatwoot-cache container in the render")
     check_rotation_targets(ov, deploy, docs)
+    check_namespaces(ov, docs, args.namespace)
+    if args.keeps_base_config:
+        check_config_keeps_base(ov, deploy, docs)
 
     # 4. gateway shape: Service, HPA, PDB, spread, service links, NetworkPolicy
     services = [d for d in docs if d["kind"] == "Service"]
@@ -1027,6 +1109,10 @@ def main() -> int:
     m.add_argument("--rules-out", required=True)
     m.add_argument("--test-rules-out")
     m.add_argument("--kube-version", action="append", required=True)
+    m.add_argument("--namespace", default="",
+                   help="the namespace every namespaced object must be in ('' = none set)")
+    m.add_argument("--keeps-base-config", action="store_true",
+                   help="the overlay's config.toml must carry every setting of base/config.toml")
     m.add_argument("--monitoring", choices=("on", "off"), default="on",
                    help="off: the overlay was rendered without its monitoring components")
     d = sub.add_parser("dashboard")

@@ -28,6 +28,10 @@
 # and the shipped overlay must fail with its "set your Deployment name"
 # message. Then promtool test rules with kubernetes/tests/alerts.test.yml; the
 # Grafana dashboard's JSON and PromQL; checkov on the Dockerfile.
+# The sidecar overlay is also rendered pointed at a stand-in app in namespace
+# shop (sidecar-namespaced), as its kustomization tells an operator to: every
+# object must land in shop. load-shedding's config.toml must keep every
+# setting of base/config.toml (secret file lines, reload_interval).
 # Every PromQL expression may only use the metric names in metrics.txt.
 #
 # Prints what it checked; exits non-zero if any check failed.
@@ -55,9 +59,11 @@ CHECKOV_SKIP_K8S=(
     # imagePullPolicy Always: IfNotPresent with an immutable tag or digest; a
     # registry outage must not stop pods from starting during a Chatwoot incident.
     CKV_K8S_15
-    # Secrets as files: the admin token and webhook secret are read from the
-    # environment (CHATWOOT_CACHE_ADMIN_TOKEN, CHATWOOT_CACHE_WEBHOOK_SECRET),
-    # from a Secret, never inline.
+    # Secrets as files: the admin token and webhook secret(s) ARE mounted as
+    # files; the two secrets read from the environment are redis-url and
+    # scope-secret (CHATWOOT_CACHE_REDIS_URL, CHATWOOT_CACHE_SCOPE_SECRET, via
+    # secretKeyRef, never inline), because the proxy reads them only at start
+    # (a changed value takes a rollout either way).
     CKV_K8S_35
 )
 # Sidecar only: its objects go into the application's namespace, which the
@@ -251,15 +257,39 @@ prepare_tree() {
     sed -i 's|SET-ME--your-deployment-name--in-sidecar-patch.yaml|example-app|' "$k/sidecar-patch.yaml"
     grep -q '^  - \.\./\.\./tests/sidecar-app$' "$k/kustomization.yaml" ||
         { echo "cannot point the sidecar overlay at the stand-in app" >&2; return 1; }
+    # sidecar-namespaced: the same, pointed at a stand-in app whose Deployment sets
+    # metadata.namespace (shop), with the two edits overlays/sidecar/kustomization.yaml
+    # tells its operator to make (the namespace in the patch and in the kustomization).
+    cp -r "$k" "$dest/kubernetes/overlays/sidecar-namespaced"
+    cp -r "$dest/kubernetes/tests/sidecar-app" "$dest/kubernetes/tests/sidecar-app-namespaced"
+    sed -i 's|^  name: example-app$|&\n  namespace: shop|' \
+        "$dest/kubernetes/tests/sidecar-app-namespaced/deployment.yaml"
+    k="$dest/kubernetes/overlays/sidecar-namespaced"
+    sed -i 's|^  - \.\./\.\./tests/sidecar-app$|  - ../../tests/sidecar-app-namespaced|; s|^# namespace: shop$|namespace: shop|' \
+        "$k/kustomization.yaml"
+    sed -i 's|^  name: example-app$|&\n  namespace: shop|' "$k/sidecar-patch.yaml"
+    grep -q '^namespace: shop$' "$k/kustomization.yaml" &&
+        grep -q '^  namespace: shop$' "$k/sidecar-patch.yaml" &&
+        grep -q '^  namespace: shop$' "$dest/kubernetes/tests/sidecar-app-namespaced/deployment.yaml" ||
+        { echo "cannot point the sidecar overlay at the namespaced stand-in app" >&2; return 1; }
     if [ "$monitoring" = off ]; then
         find "$dest/kubernetes/overlays" -name kustomization.yaml -exec sed -i '/# monitoring$/d' {} +
     fi
 }
 
+# The namespace each overlay's objects must land in ('' = none: the one applied to).
+overlay_namespace() {
+    case "$1" in
+    gateway | load-shedding) echo chatwoot-cache ;;
+    sidecar-namespaced) echo shop ;;
+    *) echo "" ;;
+    esac
+}
+
 for monitoring in on off; do
     tree="$WORK/tree-$monitoring"
     prepare_tree "$tree" "$monitoring"
-    for overlay in "${OVERLAYS[@]}"; do
+    for overlay in "${OVERLAYS[@]}" sidecar-namespaced; do
         name="$overlay (monitoring $monitoring)"
         log "overlay $name: kubectl kustomize"
         rendered="$WORK/$overlay-$monitoring.yaml"
@@ -272,10 +302,14 @@ for monitoring in on off; do
         if [ "$overlay" = gateway ] && [ "$monitoring" = on ]; then
             extra=(--test-rules-out "$WORK/test/chatwoot-cache.rules.yml")
         fi
+        if [ "$overlay" = load-shedding ]; then
+            extra+=(--keeps-base-config)
+        fi
         log "overlay $name: schemas, cross-references, config, PromQL"
         rm -f "$WORK/$overlay.rules.yml"
         if ! "$PY" "$DEPLOY_DIR/validate.py" manifests --deploy "$DEPLOY_DIR" --overlay "$overlay" \
             --monitoring "$monitoring" --rendered "$rendered" --rules-out "$WORK/$overlay.rules.yml" \
+            --namespace "$(overlay_namespace "$overlay")" \
             "${KV_ARGS[@]}" "${extra[@]}"; then
             fail "$name: manifest checks"
         fi
@@ -289,7 +323,7 @@ for monitoring in on off; do
         fi
         log "overlay $name: checkov"
         skips=("${CHECKOV_SKIP_K8S[@]}")
-        if [ "$overlay" = sidecar ]; then skips+=("${CHECKOV_SKIP_SIDECAR[@]}"); fi
+        case "$overlay" in sidecar*) skips+=("${CHECKOV_SKIP_SIDECAR[@]}") ;; esac
         run_checkov "$rendered" kubernetes "${skips[@]}" || fail "$name: checkov"
     done
 done
