@@ -2,7 +2,7 @@
 //! fast fake Chatwoot origin, the "bare hyper" floor, and the clients. Not part of the proxy.
 //!
 //! ```text
-//! bench_origin origin --listen 127.0.0.1:PORT [--delay-ms N] [--threads N]
+//! bench_origin origin --listen 127.0.0.1:PORT [--delay-ms N] [--threads N] [--probe-account A]
 //! bench_origin floor  --listen 127.0.0.1:PORT [--threads N]
 //! bench_origin burst  --url http://127.0.0.1:PORT/path --token T [--n 2000] [--timeout-ms 30000]
 //! bench_origin walk   --base http://127.0.0.1:PORT [--account 1] [--tokens 1] [--convs 100]
@@ -26,6 +26,11 @@
 //!   (the `/__count` requests themselves are not counted); `--delay-ms` delays every counted
 //!   answer (to make concurrent requests overlap). `connections` counts accepted connections
 //!   (the `/__count` connections included).
+//!   Writes (for `benches/shared.sh`): `POST .../conversations/{c}/messages` answers `200` with
+//!   the conversation's new version (`X-Bench-Version`, also in the body) and moves that
+//!   conversation on: its body's `updated_at` and `X-Bench-Version` follow the version. GETs of
+//!   `--probe-account` are counted as `probe`, apart from `conversation`, so a propagation probe
+//!   does not count as workload.
 //! - `floor`: the same server stack answering every request with one prebuilt conversation
 //!   response (the origin's body and header set) from memory, no parsing, no checks: the floor
 //!   a caching proxy's hit path is compared with.
@@ -58,6 +63,8 @@ const TARGET_BODY_BYTES: usize = 8 * 1024;
 const CACHE_CONTROL: &str = "max-age=0, private, must-revalidate";
 const CONTENT_TYPE: &str = "application/json; charset=utf-8";
 const MEMO_LIMIT: usize = 100_000;
+/// A written conversation's version (on its GETs once written, and on the write's answer).
+const VERSION_HEADER: HeaderName = HeaderName::from_static("x-bench-version");
 
 /// Connections accepted by this server (reported by `/__count`: a proxy that does not reuse
 /// upstream connections shows up here).
@@ -65,7 +72,7 @@ static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  bench_origin origin --listen ADDR [--delay-ms N] [--threads N]\n  \
+        "usage:\n  bench_origin origin --listen ADDR [--delay-ms N] [--threads N] [--probe-account A]\n  \
          bench_origin floor --listen ADDR [--threads N]\n  \
          bench_origin burst --url URL --token T [--n N] [--timeout-ms MS]\n  \
          bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N] [--accept-encoding V]\n  \
@@ -125,7 +132,10 @@ fn main() {
                     serve_floor(listener, template).await
                 } else {
                     let delay = Duration::from_millis(args.num("delay-ms", 0));
-                    serve_origin(listener, template, delay).await
+                    let probe_account = args
+                        .get("probe-account")
+                        .map(|_| args.num("probe-account", 0));
+                    serve_origin(listener, template, delay, probe_account).await
                 }
             }
             "burst" => burst(&args).await,
@@ -185,12 +195,12 @@ impl Template {
         }
     }
 
-    /// (body, weak ETag) for one conversation. `updated_at` is a float with microseconds,
-    /// stable per conversation so revalidations can get `304`.
-    fn render(&self, account: u64, conversation: u64) -> (Bytes, HeaderValue) {
+    /// (body, weak ETag) for one conversation at `version` (0 until it is written). `updated_at`
+    /// is a float with microseconds, stable per version so revalidations can get `304`.
+    fn render(&self, account: u64, conversation: u64, version: u64) -> (Bytes, HeaderValue) {
         let updated_at = format!(
             "{}.{:06}",
-            1_765_182_000u64 + conversation % 1_000_000,
+            1_765_182_000u64 + conversation % 1_000_000 + version,
             482_917
         );
         let body = self
@@ -289,7 +299,7 @@ fn conversation_response(
 async fn serve_floor(listener: TcpListener, template: Template) -> i32 {
     // The response as a cache replays it: the same header set, the values of one fetch, built
     // once; a request clones the header map and shares the body.
-    let (body, etag) = template.render(1, 1);
+    let (body, etag) = template.render(1, 1, 0);
     let headers = conversation_response(body.clone(), etag, request_id_and_runtime(1))
         .headers()
         .clone();
@@ -309,39 +319,67 @@ struct Counters {
     not_modified: AtomicU64,
     unauthorized: AtomicU64,
     not_found: AtomicU64,
+    probe: AtomicU64,
+    writes: AtomicU64,
 }
 
 struct Origin {
     template: Template,
-    memo: RwLock<HashMap<(u64, u64), (Bytes, HeaderValue)>>,
+    /// (version, body, ETag) per conversation.
+    memo: RwLock<HashMap<(u64, u64), (u64, Bytes, HeaderValue)>>,
+    /// Versions of the conversations written so far (absent: 0).
+    versions: RwLock<HashMap<(u64, u64), u64>>,
     counters: Counters,
     delay: Duration,
+    probe_account: Option<u64>,
 }
 
 impl Origin {
-    fn body(&self, a: u64, c: u64) -> (Bytes, HeaderValue) {
-        if let Some(hit) = self.memo.read().unwrap().get(&(a, c)) {
-            return hit.clone();
+    fn version(&self, a: u64, c: u64) -> u64 {
+        self.versions
+            .read()
+            .unwrap()
+            .get(&(a, c))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn body(&self, a: u64, c: u64, version: u64) -> (Bytes, HeaderValue) {
+        if let Some((v, body, etag)) = self.memo.read().unwrap().get(&(a, c))
+            && *v == version
+        {
+            return (body.clone(), etag.clone());
         }
-        let rendered = self.template.render(a, c);
+        let (body, etag) = self.template.render(a, c, version);
         let mut memo = self.memo.write().unwrap();
-        if memo.len() < MEMO_LIMIT {
-            memo.insert((a, c), rendered.clone());
+        if memo.len() < MEMO_LIMIT || memo.contains_key(&(a, c)) {
+            memo.insert((a, c), (version, body.clone(), etag.clone()));
         }
-        rendered
+        (body, etag)
+    }
+
+    /// A write to (a, c): its next version.
+    fn write(&self, a: u64, c: u64) -> u64 {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        let mut versions = self.versions.write().unwrap();
+        let v = versions.entry((a, c)).or_insert(0);
+        *v += 1;
+        *v
     }
 
     fn counts_json(&self) -> String {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "{{\"total\":{},\"conversation\":{},\"messages\":{},\"not_modified\":{},\"unauthorized\":{},\"not_found\":{},\"connections\":{}}}",
+            "{{\"total\":{},\"conversation\":{},\"messages\":{},\"not_modified\":{},\"unauthorized\":{},\"not_found\":{},\"probe\":{},\"writes\":{},\"connections\":{}}}",
             l(&c.total),
             l(&c.conversation),
             l(&c.messages),
             l(&c.not_modified),
             l(&c.unauthorized),
             l(&c.not_found),
+            l(&c.probe),
+            l(&c.writes),
             CONNECTIONS.load(Ordering::Relaxed)
         )
     }
@@ -361,6 +399,18 @@ impl Origin {
             tokio::time::sleep(self.delay).await;
         }
         let route = parse_route(path);
+        if let Some((a, c, true)) = route
+            && req.method() == http::Method::POST
+        {
+            let v = self.write(a, c);
+            let mut r = Response::new(Full::new(Bytes::from(format!(
+                "{{\"conversation_id\":{c},\"version\":{v}}}"
+            ))));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+            r.headers_mut().insert(VERSION_HEADER, HeaderValue::from(v));
+            return r;
+        }
         let Some((a, c, messages)) = route.filter(|_| req.method() == http::Method::GET) else {
             self.counters.not_found.fetch_add(1, Ordering::Relaxed);
             return json_error(
@@ -381,10 +431,13 @@ impl Origin {
         }
         if messages {
             self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        } else if self.probe_account == Some(a) {
+            self.counters.probe.fetch_add(1, Ordering::Relaxed);
         } else {
             self.counters.conversation.fetch_add(1, Ordering::Relaxed);
         }
-        let (body, etag) = self.body(a, c);
+        let version = self.version(a, c);
+        let (body, etag) = self.body(a, c, version);
         if req.headers().get(header::IF_NONE_MATCH) == Some(&etag) {
             self.counters.not_modified.fetch_add(1, Ordering::Relaxed);
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -397,7 +450,12 @@ impl Origin {
             return r;
         }
         let n = self.counters.total.load(Ordering::Relaxed);
-        conversation_response(body, etag, request_id_and_runtime(n))
+        let mut r = conversation_response(body, etag, request_id_and_runtime(n));
+        if version > 0 {
+            r.headers_mut()
+                .insert(VERSION_HEADER, HeaderValue::from(version));
+        }
+        r
     }
 }
 
@@ -425,12 +483,19 @@ fn parse_route(path: &str) -> Option<(u64, u64, bool)> {
     Some((a.parse().ok()?, c.parse().ok()?, messages))
 }
 
-async fn serve_origin(listener: TcpListener, template: Template, delay: Duration) -> i32 {
+async fn serve_origin(
+    listener: TcpListener,
+    template: Template,
+    delay: Duration,
+    probe_account: Option<u64>,
+) -> i32 {
     let origin = Arc::new(Origin {
         template,
         memo: RwLock::new(HashMap::new()),
+        versions: RwLock::new(HashMap::new()),
         counters: Counters::default(),
         delay,
+        probe_account,
     });
     serve_loop(listener, move |req| origin.clone().handle(req)).await
 }
