@@ -323,10 +323,13 @@ struct Counters {
     writes: AtomicU64,
 }
 
+/// A rendered conversation: (version, body, ETag).
+type Rendered = (u64, Bytes, HeaderValue);
+
 struct Origin {
     template: Template,
     /// (version, body, ETag) per conversation.
-    memo: RwLock<HashMap<(u64, u64), (u64, Bytes, HeaderValue)>>,
+    memo: RwLock<HashMap<(u64, u64), Rendered>>,
     /// Versions of the conversations written so far (absent: 0).
     versions: RwLock<HashMap<(u64, u64), u64>>,
     counters: Counters,

@@ -134,7 +134,12 @@ impl Conn {
         Conn { addr, send: None }
     }
 
-    async fn request(&mut self, method: http::Method, path: &str, token: &str) -> Result<Reply, String> {
+    async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        token: &str,
+    ) -> Result<Reply, String> {
         if self.send.is_none() {
             let stream = TcpStream::connect(self.addr)
                 .await
@@ -362,7 +367,10 @@ async fn prober(
         tokio::time::sleep(pause).await;
         let w = (id as usize + cycle) % conns.len();
         cycle += 1;
-        let written = match conns[w].request(http::Method::POST, &write_path, &tok).await {
+        let written = match conns[w]
+            .request(http::Method::POST, &write_path, &tok)
+            .await
+        {
             Ok(r) if r.status == 200 && r.version > 0 => r.version,
             _ => {
                 out.lock().unwrap_or_else(|p| p.into_inner()).errors += 1;
@@ -413,7 +421,9 @@ async fn prober(
         for (sample, reads, error) in results {
             out.reads += reads;
             match sample {
-                Some(d) => out.samples.push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                Some(d) => out
+                    .samples
+                    .push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                 None if error => out.errors += 1,
                 None => out.timeouts += 1,
             }

@@ -100,7 +100,15 @@ impl Proxy {
                 .set_cert_expiry(CertListener::Public, cert.not_after);
             resolver.set(cert);
         }
-        self.store.policy.store(cache_policy(&next));
+        let policy = cache_policy(&next);
+        if let Some(shared) = self.store.shared() {
+            shared.set_limits(
+                policy.positive_lifetime(),
+                policy.max_object_bytes,
+                next.upstream_timeout,
+            );
+        }
+        self.store.policy.store(policy);
         self.invalid_tokens.set_ttl(next.auth_negative_ttl);
         self.config.store(next);
     }

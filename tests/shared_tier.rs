@@ -24,7 +24,19 @@ async fn replica_with(
     timeout: Duration,
     secret: &str,
 ) -> ProxyHandle {
+    replica_tuned(fake, redis, timeout, secret, |_| {}).await
+}
+
+/// [`replica_with`], with settings changed by `tune` first.
+async fn replica_tuned(
+    fake: &FakeChatwoot,
+    redis: &RedisServer,
+    timeout: Duration,
+    secret: &str,
+    tune: impl FnOnce(&mut chatwoot_cache::config::Config),
+) -> ProxyHandle {
     let mut cfg = config(&fake.url());
+    tune(&mut cfg);
     cfg.redis = Some(RedisConfig {
         url: redis.url(),
         ca_file: None,
@@ -496,4 +508,167 @@ async fn leases_never_block_longer_than_needed() {
         waited >= Duration::from_millis(1800) && waited < Duration::from_secs(10),
         "{waited:?}"
     );
+}
+
+/// A shared entry past its freshness follows the usual rules on a replica that never stored it
+/// (SPEC 11): within stale-while-revalidate it is `STALE` at once and revalidated once in the
+/// background, then a `HIT`.
+#[tokio::test]
+async fn a_stale_shared_entry_is_stale_while_revalidate() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let tune = |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = Duration::from_millis(500);
+        c.stale_while_revalidate = Duration::from_secs(30);
+    };
+    let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(first.x_cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "STALE"));
+    assert!(
+        r.header("cache-status")
+            .contains("detail=stale-while-revalidate"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert_eq!(r.body, first.body);
+    // One background revalidation, conditional on the shared entry's validators.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.show_requests() < 2 {
+        assert!(Instant::now() < deadline, "no background revalidation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        fake.last_seen().headers.contains_key("if-none-match"),
+        "revalidated with the stored validators"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = conv(&b, 1, 42, "admin-token").await;
+        if r.x_cache() == "HIT" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never a HIT again: {}",
+            r.x_cache()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.show_requests(), 2, "exactly one revalidation");
+}
+
+/// Past stale-while-revalidate, a shared entry on a replica that never stored it is revalidated
+/// before it is served: when the upstream fails it is served `STALE` (stale-if-error), when
+/// the upstream confirms it, `REVALIDATED`.
+#[tokio::test]
+async fn a_stale_shared_entry_is_served_if_the_upstream_fails() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let tune = |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = Duration::from_millis(300);
+        c.stale_while_revalidate = Duration::ZERO;
+        c.stale_if_error = Duration::from_secs(600);
+    };
+    let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let c = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(first.x_cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.set_fault(
+        Fault::Status {
+            status: 503,
+            body: "down".into(),
+            headers: vec![],
+        },
+        None,
+    );
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "STALE"));
+    assert_eq!(
+        r.header("cache-status"),
+        "chatwoot-cache; fwd=stale; fwd-status=503; detail=stale-if-error"
+    );
+    assert_eq!(r.body, first.body);
+    assert!(fake.last_seen().headers.contains_key("if-none-match"));
+    fake.clear_fault();
+    let r = conv(&c, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "REVALIDATED"));
+    assert!(
+        r.header("cache-status")
+            .starts_with("chatwoot-cache; fwd=stale; fwd-status=304"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert_eq!(r.body, first.body);
+}
+
+/// Replicas revalidating the same stale shared entry make one upstream request: the others
+/// wait on the lease for the refreshed value, not the stale one that is already there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_shared_entry_is_revalidated_once_across_replicas() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_secs(2);
+    let tune = |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = Duration::from_millis(300);
+        c.stale_while_revalidate = Duration::ZERO;
+    };
+    let replicas = [
+        replica_tuned(&fake, &redis, t, SECRET, tune).await,
+        replica_tuned(&fake, &redis, t, SECRET, tune).await,
+        replica_tuned(&fake, &redis, t, SECRET, tune).await,
+    ];
+    assert_eq!(
+        conv(&replicas[0], 1, 42, "admin-token").await.x_cache(),
+        "MISS"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.set_delay(Duration::from_millis(400));
+    let (b, c) = tokio::join!(
+        conv(&replicas[1], 1, 42, "admin-token"),
+        conv(&replicas[2], 1, 42, "admin-token")
+    );
+    assert_eq!((b.status.as_u16(), c.status.as_u16()), (200, 200));
+    let mut seen = [b.x_cache(), c.x_cache()];
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        ["HIT", "REVALIDATED"],
+        "one revalidated, the other waited for it"
+    );
+    assert_eq!(fake.show_requests(), 2, "one revalidation across replicas");
+}
+
+/// A reload's TTLs reach the shared tier: values stored afterwards expire in Redis after the new
+/// ttl + the larger stale window.
+#[tokio::test]
+async fn a_reload_changes_the_shared_expiry() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let a = replica(&fake, &redis, t).await;
+    let mut next = config(&fake.url());
+    next.redis = Some(RedisConfig {
+        url: redis.url(),
+        ca_file: None,
+        timeout: t,
+        key_prefix: "test:".into(),
+    });
+    next.scope_secret = Some(SECRET.into());
+    next.stale_if_error = Duration::from_secs(7200);
+    a.proxy.apply_config(next).expect("reload");
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    let keys = redis.keys("test:v:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let pttl = redis.command(&["PTTL", &keys[0]]).unwrap();
+    let ms: u64 = pttl.trim().trim_start_matches(':').parse().unwrap();
+    // 10 s ttl + 2 h stale-if-error (was 10 s + 10 min before the reload).
+    assert!(ms > 7_000_000, "{pttl}");
 }

@@ -182,10 +182,16 @@ pub struct Store {
 
 /// What the shared tier answered before a fetch (see [`Store::read_shared`]).
 pub enum SharedRead {
-    /// A valid, fresh shared entry, now also in L1: no upstream request needed.
+    /// A valid shared entry to serve by the usual rules, now also in L1: fresh (`HIT`), or on
+    /// an L1 miss within stale-while-revalidate (`STALE`, revalidated in the background).
     Hit(Arc<Entry>),
-    /// Fetch from the upstream; with Redis in use, what the write after it needs.
-    Fetch(Option<SharedFetch>),
+    /// Fetch from the upstream; with Redis in use, what the write after it needs, and a valid
+    /// shared entry past its freshness to revalidate (its validators) and to fall back on when
+    /// the upstream fails (stale-if-error), as a stored entry would be.
+    Fetch {
+        shared: Option<SharedFetch>,
+        stale: Option<Arc<Entry>>,
+    },
 }
 
 /// The shared tier's part of one fetch: the generations read before it (the L2 write is
@@ -292,9 +298,12 @@ impl Store {
         had_entries
     }
 
-    /// On an L1 miss (or before revalidating a stale entry): the shared tier's entry for `key`
-    /// if one is valid and fresh (copied into L1, under `stamp`: the local generations read
-    /// before this call), otherwise what the fetch's shared write needs.
+    /// On an L1 miss (or before revalidating a stale entry, `revalidating`): the shared tier's
+    /// entry for `key` if one is valid (copied into L1, under `stamp`: the local generations
+    /// read before this call), served by the usual rules (SPEC 11): fresh, or within
+    /// stale-while-revalidate on an L1 miss, it answers; older (or for a revalidation, stale at
+    /// all) it is revalidated upstream and served if that fails. Otherwise what the fetch's
+    /// shared write needs.
     ///
     /// Cold in Redis too: the first replica takes the key's lease and fetches; the others wait
     /// (at most the lease's length, `--upstream-timeout`) for the value it stores, and fetch
@@ -308,74 +317,119 @@ impl Store {
         &self,
         key: &CacheKey,
         stamp: &Stamp,
+        revalidating: bool,
         fresh_for: Duration,
     ) -> SharedRead {
         let Some(shared) = &self.shared else {
-            return SharedRead::Fetch(None);
+            return SharedRead::Fetch {
+                shared: None,
+                stale: None,
+            };
         };
+        let policy = self.policy.load();
         let mut budget = shared.budget();
+        let mut stale = None;
         let (mut gens, mut had_value) = match shared.read(key, &mut budget).await {
-            L2Read::Unavailable => return SharedRead::Fetch(None),
+            L2Read::Unavailable => {
+                return SharedRead::Fetch {
+                    shared: None,
+                    stale: None,
+                };
+            }
             L2Read::Miss { gens, had_value } => (gens, had_value),
             L2Read::Hit(value) => {
                 let gens = value.gens.map(Some);
-                match self.entry_from_shared(stamp, value, fresh_for) {
-                    Some(entry) => {
+                if let Some(entry) = self.entry_from_shared(stamp, value, &policy) {
+                    if self.serves(&entry, revalidating, fresh_for, &policy) {
                         self.insert(*key, entry.clone());
                         return SharedRead::Hit(entry);
                     }
-                    None => (gens, true),
+                    stale = Some(entry);
                 }
+                (gens, true)
             }
         };
         let mut lease = None;
         match shared.acquire(key, &mut budget).await {
             LeaseOutcome::Held(held) => lease = Some(held),
             LeaseOutcome::Unavailable => {}
-            LeaseOutcome::Busy => match shared.wait_for_holder(key).await {
-                L2Read::Hit(value) => {
-                    if let Some(entry) = self.entry_from_shared(stamp, value, fresh_for) {
-                        self.insert(*key, entry.clone());
-                        return SharedRead::Hit(entry);
+            LeaseOutcome::Busy => {
+                // Only a value fetched after this moment's freshness horizon is the holder's.
+                let horizon = crate::shared::unix_ms_now().saturating_sub(
+                    u64::try_from(policy.ttl.saturating_sub(fresh_for).as_millis())
+                        .unwrap_or(u64::MAX),
+                );
+                match shared.wait_for_holder(key, horizon).await {
+                    L2Read::Hit(value) => {
+                        if let Some(entry) = self.entry_from_shared(stamp, value, &policy) {
+                            if self.serves(&entry, revalidating, fresh_for, &policy) {
+                                self.insert(*key, entry.clone());
+                                return SharedRead::Hit(entry);
+                            }
+                            stale = Some(entry);
+                        }
                     }
+                    L2Read::Miss {
+                        gens: now,
+                        had_value: had,
+                    } => {
+                        gens = now;
+                        had_value |= had;
+                    }
+                    L2Read::Unavailable => {}
                 }
-                L2Read::Miss {
-                    gens: now,
-                    had_value: had,
-                } => {
-                    gens = now;
-                    had_value |= had;
-                }
-                L2Read::Unavailable => {}
-            },
+            }
         }
-        SharedRead::Fetch(Some(SharedFetch {
-            gens,
-            had_value,
-            budget,
-            _lease: lease,
-        }))
+        if !revalidating && let Some(entry) = &stale {
+            // Held like any stored entry: requests meanwhile, and stale-if-error, find it.
+            self.insert(*key, entry.clone());
+        }
+        SharedRead::Fetch {
+            shared: Some(SharedFetch {
+                gens,
+                had_value,
+                budget,
+                _lease: lease,
+            }),
+            stale,
+        }
+    }
+
+    /// Whether a shared entry answers without a fetch: fresh for more than `fresh_for`, or (on
+    /// an L1 miss, not for a revalidation, which would only start another) within
+    /// stale-while-revalidate.
+    fn serves(
+        &self,
+        entry: &Entry,
+        revalidating: bool,
+        fresh_for: Duration,
+        policy: &CachePolicy,
+    ) -> bool {
+        match policy.freshness(entry, Instant::now()) {
+            Freshness::Fresh { remaining } => remaining > fresh_for,
+            Freshness::StaleWhileRevalidate { .. } => !revalidating,
+            Freshness::MustRevalidate => false,
+        }
     }
 
     /// An L1 entry from a shared value (authenticated, and checked to be this key's by the
-    /// codec), if still fresh by its original fetch time. A stale shared value is not served: the fetch goes upstream.
+    /// codec), if still usable by its original fetch time (fresh, or within a stale window).
     fn entry_from_shared(
         &self,
         stamp: &Stamp,
         value: SharedValue,
-        fresh_for: Duration,
+        policy: &CachePolicy,
     ) -> Option<Arc<Entry>> {
         let age = Duration::from_millis(
             crate::shared::unix_ms_now().saturating_sub(value.fetched_unix_ms),
         );
-        let policy = self.policy.load();
-        if age + fresh_for >= policy.ttl {
+        if age >= policy.positive_lifetime() {
             return None;
         }
         let stored_at = Instant::now().checked_sub(age)?;
         // Kept as stored (gzip when it compressed): an identity client's copy is made when
         // one first asks for it.
-        let entry = rules::from_image(&value.image, stamp.clone(), &policy, stored_at)?;
+        let entry = rules::from_image(&value.image, stamp.clone(), policy, stored_at)?;
         Some(Arc::new(entry))
     }
 

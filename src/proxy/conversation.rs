@@ -178,8 +178,9 @@ impl Proxy {
                 detail,
                 stored,
             } => {
+                // A revalidated entry had a prior: this replica's, or a stale shared copy.
                 let status = cache_status_forward(
-                    prior.is_some(),
+                    prior.is_some() || *xcache == XCache::Revalidated,
                     Some(*fwd_status),
                     *stored,
                     *detail,
@@ -191,31 +192,32 @@ impl Proxy {
                 answer
             }
             FetchResult::Shared(entry) => {
-                let status = match self.store.policy.load().freshness(entry, now) {
-                    Freshness::Fresh { remaining } => cache_status_shared(remaining),
+                let (xcache, status) = match self.store.policy.load().freshness(entry, now) {
+                    Freshness::Fresh { remaining } => (XCache::Hit, cache_status_shared(remaining)),
+                    // Within stale-while-revalidate: the usual rule, STALE at once and one
+                    // background revalidation (a fetch with this entry as its prior).
+                    Freshness::StaleWhileRevalidate { stale_for } => {
+                        if entry
+                            .recent_failure(now, self.upstream.breaker().recoveries())
+                            .is_none()
+                        {
+                            self.revalidate_in_background(key, entry.clone(), &req, client);
+                        }
+                        (XCache::Stale, cache_status_hit_stale(stale_for))
+                    }
                     // Read fresh, but this request waited past its freshness: still the
                     // shared tier's answer, no older than a revalidation would allow.
-                    _ => cache_status_shared(Duration::ZERO),
+                    Freshness::MustRevalidate => (XCache::Hit, cache_status_shared(Duration::ZERO)),
                 };
-                render(
-                    (&self.store, &key),
-                    entry,
-                    &req,
-                    now,
-                    XCache::Hit,
-                    status,
-                    head,
-                )
+                render((&self.store, &key), entry, &req, now, xcache, status, head)
             }
             FetchResult::Forward(fwd) => {
                 if is_upstream_failure(fwd.status)
-                    && let Some(stale) = prior
-                        .as_ref()
-                        .filter(|e| self.store.policy.load().usable_if_error(e, now))
+                    && let Some(stale) = self.fallback(&key, prior.as_ref(), now)
                 {
                     return stale_if_error(
                         (&self.store, &key),
-                        stale,
+                        &stale,
                         &req,
                         now,
                         fwd.status.as_u16(),
@@ -225,13 +227,10 @@ impl Proxy {
                 forwarded(fwd, prior.is_some(), collapsed, head)
             }
             FetchResult::Failed(err) => {
-                if let Some(stale) = prior
-                    .as_ref()
-                    .filter(|e| self.store.policy.load().usable_if_error(e, now))
-                {
+                if let Some(stale) = self.fallback(&key, prior.as_ref(), now) {
                     return stale_if_error(
                         (&self.store, &key),
-                        stale,
+                        &stale,
                         &req,
                         now,
                         err.fwd_status(),
@@ -277,6 +276,25 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// The entry stale-if-error serves when the upstream failed: the request's own stored
+    /// entry, or else what the fetch found in the shared tier and put in L1 meanwhile.
+    fn fallback(
+        &self,
+        key: &CacheKey,
+        prior: Option<&Arc<Entry>>,
+        now: Instant,
+    ) -> Option<Arc<Entry>> {
+        let policy = self.store.policy.load();
+        prior
+            .cloned()
+            .or_else(|| {
+                self.store
+                    .shared()
+                    .and_then(|_| self.store.lookup(key, now))
+            })
+            .filter(|e| policy.usable_if_error(e, now))
     }
 
     /// Joins or starts the single flight for `key`.
@@ -409,6 +427,32 @@ impl Proxy {
         stamp: Stamp,
         form: Coding,
     ) -> FetchResult {
+        // The shared tier first: another replica may have stored this key (or a fresher copy
+        // of a stale prior); otherwise it says what the write after the fetch is conditional on,
+        // and a stale shared copy is revalidated like a stored entry (SPEC 11: usual rules). A
+        // refresh-ahead takes only a copy fresher than the one it refreshes (SPEC 12).
+        let fresh_for = match &via {
+            Via::RefreshAhead(_) => self
+                .store
+                .policy
+                .load()
+                .refresh_ahead
+                .map_or(Duration::ZERO, |ra| ra.window),
+            Via::Request(_) => Duration::ZERO,
+        };
+        let (mut shared, stale) = match self
+            .store
+            .read_shared(&key, &stamp, prior.is_some(), fresh_for)
+            .await
+        {
+            SharedRead::Hit(entry) => return FetchResult::Shared(entry),
+            SharedRead::Fetch { shared, stale } => (shared, stale),
+        };
+        let now = Instant::now();
+        let prior = match stale {
+            Some(s) if prior.as_ref().is_none_or(|p| p.age(now) > s.age(now)) => Some(s),
+            _ => prior,
+        };
         let purpose = match (&via, &prior) {
             (Via::RefreshAhead(_), _) => Purpose::RefreshAhead,
             (Via::Request(_), Some(_)) => Purpose::Revalidation,
@@ -422,21 +466,6 @@ impl Proxy {
                 req.headers_mut().insert(header::IF_MODIFIED_SINCE, lm);
             }
         }
-        // The shared tier first: another replica may have stored this key (or a fresher copy
-        // of a stale prior); otherwise it says what the write after the fetch is conditional on.
-        let fresh_for = match purpose {
-            Purpose::RefreshAhead => self
-                .store
-                .policy
-                .load()
-                .refresh_ahead
-                .map_or(Duration::ZERO, |ra| ra.window),
-            Purpose::Miss | Purpose::Revalidation => Duration::ZERO,
-        };
-        let mut shared = match self.store.read_shared(&key, &stamp, fresh_for).await {
-            SharedRead::Hit(entry) => return FetchResult::Shared(entry),
-            SharedRead::Fetch(shared) => shared,
-        };
         // A failed revalidation: counted, and remembered on the entry for a short backoff.
         let failed = |fwd_status: u16| {
             if let Some(p) = &prior {

@@ -26,7 +26,7 @@ pub mod bus;
 pub mod codec;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -244,15 +244,16 @@ pub struct Shared {
     origin: u64,
     health: Health,
     metrics: SharedMetrics,
-    /// Expiry of values and counters: ttl + the larger stale window (SPEC 11).
-    lifetime: Duration,
-    max_object_bytes: u64,
+    /// Expiry of values and counters in ms: ttl + the larger stale window (SPEC 11). Live, like
+    /// the other two limits below: a reload changes them ([`Shared::set_limits`]).
+    lifetime_ms: AtomicU64,
+    max_object_bytes: AtomicU64,
     write_script: redis::Script,
     bump_script: redis::Script,
     release_script: redis::Script,
-    /// How long a lease holds (the holder's whole fetch: `--upstream-timeout`), and how long a
-    /// waiter waits at most.
-    lease: Duration,
+    /// How long a lease holds in ms (the holder's whole fetch: `--upstream-timeout`), and how
+    /// long a waiter waits at most.
+    lease_ms: AtomicU64,
     subscribed: AtomicBool,
     /// Bus subscriptions made so far (tests and diagnostics: a resubscription shows here).
     subscriptions: std::sync::atomic::AtomicU64,
@@ -316,12 +317,12 @@ impl Shared {
                 missed_invalidation: AtomicBool::new(false),
             },
             metrics,
-            lifetime,
-            max_object_bytes,
+            lifetime_ms: AtomicU64::new(millis(lifetime)),
+            max_object_bytes: AtomicU64::new(max_object_bytes),
             write_script: redis::Script::new(WRITE_SCRIPT),
             bump_script: redis::Script::new(BUMP_SCRIPT),
             release_script: redis::Script::new(RELEASE_SCRIPT),
-            lease,
+            lease_ms: AtomicU64::new(millis(lease)),
             subscribed: AtomicBool::new(false),
             subscriptions: std::sync::atomic::AtomicU64::new(0),
             random,
@@ -357,7 +358,20 @@ impl Shared {
 
     /// Expiry of values (ttl + the larger stale window).
     pub fn lifetime(&self) -> Duration {
-        self.lifetime
+        Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed))
+    }
+
+    /// Applies reloaded settings: the values' expiry (ttl + the larger stale window), the largest
+    /// body a value may carry, and the lease's length (`--upstream-timeout`).
+    pub fn set_limits(&self, lifetime: Duration, max_object_bytes: u64, lease: Duration) {
+        self.lifetime_ms.store(millis(lifetime), Ordering::Relaxed);
+        self.max_object_bytes
+            .store(max_object_bytes, Ordering::Relaxed);
+        self.lease_ms.store(millis(lease), Ordering::Relaxed);
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
     }
 
     /// Runs one Redis call within what is left of `budget`, recording its duration, errors and
@@ -457,7 +471,7 @@ impl Shared {
             value_key.as_bytes(),
             key,
             Bytes::from(raw),
-            self.max_object_bytes,
+            self.max_object_bytes.load(Ordering::Relaxed),
         ) {
             Ok(value) if gens.iter().zip(value.gens).all(|(g, v)| *g == Some(v)) => {
                 L2Read::Hit(value)
@@ -487,7 +501,7 @@ impl Shared {
             .arg(&token)
             .arg("NX")
             .arg("PX")
-            .arg(millis(self.lease));
+            .arg(millis(self.lease()));
         let taken = set.query_async::<Option<String>>(&mut conn);
         match self.call(RedisOp::Lease, budget, taken).await {
             Some(Some(_)) => LeaseOutcome::Held(Lease {
@@ -500,14 +514,15 @@ impl Shared {
         }
     }
 
-    /// Waits (polling) while another replica holds `key`'s lease: the value it stores, or the
-    /// generations to fetch under when it released without storing (or died, or the wait
-    /// reached the lease's length). `Unavailable` when Redis fails meanwhile.
-    pub async fn wait_for_holder(&self, key: &CacheKey) -> L2Read {
+    /// Waits (polling) while another replica holds `key`'s lease: the value it stores (one
+    /// fetched at or after `fetched_since`, Unix ms: a stale value that was there before is
+    /// what the holder is revalidating), or what is there when it released without storing (or
+    /// died, or the wait reached the lease's length). `Unavailable` when Redis fails meanwhile.
+    pub async fn wait_for_holder(&self, key: &CacheKey, fetched_since: u64) -> L2Read {
         let value_key = self.keys.value(key);
         let gen_keys = self.keys.gens(key);
         let lease_key = self.keys.lease(key);
-        let deadline = Instant::now() + self.lease;
+        let deadline = Instant::now() + self.lease();
         loop {
             tokio::time::sleep(LEASE_POLL).await;
             let mut pipe = redis::pipe();
@@ -528,7 +543,7 @@ impl Shared {
                 return L2Read::Unavailable;
             };
             let read = self.judge(key, &value_key, raw, parse_gens(gens));
-            if matches!(read, L2Read::Hit(_)) {
+            if matches!(&read, L2Read::Hit(v) if v.fetched_unix_ms >= fetched_since) {
                 self.metrics.l2(L2Result::Hit);
                 return read;
             }
@@ -563,7 +578,7 @@ impl Shared {
         for i in inits {
             inv.arg(i);
         }
-        inv.arg(encoded).arg(millis(self.lifetime));
+        inv.arg(encoded).arg(millis(self.lifetime()));
         let mut conn = self.conn.clone();
         let stored: Option<i64> = self
             .call(RedisOp::Write, budget, inv.invoke_async(&mut conn))
@@ -579,7 +594,7 @@ impl Shared {
         let message = bus::message(self.origin, target);
         let mut inv = self.bump_script.key(self.keys.target(target));
         inv.arg(self.fresh_generation())
-            .arg(millis(self.lifetime))
+            .arg(millis(self.lifetime()))
             .arg(&self.channel)
             .arg(&message)
             .arg(if create { "1" } else { "0" });
