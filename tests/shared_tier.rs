@@ -672,3 +672,58 @@ async fn a_reload_changes_the_shared_expiry() {
     // 10 s ttl + 2 h stale-if-error (was 10 s + 10 min before the reload).
     assert!(ms > 7_000_000, "{pttl}");
 }
+
+/// `rediss://` through rustls (ring) with `--redis-ca-file`: replicas share over TLS. A
+/// replica that does not trust the server's CA never uses Redis and serves as without it.
+#[tokio::test]
+async fn rediss_with_a_ca_file() {
+    let pki = test_pki();
+    let dir = temp_dir("redis-tls");
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let redis = RedisServer::start_tls(&cert, &key, &ca);
+    assert!(redis.url().starts_with("rediss://"));
+    let fake = FakeChatwoot::start().await;
+    let cfg = |ca_file: Option<std::path::PathBuf>| {
+        let mut cfg = config(&fake.url());
+        cfg.redis = Some(RedisConfig {
+            url: redis.url(),
+            ca_file,
+            timeout: Duration::from_secs(2),
+            key_prefix: "test:".into(),
+        });
+        cfg.scope_secret = Some(SECRET.into());
+        cfg
+    };
+    let a = start_proxy(cfg(Some(ca.clone()))).await;
+    wait_ready(&a).await;
+    let b = start_proxy(cfg(Some(ca.clone()))).await;
+    wait_ready(&b).await;
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT"));
+    assert!(r.header("cache-status").ends_with("detail=shared"));
+    assert_eq!(fake.show_requests(), 1, "shared over TLS");
+
+    // Without the CA file the server is not trusted: Redis stays unused, requests are served.
+    let c = start_proxy(cfg(None)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics_text(&c).await;
+        if metric(&text, "chatwoot_cache_redis_errors_total{op=\"probe\"}") >= 1.0 {
+            assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed probe: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!c.proxy.store.shared().unwrap().is_up());
+    let r = conv(&c, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+}

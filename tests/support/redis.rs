@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,14 +11,30 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Serving TLS only (`--tls-port`, `--port 0`): certificate, key and CA files.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl RedisServer {
     /// Starts a `redis-server` on a free loopback port.
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Starts a `redis-server` that serves TLS only, with the PEM `cert` and `key` (clients
+    /// are not asked for certificates). [`RedisServer::command`] does not speak TLS.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
+        Self::start_with(Some([cert.to_owned(), key.to_owned(), ca.to_owned()]))
+    }
+
+    fn start_with(tls: Option<[PathBuf; 3]>) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
-            let mut server = RedisServer { port, child: None };
+            let mut server = RedisServer {
+                port,
+                child: None,
+                tls: tls.clone(),
+            };
             if server.spawn() {
                 return server;
             }
@@ -25,9 +42,14 @@ impl RedisServer {
         panic!("redis-server did not start (is it installed? .ci/run installs it)");
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -40,8 +62,20 @@ impl RedisServer {
 
     /// Starts the process on `self.port` and waits until it answers `PING`.
     fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some([cert, key, ca]) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = cmd
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -52,10 +86,14 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self
-                .command(&["PING"])
-                .is_some_and(|r| r.starts_with("+PONG"))
-            {
+            let ready = if self.tls.is_some() {
+                // Listening; the handshake is the proxy's to make.
+                TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_ok()
+            } else {
+                self.command(&["PING"])
+                    .is_some_and(|r| r.starts_with("+PONG"))
+            };
+            if ready {
                 return true;
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
