@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per request of chatwoot-cache under load, counted by valgrind's callgrind.
 #
-#   bash benches/callgrind.sh [hit|hit-gzip|hit-plain|hit-due|miss|floor|both|all|fairness]
-#       (default: both = hit miss; all = hit hit-gzip miss floor; fairness = hit-plain hit hit-due)
+#   bash benches/callgrind.sh [hit|hit-gzip|hit-plain|hit-due|hit-redis|miss|floor|both|all|fairness]
+#       (default: both = hit miss; all = hit hit-gzip hit-redis miss floor;
+#       fairness = hit-plain hit hit-due)
 #
 # Instruction counts do not depend on how busy the machine is, unlike the CPU times of
 # benches/load.sh: this is how the hot paths were profiled and how a change to them is judged
@@ -17,7 +18,9 @@
 # slot: from 1.1 s after it is stored every entry is hot and due and its refresh has been tried
 # and refused, as no slot outside the last quarter exists, so each hit reads both flags and no
 # refresh ever runs during the count); `hit` has the defaults (fair slots on, refresh-ahead
-# 0.8, not yet due). Valgrind hides SHA-NI, so the HMAC and the
+# 0.8, not yet due). `hit-redis` is `hit` with the shared tier on (--redis-url to a
+# redis-server of the script's own): an L1 hit must cost what it costs without Redis.
+# Valgrind hides SHA-NI, so the HMAC and the
 # SHA-256 ETag weigh more here than on the real CPU.
 #
 # Environment: SECONDS_MEASURED (5), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1,
@@ -30,12 +33,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
 MODES=${1:-both}
 SECS=${SECONDS_MEASURED:-5}
 [[ "$MODES" == both ]] && MODES="hit miss"
-[[ "$MODES" == all ]] && MODES="hit hit-gzip miss floor"
+[[ "$MODES" == all ]] && MODES="hit hit-gzip hit-redis miss floor"
 [[ "$MODES" == fairness ]] && MODES="hit-plain hit hit-due"
 
 bench_init
 if [[ -z "${BENCH_SKIP_INSTALL:-}" ]]; then
     ensure_tools valgrind:valgrind callgrind_control:valgrind wrk:wrk curl:curl python3:python3 setsid:util-linux
+    [[ " $MODES " == *" hit-redis "* ]] && ensure_tools redis-server:redis-server redis-cli:redis-tools
 fi
 if [[ -z "${BENCH_SKIP_BUILD:-}" ]]; then
     build_binaries
@@ -60,6 +64,19 @@ for mode in $MODES; do
         hit-plain) wrk_mode=hit flags=(--refresh-ahead 0 --upstream-max-in-flight-per-token 0) ;;
         hit-due) wrk_mode=hit flags=(--refresh-ahead 0.0003 --upstream-max-in-flight 1
             --rate-limit-per-token 100/s --rate-limit-burst 1000) ;;
+        hit-redis)
+            wrk_mode=hit
+            if [[ -z "${REDIS_PORT:-}" ]]; then
+                REDIS_PORT=$(pick_ports 1)
+                start_bg redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+                    --appendonly no
+                for _ in $(seq 100); do
+                    [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && break
+                    sleep 0.1
+                done
+            fi
+            flags=(--redis-url "redis://127.0.0.1:$REDIS_PORT"
+                --scope-secret callgrind-bench-scope-secret-0123456789abcdef) ;;
     esac
     if [[ $mode == floor ]]; then
         wrk_mode=hit
