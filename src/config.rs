@@ -32,7 +32,8 @@ pub use report::{Effective, Loaded};
     long_about = "Caching reverse proxy for the Chatwoot REST API.\n\n\
         Every setting is a flag, an environment variable (CHATWOOT_CACHE_ + upper snake case) and a \
         key of the optional TOML file given with --config (flag name with '_' for '-'). \
-        Precedence: flag > env > file > default. Durations: 250ms, 10s, 5m, 1h. Sizes: 512KiB, 256MiB, 1GiB."
+        Precedence: flag > env > file > default. Durations: 250ms, 10s, 5m, 1h. Sizes: 512KiB, 256MiB, 1GiB, 1000B. \
+        A bare number other than 0 is refused for both (it lacks its unit)."
 )]
 pub struct Cli {
     /// TOML file with settings (keys are flag names with `_` for `-`)
@@ -1083,12 +1084,32 @@ fn read_config_file(path: &std::path::Path) -> Result<BTreeMap<String, toml::Val
             };
             return Err(ConfigError::invalid(
                 "config",
-                format!("{}: unknown setting `{key}`{hint}", path.display()),
+                format!(
+                    "{}{}: unknown setting `{key}`{hint}",
+                    path.display(),
+                    key_position(&text, &key)
+                ),
             ));
         }
         out.insert(key, value);
     }
     Ok(out)
+}
+
+/// `:line:column` of `key`'s definition in a TOML `text` that parsed, like a syntax error's
+/// position, or nothing if it cannot be found. Parses again with spans, on the error path only.
+fn key_position(text: &str, key: &str) -> String {
+    type Spanned = BTreeMap<toml::Spanned<String>, serde::de::IgnoredAny>;
+    let Ok(table) = toml::from_str::<Spanned>(text) else {
+        return String::new();
+    };
+    match table.into_keys().find(|k| k.get_ref() == key) {
+        Some(k) => {
+            let (line, col) = hints::line_col(text, k.span().start);
+            format!(":{line}:{col}")
+        }
+        None => String::new(),
+    }
 }
 
 fn parse_with<T>(
@@ -1389,7 +1410,10 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Parses `512KiB`, `256MiB`, `1GiB`, plain bytes (`1048576`, `100B`), and decimal `KB/MB/GB`.
+/// Parses `512KiB`, `256MiB`, `1GiB`, bytes (`100B`), and decimal `KB/MB/GB`. A bare number
+/// other than `0` is refused with a unit hint, as for durations: `--cache-max-bytes 1000` is far
+/// more often a forgotten `MiB` than a 1000-byte cache (nginx would take it as bytes; here
+/// bytes are spelled `1000B`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid size {s:?} (e.g. 512KiB, 256MiB, 1GiB)");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -1398,6 +1422,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(bad());
     }
     let n: u64 = digits.parse().map_err(|_| bad())?;
+    if unit.is_empty() && n != 0 {
+        return Err(hints::size_hint(s));
+    }
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kib" | "k" => 1 << 10,
@@ -1522,7 +1549,16 @@ mod tests {
         assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
         assert_eq!(parse_size("256MiB"), Ok(256 << 20));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("100B"), Ok(100));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(
+            parse_size("1000"),
+            Err(
+                "\"1000\" has no unit: write e.g. \"1000MiB\", or \"1000B\" for bytes \
+                 (units: B, KiB, MiB, GiB, KB, MB, GB)"
+                    .to_string()
+            )
+        );
         assert_eq!(parse_size("10MB"), Ok(10_000_000));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("1.5GiB").is_err());

@@ -13,7 +13,8 @@ const HEADER: &str = "\
 Every setting is a flag, an environment variable and a key of the optional TOML file given with
 `--config` (the flag's name with `_` for `-`: `--cache-ttl` → `cache_ttl`). Precedence: flag >
 environment > file > default. Durations: `250ms`, `10s`, `5m`, `1h`; sizes: `512KiB`,
-`256MiB`, `1GiB`. Counts and ratios may be plain TOML numbers, everything else is a string.
+`256MiB`, `1GiB`, `1000B` (a bare number other than `0` is refused for both). Counts and ratios
+may be plain TOML numbers, `true`/`false` TOML booleans, everything else is a string.
 `chatwoot-cache --print-config` shows the values a given set of flags, variables and file gives,
 and where each came from.
 

@@ -165,6 +165,59 @@ fn print_config_prints_toml_with_sources_and_exits() {
     toml::from_str::<toml::Table>(&out).expect("valid TOML");
 }
 
+/// `--print-config`'s output given back as `--config` prints the same configuration (values
+/// and TOML types; only the sources change to `file`), with a boolean, numbers, a rate,
+/// durations, sizes and derived values in it.
+#[test]
+fn print_config_output_is_a_config_file_for_the_same_configuration() {
+    let dir = temp_dir("startup-roundtrip");
+    let first = run(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--cache-max-bytes",
+            "64MiB",
+            "--webhook-allow-query-secret",
+            "--rate-limit-per-token",
+            "600/m",
+            "--breaker-failure-ratio",
+            "0.3",
+            "--print-config",
+        ],
+        &[("CHATWOOT_CACHE_CACHE_TTL", "3s")],
+    );
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let printed = text(&first.stdout);
+    for line in [
+        "webhook_allow_query_secret = true # flag",
+        "breaker_failure_ratio = 0.3 # flag",
+        "rate_limit_burst = 10 # default (derived)",
+        "upstream_max_in_flight_per_token = 64 # default (derived)",
+        "max_object_bytes = \"4MiB\" # default (derived)",
+    ] {
+        assert!(printed.contains(line), "{line:?} not in:\n{printed}");
+    }
+    let path = dir.join("printed.toml");
+    std::fs::write(&path, &printed).unwrap();
+    let second = run(&["--config", path.to_str().unwrap(), "--print-config"], &[]);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    let settings = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(" # ").map_or(l, |(v, _)| v).to_string())
+            .collect()
+    };
+    assert_eq!(settings(&text(&second.stdout)), settings(&printed));
+    assert!(
+        text(&second.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.ends_with("# file")),
+        "{}",
+        text(&second.stdout)
+    );
+}
+
 #[test]
 fn mistyped_variables_are_warned_and_service_links_are_not() {
     let o = run(
@@ -176,6 +229,12 @@ fn mistyped_variables_are_warned_and_service_links_are_not() {
             ("CHATWOOT_CACHE_PORT", "tcp://10.0.0.1:80"),
             ("CHATWOOT_CACHE_PORT_9090_TCP", "tcp://10.0.0.1:9090"),
             ("CHATWOOT_CACHE_PORT_9090_TCP_ADDR", "10.0.0.1"),
+            // A Service `chatwoot-cache-redis` in the same namespace.
+            ("CHATWOOT_CACHE_REDIS_SERVICE_HOST", "10.0.0.2"),
+            ("CHATWOOT_CACHE_REDIS_SERVICE_PORT", "6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT", "tcp://10.0.0.2:6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT_6379_TCP", "tcp://10.0.0.2:6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT_6379_TCP_PORT", "6379"),
         ],
     );
     assert_eq!(o.status.code(), Some(0));
@@ -193,7 +252,7 @@ fn errors_say_what_to_write_instead() {
     std::fs::write(&dashed, "upstream = \"http://x\"\ncache-ttl = \"5s\"\n").unwrap();
     let broken = dir.join("broken.toml");
     std::fs::write(&broken, "upstream = \"http://x\"\ncache_ttl = 5s\n").unwrap();
-    let cases: [(&[&str], String); 3] = [
+    let cases: [(&[&str], String); 4] = [
         (
             &["--upstream", "http://x", "--cache-ttl", "5"],
             "error: --cache-ttl: \"5\" has no unit: write e.g. \"5s\" (units: ms, s, m, h)"
@@ -202,7 +261,7 @@ fn errors_say_what_to_write_instead() {
         (
             &["--config", dashed.to_str().unwrap()],
             format!(
-                "error: --config: {}: unknown setting `cache-ttl`; did you mean `cache_ttl`? \
+                "error: --config: {}:2:1: unknown setting `cache-ttl`; did you mean `cache_ttl`? \
                  (keys are flag names with `_` for `-`)",
                 dashed.display()
             ),
@@ -210,6 +269,12 @@ fn errors_say_what_to_write_instead() {
         (
             &["--config", broken.to_str().unwrap()],
             format!("error: --config: {}:2:13: ", broken.display()),
+        ),
+        (
+            &["--upstream", "http://x", "--cache-max-bytes", "1000"],
+            "error: --cache-max-bytes: \"1000\" has no unit: write e.g. \"1000MiB\", or \
+             \"1000B\" for bytes (units: B, KiB, MiB, GiB, KB, MB, GB)"
+                .to_string(),
         ),
     ];
     for (args, expected) in cases {

@@ -49,16 +49,18 @@ pub fn closest<'a>(given: &str, known: &'a [String]) -> Option<&'a str> {
 }
 
 /// `CHATWOOT_CACHE_*` variables that are no setting, each with a one-line warning (naming the
-/// closest setting when there is one). Values are never read: a mistyped secret stays secret.
+/// closest setting when there is one). Values are never printed: a mistyped secret stays
+/// secret. A value is only looked at to recognise a Kubernetes service link (see
+/// [`is_service_link`]).
 pub fn unknown_env_vars(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<String> {
     let known = setting_keys();
     let mut out = Vec::new();
-    for (name, _) in vars {
+    for (name, value) in vars {
         let Some(name) = name.to_str() else { continue };
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if rest == "CONFIG" || is_service_link(rest) {
+        if rest == "CONFIG" || is_service_link(rest, value.to_str().unwrap_or("")) {
             continue;
         }
         let key = rest.to_ascii_lowercase();
@@ -77,27 +79,68 @@ pub fn unknown_env_vars(vars: impl IntoIterator<Item = (OsString, OsString)>) ->
     out
 }
 
-/// Variables Kubernetes injects for a Service named `chatwoot-cache` (service links):
-/// `_SERVICE_HOST`, `_SERVICE_PORT`, `_SERVICE_PORT_<NAME>`, `_PORT`, `_PORT_<N>_<PROTO>` and its
-/// `_PROTO`/`_PORT`/`_ADDR` forms. They share the prefix but are not settings.
-fn is_service_link(rest: &str) -> bool {
-    if rest == "SERVICE_HOST" || rest == "SERVICE_PORT" || rest == "PORT" {
-        return true;
-    }
-    if rest.starts_with("SERVICE_PORT_") {
-        return true;
-    }
-    let Some(port_rest) = rest.strip_prefix("PORT_") else {
-        return false;
+/// Variables Kubernetes injects for every Service in the namespace (service links), here for
+/// a Service named `chatwoot-cache` or `chatwoot-cache-<anything>` (`chatwoot-cache-redis`, a
+/// Redis next to the gateway): `<S>_SERVICE_HOST`, `<S>_SERVICE_PORT`, `<S>_SERVICE_PORT_<NAME>`,
+/// `<S>_PORT`, `<S>_PORT_<N>_<PROTO>` and its `_PROTO`/`_PORT`/`_ADDR` forms, where `<S>` is
+/// the Service name in upper case with `_` for `-`. They share the prefix but are not settings.
+///
+/// Any name ending like that would do (`REDIS_PORT`), so the value must have the shape
+/// Kubernetes gives it too (an address, a port number, `tcp://10.0.0.1:6379`): a variable
+/// someone set by hand with another value is still warned about.
+fn is_service_link(rest: &str, value: &str) -> bool {
+    let value = value.trim();
+    let is_port = |v: &str| !v.is_empty() && v.len() <= 5 && v.bytes().all(|b| b.is_ascii_digit());
+    let is_ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
+    let is_proto = |v: &str| matches!(v, "TCP" | "UDP" | "SCTP");
+    // `tcp://10.0.0.1:80` (or `tcp://[fd00::1]:80`).
+    let is_link_url = |v: &str| {
+        let Some((scheme, addr)) = v.split_once("://") else {
+            return false;
+        };
+        matches!(scheme, "tcp" | "udp" | "sctp") && addr.parse::<std::net::SocketAddr>().is_ok()
     };
-    let mut parts = port_rest.splitn(3, '_');
-    let number = parts.next().unwrap_or("");
-    let proto = parts.next().unwrap_or("");
-    let tail = parts.next();
-    !number.is_empty()
-        && number.bytes().all(|b| b.is_ascii_digit())
-        && matches!(proto, "TCP" | "UDP" | "SCTP")
-        && matches!(tail, None | Some("PROTO" | "PORT" | "ADDR"))
+    // `<S>` is empty (the Service `chatwoot-cache`) or ends with `_`.
+    let service = |prefix: &str| prefix.is_empty() || prefix.ends_with('_');
+    if let Some(prefix) = rest.strip_suffix("SERVICE_HOST") {
+        return service(prefix) && is_ip(value);
+    }
+    if let Some(prefix) = rest.strip_suffix("SERVICE_PORT") {
+        return service(prefix) && is_port(value);
+    }
+    if let Some((prefix, name)) = rest.rsplit_once("SERVICE_PORT_") {
+        return service(prefix)
+            && !name.is_empty()
+            && !name.contains("SERVICE_PORT")
+            && is_port(value);
+    }
+    if let Some(prefix) = rest.strip_suffix("PORT")
+        && service(prefix)
+        && is_link_url(value)
+    {
+        return true;
+    }
+    // `<S>_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]`: find the `PORT_<N>_<PROTO>` part.
+    let parts: Vec<&str> = rest.split('_').collect();
+    for i in 0..parts.len() {
+        if parts[i] != "PORT" || i + 2 >= parts.len() {
+            continue;
+        }
+        let (number, proto) = (parts[i + 1], parts[i + 2]);
+        if !is_port(number) || !is_proto(proto) {
+            continue;
+        }
+        let tail = &parts[i + 3..];
+        let value_fits = match tail {
+            [] => is_link_url(value),
+            ["PROTO"] => value.eq_ignore_ascii_case(proto),
+            ["PORT"] => value == number,
+            ["ADDR"] => is_ip(value),
+            _ => false,
+        };
+        return value_fits;
+    }
+    false
 }
 
 /// "line L, column C" of byte offset `at` in `text` (both 1-based, columns in characters).
@@ -126,6 +169,14 @@ pub fn duration_hint(s: &str) -> Option<String> {
     }
 }
 
+/// The problem with a bare number where a size is expected (always one: sizes need a unit).
+pub fn size_hint(s: &str) -> String {
+    format!(
+        "{s:?} has no unit: write e.g. \"{s}MiB\", or \"{s}B\" for bytes \
+         (units: B, KiB, MiB, GiB, KB, MB, GB)"
+    )
+}
+
 fn levenshtein(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
@@ -152,6 +203,13 @@ mod tests {
             .collect()
     }
 
+    fn vars_with(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (OsString::from(n), OsString::from(v)))
+            .collect()
+    }
+
     #[test]
     fn mistyped_variables_are_warned_with_the_closest_setting() {
         let w = unknown_env_vars(vars(&[
@@ -174,22 +232,44 @@ mod tests {
 
     #[test]
     fn kubernetes_service_links_stay_silent() {
-        let w = unknown_env_vars(vars(&[
-            "CHATWOOT_CACHE_SERVICE_HOST",
-            "CHATWOOT_CACHE_SERVICE_PORT",
-            "CHATWOOT_CACHE_SERVICE_PORT_ADMIN",
-            "CHATWOOT_CACHE_PORT",
-            "CHATWOOT_CACHE_PORT_9090_TCP",
-            "CHATWOOT_CACHE_PORT_80_TCP_ADDR",
-            "CHATWOOT_CACHE_PORT_80_TCP_PORT",
-            "CHATWOOT_CACHE_PORT_80_TCP_PROTO",
-            "CHATWOOT_CACHE_CONFIG",
+        // What the kubelet injects for the Services `chatwoot-cache` (ports 80 and admin 9090)
+        // and `chatwoot-cache-redis` (6379) in the same namespace.
+        let w = unknown_env_vars(vars_with(&[
+            ("CHATWOOT_CACHE_SERVICE_HOST", "10.0.0.1"),
+            ("CHATWOOT_CACHE_SERVICE_PORT", "80"),
+            ("CHATWOOT_CACHE_SERVICE_PORT_ADMIN", "9090"),
+            ("CHATWOOT_CACHE_PORT", "tcp://10.0.0.1:80"),
+            ("CHATWOOT_CACHE_PORT_9090_TCP", "tcp://10.0.0.1:9090"),
+            ("CHATWOOT_CACHE_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ("CHATWOOT_CACHE_PORT_80_TCP_PORT", "80"),
+            ("CHATWOOT_CACHE_PORT_80_TCP_PROTO", "tcp"),
+            ("CHATWOOT_CACHE_REDIS_SERVICE_HOST", "10.0.0.2"),
+            ("CHATWOOT_CACHE_REDIS_SERVICE_PORT", "6379"),
+            ("CHATWOOT_CACHE_REDIS_SERVICE_PORT_REDIS", "6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT", "tcp://10.0.0.2:6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT_6379_TCP", "tcp://10.0.0.2:6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT_6379_TCP_ADDR", "10.0.0.2"),
+            ("CHATWOOT_CACHE_REDIS_PORT_6379_TCP_PORT", "6379"),
+            ("CHATWOOT_CACHE_REDIS_PORT_6379_TCP_PROTO", "tcp"),
+            ("CHATWOOT_CACHE_MY_API_SERVICE_HOST", "fd00::1"),
+            ("CHATWOOT_CACHE_MY_API_PORT", "tcp://[fd00::1]:8080"),
+            ("CHATWOOT_CACHE_CONFIG", "/etc/c.toml"),
         ]));
         assert!(w.is_empty(), "{w:?}");
-        // Not a service link: the port has no number.
-        assert_eq!(
-            unknown_env_vars(vars(&["CHATWOOT_CACHE_PORT_X_TCP"])).len(),
-            1
+        // Not service links: no port number, or set by hand with another kind of value (the
+        // shapes alone would match any name ending in `_PORT`).
+        let w = unknown_env_vars(vars_with(&[
+            ("CHATWOOT_CACHE_PORT_X_TCP", "tcp://10.0.0.1:80"),
+            ("CHATWOOT_CACHE_REDIS_PORT", "6379"),
+            ("CHATWOOT_CACHE_SERVICE_HOST", "chatwoot.example.com"),
+            ("CHATWOOT_CACHE_LISTEN_PORT", "8080"),
+            ("CHATWOOT_CACHE_PORT_80_TCP_ADDR", "localhost"),
+        ]));
+        assert_eq!(w.len(), 5, "{w:?}");
+        assert!(
+            w.iter()
+                .any(|l| l.contains("CHATWOOT_CACHE_REDIS_PORT ") && l.contains("REDIS_URL")),
+            "{w:?}"
         );
     }
 

@@ -19,6 +19,9 @@ pub enum Origin {
     Env,
     File,
     Default,
+    /// Not set, and its default follows other settings (`max_object_bytes` from
+    /// `cache_max_bytes`): the value shown is the one it runs with.
+    Derived,
     /// No value at all: an optional setting left out.
     Unset,
 }
@@ -30,6 +33,7 @@ impl Origin {
             Origin::Env => "env",
             Origin::File => "file",
             Origin::Default => "default",
+            Origin::Derived => "default (derived)",
             Origin::Unset => "unset",
         }
     }
@@ -54,8 +58,20 @@ pub struct Setting {
     pub origin: Origin,
     /// Secrets are reported as set/unset only.
     pub secret: bool,
-    /// Counts and ratios, printed as TOML numbers.
-    numeric: bool,
+    /// How `--print-config` writes the value, so its output loads as the same TOML types a
+    /// hand-written file would use.
+    kind: Kind,
+}
+
+/// The TOML type of a setting's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Counts and ratios (`N`, `F`): TOML numbers.
+    Number,
+    /// `BOOL`: TOML `true`/`false`.
+    Bool,
+    /// Everything else (durations, sizes, addresses, rates): TOML strings.
+    Text,
 }
 
 /// Every setting of a loaded configuration, in `--help` order.
@@ -129,9 +145,15 @@ impl Effective {
                 || arg
                     .get_value_names()
                     .is_some_and(|n| n.iter().any(|n| n.as_str() == "SECRET"));
-            let numeric = arg
+            let kind = match arg
                 .get_value_names()
-                .is_some_and(|n| n.iter().any(|n| matches!(n.as_str(), "N" | "F")));
+                .and_then(|n| n.first())
+                .map(|n| n.as_str())
+            {
+                Some("N" | "F") => Kind::Number,
+                Some("BOOL") => Kind::Bool,
+                _ => Kind::Text,
+            };
             let (value, origin) = match src.get(id)? {
                 Some(raw) if !raw.value.is_empty() => {
                     let value = if secret {
@@ -142,7 +164,7 @@ impl Effective {
                     (Some(value), Origin::from_raw(raw.origin))
                 }
                 _ => match derived_default(config, id) {
-                    Some(v) => (Some(v), Origin::Default),
+                    Some(v) => (Some(v), Origin::Derived),
                     None => (None, Origin::Unset),
                 },
             };
@@ -151,7 +173,7 @@ impl Effective {
                 value,
                 origin,
                 secret,
-                numeric,
+                kind,
             });
         }
         let config_file = src
@@ -228,10 +250,10 @@ impl Effective {
                     let _ = writeln!(out, "# {} set [{}], not printed", s.key, s.origin.as_str());
                 }
                 Some(v) => {
-                    let literal = if s.numeric && v.parse::<f64>().is_ok() {
-                        v.clone()
-                    } else {
-                        toml::Value::String(v.clone()).to_string()
+                    let literal = match s.kind {
+                        Kind::Number if v.parse::<f64>().is_ok() => v.clone(),
+                        Kind::Bool if v == "true" || v == "false" => v.clone(),
+                        _ => toml::Value::String(v.clone()).to_string(),
                     };
                     let _ = writeln!(out, "{} = {literal} # {}", s.key, s.origin.as_str());
                 }
@@ -242,23 +264,30 @@ impl Effective {
 }
 
 /// Defaults computed from other settings (no fixed default for clap to report): the value the
-/// configuration ended up with.
+/// configuration runs with. `None` only where the setting really is off (no rate limit: no
+/// burst either).
 fn derived_default(config: &Config, id: &str) -> Option<String> {
     match id {
         "admin_listen" => Some(config.admin_listen.to_string()),
         "max_object_bytes" => Some(format_size(config.max_object_bytes)),
+        "upstream_max_in_flight_per_token" => Some(config.per_token_in_flight().to_string()),
+        "rate_limit_burst" => config.rate_limit().map(|(_, burst)| burst.to_string()),
         _ => None,
     }
 }
 
-/// `4194304` → `4MiB`: sizes as an operator writes them, exact.
+/// `4194304` → `4MiB`: sizes as an operator writes them, exact (`1000B` when no binary unit
+/// divides it: a bare number is not a size).
 fn format_size(bytes: u64) -> String {
     for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
         if bytes != 0 && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
-    bytes.to_string()
+    if bytes == 0 {
+        return "0".into();
+    }
+    format!("{bytes}B")
 }
 
 /// `redis://user:secret@host` → `redis://user:***@host`: URLs may carry a password.
@@ -370,10 +399,115 @@ mod tests {
         let s = setting(&l.effective, "max_object_bytes");
         assert_eq!(
             (s.value.as_deref(), s.origin),
-            (Some("1MiB"), Origin::Default)
+            (Some("1MiB"), Origin::Derived)
         );
-        assert_eq!(format_size(1000), "1000");
+        assert!(
+            l.effective
+                .to_line()
+                .contains("max_object_bytes=1MiB [default (derived)]"),
+            "{}",
+            l.effective.to_line()
+        );
+        // The per-token share follows --upstream-max-in-flight (a quarter); the burst follows
+        // the rate (its per-second value) and is unset only when there is no rate limit.
+        let s = setting(&l.effective, "upstream_max_in_flight_per_token");
+        assert_eq!(
+            (s.value.as_deref(), s.origin),
+            (Some("64"), Origin::Derived)
+        );
+        let s = setting(&l.effective, "rate_limit_burst");
+        assert_eq!((s.value.as_deref(), s.origin), (None, Origin::Unset));
+        let l = load(&[
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--upstream-max-in-flight",
+            "40",
+            "--rate-limit-per-token",
+            "600/m",
+        ]);
+        let s = setting(&l.effective, "upstream_max_in_flight_per_token");
+        assert_eq!(
+            (s.value.as_deref(), s.origin),
+            (Some("10"), Origin::Derived)
+        );
+        let s = setting(&l.effective, "rate_limit_burst");
+        assert_eq!(
+            (s.value.as_deref(), s.origin),
+            (Some("10"), Origin::Derived)
+        );
+        assert_eq!(
+            l.config.rate_limit().map(|(_, b)| b),
+            Some(10),
+            "the value shown is the one in use"
+        );
+        assert_eq!(format_size(1000), "1000B");
+        assert_eq!(format_size(0), "0");
         assert_eq!(format_size(3 << 30), "3GiB");
+    }
+
+    /// `--print-config`'s output, fed back as `--config`, runs the same configuration, with
+    /// TOML types a person would write (booleans and numbers unquoted).
+    #[test]
+    fn print_config_output_loads_as_the_same_configuration() {
+        let dir = std::env::temp_dir().join(format!("cwc-roundtrip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = load(&[
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--cache-ttl",
+            "5s",
+            "--cache-max-bytes",
+            "3000B",
+            "--webhook-allow-query-secret",
+            "--rate-limit-per-token",
+            "20/s",
+            "--breaker-failure-ratio",
+            "0.25",
+            "--refresh-ahead",
+            "0",
+            "--trusted-proxies",
+            "10.0.0.0/8",
+            "--log-format",
+            "json",
+        ]);
+        let printed = first.effective.to_toml();
+        for line in [
+            "webhook_allow_query_secret = true # flag",
+            "breaker_failure_ratio = 0.25 # flag",
+            "upstream_max_in_flight = 256 # default",
+            "upstream_max_in_flight_per_token = 64 # default (derived)",
+            "rate_limit_burst = 20 # default (derived)",
+            "cache_max_bytes = \"3000B\" # flag",
+            "max_object_bytes = \"187B\" # default (derived)",
+        ] {
+            assert!(printed.contains(line), "{line:?} not in\n{printed}");
+        }
+        let path = dir.join("printed.toml");
+        std::fs::write(&path, &printed).unwrap();
+        let second = load(&["--config", path.to_str().unwrap()]);
+        // Same values, setting by setting (the sources differ: now all from the file).
+        let values = |e: &Effective| -> Vec<(String, Option<String>)> {
+            e.settings
+                .iter()
+                .map(|s| (s.key.clone(), s.value.clone()))
+                .collect()
+        };
+        assert_eq!(values(&second.effective), values(&first.effective));
+        assert!(second.config.webhook_allow_query_secret);
+        assert_eq!(
+            second.config.max_object_bytes,
+            first.config.max_object_bytes
+        );
+        assert_eq!(second.config.rate_limit().map(|(_, b)| b), Some(20));
+        // And printing it again gives the same file but for the sources.
+        let strip = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.rsplit_once(" # ").map_or(l, |(v, _)| v).to_string())
+                .collect()
+        };
+        assert_eq!(strip(&second.effective.to_toml()), strip(&printed));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -545,7 +545,7 @@ impl Proxy {
                 return oversized(body, headers);
             }
             Err(Collect::Timeout) => {
-                let e = UpstreamError::Timeout;
+                let e = UpstreamError::Timeout(crate::upstream::TimeoutPhase::ResponseBody);
                 failed(e.fwd_status());
                 if let Some(c) = completion {
                     c.finish(Err(&e));

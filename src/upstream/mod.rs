@@ -44,8 +44,10 @@ use pool::{Pool, PoolError, PooledBody};
 pub enum UpstreamError {
     #[error("connect failed: {0}")]
     Connect(String),
-    #[error("upstream timed out")]
-    Timeout,
+    /// `--upstream-timeout` ran out; the phase says whether the upstream never answered or
+    /// stalled in the middle of its body (a connect timeout is a [`UpstreamError::Connect`]).
+    #[error("upstream timed out {0} (--upstream-timeout)")]
+    Timeout(TimeoutPhase),
     #[error("invalid upstream response: {0}")]
     BadResponse(String),
     #[error("shed: no upstream slot within the queue timeout")]
@@ -63,12 +65,31 @@ pub enum UpstreamError {
     ClientAborted,
 }
 
+/// Where in an exchange `--upstream-timeout` ran out (logged, so an operator can tell a hung
+/// upstream from a slow download).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    /// The request went out (or was going out); no response head came back.
+    ResponseHead,
+    /// The response head came; its body stalled.
+    ResponseBody,
+}
+
+impl std::fmt::Display for TimeoutPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutPhase::ResponseHead => "waiting for the response headers",
+            TimeoutPhase::ResponseBody => "reading the response body",
+        })
+    }
+}
+
 impl UpstreamError {
     /// The local answer SPEC §4/§6 assigns.
     pub fn to_local(&self) -> LocalError {
         match self {
             UpstreamError::Connect(_) | UpstreamError::BadResponse(_) => LocalError::BadGateway,
-            UpstreamError::Timeout => LocalError::Timeout,
+            UpstreamError::Timeout(_) => LocalError::Timeout,
             UpstreamError::ClientAborted => LocalError::RequestTimeout,
             UpstreamError::Shed | UpstreamError::TokenQuota => {
                 LocalError::Unavailable { retry_after: 1 }
@@ -308,7 +329,7 @@ async fn await_response(
                     Some(p) if p.last() + timeout > Instant::now() => {
                         deadline = p.last() + timeout;
                     }
-                    _ => return Err(UpstreamError::Timeout),
+                    _ => return Err(UpstreamError::Timeout(TimeoutPhase::ResponseHead)),
                 }
             }
         }
@@ -340,10 +361,14 @@ pub struct Dial {
     pub client_cert_not_after: Option<i64>,
 }
 
-/// The connect deadline elapsed.
+/// The connect deadline elapsed: in the TCP connect, or for `https://` in it or the TLS
+/// handshake (one deadline covers both).
 #[derive(Debug, thiserror::Error)]
-#[error("connect timed out after {0:?}")]
-pub struct ConnectTimeout(Duration);
+#[error("{phase} timed out after {timeout:?} (--upstream-connect-timeout)")]
+pub struct ConnectTimeout {
+    phase: &'static str,
+    timeout: Duration,
+}
 
 type ConnectFuture =
     Pin<Box<dyn Future<Output = Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>> + Send>>;
@@ -360,12 +385,17 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let dial = self.dial.load();
+        let phase = if uri.scheme_str() == Some("https") {
+            "TCP connect or TLS handshake"
+        } else {
+            "TCP connect"
+        };
         let fut = dial.https.clone().call(uri);
         let timeout = dial.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r,
-                Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
+                Err(_) => Err(Box::new(ConnectTimeout { phase, timeout }) as BoxError),
             }
         })
     }
