@@ -13,13 +13,13 @@ What it checks:
     the Prometheus Operator kinds (no bundled schema) get a structural check;
   * cross-references: Service/ServiceMonitor/PodMonitor/PDB selectors, named
     ports, probes, the config file mount, Secret keys, HPA target;
-  * the proxy's TOML config (keys = flag names of the product contract, value
+  * the proxy's TOML config (keys = the proxy's flag names, value
     syntax) and the invariants the manifests promise: loopback listener for
     the sidecar, memory limit vs cache_max_bytes, grace period vs preStop +
     shutdown_timeout, the hardened securityContext;
   * every PromQL expression (rules, dashboard, test series) uses only metric
     names from deploy/metrics.txt (plus _bucket/_sum/_count of the two
-    histograms), labels of the contract and valid label values;
+    histograms), the labels the proxy exports and valid label values;
   * the capacity alert's constant equals the overlay's cache_max_bytes;
   * every container has an image; a NetworkPolicy keeps the gateway's admin
     port from every peer but the allowed ones; the upstream URL comes from
@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # Python < 3.11: validate.sh installs tomli
 import yaml
 
 # ---------------------------------------------------------------------------
-# The product contract (SPEC sections 2 and 9)
+# What the proxy accepts and exports (its flags, metrics and labels)
 # ---------------------------------------------------------------------------
 
 # --flag-name -> kind of value. TOML key = flag name with "_" for "-".
@@ -107,7 +107,7 @@ ENV_PREFIX = "CHATWOOT_CACHE_"
 PROXY_CONTAINER = "chatwoot-cache"
 PROXY_UID = 65532
 
-# metric -> labels (SPEC section 9); names are cross-checked with metrics.txt.
+# metric -> labels; names are cross-checked with metrics.txt.
 METRIC_LABELS = {
     "chatwoot_cache_requests_total": {"route", "cache", "status"},
     "chatwoot_cache_request_duration_seconds": {"route", "cache"},
@@ -126,7 +126,7 @@ METRIC_LABELS = {
     "chatwoot_cache_auth_rejections_total": {"reason"},
     "chatwoot_cache_config_reloads_total": {"result"},
     "chatwoot_cache_tls_cert_expiry_timestamp_seconds": {"listener"},
-    # SPEC 11 (only with --redis-url)
+    # the shared tier (only with --redis-url)
     "chatwoot_cache_redis_up": set(),
     "chatwoot_cache_redis_errors_total": {"op"},
     "chatwoot_cache_redis_duration_seconds": {"op"},
@@ -238,7 +238,7 @@ def tokenize(expr: str) -> list[tuple[str, str]]:
 
 
 def base_metric(name: str, allow: set[str]) -> tuple[str | None, bool]:
-    """(contract metric, is_bucket) for an allowed series name, else (None, False)."""
+    """(exported metric, is_bucket) for an allowed series name, else (None, False)."""
     if name in allow:
         return name, False
     for suffix in ("_bucket", "_sum", "_count"):
@@ -279,7 +279,7 @@ def check_matcher(where: str, metric: str | None, is_bucket: bool, label: str, o
 
 
 def check_promql(where: str, expr: str, allow: set[str]) -> set[str]:
-    """Checks one expression; returns the contract metrics it uses."""
+    """Checks one expression; returns the exported metrics it uses."""
     used: set[str] = set()
     try:
         toks = tokenize(expr)
