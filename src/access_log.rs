@@ -33,6 +33,9 @@ pub struct AccessGuard {
     metrics: Arc<Metrics>,
     /// The client connection's request accounting (see [`crate::client_io`]).
     activity: Arc<Activity>,
+    /// The request already left the connection's in-flight count (see
+    /// [`AccessGuard::handed_piece`]).
+    left_flight: bool,
     done: bool,
 }
 
@@ -57,6 +60,7 @@ impl AccessGuard {
             start,
             metrics,
             activity,
+            left_flight: false,
             done: false,
         }
     }
@@ -71,6 +75,18 @@ impl AccessGuard {
         self.status = status;
         self.cache = cache;
         self.upstream_status = upstream_status;
+    }
+
+    /// A piece of an in-memory h2 body was handed over at `now`: the first ends the request for
+    /// the connection's idle deadline (nothing upstream is held, and a zero window must not
+    /// keep the connection), every one moves that deadline on (the client is reading).
+    pub fn handed_piece(&mut self, now: Instant) {
+        if self.left_flight {
+            self.activity.progressed(now);
+        } else {
+            self.left_flight = true;
+            self.activity.request_ended(now);
+        }
     }
 
     /// Writes the log line and the request metrics (once).
@@ -88,7 +104,9 @@ impl AccessGuard {
             // The connection is a tunnel now: its bytes are not request heads.
             self.activity.exempt();
         }
-        self.activity.request_ended(self.start + elapsed);
+        if !self.left_flight {
+            self.activity.request_ended(self.start + elapsed);
+        }
         self.metrics
             .observe_request(self.route, self.cache, self.status, elapsed.as_secs_f64());
         let Some(request) = &self.request else {

@@ -45,6 +45,12 @@ pub struct ResponseBody {
 
 enum Kind {
     Full(Option<Bytes>),
+    /// An in-memory body on an h2 stream, larger than one piece, handed over a piece per poll
+    /// (see [`crate::client_io::Activity::piece`]). The request leaves the connection's
+    /// in-flight count at the first piece, as a [`Kind::Full`] one does (a zero window never
+    /// lets hyper poll again, and the idle deadline must run); every later piece moves the
+    /// idle deadline, so a client that keeps reading keeps its connection.
+    Paced(Bytes),
     /// Boxed: every response (hits included) is moved several times on its way to hyper,
     /// and the streamed variant is three times the size of the in-memory one.
     Upstream(Box<UpstreamBody>),
@@ -64,10 +70,16 @@ pub struct Watched {
     /// out); `u64::MAX` while the body waits on the upstream instead (whose own deadline runs).
     handed_ms: AtomicU64,
     base: Instant,
+    /// Bytes handed to hyper per poll at most (see [`crate::client_io::Activity::piece`]):
+    /// an upstream frame can be hundreds of KiB, and a reader is seen to progress only when
+    /// hyper polls for more.
+    piece: usize,
 }
 
 struct WatchedState {
     body: Box<UpstreamBody>,
+    /// The rest of an upstream frame larger than one piece, not yet handed over.
+    rest: Bytes,
     guard: Option<AccessGuard>,
 }
 
@@ -90,7 +102,25 @@ impl Watched {
         let Some(state) = slot.as_mut() else {
             return Poll::Ready(Some(Err(Box::new(ResponseAbandoned))));
         };
-        let res = Pin::new(&mut *state.body).poll_frame(cx);
+        let res = if state.rest.is_empty() {
+            match Pin::new(&mut *state.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(match frame.into_data() {
+                    Ok(mut data) => {
+                        if data.len() > self.piece {
+                            state.rest = data.split_off(self.piece);
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => frame,
+                }))),
+                other => other,
+            }
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(next_piece(
+                &mut state.rest,
+                self.piece,
+            )))))
+        };
         let handed = match &res {
             Poll::Ready(Some(Ok(_))) => {
                 u64::try_from(self.base.elapsed().as_millis()).unwrap_or(NOT_HANDED - 1)
@@ -119,7 +149,7 @@ impl Watched {
         let Some(state) = self.lock().take() else {
             return;
         };
-        let complete = state.body.is_end_stream();
+        let complete = state.rest.is_empty() && state.body.is_end_stream();
         drop(state.body);
         if let Some(g) = state.guard {
             g.finish(complete);
@@ -187,6 +217,41 @@ impl ResponseBody {
         self.guard = Some(guard);
     }
 
+    /// For a response on an h2 stream (called after [`ResponseBody::set_guard`]): a streamed
+    /// body is watched for a stalled reader ([`ResponseBody::watch_stalls`]), an in-memory one
+    /// larger than a piece is paced ([`Kind::Paced`]). A HIT's body of one piece or less (the
+    /// common case) is left as it is.
+    pub fn for_h2(&mut self) {
+        match &mut self.kind {
+            Kind::Full(Some(b))
+                if self
+                    .guard
+                    .as_ref()
+                    .is_some_and(|g| b.len() > g.activity().piece()) =>
+            {
+                self.kind = Kind::Paced(std::mem::take(b));
+            }
+            Kind::Upstream(_) => self.watch_stalls(),
+            _ => {}
+        }
+    }
+
+    /// A HEAD answer carries no body (hyper drops it on HTTP/1.1, not on h2): empties it and
+    /// states the GET body's length instead, unless the answer already did.
+    pub fn strip_for_head(response: &mut http::Response<ResponseBody>) {
+        let body = response.body_mut();
+        let Kind::Full(b) = &mut body.kind else {
+            return;
+        };
+        let Some(len) = b.take().map(|b| b.len()) else {
+            return;
+        };
+        response
+            .headers_mut()
+            .entry(http::header::CONTENT_LENGTH)
+            .or_insert_with(|| http::HeaderValue::from(len));
+    }
+
     /// For a streamed body on an h2 stream (called after [`ResponseBody::set_guard`]): hands
     /// the body and its guard to the connection's deadline keeper (see [`Watched`]). Other
     /// bodies are left as they are; only responses that needed the upstream come here, never a
@@ -206,12 +271,14 @@ impl ResponseBody {
         let watched = Arc::new(Watched {
             state: std::sync::Mutex::new(Some(WatchedState {
                 body,
+                rest: Bytes::new(),
                 guard: Some(guard),
             })),
             // Handed over now: hyper polls an h2 body only once the client's window has room,
             // so a client that opened the stream with a zero window never gets a first poll.
             handed_ms: AtomicU64::new(0),
             base,
+            piece: activity.piece(),
         });
         let weak: std::sync::Weak<dyn crate::client_io::Stalled> = Arc::downgrade(&watched) as _;
         activity.watch(weak);
@@ -244,6 +311,20 @@ impl Body for ResponseBody {
                 this.finish(true);
                 return Poll::Ready(frame);
             }
+            Kind::Paced(rest) => {
+                if rest.is_empty() {
+                    return Poll::Ready(None);
+                }
+                let Some(guard) = this.guard.as_mut() else {
+                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(rest)))));
+                };
+                let piece = next_piece(rest, guard.activity().piece());
+                guard.handed_piece(Instant::now());
+                if rest.is_empty() {
+                    this.finish(true);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
             Kind::Upstream(u) => Pin::new(&mut **u).poll_frame(cx),
             Kind::Watched(w) => return w.poll_frame(cx),
         };
@@ -258,8 +339,12 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
+            Kind::Paced(rest) => rest.is_empty(),
             Kind::Upstream(u) => u.is_end_stream(),
-            Kind::Watched(w) => w.lock().as_ref().is_some_and(|s| s.body.is_end_stream()),
+            Kind::Watched(w) => w
+                .lock()
+                .as_ref()
+                .is_some_and(|s| s.rest.is_empty() && s.body.is_end_stream()),
         }
     }
 
@@ -267,11 +352,11 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Paced(rest) => SizeHint::with_exact(rest.len() as u64),
             Kind::Upstream(u) => u.size_hint(),
-            Kind::Watched(w) => w
-                .lock()
-                .as_ref()
-                .map_or_else(SizeHint::default, |s| s.body.size_hint()),
+            Kind::Watched(w) => w.lock().as_ref().map_or_else(SizeHint::default, |s| {
+                add_to_hint(s.body.size_hint(), s.rest.len())
+            }),
         }
     }
 }
@@ -281,6 +366,7 @@ impl Drop for ResponseBody {
         // Dropped before the end: the client went away (or hyper discarded a HEAD body).
         let complete = match &self.kind {
             Kind::Full(b) => b.is_none(),
+            Kind::Paced(rest) => rest.is_empty(),
             Kind::Upstream(u) => u.is_end_stream(),
             Kind::Watched(w) => {
                 w.release();
@@ -369,16 +455,30 @@ impl Body for UpstreamBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        if let Some(p) = &self.prefix {
-            let n = p.len() as u64;
-            // Raise the upper bound first: SizeHint panics if lower ever exceeds upper.
-            if let Some(u) = hint.upper() {
-                hint.set_upper(u.saturating_add(n));
-            }
-            hint.set_lower(hint.lower().saturating_add(n));
-        }
-        hint
+        add_to_hint(
+            self.inner.size_hint(),
+            self.prefix.as_ref().map_or(0, Bytes::len),
+        )
+    }
+}
+
+/// `hint` plus `n` bytes known to come first.
+fn add_to_hint(mut hint: SizeHint, n: usize) -> SizeHint {
+    let n = n as u64;
+    // Raise the upper bound first: SizeHint panics if lower ever exceeds upper.
+    if let Some(u) = hint.upper() {
+        hint.set_upper(u.saturating_add(n));
+    }
+    hint.set_lower(hint.lower().saturating_add(n));
+    hint
+}
+
+/// The next at most `piece` bytes of `rest`, without copying.
+fn next_piece(rest: &mut Bytes, piece: usize) -> Bytes {
+    if rest.len() > piece {
+        rest.split_to(piece)
+    } else {
+        std::mem::take(rest)
     }
 }
 
@@ -439,6 +539,10 @@ pub enum RequestBody {
 /// the first window; so does a trickle (one byte every 14 s would otherwise hold an upstream
 /// slot for as long as it likes), while any real uplink passes.
 pub const MIN_UPLOAD_RATE: u64 = 500;
+
+/// The least an h2 client must read a response at, in bytes per second, to be told from one
+/// that stopped: the same as an upload's (see [`crate::client_io::Activity::piece`]).
+pub const MIN_READ_RATE: u64 = MIN_UPLOAD_RATE;
 
 /// Time spent waiting on the client, and bytes received, in the current window. Time the
 /// upstream spent not reading (backpressure) is not the client's and is not counted.

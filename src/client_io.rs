@@ -24,11 +24,14 @@
 //! while its connection stays busy; no socket write blocks, so no write deadline sees it. The
 //! head timer, which fires about once per limit while requests are in flight, also abandons
 //! every streamed response of the connection whose client has left it waiting for the limit
-//! ([`Stalled`]): within one to two limits, its upstream slot is free.
+//! ([`Stalled`]): within one to two limits, its upstream slot is free. A poll for more body is
+//! the only sign that a client is reading a stream, so h2 bodies are handed over in pieces
+//! small enough for a reader of [`crate::body::MIN_READ_RATE`] to take within the limit
+//! ([`Activity::piece`]); an in-memory body's pieces move the idle deadline on.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -49,7 +52,14 @@ pub struct Activity {
     /// Streamed h2 responses: they wait on the client's flow control, which no write deadline
     /// sees (see [`Stalled`]).
     watched: Mutex<Vec<Weak<dyn Stalled>>>,
+    /// The most an h2 response body hands hyper per poll (see [`Activity::piece`]).
+    piece: AtomicUsize,
 }
+
+/// Largest piece of an h2 response body handed to hyper at once: h2's default frame size.
+pub const MAX_PIECE: usize = 16 * 1024;
+/// Smallest piece: below this, polls would cost more than the bytes.
+const MIN_PIECE: usize = 1024;
 
 /// A response streamed on an h2 connection. h2 flow control lets a client stop reading one
 /// stream (a zero window) while the connection stays busy, and hyper then stops polling that
@@ -70,7 +80,33 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             exempt: AtomicBool::new(false),
             watched: Mutex::new(Vec::new()),
+            piece: AtomicUsize::new(MAX_PIECE),
         })
+    }
+
+    /// How much of an h2 response body to hand hyper per poll. hyper polls an h2 body again
+    /// only once the client's window has let the previous piece out, and a poll is the only
+    /// sign of a stream's progress the proxy gets (the connection may be busy with others).
+    /// So each piece must be small enough for an honest reader to take within the stalled-
+    /// reader deadline: [`crate::body::MIN_READ_RATE`] times `--client-header-timeout`, at
+    /// most [`MAX_PIECE`]. A client reading slower than that is taken for a stalled one.
+    pub fn piece(&self) -> usize {
+        self.piece.load(Ordering::Relaxed)
+    }
+
+    fn set_limit(&self, limit: Duration) {
+        let piece = (crate::body::MIN_READ_RATE as f64 * limit.as_secs_f64()) as usize;
+        self.piece
+            .store(piece.clamp(MIN_PIECE, MAX_PIECE), Ordering::Relaxed);
+    }
+
+    /// An h2 body handed the connection another piece at `at`: its client is reading, so the
+    /// idle deadline counts from here (an in-memory answer is no request in flight once its
+    /// first piece is handed over, see [`crate::body::ResponseBody`]).
+    pub fn progressed(&self, at: Instant) {
+        let ms =
+            u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
+        self.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
     /// Registers a streamed h2 response for [`Stalled::reap`].
@@ -174,6 +210,7 @@ impl<S> ClientIo<S> {
         activity: Arc<Activity>,
         head_limit: Duration,
     ) -> Self {
+        activity.set_limit(head_limit);
         ClientIo {
             inner,
             write_limit,

@@ -203,6 +203,7 @@ async fn h2_zero_window_streams_release_their_slots() {
 async fn a_zero_window_on_in_memory_answers_does_not_keep_the_connection() {
     let fake = FakeChatwoot::start().await;
     let proxy = start(&fake, 4, |_| {}).await;
+    fake.set_padding(1, 42, 6000);
     assert_eq!(conv(&proxy, 1, 42, "admin-token").await.status, 200);
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -234,6 +235,126 @@ async fn a_zero_window_on_in_memory_answers_does_not_keep_the_connection() {
         "the connection with only unsendable in-memory answers is closed"
     );
     drop((sender, answers));
+}
+
+/// An h2c client whose streams open with a `window`-byte flow-control window: it can take
+/// at most that much of a body before it reads (and so releases) some.
+async fn h2_client(
+    proxy: &ProxyHandle,
+    window: u32,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// GETs `path` on a new h2 connection with a 1 KiB window, reading one frame (so at most
+/// 1 KiB) per `pause`: a slow but steady reader. Returns the status, the bytes read and the
+/// error that cut the body off, if one did.
+async fn read_steadily(
+    proxy: &ProxyHandle,
+    path: &str,
+    token: Option<&str>,
+    pause: Duration,
+) -> (u16, usize, Option<String>) {
+    let mut sender = h2_client(proxy, 1024).await;
+    sender.ready().await.unwrap();
+    let mut req = http::Request::get(format!("http://{}{path}", proxy.addr));
+    if let Some(t) = token {
+        req = req.header("api_access_token", t);
+    }
+    let resp = sender
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => got += f.into_data().map_or(0, |d| d.len()),
+            Err(e) => return (status, got, Some(e.to_string())),
+        }
+        tokio::time::sleep(pause).await;
+    }
+    (status, got, None)
+}
+
+/// h2 clients that read slowly but steadily through a 1 KiB window, for twice the stalled-
+/// reader deadline and more, get whole bodies: a 9 KB cache HIT (before: its connection was
+/// closed at the idle deadline, the request having ended when hyper took the whole body) and
+/// a 32 KiB pass-through body the upstream sends in one frame (before: abandoned, hyper polling
+/// for more only once the client had taken the whole frame). The proxy hands h2 bodies over
+/// in pieces an honest reader takes well within the deadline; zero-window clients are still
+/// cut off (the tests above).
+#[tokio::test]
+async fn steady_h2_readers_with_a_small_window_get_whole_bodies() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start(&fake, 4, |_| {}).await;
+    fake.set_padding(1, 42, 6000);
+    assert_eq!(conv(&proxy, 1, 42, "admin-token").await.status, 200);
+    let started = Instant::now();
+    let (hit, pass) = tokio::join!(
+        read_steadily(
+            &proxy,
+            "/api/v1/accounts/1/conversations/42",
+            Some("admin-token"),
+            ms(500),
+        ),
+        read_steadily(
+            &proxy,
+            "/stream?chunks=1&size=32768&delay_ms=0",
+            None,
+            ms(250),
+        ),
+    );
+    eprintln!(
+        "steady 1 KiB-window readers: HIT {hit:?}, pass-through {pass:?} of 32768 B, {:?}",
+        started.elapsed()
+    );
+    // The identity form (this client asks for no gzip), about 9 KB.
+    assert_eq!((hit.0, &hit.2), (200, &None), "the HIT is read whole");
+    assert!(hit.1 > 6 * 1024, "a body several windows long: {}", hit.1);
+    assert_eq!(
+        pass,
+        (200, 32768, None),
+        "the pass-through body is read whole"
+    );
+    assert!(
+        started.elapsed() > 2 * LIMIT,
+        "the reads outlasted the deadline"
+    );
+}
+
+/// HEAD over h2 gets no body, a local answer included (hyper strips HEAD bodies on HTTP/1.1
+/// only; before, the 401's JSON went out as DATA, a protocol error for the client).
+#[tokio::test]
+async fn head_over_h2_gets_no_body() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start(&fake, 4, |_| {}).await;
+    let get = get(&proxy.url("/api/v1/profile"), None).await;
+    assert_eq!(get.status, 401);
+    let mut sender = h2_client(&proxy, 65_535).await;
+    for path in ["/api/v1/profile", "/api/v1/accounts/1/conversations/42"] {
+        sender.ready().await.unwrap();
+        let req = http::Request::head(format!("http://{}{path}", proxy.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        let len = resp.headers().get("content-length").cloned();
+        let body = resp.into_body().collect().await;
+        let body = body.unwrap_or_else(|e| panic!("{path}: {e}")).to_bytes();
+        assert!(body.is_empty(), "{path}: {body:?}");
+        if path == "/api/v1/profile" {
+            assert_eq!(len.unwrap(), get.body.len().to_string().as_str());
+        }
+    }
 }
 
 /// Sends a request head for an upload of `len` bytes to `/upload` on a new connection.

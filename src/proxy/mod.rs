@@ -133,7 +133,7 @@ impl Future for Handled {
 
 /// Stamps `X-Cache` on the answer and hands the access-log guard to its body, which fires it
 /// when the response has really ended.
-fn finish(answer: Answer, mut guard: AccessGuard) -> Response<ResponseBody> {
+fn finish(answer: Answer, mut guard: AccessGuard, how: Delivery) -> Response<ResponseBody> {
     let Answer {
         mut response,
         cache,
@@ -147,19 +147,34 @@ fn finish(answer: Answer, mut guard: AccessGuard) -> Response<ResponseBody> {
         None,
     );
     guard.answered(response.status().as_u16(), cache, upstream_status);
+    if how.head {
+        ResponseBody::strip_for_head(&mut response);
+    }
     response.body_mut().set_guard(guard);
+    if how.h2 {
+        response.body_mut().for_h2();
+    }
     response
 }
 
-/// [`finish`] for an answer that needed the upstream: on h2, a streamed body is also watched
-/// for a client that stops reading it (see [`crate::body::Watched`]); HTTP/1.1's write
-/// deadline covers that case already.
-fn finish_streamed(answer: Answer, guard: AccessGuard, h2: bool) -> Response<ResponseBody> {
-    let mut response = finish(answer, guard);
-    if h2 {
-        response.body_mut().watch_stalls();
+/// How an answer travels to its client.
+#[derive(Clone, Copy)]
+struct Delivery {
+    /// On h2, a streamed body is watched for a client that stops reading it and an in-memory
+    /// one is handed over in pieces (see [`ResponseBody::for_h2`]); HTTP/1.1's write deadline
+    /// covers a reader that stops.
+    h2: bool,
+    /// A HEAD request: no body, whatever the answer (hyper strips it only on HTTP/1.1).
+    head: bool,
+}
+
+impl Delivery {
+    fn of<B>(req: &Request<B>) -> Delivery {
+        Delivery {
+            h2: req.version() == http::Version::HTTP_2,
+            head: req.method() == http::Method::HEAD,
+        }
     }
-    response
 }
 
 /// What a handler produced, before the access-log guard is attached.
@@ -302,21 +317,25 @@ impl Proxy {
             conn.activity.clone(),
         );
         match self.decide(route, &req, client, conn, start) {
-            Next::Answer(answer) => Handled::Ready(std::future::ready(finish(answer, guard))),
+            Next::Answer(answer) => Handled::Ready(std::future::ready(finish(
+                answer,
+                guard,
+                Delivery::of(&req),
+            ))),
             Next::Forward { scope } => {
                 let proxy = self.clone();
-                let h2 = req.version() == http::Version::HTTP_2;
+                let how = Delivery::of(&req);
                 Handled::Upstream(Box::pin(async move {
                     let answer = proxy.forward(req, client, route, scope).await;
-                    finish_streamed(answer, guard, h2)
+                    finish(answer, guard, how)
                 }))
             }
             Next::Fetch { key, stored } => {
                 let proxy = self.clone();
-                let h2 = req.version() == http::Version::HTTP_2;
+                let how = Delivery::of(&req);
                 Handled::Upstream(Box::pin(async move {
                     let answer = proxy.conversation_upstream(key, req, client, stored).await;
-                    finish_streamed(answer, guard, h2)
+                    finish(answer, guard, how)
                 }))
             }
         }

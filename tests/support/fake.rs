@@ -670,17 +670,20 @@ async fn echo(req: Request<Incoming>) -> Response<FakeBody> {
 fn stream(query: &str) -> Response<FakeBody> {
     let mut chunks = 5usize;
     let mut delay_ms = 100u64;
+    let mut size = 1024usize;
     for pair in query.split('&') {
         match pair.split_once('=') {
             Some(("chunks", v)) => chunks = v.parse().unwrap_or(5),
             Some(("delay_ms", v)) => delay_ms = v.parse().unwrap_or(100),
+            // Bytes per chunk (at least 4, the chunk's number).
+            Some(("size", v)) => size = v.parse::<usize>().unwrap_or(1024).max(4),
             _ => {}
         }
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
     tokio::spawn(async move {
         for i in 0..chunks {
-            let chunk = Bytes::from(format!("{:04}{}", i, "x".repeat(1020)));
+            let chunk = Bytes::from(format!("{:04}{}", i, "x".repeat(size - 4)));
             if tx.send(Ok(Frame::data(chunk))).await.is_err() {
                 return;
             }
