@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per request of chatwoot-cache under load, counted by valgrind's callgrind.
 #
-#   bash benches/callgrind.sh [hit|hit-gzip|hit-plain|hit-due|hit-redis|miss|floor|both|all|fairness]
+#   bash benches/callgrind.sh [hit|hit-gzip|hit-plain|hit-due|hit-redis|miss|fill|fill-gzip|floor|both|all|fairness]
 #       (default: both = hit miss; all = hit hit-gzip hit-redis miss floor;
 #       fairness = hit-plain hit hit-due)
 #
@@ -20,10 +20,13 @@
 # refresh ever runs during the count); `hit` has the defaults (fair slots on, refresh-ahead
 # 0.8, not yet due). `hit-redis` is `hit` with the shared tier on (--redis-url to a
 # redis-server of the script's own): an L1 hit must cost what it costs without Redis.
-# Valgrind hides SHA-NI, so the HMAC and the
+# `fill` and `fill-gzip` are the stored miss (SPEC 14's cold fill: fetch, JSON check, digest,
+# compression, insert) of identity and gzip clients: `bench_origin walk` over FILL_TOKENS
+# (default 20) x 100 distinct conversations of account 1, after a warm-up walk over account 2;
+# counted while the walk runs. Valgrind hides SHA-NI, so the HMAC and the
 # SHA-256 ETag weigh more here than on the real CPU.
 #
-# Environment: SECONDS_MEASURED (5), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1,
+# Environment: SECONDS_MEASURED (5), FILL_TOKENS (20), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1,
 # BENCH_KEEP_WORK=1 (keep the callgrind.out files; inspect with callgrind_annotate).
 set -euo pipefail
 
@@ -95,14 +98,27 @@ for mode in $MODES; do
         curl -s -o /dev/null --max-time 1 "$ready_url" && break
         sleep 0.2
     done
-    log "$mode: warming (2 s), then counting for ${SECS}s"
-    BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
-    [[ $mode == floor ]] || before=$(requests_total "$ADMIN_PORT")
-    up_before=$(origin_count "$ORIGIN_PORT")
-    callgrind_control -i on "$VG_PID" >/dev/null
-    BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
-        "http://127.0.0.1:$PROXY_PORT" >"$WORK/wrk.$mode.txt"
-    callgrind_control -i off "$VG_PID" >/dev/null
+    if [[ $mode == fill* ]]; then
+        walk=("$ORIGIN_BIN" walk --base "http://127.0.0.1:$PROXY_PORT" --tokens "${FILL_TOKENS:-20}"
+            --convs 100 --concurrency 16)
+        [[ $mode == fill-gzip ]] && walk+=(--accept-encoding gzip)
+        log "$mode: warming (account 2), then counting stored misses (account 1)"
+        "${walk[@]}" --account 2 >/dev/null
+        before=$(requests_total "$ADMIN_PORT")
+        up_before=$(origin_count "$ORIGIN_PORT")
+        callgrind_control -i on "$VG_PID" >/dev/null
+        "${walk[@]}" --account 1 >"$WORK/walk.$mode.txt"
+        callgrind_control -i off "$VG_PID" >/dev/null
+    else
+        log "$mode: warming (2 s), then counting for ${SECS}s"
+        BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c8 -d2s -s "$LOAD_DIR/wrk.lua" "http://127.0.0.1:$PROXY_PORT" >/dev/null
+        [[ $mode == floor ]] || before=$(requests_total "$ADMIN_PORT")
+        up_before=$(origin_count "$ORIGIN_PORT")
+        callgrind_control -i on "$VG_PID" >/dev/null
+        BENCH_MODE=$wrk_mode BENCH_ACCEPT_ENCODING=$accept wrk -t1 -c16 -d"${SECS}s" -s "$LOAD_DIR/wrk.lua" \
+            "http://127.0.0.1:$PROXY_PORT" >"$WORK/wrk.$mode.txt"
+        callgrind_control -i off "$VG_PID" >/dev/null
+    fi
     up=$(($(origin_count "$ORIGIN_PORT") - up_before))
     if [[ $mode == floor ]]; then
         n=$(grep -o '"requests":[0-9]*' "$WORK/wrk.$mode.txt" | cut -d: -f2)

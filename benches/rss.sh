@@ -13,14 +13,15 @@
 # and its stored_bytes/entries gauges. Prints and writes benches/results/rss-latest.md (one row
 # per fill). Exit code 0 only if every fill's RSS <= 1.25x the bound.
 #
-# Environment: TOKENS (1000), CONVS (100), CACHE_MAX_BYTES (256MiB; bytes or KiB/MiB/GiB),
+# Environment: TOKENS (2000: 200k distinct conversations overfill the default 256 MiB for either
+# kind of client), CONVS (100), CACHE_MAX_BYTES (256MiB; bytes or KiB/MiB/GiB),
 # ENCODINGS ("identity gzip"), BENCH_SKIP_INSTALL=1, BENCH_SKIP_BUILD=1, BENCH_KEEP_WORK=1.
 set -euo pipefail
 
 # shellcheck source=load/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/load/lib.sh"
 
-TOKENS=${TOKENS:-1000}
+TOKENS=${TOKENS:-2000}
 CONVS=${CONVS:-100}
 CACHE_MAX_BYTES=${CACHE_MAX_BYTES:-256MiB}
 ENCODINGS=${ENCODINGS:-identity gzip}

@@ -259,8 +259,9 @@ impl Entry {
         (digest, fields)
     }
 
-    /// The first 128 bits of the identity body's SHA-256 (positive entries): both forms' strong
-    /// ETags derive from it, and a revalidation compares it instead of the bytes.
+    /// The first 128 bits of the stored body's SHA-256 (positive entries; for a gzip entry, of
+    /// the gzip bytes, a deterministic function of the identity bytes): both forms' strong ETags
+    /// derive from it, and a revalidation compares it instead of the bytes.
     pub fn digest(&self) -> Option<[u8; 16]> {
         self.cold().0
     }
@@ -473,8 +474,8 @@ impl Entry {
 }
 
 /// Sets X-Cache, Age and Cache-Status (each when given) and says whether it could do so by
-/// position. A block built by `rules::build_map` starts with a slot for each, in that order
-/// (`rules::RENDER_SLOTS`): those are overwritten without hashing a name. Any other map (a 304,
+/// position. A map rendered from a [`Shape`] starts with a slot for each, in that order
+/// (`head::RENDER_SLOTS`): those are overwritten without hashing a name. Any other map (a 304,
 /// a local error, a forwarded response) gets ordinary inserts, which replace every earlier
 /// value of the name.
 pub fn set_render_slots(
@@ -483,6 +484,20 @@ pub fn set_render_slots(
     age: Option<HeaderValue>,
     cache_status: Option<HeaderValue>,
 ) -> bool {
+    if let (Some(xcache), None, None) = (&xcache, &age, &cache_status) {
+        // Only X-Cache (every answer, `proxy::finish`): its slot leads a rendered entry's map,
+        // so one or two steps decide, instead of checking the whole slot layout.
+        let mut items = headers.iter_mut();
+        if let Some((n0, v0)) = items.next()
+            && *n0 == X_CACHE
+            && items.next().is_none_or(|(n1, _)| *n1 != X_CACHE)
+        {
+            *v0 = xcache.clone();
+            return true;
+        }
+        headers.insert(X_CACHE.clone(), xcache.clone());
+        return false;
+    }
     let mut slots = headers.iter_mut();
     // `iter_mut` yields every value of a name before the next name, so three leading items
     // named X-Cache, Age, Cache-Status followed by another name are exactly one value each.
