@@ -12,7 +12,10 @@
 # conversations, RATE requests/s in all, each request to the next replica in turn), writes
 # (WRITE_RATE/s, random conversation, write-through), and propagation probes (a write through one
 # replica, then reads through the others until they return the new version). Each phase warms
-# for WARMUP_S seconds, then counts for DURATION_S seconds. Output: benches/results/shared-latest.md.
+# for WARMUP_S seconds, then counts for DURATION_S seconds. Two more phases with 3 replicas and
+# Redis put a fault in the counted window, FAULT_AT_S seconds in, for FAULT_S seconds: Redis
+# paused (SIGSTOP, then SIGCONT), and Redis killed (SIGKILL, then a fresh empty redis-server on
+# the same port). Output: benches/results/shared-latest.md.
 #
 # What is reported per phase: hit ratio (X-Cache HIT / requests), answered from a cache (HIT,
 # STALE or REVALIDATED), upstream requests per client request (the origin's conversation GETs
@@ -21,7 +24,8 @@
 # about the shared tier (L2 reads by result, Redis errors, bus messages).
 #
 # Environment: TOKENS (100), CONVS (40), RATE (2000), CONNECTIONS (16), WRITE_RATE (1),
-# PROBERS (32), WARMUP_S (5), DURATION_S (20), CACHE_TTL (10s), BENCH_SKIP_INSTALL=1,
+# PROBERS (32), WARMUP_S (5), DURATION_S (20), CACHE_TTL (10s), FAULT_AT_S (5), FAULT_S (8),
+# BENCH_SKIP_INSTALL=1,
 # BENCH_SKIP_BUILD=1, BENCH_KEEP_WORK=1.
 set -euo pipefail
 
@@ -37,6 +41,8 @@ PROBERS=${PROBERS:-32}
 WARMUP_S=${WARMUP_S:-5}
 DURATION_S=${DURATION_S:-20}
 CACHE_TTL=${CACHE_TTL:-10s}
+FAULT_AT_S=${FAULT_AT_S:-5}
+FAULT_S=${FAULT_S:-8}
 RESULTS_DIR="$BENCH_DIR/results"
 PROBE_ACCOUNT=2
 # The same on every replica (at least 32 bytes); a bench value, not a secret.
@@ -63,13 +69,20 @@ PROXY_PORTS=("${PORTS[2]}" "${PORTS[3]}" "${PORTS[4]}")
 ADMIN_PORTS=("${PORTS[5]}" "${PORTS[6]}" "${PORTS[7]}")
 
 start_origin origin "$ORIGIN_PORT" --probe-account "$PROBE_ACCOUNT"
-start_bg redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-    --maxmemory 256mb --maxmemory-policy allkeys-lru
-for _ in $(seq 100); do
-    [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && break
-    sleep 0.1
-done
-[[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] || die "redis-server did not start (log: $WORK/redis.log)"
+
+REDIS_STARTS=0
+start_redis() {   # (re)starts the redis-server on REDIS_PORT; sets REDIS_PID (its process group)
+    REDIS_STARTS=$((REDIS_STARTS + 1))
+    start_bg "redis-$REDIS_STARTS" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+        --appendonly no --maxmemory 256mb --maxmemory-policy allkeys-lru
+    REDIS_PID=$LAST_PID
+    for _ in $(seq 100); do
+        [[ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && return 0
+        sleep 0.1
+    done
+    die "redis-server did not start (log: $WORK/redis-$REDIS_STARTS.log)"
+}
+start_redis
 
 TTL_MS=$(python3 -c "import sys; v=sys.argv[1]; print(int(float(v[:-2])) if v.endswith('ms') else int(float(v[:-1]) * {'s':1000,'m':60000,'h':3600000}[v[-1]]))" "$CACHE_TTL")
 
@@ -79,10 +92,11 @@ metric_sum() {
         awk -v re="$2" '$0 ~ re && $0 !~ /^#/ {s += $NF} END {printf "%d", s}'
 }
 
-# phase NAME REPLICAS REDIS(0|1) : starts the replicas, runs the load, stops them; appends one
-# JSON line (the load client's, plus the proxies' shared-tier metrics) to $WORK/phases.jsonl.
+# phase NAME REPLICAS REDIS(0|1) [FAULT(pause|kill)] : starts the replicas, runs the load (with
+# the fault in the counted window), stops them; appends one JSON line (the load client's, plus
+# the proxies' shared-tier metrics) to $WORK/phases.jsonl.
 phase() {
-    local name=$1 n=$2 redis=$3 i bases="" pids=() extra=()
+    local name=$1 n=$2 redis=$3 fault=${4:-none} i bases="" pids=() extra=()
     if [[ $redis == 1 ]]; then
         extra=(--redis-url "redis://127.0.0.1:$REDIS_PORT" --scope-secret "$SCOPE_SECRET"
             --redis-key-prefix "bench-$name:")
@@ -103,11 +117,32 @@ phase() {
         done
     fi
     log "phase $name: $n replica(s), Redis $([[ $redis == 1 ]] && echo on || echo off): ${WARMUP_S}s warm-up + ${DURATION_S}s measured"
-    local out
-    out=$("$LOAD_BIN" --bases "$bases" --origin "http://127.0.0.1:$ORIGIN_PORT" --tokens "$TOKENS" \
+    local out load_pid
+    "$LOAD_BIN" --bases "$bases" --origin "http://127.0.0.1:$ORIGIN_PORT" --tokens "$TOKENS" \
         --convs "$CONVS" --rate "$RATE" --connections "$CONNECTIONS" --write-rate "$WRITE_RATE" \
         --probe-account "$PROBE_ACCOUNT" --probers "$PROBERS" --ttl-ms "$TTL_MS" \
-        --warmup-s "$WARMUP_S" --duration-s "$DURATION_S") || die "load client failed in phase $name"
+        --warmup-s "$WARMUP_S" --duration-s "$DURATION_S" >"$WORK/load-$name.json" &
+    load_pid=$!
+    case $fault in
+        pause)
+            sleep $((WARMUP_S + FAULT_AT_S))
+            log "phase $name: Redis paused (SIGSTOP) for ${FAULT_S}s"
+            kill -STOP -- "-$REDIS_PID"
+            sleep "$FAULT_S"
+            kill -CONT -- "-$REDIS_PID"
+            log "phase $name: Redis resumed"
+            ;;
+        kill)
+            sleep $((WARMUP_S + FAULT_AT_S))
+            log "phase $name: Redis killed (SIGKILL) for ${FAULT_S}s"
+            kill -KILL -- "-$REDIS_PID"
+            sleep "$FAULT_S"
+            start_redis
+            log "phase $name: a fresh redis-server on the same port"
+            ;;
+    esac
+    wait "$load_pid" || die "load client failed in phase $name"
+    out=$(cat "$WORK/load-$name.json")
     local l2_hit=0 l2_miss=0 l2_err=0 l2_skip=0 rerr=0 sent=0 recv=0 coalesced=0 a
     for ((i = 0; i < n; i++)); do
         a=${ADMIN_PORTS[$i]}
@@ -125,7 +160,7 @@ phase() {
     for i in "${pids[@]}"; do
         for _ in $(seq 50); do kill -0 -- "-$i" 2>/dev/null || break; sleep 0.1; done
     done
-    printf '%s\n' "${out%\}},\"name\":\"$name\",\"redis\":$redis,\"l2\":{\"hit\":$l2_hit,\"miss\":$l2_miss,\"error\":$l2_err,\"skipped\":$l2_skip},\"redis_errors\":$rerr,\"bus\":{\"sent\":$sent,\"received\":$recv},\"coalesced\":$coalesced}" \
+    printf '%s\n' "${out%\}},\"name\":\"$name\",\"redis\":$redis,\"fault\":\"$fault\",\"l2\":{\"hit\":$l2_hit,\"miss\":$l2_miss,\"error\":$l2_err,\"skipped\":$l2_skip},\"redis_errors\":$rerr,\"bus\":{\"sent\":$sent,\"received\":$recv},\"coalesced\":$coalesced}" \
         >>"$WORK/phases.jsonl"
     log "phase $name: $out"
 }
@@ -135,6 +170,8 @@ phase one-local 1 0
 phase three-local 3 0
 phase one-redis 1 1
 phase three-redis 3 1
+phase three-redis-paused 3 1 pause
+phase three-redis-killed 3 1 kill
 
 mkdir -p "$RESULTS_DIR"
 COMMIT=$(cd "$ROOT_DIR" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -142,6 +179,9 @@ python3 - "$WORK/phases.jsonl" "$RESULTS_DIR/shared-latest.md" <<PY
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def pct(v): return "" if v is None else f"{100 * v:.1f}%"
+def redis_col(r):
+    return {"none": "yes" if r["redis"] else "no", "pause": "paused ${FAULT_S} s",
+            "kill": "killed, restarted ${FAULT_S} s later"}[r.get("fault", "none")]
 def num(v, f="{:.3f}"): return "" if v is None else f.format(v)
 out = []
 out.append("# Shared tier: 1 and 3 replicas, without and with Redis ($START, \`$COMMIT\`)")
@@ -152,14 +192,16 @@ out.append("Workload per phase: ${TOKENS} tokens x ${CONVS} conversations polled
            "to a random polled conversation; ${PROBERS} propagation probers; --cache-ttl ${CACHE_TTL}, other settings "
            "default (stale-while-revalidate 30s, refresh-ahead 0.8); ${WARMUP_S}s warm-up, then ${DURATION_S}s measured.")
 out.append("")
-out.append("| replicas | Redis | client GETs | req/s | hit ratio | from a cache (HIT+STALE+REVALIDATED) | upstream req / client req | non-200 / errors | propagation p50 | p99 | max | samples (timeouts) |")
-out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+out.append("| replicas | Redis | client GETs | req/s | hit ratio | from a cache (HIT+STALE+REVALIDATED) | upstream req / client req | non-200 / errors | latency p50 / p99 / max | propagation p50 | p99 | max | samples (timeouts) |")
+out.append("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
 for r in rows:
     p = r["propagation"]
     non200 = sum(v for k, v in r["statuses"].items() if k != "200") + sum(r["errors"].values())
     prop = (lambda k: "n/a (one replica)") if r["replicas"] == 1 else (lambda k: "" if p[k] is None else f"{p[k]:.2f} ms")
-    out.append(f"| {r['replicas']} | {'yes' if r['redis'] else 'no'} | {r['requests']} | {r['rate']:.0f} | {pct(r['hit_ratio'])} | "
-               f"{pct(r['cache_answered_ratio'])} | {num(r['upstream_per_request'])} | {non200} | {prop('p50_ms')} | {prop('p99_ms')} | "
+    lat = r["latency"]
+    out.append(f"| {r['replicas']} | {redis_col(r)} | {r['requests']} | {r['rate']:.0f} | {pct(r['hit_ratio'])} | "
+               f"{pct(r['cache_answered_ratio'])} | {num(r['upstream_per_request'])} | {non200} | "
+               f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} / {lat['max_ms']:.1f} ms | {prop('p50_ms')} | {prop('p99_ms')} | "
                f"{prop('max_ms')} | {'' if r['replicas'] == 1 else str(p['samples']) + ' (' + str(p['timeouts']) + ')'} |")
 out.append("")
 out.append("X-Cache counts, writes, and what the proxies' metrics say about the shared tier (summed over the replicas of the phase, whole phase):")
@@ -169,13 +211,15 @@ out.append("|---:|---|---|---:|---|---:|---|---:|")
 for r in rows:
     xc = ", ".join(f"{k} {v}" for k, v in sorted(r["x_cache"].items()))
     l2 = r["l2"]
-    out.append(f"| {r['replicas']} | {'yes' if r['redis'] else 'no'} | {xc} | {r['writes']} ({r['write_errors']}) | "
+    out.append(f"| {r['replicas']} | {redis_col(r)} | {xc} | {r['writes']} ({r['write_errors']}) | "
                f"{l2['hit']} / {l2['miss']} / {l2['error']} / {l2['skipped']} | {r['redis_errors']} | {r['bus']['sent']} / {r['bus']['received']} | {r['coalesced']} |")
 out.append("")
 out.append("Propagation: time from a write's response through one replica to the start of the first read through another "
            "replica that returned the written version (an upper bound; reads back to back for 2 ms, then every tenth of the "
            "time elapsed); one sample per write and other replica. Without Redis the other replicas keep their copy until "
-           "its freshness ends (refresh-ahead or stale-while-revalidate then fetches the new one).")
+           "its freshness ends (refresh-ahead or stale-while-revalidate then fetches the new one). Latency: from a polling "
+           "request's scheduled start to its whole answer. Fault phases: the fault starts ${FAULT_AT_S} s into the "
+           "${DURATION_S} s counted window and lasts ${FAULT_S} s; --redis-timeout is the default 50 ms.")
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 PY
 cp "$WORK/phases.jsonl" "$RESULTS_DIR/shared-latest.jsonl"

@@ -14,7 +14,7 @@
 //!   pair at `--rate` requests per second in all (open loop: the schedule does not wait for slow
 //!   answers, up to a second behind), each to the next replica in turn. Only requests that start
 //!   in the measurement window (after `--warmup-s`, for `--duration-s`) are counted: `X-Cache`
-//!   values and statuses. The origin's `conversation` counter (`GET /__count` of `bench_origin
+//!   values, statuses and latency (from the request's start to its whole answer). The origin's `conversation` counter (`GET /__count` of `bench_origin
 //!   origin`) is read at both ends of the window: upstream requests per client request.
 //! - **Writes**: `POST .../conversations/{c}/messages` (a write-through for the proxy) for a
 //!   random conversation of the polled account through the next replica, `--write-rate` per
@@ -216,6 +216,8 @@ struct PollStats {
     x_cache: BTreeMap<String, u64>,
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
+    /// Microseconds from a request's scheduled start to its whole answer.
+    latencies: Vec<u64>,
 }
 
 impl PollStats {
@@ -229,6 +231,7 @@ impl PollStats {
         for (k, v) in o.errors {
             *self.errors.entry(k).or_default() += v;
         }
+        self.latencies.extend(o.latencies);
     }
 }
 
@@ -285,6 +288,8 @@ async fn poll_worker(
         if !window.counts(now) {
             continue;
         }
+        let took = u64::try_from(now.elapsed().as_micros()).unwrap_or(u64::MAX);
+        stats.latencies.push(took);
         match reply {
             Ok(reply) => {
                 *stats.x_cache.entry(reply.x_cache).or_default() += 1;
@@ -528,6 +533,7 @@ async fn main() {
     for p in probe_tasks {
         let _ = p.await;
     }
+    stats.latencies.sort_unstable();
     let mut prop = std::mem::take(&mut *propagation.lock().unwrap_or_else(|p| p.into_inner()));
     prop.samples.sort_unstable();
 
@@ -554,6 +560,7 @@ async fn main() {
     println!(
         "{{\"replicas\":{},\"requests\":{requests},\"rate\":{:.1},\"x_cache\":{},\"statuses\":{},\"errors\":{},\
          \"hit_ratio\":{},\"cache_answered_ratio\":{},\"upstream_requests\":{},\"upstream_per_request\":{},\
+         \"latency\":{{\"p50_ms\":{},\"p99_ms\":{},\"max_ms\":{}}},\
          \"writes\":{writes_ok},\"write_errors\":{writes_failed},\
          \"propagation\":{{\"samples\":{},\"p50_ms\":{},\"p99_ms\":{},\"max_ms\":{},\"timeouts\":{},\"errors\":{},\"reads\":{}}}}}",
         replicas.len(),
@@ -565,6 +572,9 @@ async fn main() {
         ratio(answered_from_cache),
         upstream.map_or_else(|| "null".to_string(), |u| u.to_string()),
         upstream.map_or_else(|| "null".to_string(), ratio),
+        json_ms(quantile_ms(&stats.latencies, 0.5)),
+        json_ms(quantile_ms(&stats.latencies, 0.99)),
+        json_ms(stats.latencies.last().map(|v| *v as f64 / 1000.0)),
         prop.samples.len(),
         json_ms(quantile_ms(&prop.samples, 0.5)),
         json_ms(quantile_ms(&prop.samples, 0.99)),
