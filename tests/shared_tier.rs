@@ -113,6 +113,75 @@ async fn an_entry_stored_through_one_replica_is_served_by_the_others() {
     }
 }
 
+/// The shared tier keeps the compressed form (SPEC 14): the value in Redis is smaller than the
+/// identity body, and another replica serves gzip and identity clients from it (the stored gzip
+/// bytes, and identity bytes it decompresses once) without asking the upstream.
+#[tokio::test]
+async fn the_shared_tier_stores_the_compressed_form() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let (a, b, c) = (
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    );
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+    let identity = first.body.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let key = loop {
+        if let Some(k) = redis.keys("test:v:1:42:*").into_iter().next() {
+            break k;
+        }
+        assert!(Instant::now() < deadline, "no shared value written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let magic = redis
+        .command(&["GETRANGE", &key, "0", "3"])
+        .unwrap_or_default();
+    assert!(magic.contains("CWC2"), "{magic:?}");
+    let len: usize = redis
+        .command(&["STRLEN", &key])
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .expect("STRLEN");
+    assert!(
+        len < identity.len(),
+        "the shared value ({len} B with its headers) holds the compressed body, not the {} B \
+         identity body",
+        identity.len()
+    );
+    let url = b.url(CONV);
+    let gz = send(
+        Method::GET,
+        &url,
+        &[
+            ("api_access_token", "admin-token"),
+            ("accept-encoding", "gzip"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!((gz.status.as_u16(), gz.x_cache()), (200, "HIT"));
+    assert!(gz.header("cache-status").ends_with("detail=shared"));
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    assert!(gz.body.len() < identity.len());
+    assert_eq!(gz.decoded(), identity);
+    let plain = conv(&c, 1, 42, "admin-token").await;
+    assert_eq!((plain.status.as_u16(), plain.x_cache()), (200, "HIT"));
+    assert_eq!(plain.body, identity);
+    assert_eq!(plain.header("etag"), first.header("etag"));
+    assert_ne!(plain.header("etag"), gz.header("etag"), "one ETag per form");
+    assert_eq!(
+        fake.show_requests(),
+        1,
+        "one upstream request for three replicas"
+    );
+}
+
 /// 200 write-then-read pairs alternating replicas, each read at least 50 ms after the write's
 /// response: every read returns the written body, from L1 and from L2.
 #[tokio::test]
