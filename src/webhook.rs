@@ -244,19 +244,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// What one peer's deliveries count against: its address, or its /64 for IPv6 (one host's
-/// usual allocation), IPv4-mapped addresses as IPv4.
-fn peer_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::V6(octets.into())
-        }
-        v4 => v4,
-    }
-}
-
 impl WebhookGate {
     pub fn new() -> Self {
         // A delivery's timestamp may be up to the skew ahead of now, and is accepted until the
@@ -273,7 +260,7 @@ impl WebhookGate {
     /// taken for [`SLOT_WAIT`].
     pub async fn enter(&self, peer: IpAddr) -> Option<Slot> {
         let deadline = tokio::time::Instant::now() + SLOT_WAIT;
-        let key = peer_key(peer);
+        let key = crate::protect::address_key(peer);
         let counter = lock(&self.peers)
             .entry(key)
             .or_insert_with(|| Arc::new(Semaphore::new(MAX_PER_PEER)))

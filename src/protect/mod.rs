@@ -34,8 +34,23 @@ impl Charge {
     pub fn key(&self, accepted: &AcceptedTokens) -> Key {
         match self.token {
             Some(t) if accepted.contains(t) => Key::Token(t),
-            _ => Key::Addr(self.addr),
+            _ => Key::Addr(address_key(self.addr)),
         }
+    }
+}
+
+/// What one client address counts against wherever clients are told apart by address (fair
+/// shares, rate limits, webhook and tunnel slots): the address, or its /64 for IPv6 (one
+/// host's usual allocation: a client choosing among 2^64 addresses is still one client),
+/// IPv4-mapped addresses as IPv4.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -61,6 +76,31 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_told_apart_by_ipv4_address_and_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let key = |token, addr| Charge { token, addr }.key(&AcceptedTokens::default());
+        // One /64: one key, however the host picks its interface identifier.
+        assert_eq!(
+            key(None, ip("2001:db8:1:2::1")),
+            key(None, ip("2001:db8:1:2:ffff:1234:5678:9abc"))
+        );
+        assert_eq!(
+            key(None, ip("2001:db8:1:2::1")),
+            Key::Addr(ip("2001:db8:1:2::"))
+        );
+        // Another /64, another key; IPv4 keeps the whole address, mapped or not.
+        assert_ne!(
+            key(None, ip("2001:db8:1:2::1")),
+            key(None, ip("2001:db8:1:3::1"))
+        );
+        assert_ne!(key(None, ip("192.0.2.1")), key(None, ip("192.0.2.2")));
+        assert_eq!(
+            key(None, ip("::ffff:192.0.2.1")),
+            Key::Addr(ip("192.0.2.1"))
+        );
+    }
 
     #[test]
     fn retry_after_forms() {
