@@ -973,3 +973,62 @@ async fn a_failed_revalidation_backs_off_per_key() {
         r.x_cache()
     );
 }
+
+/// A request whose client is still uploading never becomes the half-open probe (SPEC 6: only
+/// the upstream decides a probe). An upload of 12,000 bytes at ~650 B/s (a legal rate) that
+/// arrives once the open period is over is refused like any non-probe, and a polite GET
+/// probes and closes the breaker (before: the upload was the probe, and GETs got 503 until
+/// it ended, ~18 s).
+#[tokio::test]
+async fn a_slow_upload_does_not_hold_the_probe() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeChatwoot::start().await;
+    let proxy = start_proxy(breaker_config(&fake)).await;
+    fake.set_fault(http_500(), None);
+    for _ in 0..4 {
+        assert_eq!(echo(&proxy).await.status, 500);
+    }
+    assert_eq!(sample(&proxy, BREAKER_STATE).await, 2.0, "open");
+    fake.clear_fault();
+    // Past the 500 ms open period: a probe is due.
+    tokio::time::sleep(ms(800)).await;
+    let mut upload = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 12000\r\n\r\n";
+    upload.write_all(head.as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..120 {
+            if upload.write_all(&[b'u'; 100]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(ms(150)).await;
+        }
+        let mut answer = vec![0u8; 512];
+        let n = upload.read(&mut answer).await.unwrap_or(0);
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    });
+    // Let the upload's head be admitted first.
+    tokio::time::sleep(ms(300)).await;
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        let r = echo(&proxy).await;
+        if r.status == 200 {
+            last = None;
+            break;
+        }
+        last = Some(r.status);
+        tokio::time::sleep(ms(100)).await;
+    }
+    eprintln!(
+        "polite GET served {:?} after a slow upload arrived in an open breaker",
+        started.elapsed()
+    );
+    assert_eq!(
+        last, None,
+        "a polite GET probes and gets through within 10 s"
+    );
+    assert_eq!(sample(&proxy, BREAKER_STATE).await, 0.0, "closed");
+    // The upload itself was refused with a 503 at its head, not sent upstream.
+    let answer = trickle.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+}

@@ -169,11 +169,27 @@ impl Breaker {
 
     /// Decides whether one request may go upstream now.
     pub fn admit(&self) -> Admission {
+        self.admit_for(true)
+    }
+
+    /// [`Breaker::admit`] for a request that may or may not become the half-open probe. A
+    /// request whose client is still uploading its body may not: the probe's answer would wait
+    /// on the client (a legal 500 B/s upload of 12 KB holds a probe for 24 s, every other
+    /// request refused meanwhile), and only the upstream may decide a probe (SPEC 6). Such a
+    /// request is refused while a probe is due, as while one is out.
+    pub fn admit_for(&self, may_probe: bool) -> Admission {
         let now = Instant::now();
         let mut inner = self.lock();
         let epoch = inner.epoch;
         match inner.state {
             State::Closed => Admission::Allowed(self.ticket(epoch, false)),
+            // Open or half-open: only a probe may go, and this request may not be it.
+            _ if !may_probe => Admission::Rejected {
+                retry_after: match inner.state {
+                    State::Open { until, .. } if until > now => until - now,
+                    _ => Duration::from_secs(1),
+                },
+            },
             State::Open { until, period } if now >= until => {
                 inner.state = State::HalfOpen {
                     probing: true,
@@ -215,12 +231,18 @@ impl Breaker {
     /// Without this, requests queued behind the failures that opened the breaker would reach
     /// the upstream while it is open (SPEC §6: while open, only probes).
     pub fn recheck(&self, ticket: Ticket) -> Admission {
+        self.recheck_for(ticket, true)
+    }
+
+    /// [`Breaker::recheck`] for a request that may or may not become the probe (see
+    /// [`Breaker::admit_for`]).
+    pub fn recheck_for(&self, ticket: Ticket, may_probe: bool) -> Admission {
         if self.lock().epoch == ticket.epoch {
             return Admission::Allowed(ticket);
         }
         // A void probe ticket frees nothing on drop: `release_probe` checks the epoch.
         drop(ticket);
-        self.admit()
+        self.admit_for(may_probe)
     }
 
     fn ticket(&self, epoch: u64, probe: bool) -> Ticket {
@@ -429,6 +451,28 @@ mod tests {
     }
 
     const FAIL: Outcome = Outcome::Failure { retry_after: None };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_still_uploading_never_becomes_the_probe() {
+        let b = breaker(1);
+        assert!(run(&b, FAIL));
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // A probe is due, but not for this request; the next one that may probe gets it.
+        assert!(matches!(b.admit_for(false), Admission::Rejected { .. }));
+        assert_eq!(b.state(), BreakerState::Open);
+        let probe = match b.admit() {
+            Admission::Allowed(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert!(probe.is_probe());
+        // While it is out, neither kind goes.
+        assert!(matches!(b.admit_for(false), Admission::Rejected { .. }));
+        assert!(matches!(b.admit(), Admission::Rejected { .. }));
+        b.record(probe, Outcome::Success);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(matches!(b.admit_for(false), Admission::Allowed(_)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn opens_only_after_min_requests_and_ratio() {

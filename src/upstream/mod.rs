@@ -568,7 +568,10 @@ impl Upstream {
             self.metrics.shed(ShedReason::RateLimited);
             return Err(UpstreamError::RateLimited { retry_after });
         }
-        let ticket = match self.breaker.admit() {
+        // A request whose client is still uploading is never the probe (see
+        // `Breaker::admit_for`): the probe's answer must depend on the upstream alone.
+        let may_probe = http_body::Body::is_end_stream(req.body());
+        let ticket = match self.breaker.admit_for(may_probe) {
             Admission::Allowed(t) => t,
             Admission::Rejected { retry_after } => {
                 self.metrics.shed(ShedReason::BreakerOpen);
@@ -588,7 +591,7 @@ impl Upstream {
         };
         // The breaker may have opened while this request waited for a slot (behind the very
         // failures that opened it): then it must not go out now, except as the probe.
-        let ticket = match self.breaker.recheck(ticket) {
+        let ticket = match self.breaker.recheck_for(ticket, may_probe) {
             Admission::Allowed(t) => t,
             Admission::Rejected { retry_after } => {
                 self.metrics.shed(ShedReason::BreakerOpen);
