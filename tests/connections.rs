@@ -226,9 +226,14 @@ async fn upgrades_are_tunnelled_only_on_cable() {
     );
 }
 
-/// Opens a `/cable` websocket; returns the socket and the response head.
-async fn open_cable(addr: std::net::SocketAddr) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+/// Opens a `/cable` websocket from the loopback address `from` (any of 127.0.0.0/8 is local on
+/// Linux); returns the socket and the response head.
+async fn open_cable_from(from: [u8; 4], addr: std::net::SocketAddr) -> (TcpStream, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(from), 0).into())
+        .unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
     s.write_all(
         b"GET /cable HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -240,7 +245,8 @@ async fn open_cable(addr: std::net::SocketAddr) -> (TcpStream, String) {
 }
 
 /// `--max-tunnels 2`: a third `/cable` tunnel is refused with `503` and `Retry-After`, and
-/// accepted once one of the two closes. Tunnels hold no upstream request slot.
+/// accepted once one of the two closes. Tunnels hold no upstream request slot. (Each from its
+/// own address: one address holds at most a quarter of the tunnels, at least one.)
 #[tokio::test]
 async fn at_most_max_tunnels_at_once() {
     let fake = FakeChatwoot::start().await;
@@ -248,23 +254,58 @@ async fn at_most_max_tunnels_at_once() {
     cfg.max_tunnels = 2;
     cfg.upstream_max_in_flight = 1;
     let proxy = start_proxy(cfg).await;
-    let (a, head) = open_cable(proxy.addr).await;
+    let (a, head) = open_cable_from([127, 0, 0, 2], proxy.addr).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (_b, head) = open_cable(proxy.addr).await;
+    let (_b, head) = open_cable_from([127, 0, 0, 3], proxy.addr).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     // Two tunnels and a one-slot limit: ordinary requests still get through.
     assert_eq!(get(&proxy.url("/echo"), None).await.status, 200);
-    let (_c, head) = open_cable(proxy.addr).await;
+    let (_c, head) = open_cable_from([127, 0, 0, 4], proxy.addr).await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
     drop(a);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_d, head) = open_cable(proxy.addr).await;
+        let (_d, head) = open_cable_from([127, 0, 0, 4], proxy.addr).await;
         if head.starts_with("HTTP/1.1 101") {
             break;
         }
         assert!(Instant::now() < deadline, "slot not freed: {head}");
+        tokio::time::sleep(ms(50)).await;
+    }
+}
+
+/// One client address holds at most a quarter of `--max-tunnels` (at least one), so one client
+/// cannot take every tunnel (before: all of them); other addresses still get theirs, and a
+/// closed tunnel gives its address's place back.
+#[tokio::test]
+async fn one_address_holds_at_most_a_quarter_of_the_tunnels() {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.max_tunnels = 8;
+    let proxy = start_proxy(cfg).await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let (s, head) = open_cable_from([127, 0, 0, 5], proxy.addr).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{i}: {head}");
+        held.push(s);
+    }
+    let (_refused, head) = open_cable_from([127, 0, 0, 5], proxy.addr).await;
+    assert!(
+        head.starts_with("HTTP/1.1 503"),
+        "a third from one address: {head}"
+    );
+    assert!(head.to_lowercase().contains("retry-after: 1"), "{head}");
+    let (_other, head) = open_cable_from([127, 0, 0, 6], proxy.addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "another address: {head}");
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_again, head) = open_cable_from([127, 0, 0, 5], proxy.addr).await;
+        if head.starts_with("HTTP/1.1 101") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "place not given back: {head}");
         tokio::time::sleep(ms(50)).await;
     }
 }

@@ -5,11 +5,13 @@
 mod accepted;
 mod breaker;
 mod limiter;
+mod per_address;
 mod rate;
 
 pub use accepted::AcceptedTokens;
 pub use breaker::{Admission, Breaker, BreakerConfig, BreakerState, Outcome, Ticket};
 pub use limiter::{Key, Limiter, Shed, UpstreamPermit};
+pub use per_address::{AddressHold, PerAddress};
 pub use rate::{Rate, RateLimiter, parse_rate};
 
 use std::net::IpAddr;

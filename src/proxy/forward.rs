@@ -72,6 +72,13 @@ fn write_invalidation(path: &str) -> Option<(Target, Source)> {
 /// Largest 401 body read to look for "Invalid Access Token" (Chatwoot's is 32 bytes).
 const AUTH_BODY_PEEK: u64 = 4096;
 
+/// `/cable` tunnels one client address (IPv6: its /64) may hold at once: a quarter of
+/// `--max-tunnels`, at least one, so one client cannot take every tunnel (a browser opens one
+/// ActionCable connection per tab).
+pub(crate) fn tunnels_per_address(max_tunnels: usize) -> usize {
+    (max_tunnels / 4).max(1)
+}
+
 impl Proxy {
     /// Forwards a request unchanged (bar hop-by-hop and `X-Forwarded-*`); `X-Cache: BYPASS`.
     pub(crate) async fn forward(
@@ -86,7 +93,22 @@ impl Proxy {
         let tunnel_slot = match upgrade {
             false => None,
             true => match self.tunnels.clone().try_acquire_owned() {
-                Ok(slot) => Some(slot),
+                Ok(slot) => {
+                    let max = self.config.load().max_tunnels;
+                    let cap = tunnels_per_address(max);
+                    let Some(hold) = self.tunnels_by_address.try_take(client.client_addr(), cap)
+                    else {
+                        tracing::warn!(
+                            per_address = cap,
+                            "tunnel refused: one client address at its share of --max-tunnels"
+                        );
+                        return Answer::local(
+                            LocalError::Unavailable { retry_after: 1 },
+                            self.token_header_name(),
+                        );
+                    };
+                    Some((slot, hold))
+                }
                 Err(_) => {
                     tracing::warn!(
                         max_tunnels = self.config.load().max_tunnels,

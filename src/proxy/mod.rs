@@ -62,6 +62,8 @@ pub struct Proxy {
     pub(crate) invalid_tokens: InvalidTokens,
     /// `/cable` tunnels open now, at most `--max-tunnels` (SPEC §10).
     tunnels: Arc<tokio::sync::Semaphore>,
+    /// `/cable` tunnels open now per client address, at most [`forward::tunnels_per_address`].
+    tunnels_by_address: crate::protect::PerAddress,
     ready: AtomicBool,
     /// Webhook handling slots and replay memory (admin listener).
     pub webhooks: crate::webhook::WebhookGate,
@@ -251,6 +253,7 @@ impl Proxy {
                     .max_tunnels
                     .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
             )),
+            tunnels_by_address: crate::protect::PerAddress::default(),
             ready: AtomicBool::new(true),
             webhooks: crate::webhook::WebhookGate::new(),
             config: Live::new(config),
