@@ -175,18 +175,20 @@ impl Watched {
 }
 
 impl crate::client_io::Stalled for Watched {
-    fn reap(&self, now: Instant, limit: Duration) {
+    fn reap(&self, now: Instant, limit: Duration) -> bool {
         let handed = self.handed_ms.load(Ordering::Acquire);
         if handed == NOT_HANDED {
-            return;
+            return false;
         }
         let since = self.base + Duration::from_millis(handed);
         if now.saturating_duration_since(since) >= limit && self.abandon() {
             tracing::info!(
                 waited_ms = now.saturating_duration_since(since).as_millis() as u64,
-                "response abandoned: the h2 client stopped reading it"
+                "response abandoned: the h2 client stopped reading it; closing its connection"
             );
+            return true;
         }
+        false
     }
 }
 

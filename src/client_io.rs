@@ -24,7 +24,8 @@
 //! while its connection stays busy; no socket write blocks, so no write deadline sees it. The
 //! head timer, which fires about once per limit while requests are in flight, also abandons
 //! every streamed response of the connection whose client has left it waiting for the limit
-//! ([`Stalled`]): within one to two limits, its upstream slot is free. A poll for more body is
+//! ([`Stalled`]): within one to two limits, its upstream slot is free, and the connection is
+//! closed (hyper would keep the abandoned stream and its buffered bytes). A poll for more body is
 //! the only sign that a client is reading a stream, so h2 bodies are handed over in pieces
 //! small enough for a reader of [`crate::body::MIN_READ_RATE`] to take within the limit
 //! ([`Activity::piece`]); an in-memory body's pieces move the idle deadline on.
@@ -68,8 +69,8 @@ const MIN_PIECE: usize = 1024;
 /// registered response whether its client has kept it waiting for that long.
 pub trait Stalled: Send + Sync {
     /// Abandons the response (releasing its upstream slot) if its client has not taken what
-    /// it was handed for `limit`.
-    fn reap(&self, now: Instant, limit: Duration);
+    /// it was handed for `limit`; true if it did.
+    fn reap(&self, now: Instant, limit: Duration) -> bool;
 }
 
 impl Activity {
@@ -119,20 +120,23 @@ impl Activity {
         watched.push(response);
     }
 
-    /// Abandons the registered responses whose clients stopped reading (see [`Stalled`]).
-    fn reap_stalled(&self, now: Instant, limit: Duration) {
+    /// Abandons the registered responses whose clients stopped reading (see [`Stalled`]);
+    /// true if it abandoned any.
+    fn reap_stalled(&self, now: Instant, limit: Duration) -> bool {
         let live: Vec<Arc<dyn Stalled>> = {
             let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
             if watched.is_empty() {
-                return;
+                return false;
             }
             watched.retain(|w| w.strong_count() > 0);
             watched.iter().filter_map(Weak::upgrade).collect()
         };
         // Outside the lock: abandoning drops bodies and finishes their requests.
+        let mut abandoned = false;
         for response in live {
-            response.reap(now, limit);
+            abandoned |= response.reap(now, limit);
         }
+        abandoned
     }
 
     /// A request head arrived.
@@ -240,7 +244,17 @@ impl<S> ClientIo<S> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.activity.base + limit)));
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            self.activity.reap_stalled(now, limit);
+            if self.activity.reap_stalled(now, limit) {
+                // An abandoned stream is not freed by abandoning it: hyper resets it only when
+                // it polls the body again, which it does only once the client's window opens,
+                // so it and the frames buffered for it stay until the connection closes, while
+                // the client keeps the connection busy. A client that left a response unread
+                // for the limit gets the idle connection's treatment: closed, all of it.
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client stopped reading a response",
+                )));
+            }
             // hyper counts a response as sent once its last frame is queued; a slow reader may
             // still be draining it from hyper's buffer. While a write is blocked, and for the
             // head timeout after it last moved, that is not a wait for the next head.
