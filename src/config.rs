@@ -402,7 +402,8 @@ pub struct Cli {
     )]
     pub max_connections: String,
 
-    /// Concurrent /cable (ActionCable websocket) tunnels, outside the upstream request limit
+    /// Concurrent /cable (ActionCable websocket) tunnels, outside the upstream request limit; one
+    /// client address (IPv6: /64) holds at most a quarter of them
     #[arg(
         long,
         env = "CHATWOOT_CACHE_MAX_TUNNELS",
