@@ -177,10 +177,10 @@ async fn settled_live(proxy: &ProxyHandle, fake: &FakeChatwoot) -> isize {
         proxy.proxy.store.usage();
         tokio::time::sleep(Duration::from_millis(50)).await;
         readings.push(live());
-        if let [.., a, b, c] = readings[..] {
-            if a.max(b).max(c) - a.min(b).min(c) <= 4096 {
-                return a.min(b).min(c);
-            }
+        if let [.., a, b, c] = readings[..]
+            && a.max(b).max(c) - a.min(b).min(c) <= 4096
+        {
+            return a.min(b).min(c);
         }
     }
     let last = &readings[readings.len() - 3..];
