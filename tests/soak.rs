@@ -45,6 +45,21 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A connection to `addr` from the loopback address `127.0.0.{from}` (all of 127.0.0.0/8 is
+/// local on Linux). Each attacker has its own address, as a real attack would: from one
+/// address, fair shares alone would cap them and the soak could not show slot starvation.
+async fn connect_from(from: u8, addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::new(127, 0, 0, from), 0).into())?;
+    socket.connect(addr).await
+}
+
+/// Where each attacker connects from (the polite clients use 127.0.0.1).
+const ZERO_WINDOW_FROM: u8 = 2;
+const TRICKLE_FROM: u8 = 3;
+const STOP_READING_FROM: u8 = 4;
+const SLOWLORIS_FROM: u8 = 5;
+
 /// The binary under test, its stderr drained on a thread so logging never blocks it.
 struct Binary {
     child: Child,
@@ -68,6 +83,9 @@ impl Binary {
             .args(["--admin-listen", &admin.to_string()])
             .args(["--client-header-timeout", &format!("{LIMIT_SECS}s")])
             .args(["--upstream-max-in-flight", "32"])
+            // Fair shares off: the slot-holding defences alone must keep the polite clients
+            // served (with shares, each attacker address would be capped at 8 of 32 anyway).
+            .args(["--upstream-max-in-flight-per-token", "0"])
             .args(["--upstream-queue-timeout", "1s"])
             .args(["--webhook-secret", "soak-webhook-secret-0123456789"])
             .args(["--log-level", "warn"])
@@ -156,7 +174,7 @@ async fn polite(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>, task
 /// deadline, then dropped.
 async fn zero_window_h2(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
     while !stop.load(Ordering::Relaxed) {
-        let Ok(tcp) = TcpStream::connect(bin.addr).await else {
+        let Ok(tcp) = connect_from(ZERO_WINDOW_FROM, bin.addr).await else {
             continue;
         };
         let Ok((sender, conn)) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -190,7 +208,7 @@ async fn zero_window_h2(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tall
 /// Uploads trickling one byte a second until the proxy answers or closes.
 async fn trickle(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut s) = TcpStream::connect(bin.addr).await else {
+        let Ok(mut s) = connect_from(TRICKLE_FROM, bin.addr).await else {
             continue;
         };
         let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n";
@@ -221,6 +239,10 @@ async fn stop_reading(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>
     while !stop.load(Ordering::Relaxed) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         let _ = socket.set_recv_buffer_size(4096);
+        let from = std::net::Ipv4Addr::new(127, 0, 0, STOP_READING_FROM);
+        if socket.bind((from, 0).into()).is_err() {
+            continue;
+        }
         let Ok(mut s) = socket.connect(bin.addr).await else {
             continue;
         };
@@ -240,7 +262,7 @@ async fn slowloris(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
     while !stop.load(Ordering::Relaxed) {
         let mut held = Vec::new();
         for i in 0..40 {
-            if let Ok(mut s) = TcpStream::connect(bin.addr).await {
+            if let Ok(mut s) = connect_from(SLOWLORIS_FROM, bin.addr).await {
                 if i % 2 == 0 {
                     let _ = s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n").await;
                 }
@@ -278,6 +300,12 @@ async fn junk(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
         )
         .await;
         if n.is_multiple_of(8) {
+            // A current timestamp: the delivery passes the head checks and its body is read
+            // (up to the cap) before the signature fails.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .to_string();
             let url = format!("http://{}/webhooks/chatwoot/accounts/1", bin.admin);
             let _ = try_send(
                 &client,
@@ -288,7 +316,7 @@ async fn junk(bin: Arc<Binary>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
                         "x-chatwoot-signature",
                         &format!("sha256={}", "0".repeat(64)),
                     ),
-                    ("x-chatwoot-timestamp", "1765182000"),
+                    ("x-chatwoot-timestamp", &now),
                 ],
                 &big,
             )
