@@ -83,9 +83,6 @@ impl Binary {
             .args(["--admin-listen", &admin.to_string()])
             .args(["--client-header-timeout", &format!("{LIMIT_SECS}s")])
             .args(["--upstream-max-in-flight", "32"])
-            // Fair shares off: the slot-holding defences alone must keep the polite clients
-            // served (with shares, each attacker address would be capped at 8 of 32 anyway).
-            .args(["--upstream-max-in-flight-per-token", "0"])
             .args(["--upstream-queue-timeout", "1s"])
             .args(["--webhook-secret", "soak-webhook-secret-0123456789"])
             .args(["--log-level", "warn"])
