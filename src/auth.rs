@@ -172,6 +172,23 @@ pub fn inspect<'a>(
     }
 }
 
+/// The one well-formed token header of a request that also carries another credential
+/// ([`Credentials::Alternate`]): such a request is never cached, but Chatwoot still reads the
+/// token, so its upstream slot and rate are charged to the token's scope (SPEC 12) rather than
+/// letting one added header escape them.
+pub fn token_beside<'a>(headers: &'a HeaderMap, th: &TokenHeader) -> Option<&'a HeaderValue> {
+    let mut found = None;
+    for (name, value) in headers.iter() {
+        if th.matches(name) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(value);
+        }
+    }
+    found.filter(|v| !v.is_empty() && is_well_formed(v.as_bytes()))
+}
+
 /// `authorization` is exactly `Bearer <token>`.
 fn is_bearer_of(authorization: &HeaderValue, token: &HeaderValue) -> bool {
     const SCHEME: &[u8] = b"Bearer ";

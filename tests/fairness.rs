@@ -389,6 +389,35 @@ async fn rate_limit_answers_429_or_stale() {
     assert_eq!(metric(&metrics_text(&proxy).await, SHED_RATE), 4.0);
 }
 
+/// A valid token cannot escape its rate by adding a second credential: with a devise header
+/// (`client`) beside it the request is passed through uncached (`BYPASS`), but it is still
+/// charged to the token's bucket, so the third such request (burst 2) is answered `429`.
+#[tokio::test]
+async fn a_token_with_another_credential_keeps_its_rate_limit() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 10, &["t"]);
+    let mut cfg = config(&fake.url());
+    cfg.rate_limit_per_token = Some(chatwoot_cache::protect::parse_rate("1/m").unwrap());
+    cfg.rate_limit_burst = Some(2);
+    let proxy = start_proxy(cfg).await;
+    // Accepted by the upstream (charged to the address's bucket), from now on its own bucket.
+    assert_eq!(conv(&proxy, 1, 1000, "t").await.x_cache(), "MISS");
+    let url = proxy.url("/api/v1/accounts/1/conversations/1001");
+    let mixed = [("api_access_token", "t"), ("client", "x")];
+    for i in 0..2 {
+        let r = send(http::Method::GET, &url, &mixed, b"").await;
+        assert_eq!(
+            (r.status.as_u16(), r.x_cache()),
+            (200, "BYPASS"),
+            "{i}: {r:?}"
+        );
+    }
+    let before = fake.requests();
+    let r = send(http::Method::GET, &url, &mixed, b"").await;
+    assert_rate_limited(&r, "token with a devise header");
+    assert_eq!(fake.requests(), before, "the limited request stays local");
+}
+
 const ADMIN: &str = "admin-token";
 
 fn refresh_ahead(outcome: &str) -> String {

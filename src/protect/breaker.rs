@@ -245,6 +245,16 @@ impl Breaker {
         self.admit_for(may_probe)
     }
 
+    /// [`Breaker::recheck`] for background work: the ticket stands only while the breaker is
+    /// closed in the state that admitted it (or closed afresh); never turned into a probe.
+    pub fn recheck_if_closed(&self, ticket: Ticket) -> Option<Ticket> {
+        if self.lock().epoch == ticket.epoch {
+            return Some(ticket);
+        }
+        drop(ticket);
+        self.admit_if_closed()
+    }
+
     fn ticket(&self, epoch: u64, probe: bool) -> Ticket {
         Ticket {
             epoch,

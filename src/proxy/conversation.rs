@@ -256,7 +256,9 @@ impl Proxy {
                             account: key.account,
                             conversation: key.conversation,
                         };
-                        let mut answer = self.forward(req, client, route, None).await;
+                        let mut answer = self
+                            .forward(req, client, route, Some(key.scope), false)
+                            .await;
                         if answer.cache == XCache::Bypass {
                             answer.cache = XCache::Miss;
                             let status = answer.response.status().as_u16();
@@ -501,7 +503,16 @@ impl Proxy {
         let exchange = match sent {
             Ok(x) => x,
             Err(e) => {
-                failed(e.fwd_status());
+                // Refused locally by the client's own rate or share, or a refresh-ahead that met
+                // an opened breaker: nothing was sent (counted as shed), so it is no failed
+                // revalidation and earns no backoff.
+                let refused_locally = matches!(
+                    e,
+                    UpstreamError::RateLimited { .. } | UpstreamError::TokenQuota
+                ) || (purpose == Purpose::RefreshAhead && e.is_local());
+                if !refused_locally {
+                    failed(e.fwd_status());
+                }
                 return FetchResult::Failed(e);
             }
         };

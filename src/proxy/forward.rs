@@ -87,6 +87,7 @@ impl Proxy {
         client: ClientInfo,
         route: Route,
         scope: Option<Scope>,
+        mixed: bool,
     ) -> Answer {
         let upgrade = is_upgrade_request(&req) && is_cable(&req);
         // Held by the tunnel task for the tunnel's life.
@@ -158,8 +159,12 @@ impl Proxy {
         let opts = SendOptions {
             progress: progress.as_ref(),
             upgrade,
+            vouches: !mixed,
             ..SendOptions::new(route.label(), client.charge(scope))
         };
+        // What the upstream says about the token below is about it only when it was the
+        // request's one credential.
+        let scope = scope.filter(|_| !mixed);
         let exchange = match self.upstream.send(upstream_req, opts).await {
             Ok(x) => x,
             Err(e) => {

@@ -75,8 +75,13 @@ pub struct Proxy {
 pub(crate) enum Next {
     /// Answered locally: a refusal or a cache hit.
     Answer(Answer),
-    /// Forward to the upstream (`scope` set when a token was validated).
-    Forward { scope: Option<crate::auth::Scope> },
+    /// Forward to the upstream (`scope` set when a token was validated, or when a well-formed
+    /// token came with another credential: `mixed`, charged to it but never vouched for by the
+    /// answer, since devise may have authenticated it).
+    Forward {
+        scope: Option<crate::auth::Scope>,
+        mixed: bool,
+    },
     /// The conversation route needs the upstream (miss or revalidation).
     Fetch {
         key: CacheKey,
@@ -325,11 +330,11 @@ impl Proxy {
                 guard,
                 Delivery::of(&req),
             ))),
-            Next::Forward { scope } => {
+            Next::Forward { scope, mixed } => {
                 let proxy = self.clone();
                 let how = Delivery::of(&req);
                 Handled::Upstream(Box::pin(async move {
-                    let answer = proxy.forward(req, client, route, scope).await;
+                    let answer = proxy.forward(req, client, route, scope, mixed).await;
                     finish(answer, guard, how)
                 }))
             }
@@ -360,10 +365,17 @@ impl Proxy {
             ));
         }
         if route == Route::Other {
-            return Next::Forward { scope: None };
+            return Next::Forward {
+                scope: None,
+                mixed: false,
+            };
         }
         let scope = match auth::inspect(req.headers(), req.uri().query(), &self.token_header) {
-            Credentials::Alternate => return Next::Forward { scope: None },
+            Credentials::Alternate => {
+                let scope = auth::token_beside(req.headers(), &self.token_header)
+                    .map(|v| conn.memo.scope(&self.scoper, v.as_bytes()));
+                return Next::Forward { scope, mixed: true };
+            }
             Credentials::Missing => {
                 return Next::Answer(self.reject(LocalError::MissingToken, AuthRejection::Missing));
             }
@@ -390,7 +402,10 @@ impl Proxy {
                 let policy = conn.policy.get(&self.store.policy);
                 self.conversation_local(key, req, client, now, policy)
             }
-            _ => Next::Forward { scope: Some(scope) },
+            _ => Next::Forward {
+                scope: Some(scope),
+                mixed: false,
+            },
         }
     }
 

@@ -186,6 +186,9 @@ pub struct SendOptions<'a> {
     /// The breaker and the upstream metrics hear about the exchange only when the returned
     /// [`Completion`] is finished (after the caller read the body).
     pub defer_outcome: bool,
+    /// A `2xx`/`304` proves the charged token valid (SPEC 12); false when another credential
+    /// came with it (devise may have authenticated the request, not the token).
+    pub vouches: bool,
 }
 
 impl<'a> SendOptions<'a> {
@@ -197,6 +200,7 @@ impl<'a> SendOptions<'a> {
             progress: None,
             upgrade: false,
             defer_outcome: false,
+            vouches: true,
         }
     }
 }
@@ -630,6 +634,14 @@ impl Upstream {
         opts: SendOptions<'_>,
     ) -> Result<Exchange, UpstreamError> {
         let Reserved { ticket, permit, .. } = reserved;
+        // The breaker may have opened since the reservation (a shared-tier read lies between):
+        // background work never goes out while it is not closed (SPEC 12).
+        // Skipped like a reservation refused (no client request was shed).
+        let Some(ticket) = self.breaker.recheck_if_closed(ticket) else {
+            return Err(UpstreamError::BreakerOpen {
+                retry_after: Duration::ZERO,
+            });
+        };
         self.exchange(req, ticket, permit, opts).await
     }
 
@@ -647,10 +659,11 @@ impl Upstream {
             progress,
             upgrade,
             defer_outcome,
+            vouches,
         } = opts;
         let sent = Sent {
             route,
-            token: charge.token,
+            token: charge.token.filter(|_| vouches),
             ticket,
             permit,
             start: Instant::now(),
