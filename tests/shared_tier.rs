@@ -599,15 +599,18 @@ async fn a_stale_shared_entry_is_stale_while_revalidate() {
     let redis = RedisServer::start();
     let fake = FakeChatwoot::start().await;
     let t = Duration::from_millis(500);
-    let tune = |c: &mut chatwoot_cache::config::Config| {
-        c.cache_ttl = Duration::from_millis(500);
-        c.stale_while_revalidate = Duration::from_secs(30);
+    // A ttl well above any stall of a loaded CI: the entry the revalidation stores must still
+    // be fresh when the poller below reads it, or it is revalidated again.
+    let ttl = Duration::from_secs(4);
+    let tune = move |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = ttl;
+        c.stale_while_revalidate = Duration::from_secs(60);
     };
     let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
     let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
     let first = conv(&a, 1, 42, "admin-token").await;
     assert_eq!(first.x_cache(), "MISS");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     let r = conv(&b, 1, 42, "admin-token").await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (200, "STALE"));
     assert!(
@@ -697,8 +700,11 @@ async fn a_stale_shared_entry_is_revalidated_once_across_replicas() {
     let redis = RedisServer::start();
     let fake = FakeChatwoot::start().await;
     let t = Duration::from_secs(2);
-    let tune = |c: &mut chatwoot_cache::config::Config| {
-        c.cache_ttl = Duration::from_millis(300);
+    // A ttl well above any stall of a loaded CI: the waiter must find the revalidated entry
+    // still fresh, or it revalidates a second time.
+    let ttl = Duration::from_secs(4);
+    let tune = move |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = ttl;
         c.stale_while_revalidate = Duration::ZERO;
     };
     let replicas = [
@@ -710,7 +716,7 @@ async fn a_stale_shared_entry_is_revalidated_once_across_replicas() {
         conv(&replicas[0], 1, 42, "admin-token").await.x_cache(),
         "MISS"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     fake.set_delay(Duration::from_millis(400));
     let (b, c) = tokio::join!(
         conv(&replicas[1], 1, 42, "admin-token"),

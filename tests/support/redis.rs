@@ -86,20 +86,23 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let ready = if self.tls.is_some() {
-                // Listening; the handshake is the proxy's to make.
-                TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_ok()
-            } else {
-                self.command(&["PING"])
-                    .is_some_and(|r| r.starts_with("+PONG"))
-            };
-            if ready {
-                return true;
-            }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
                 // Exited (the port was taken meanwhile).
                 self.child = None;
                 return false;
+            }
+            let pid = self.pid();
+            let ready = if self.tls.is_some() {
+                // Listening; the handshake is the proxy's to make. Our child is still running
+                // (checked above), and it exits at once when it cannot bind the port.
+                TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_ok()
+            } else {
+                // Some other process on the port answers PING too: only our own PID counts.
+                self.command(&["INFO", "server"])
+                    .is_some_and(|r| r.contains(&format!("process_id:{pid}\r\n")))
+            };
+            if ready {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
