@@ -480,19 +480,31 @@ impl Store {
                 }
                 Some(entry)
             }
-            Admission::Negative(_) | Admission::Remove => {
+            Admission::Negative(_) | Admission::Remove | Admission::Pass(Pass::Supersedes) => {
                 // Removed first: the stored 200 goes even if the negative entry is not kept.
                 self.remove(&key);
-                if let (Some(fetch), Some(tier)) = (shared, &self.shared)
-                    && (dropped_stored || fetch.had_value)
-                {
-                    // Only the shared part: locally the key is gone already, and bumping the
-                    // local generation would also refuse the negative entry below.
-                    let target = Target::Conversation {
-                        account: key.account,
-                        conversation: key.conversation,
-                    };
-                    tier.invalidate(target, true, &mut fetch.budget).await;
+                // A superseded entry had a prior (here or in Redis): the shared copy must go
+                // too, or the next L1 miss on any replica serves it again (SPEC 5: not even
+                // stale).
+                let supersedes = matches!(admission, Admission::Pass(Pass::Supersedes));
+                // Only the shared part: locally the key is gone already, and bumping the
+                // local generation would also refuse the negative entry below.
+                let target = Target::Conversation {
+                    account: key.account,
+                    conversation: key.conversation,
+                };
+                match (shared, &self.shared) {
+                    (Some(fetch), Some(tier))
+                        if dropped_stored || fetch.had_value || supersedes =>
+                    {
+                        tier.invalidate(target, true, &mut fetch.budget).await;
+                    }
+                    // The shared read before the fetch failed: Redis may hold a 200 all the
+                    // same (a skipped Redis turns this into one global invalidation later).
+                    (None, Some(tier)) => {
+                        tier.invalidate(target, true, &mut tier.budget()).await;
+                    }
+                    _ => {}
                 }
                 let Admission::Negative(entry) = admission else {
                     return None;
@@ -500,10 +512,6 @@ impl Store {
                 let entry = Arc::new(entry);
                 self.insert(key, entry.clone());
                 Some(entry)
-            }
-            Admission::Pass(Pass::Supersedes) => {
-                self.remove(&key);
-                None
             }
             // The token's refusal (proxy) invalidates its scope through `invalidate`.
             Admission::TokenRefused | Admission::Pass(Pass::Failure | Pass::Plain) => None,

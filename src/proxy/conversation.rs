@@ -541,8 +541,7 @@ impl Proxy {
             && content_length(&headers).is_some_and(|n| n > max)
         {
             let decision = admit_oversized(prior.is_some(), status);
-            let store = None;
-            self.apply(key, decision, status, purpose, &failed, store)
+            self.apply(key, decision, status, purpose, &failed, shared.as_mut())
                 .await;
             return oversized(body, headers);
         }
@@ -550,8 +549,7 @@ impl Proxy {
             Ok(b) => b,
             Err(Collect::TooLarge(body)) => {
                 let decision = admit_oversized(prior.is_some(), status);
-                let store = None;
-                self.apply(key, decision, status, purpose, &failed, store)
+                self.apply(key, decision, status, purpose, &failed, shared.as_mut())
                     .await;
                 return oversized(body, headers);
             }
