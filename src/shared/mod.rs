@@ -48,6 +48,13 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Deadline of the admin purge's scan (not on the request path).
 const PURGE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most this many failed invalidations are retried one by one; past it, one global
+/// invalidation is retried instead (it covers them all).
+const MAX_UNSETTLED: u32 = 64;
+
+/// The first wait before retrying a failed invalidation (doubled up to [`PROBE_INTERVAL`]).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+
 /// Why the shared tier could not be set up (start-up only).
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -212,6 +219,10 @@ struct Health {
     failures: AtomicU32,
     /// An invalidation could not be sent while Redis was skipped or failing.
     missed_invalidation: AtomicBool,
+    /// Invalidations that failed while Redis stayed in use, retried in the background. Until
+    /// they land this replica reads no shared values: Redis still holds what they invalidate,
+    /// under the old generations, and this replica (the writer) would serve it as a hit.
+    unsettled: AtomicU32,
 }
 
 /// The value (if any) and the four counters (each if it exists), as Redis returns them.
@@ -315,6 +326,7 @@ impl Shared {
                 up: AtomicBool::new(false),
                 failures: AtomicU32::new(0),
                 missed_invalidation: AtomicBool::new(false),
+                unsettled: AtomicU32::new(0),
             },
             metrics,
             lifetime_ms: AtomicU64::new(millis(lifetime)),
@@ -435,14 +447,16 @@ impl Shared {
 
     /// Reads the L2 value of `key` and its four generation counters.
     pub async fn read(&self, key: &CacheKey, budget: &mut Budget) -> L2Read {
-        if !self.is_up() {
+        if !self.is_up() || self.health.unsettled.load(Ordering::Acquire) > 0 {
             self.metrics.l2(L2Result::Skipped);
             return L2Read::Unavailable;
         }
         let value_key = self.keys.value(key);
         let gen_keys = self.keys.gens(key);
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(&value_key).cmd("MGET").arg(&gen_keys);
+        self.get_value(&mut pipe, &value_key)
+            .cmd("MGET")
+            .arg(&gen_keys);
         let mut conn = self.conn.clone();
         let reply: Option<ReadReply> = self
             .call(RedisOp::Read, budget, pipe.query_async(&mut conn))
@@ -459,9 +473,22 @@ impl Shared {
         read
     }
 
+    /// Adds the read of a value to `pipe`, at most one byte more than the largest value a
+    /// replica stores: whatever else is under the key (a huge string written by anyone who can
+    /// reach Redis) never reaches this process whole, and the part that does fails the HMAC.
+    fn get_value<'p>(
+        &self,
+        pipe: &'p mut redis::Pipeline,
+        value_key: &str,
+    ) -> &'p mut redis::Pipeline {
+        let max = codec::max_value_len(self.max_object_bytes.load(Ordering::Relaxed));
+        pipe.cmd("GETRANGE").arg(value_key).arg(0).arg(max)
+    }
+
     /// Whether `raw` (the value read under `value_key`) is valid for `key` under `gens`.
     fn judge(&self, key: &CacheKey, value_key: &str, raw: Option<Vec<u8>>, gens: Gens) -> L2Read {
-        let Some(raw) = raw else {
+        // GETRANGE answers an empty string for a missing key; a stored value is never empty.
+        let Some(raw) = raw.filter(|r| !r.is_empty()) else {
             return L2Read::Miss {
                 gens,
                 had_value: false,
@@ -526,8 +553,7 @@ impl Shared {
         loop {
             tokio::time::sleep(LEASE_POLL).await;
             let mut pipe = redis::pipe();
-            pipe.cmd("GET")
-                .arg(&value_key)
+            self.get_value(&mut pipe, &value_key)
                 .cmd("MGET")
                 .arg(&gen_keys)
                 .cmd("EXISTS")
@@ -589,8 +615,63 @@ impl Shared {
     /// Increments `target`'s counter and publishes the invalidation on the bus. A scope's
     /// counter is created (and the message sent) only if `scope_has_entries` here or it exists
     /// in Redis: a refused token with nothing stored anywhere costs nothing.
-    pub async fn invalidate(&self, target: Target, scope_has_entries: bool, budget: &mut Budget) {
+    ///
+    /// A bump that fails while Redis stays in use is retried in the background until it lands
+    /// (or Redis is skipped, which ends in one global invalidation, or the values it covers
+    /// have expired).
+    pub async fn invalidate(
+        self: &Arc<Self>,
+        target: Target,
+        scope_has_entries: bool,
+        budget: &mut Budget,
+    ) {
         let create = !matches!(target, Target::Scope(_)) || scope_has_entries;
+        if self.bump(target, create, budget).await || !create {
+            return;
+        }
+        if !self.is_up() {
+            // Not delivered: when Redis is back, everything is invalidated once instead.
+            self.health
+                .missed_invalidation
+                .store(true, Ordering::Release);
+            return;
+        }
+        self.retry_invalidation(target);
+    }
+
+    /// Retries a failed bump of `target` in the background; see [`Health::unsettled`].
+    fn retry_invalidation(self: &Arc<Self>, target: Target) {
+        let n = self.health.unsettled.fetch_add(1, Ordering::AcqRel);
+        let target = if n >= MAX_UNSETTLED {
+            Target::All
+        } else {
+            target
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Values written before the failure are gone from Redis after one lifetime.
+            let give_up = Instant::now() + this.lifetime();
+            let mut wait = RETRY_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                if !this.is_up() {
+                    this.health
+                        .missed_invalidation
+                        .store(true, Ordering::Release);
+                    break;
+                }
+                let mut budget = Budget::new(this.timeout.max(Duration::from_millis(250)));
+                if this.bump(target, true, &mut budget).await || Instant::now() >= give_up {
+                    break;
+                }
+                wait = (wait * 2).min(PROBE_INTERVAL);
+            }
+            this.health.unsettled.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// One attempt at bumping `target`'s counter (and publishing). `true` when Redis answered.
+    async fn bump(&self, target: Target, create: bool, budget: &mut Budget) -> bool {
         let message = bus::message(self.origin, target);
         let mut inv = self.bump_script.key(self.keys.target(target));
         inv.arg(self.fresh_generation())
@@ -603,21 +684,18 @@ impl Shared {
             .call(RedisOp::Invalidate, budget, inv.invoke_async(&mut conn))
             .await;
         match published {
-            Some(1) => self.metrics.bus_sent(),
-            Some(_) => {}
-            None if create => {
-                // Not delivered: when Redis is back, everything is invalidated once instead.
-                self.health
-                    .missed_invalidation
-                    .store(true, Ordering::Release);
+            Some(1) => {
+                self.metrics.bus_sent();
+                true
             }
-            None => {}
+            Some(_) => true,
+            None => false,
         }
     }
 
     /// Deletes the L2 values `target` covers and invalidates it (purge API). Returns how many
     /// values were removed, or `None` if Redis could not be used.
-    pub async fn purge(&self, target: Target) -> Option<usize> {
+    pub async fn purge(self: &Arc<Self>, target: Target) -> Option<usize> {
         if !self.is_up() {
             self.health
                 .missed_invalidation
@@ -655,7 +733,7 @@ impl Shared {
     }
 
     /// Probes a skipped Redis until it answers, then uses it again. Invalidations that could
-    /// not be sent meanwhile become one global invalidation.
+    /// not be sent meanwhile become one global invalidation (retried until it lands).
     async fn probe_loop(self: Arc<Self>) {
         let probe_timeout = self.timeout.max(Duration::from_millis(250));
         loop {
@@ -671,23 +749,32 @@ impl Shared {
                     .observe(RedisOp::Probe, start.elapsed().as_secs_f64());
                 if matches!(ping, Ok(Ok(_))) {
                     self.health.failures.store(0, Ordering::Release);
+                    let missed = self
+                        .health
+                        .missed_invalidation
+                        .swap(false, Ordering::AcqRel);
+                    if missed {
+                        // No shared reads until the global invalidation below lands.
+                        self.retry_invalidation(Target::All);
+                    }
                     self.health.up.store(true, Ordering::Release);
                     self.metrics.up.set(1);
                     tracing::info!("Redis reachable; shared tier in use");
-                    if self
-                        .health
-                        .missed_invalidation
-                        .swap(false, Ordering::AcqRel)
-                    {
+                    if missed {
                         tracing::info!(
                             "invalidations were made while Redis was unusable: invalidating all shared entries"
                         );
-                        let mut budget = Budget::new(probe_timeout);
-                        self.invalidate(Target::All, true, &mut budget).await;
                     }
                 } else {
                     self.metrics.error(RedisOp::Probe);
                 }
+            } else if self
+                .health
+                .missed_invalidation
+                .swap(false, Ordering::AcqRel)
+            {
+                // Missed while in use (a purge that found Redis skipped an instant ago).
+                self.retry_invalidation(Target::All);
             }
             tokio::time::sleep(PROBE_INTERVAL).await;
         }
@@ -716,10 +803,10 @@ impl Shared {
                     }
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
-                        self.metrics.bus_received();
                         if let Some((origin, target)) = bus::parse(msg.get_payload_bytes())
                             && origin != self.origin
                         {
+                            self.metrics.bus_received();
                             generations.bump(target);
                         }
                     }
