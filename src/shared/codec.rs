@@ -30,6 +30,16 @@ const TAG_LEN: usize = 32;
 /// identity length, digest.
 const FIXED: usize = 4 * 8 + 8 + 8 + 8 + 16 + 1 + 4 + 16;
 
+/// Room for everything in a value besides the body: the fixed part, the key, `updated_at` and
+/// the upstream headers (whose total hyper caps far below this).
+const VALUE_OVERHEAD: u64 = 1 << 20;
+
+/// The longest value a replica stores for bodies of at most `max_body` bytes (a gzip body is
+/// kept only when it is smaller than the identity one).
+pub fn max_value_len(max_body: u64) -> u64 {
+    max_body.saturating_add(VALUE_OVERHEAD)
+}
+
 /// Header names sent as a one-byte code (index + 1; 0: the name follows). Part of the format:
 /// append only.
 const NAMES: [&str; 16] = [
@@ -177,11 +187,17 @@ impl Codec {
         }
         let tag = &raw[MAGIC.len()..MAGIC.len() + TAG_LEN];
         let mut payload = raw.slice(MAGIC.len() + TAG_LEN..);
-        let mut msg = Vec::with_capacity(8 + redis_key.len() + payload.len());
-        msg.extend_from_slice(&(redis_key.len() as u64).to_be_bytes());
-        msg.extend_from_slice(redis_key);
-        msg.extend_from_slice(&payload);
-        hmac::verify(&self.key, &msg, tag).map_err(|_| DecodeError::Integrity)?;
+        // Over the payload in place (no copy of a value that may be large); compared without
+        // an early exit.
+        let expected = self.tag(redis_key, &payload);
+        let diff = expected
+            .as_ref()
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 {
+            return Err(DecodeError::Integrity);
+        }
         if payload.remaining() < FIXED {
             return Err(DecodeError::Malformed);
         }
