@@ -1148,6 +1148,25 @@ fn with_origin(id: &str, raw: &Raw, problem: String) -> ConfigError {
     ConfigError::invalid(&flag(id), problem)
 }
 
+/// `--redis-ca-file` must hold at least one PEM certificate: it replaces the trusted roots,
+/// so an empty or garbled file would make every handshake fail and Redis silently unused.
+fn check_redis_ca_file(path: &std::path::Path) -> Result<(), ConfigError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = std::fs::read(path).map_err(|source| ConfigError::Io {
+        setting: flag("redis_ca_file"),
+        path: path.display().to_string(),
+        source,
+    })?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            "redis-ca-file",
+            "holds no PEM certificate (it replaces the trusted roots for rediss://)",
+        )),
+    }
+}
+
 fn optional_file(src: &Sources<'_>, id: &str) -> Result<Option<PathBuf>, ConfigError> {
     match src.get(id)? {
         None => Ok(None),
@@ -1226,6 +1245,9 @@ fn parse_shared(src: &Sources<'_>) -> Result<(Option<RedisConfig>, Option<String
             "redis-ca-file",
             "is only used with a rediss:// --redis-url",
         ));
+    }
+    if let Some(path) = &ca_file {
+        check_redis_ca_file(path)?;
     }
     if scope_secret.is_none() {
         return Err(ConfigError::invalid(
@@ -1543,6 +1565,19 @@ mod tests {
         assert!(e.starts_with("--redis-timeout:"), "{e}");
         let e = problem(&["--redis-ca-file", "Cargo.toml"]);
         assert!(e.starts_with("--redis-ca-file: needs --redis-url"), "{e}");
+        // A file without a certificate would leave no trusted root: refused, not ignored.
+        let e = problem(&[
+            "--redis-url",
+            "rediss://x",
+            "--scope-secret",
+            &secret,
+            "--redis-ca-file",
+            "Cargo.toml",
+        ]);
+        assert!(
+            e.starts_with("--redis-ca-file: holds no PEM certificate"),
+            "{e}"
+        );
     }
 
     #[test]
