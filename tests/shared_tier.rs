@@ -814,3 +814,136 @@ async fn rediss_with_a_ca_file() {
     let r = conv(&c, 1, 42, "admin-token").await;
     assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
 }
+
+/// A 403 that supersedes a stored 200 drops the shared copy too: no replica serves the old
+/// 200 afterwards, not even stale (SPEC 5), though stale-while-revalidate would allow it for
+/// an entry that was merely stale.
+#[tokio::test]
+async fn a_superseded_entry_leaves_the_shared_tier() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_secs(2);
+    let ttl = Duration::from_secs(1);
+    let tune = move |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = ttl;
+        c.stale_while_revalidate = Duration::from_secs(600);
+    };
+    let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    fake.set_fault(
+        Fault::Status {
+            status: 403,
+            body: "{\"error\":\"forbidden\"}".into(),
+            headers: vec![],
+        },
+        None,
+    );
+    // Stale within stale-while-revalidate: served once, revalidated in the background; the
+    // 403 supersedes it. Afterwards replica a forwards the 403.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = conv(&a, 1, 42, "admin-token").await;
+        if r.status.as_u16() == 403 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica a keeps serving the superseded 200: {} {}",
+            r.status,
+            r.x_cache()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Replica b never held it in L1: the shared copy is gone, so it asks upstream.
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!(
+        (r.status.as_u16(), r.x_cache()),
+        (403, "MISS"),
+        "{}",
+        r.header("cache-status")
+    );
+}
+
+/// An invalidation whose bump is lost while Redis stays in use (here: held by `CLIENT PAUSE
+/// WRITE` past `--redis-timeout`, then its connection killed) is retried, and until it lands
+/// the writer does not take the pre-write value from Redis: it reads what it wrote.
+#[tokio::test]
+async fn a_lost_invalidation_does_not_serve_the_pre_write_value() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let a = replica(&fake, &redis, Duration::from_millis(500)).await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(redis.keys("test:v:*").len(), 1, "stored in Redis");
+    let paused = redis.command(&["CLIENT", "PAUSE", "60000", "WRITE"]);
+    assert_eq!(paused.as_deref(), Some("+OK\r\n"));
+    let w = send(
+        Method::PATCH,
+        &a.url(CONV),
+        &[
+            ("api_access_token", "admin-token"),
+            ("content-type", "application/json"),
+        ],
+        br#"{"status":"pending"}"#,
+    )
+    .await;
+    assert_eq!(w.status, 200);
+    let written = updated_at(&w);
+    assert_ne!(written, updated_at(&first));
+    // The bump waiting in Redis is dropped with its connection, never run.
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+    assert!(killed.is_some_and(|r| r.starts_with(':')));
+    assert_eq!(
+        redis.command(&["CLIENT", "UNPAUSE"]).as_deref(),
+        Some("+OK\r\n")
+    );
+    for _ in 0..5 {
+        let r = conv(&a, 1, 42, "admin-token").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            updated_at(&r),
+            written,
+            "pre-write body: {}",
+            r.header("cache-status")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A value in Redis longer than any replica stores (here 6 MiB against 64 KiB
+/// `--max-object-bytes`) is never read whole: the proxy takes at most the largest storable
+/// length from Redis, the truncated value fails its check, and the request is a miss.
+#[tokio::test]
+async fn a_huge_shared_value_is_not_read_whole() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_secs(2);
+    let tune = |c: &mut chatwoot_cache::config::Config| c.max_object_bytes = 64 * 1024;
+    let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    let keys = redis.keys("test:v:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let huge = 6usize << 20;
+    let mut value = b"CWC2".to_vec();
+    value.resize(huge, b'x');
+    let set = redis.command_bytes(&[b"SET", keys[0].as_bytes(), &value]);
+    assert_eq!(set.as_deref(), Some("+OK\r\n"));
+    let sent = || -> u64 {
+        let info = redis.command(&["INFO", "stats"]).unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("total_net_output_bytes in INFO stats")
+    };
+    let before = sent();
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    let out = sent() - before;
+    assert!(
+        out < (huge as u64) / 2,
+        "Redis sent {out} bytes for one request"
+    );
+}
