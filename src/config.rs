@@ -737,12 +737,6 @@ impl Config {
         let refresh_ahead_min_hits = parse_with(&src, "refresh_ahead_min_hits", |s| {
             parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
         })?;
-        if rate_limit_burst.is_some() && rate_limit_per_token.is_none() {
-            return Err(ConfigError::invalid(
-                "rate-limit-burst",
-                "has no effect without --rate-limit-per-token",
-            ));
-        }
         let breaker_window = parse_with(&src, "breaker_window", parse_positive_duration)?;
         let breaker_min_requests = parse_with(&src, "breaker_min_requests", |s| {
             parse_count(s).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
@@ -1762,10 +1756,9 @@ mod tests {
             err_of(&["--upstream", "http://x", "--rate-limit-per-token", "20"])
                 .starts_with("--rate-limit-per-token: invalid rate \"20\"")
         );
-        assert!(
-            err_of(&["--upstream", "http://x", "--rate-limit-burst", "5"])
-                .starts_with("--rate-limit-burst: has no effect")
-        );
+        // SPEC 2: the rate left at its default (off) does not contradict a burst; the burst
+        // is ignored (start-up warns, see config::report).
+        assert_eq!(ok_of(&["--rate-limit-burst", "5"]).rate_limit(), None);
         assert!(
             err_of(&[
                 "--upstream",

@@ -575,6 +575,31 @@ async fn refresh_ahead_and_stale_while_revalidate_share_one_revalidation() {
     );
 }
 
+/// Refresh-ahead is not charged to its token's rate: with `1/m` and a burst of 2, a token whose
+/// hot entry was refreshed in the background still gets its two misses, and only the third is
+/// `429`.
+#[tokio::test]
+async fn refresh_ahead_leaves_the_rate_budget_to_the_client() {
+    let fake = FakeChatwoot::start().await;
+    populate(&fake, 1000, 10, &[ADMIN]);
+    let mut cfg = refresh_config(&fake);
+    cfg.rate_limit_per_token = Some(chatwoot_cache::protect::parse_rate("1/m").unwrap());
+    cfg.rate_limit_burst = Some(2);
+    let proxy = start_proxy(cfg).await;
+    // Charged to the address (the token is not accepted yet); from now on its own bucket.
+    assert_eq!(conv(&proxy, 1, 42, ADMIN).await.x_cache(), "MISS");
+    let stored = Instant::now();
+    poll_hits_past_refresh_point(&proxy, stored).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refreshes(&proxy).await < 1.0 {
+        assert!(Instant::now() < deadline, "no refresh-ahead");
+        tokio::time::sleep(ms(20)).await;
+    }
+    assert_eq!(conv(&proxy, 1, 1000, ADMIN).await.x_cache(), "MISS");
+    assert_eq!(conv(&proxy, 1, 1001, ADMIN).await.x_cache(), "MISS");
+    assert_rate_limited(&conv(&proxy, 1, 1002, ADMIN).await, "third miss");
+}
+
 /// While the breaker is open, a hot entry past F × ttl is not refreshed ahead: nothing
 /// reaches the upstream and no probe is spent on it.
 #[tokio::test]

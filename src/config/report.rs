@@ -125,10 +125,17 @@ fn loaded(
     let src = Sources::new(matches)?;
     let config = Config::from_sources(src.clone())?;
     let effective = Effective::from_sources(&src, &config)?;
+    let mut warnings = hints::unknown_env_vars(env);
+    if config.rate_limit_burst.is_some() && config.rate_limit_per_token.is_none() {
+        // Not an error (SPEC 2: a setting left at its default never contradicts one that was
+        // set), but an operator who set it expects a limit.
+        warnings
+            .push("--rate-limit-burst is ignored: no --rate-limit-per-token is set".to_string());
+    }
     Ok(Loaded {
         config,
         effective,
-        warnings: hints::unknown_env_vars(env),
+        warnings,
         print_config: matches.get_flag("print_config"),
     })
 }
@@ -323,6 +330,18 @@ mod tests {
 
     fn setting<'a>(e: &'a Effective, key: &str) -> &'a Setting {
         e.settings.iter().find(|s| s.key == key).unwrap()
+    }
+
+    #[test]
+    fn a_burst_without_a_rate_starts_with_one_warning() {
+        let l = load(&["--upstream", "http://x", "--rate-limit-burst", "5"]);
+        assert_eq!(l.config.rate_limit(), None);
+        assert_eq!(
+            l.warnings,
+            ["--rate-limit-burst is ignored: no --rate-limit-per-token is set"]
+        );
+        let l = load(&["--upstream", "http://x", "--rate-limit-per-token", "5/s"]);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     }
 
     #[test]

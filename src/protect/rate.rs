@@ -151,6 +151,26 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// Whether `key`'s bucket holds a request right now, without taking it: background work
+    /// (refresh-ahead, SPEC 12) runs only while its scope is not being limited and never
+    /// spends the scope's budget, so a client that only gets hits keeps all of it for its
+    /// own misses.
+    pub fn has_headroom(&self, key: Key) -> bool {
+        let now = u64::try_from(self.origin.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let hash = self.hasher.hash_one(key);
+        let fingerprint = hash.max(1);
+        let shard = (hash >> 58) as usize % SHARDS;
+        let first = (hash as usize % SHARD_SLOTS) & !1;
+        let cells = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+        cells[first..first + 2]
+            .iter()
+            .find(|c| c.fingerprint == fingerprint)
+            // Not in the table: a full bucket.
+            .is_none_or(|c| c.tat.saturating_sub(now) <= self.tolerance)
+    }
+
     /// Bytes of bucket state: fixed at construction (tests).
     pub fn state_bytes(&self) -> usize {
         self.shards
@@ -216,6 +236,24 @@ mod tests {
     /// stays held to its rate all along: one-off scopes (a new one every millisecond, for 1000
     /// simulated seconds) displace idle cells, not the busy one's, so it gets about one request
     /// a second (plus the rare extra burst a displacement gives), not the 1000 a second it asks.
+    #[test]
+    fn headroom_is_read_without_taking_a_request() {
+        let per_minute = Rate {
+            count: 1,
+            per: Duration::from_secs(60),
+        };
+        let rl = RateLimiter::new(per_minute, 2);
+        let key = Key::Token(Scope(7));
+        for _ in 0..10 {
+            assert!(rl.has_headroom(key));
+        }
+        assert!(rl.check(key).is_ok());
+        assert!(rl.has_headroom(key), "one request of the burst left");
+        assert!(rl.check(key).is_ok(), "peeking took none of the burst");
+        assert!(!rl.has_headroom(key));
+        assert!(rl.check(key).is_err());
+    }
+
     #[test]
     fn memory_is_flat_after_a_million_tokens() {
         let l = RateLimiter::new(per_sec(1), 1);

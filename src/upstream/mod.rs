@@ -607,7 +607,8 @@ impl Upstream {
 
     /// Reserves the upstream for background work that must yield to client requests (SPEC 12
     /// refresh-ahead): only while the breaker is closed (never a probe), only a slot free at
-    /// once outside the last quarter of the slots, within the scope's cap and rate. `None`:
+    /// once outside the last quarter of the slots, within the scope's cap, and only while the
+    /// scope's rate has headroom (not charged to it: a refresh is no client request). `None`:
     /// skip the work.
     pub fn reserve_background(&self, charge: Charge) -> Option<Reserved> {
         let key = charge.key(&self.accepted);
@@ -615,7 +616,7 @@ impl Upstream {
         let permit = self.limiter.try_acquire_background(key)?;
         if charge.token.is_some()
             && let Some(rate) = &*self.rate.load()
-            && rate.check(key).is_err()
+            && !rate.has_headroom(key)
         {
             return None;
         }
