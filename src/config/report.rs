@@ -262,7 +262,13 @@ impl Effective {
                         Kind::Bool if v == "true" || v == "false" => v.clone(),
                         _ => toml::Value::String(v.clone()).to_string(),
                     };
-                    let _ = writeln!(out, "{} = {literal} # {}", s.key, s.origin.as_str());
+                    if s.origin == Origin::Derived {
+                        // Commented out: a file made from this output keeps deriving it, so
+                        // a later edit of what it derives from still rescales it.
+                        let _ = writeln!(out, "# {} = {literal} # {}", s.key, s.origin.as_str());
+                    } else {
+                        let _ = writeln!(out, "{} = {literal} # {}", s.key, s.origin.as_str());
+                    }
                 }
             }
         }
@@ -494,10 +500,10 @@ mod tests {
             "webhook_allow_query_secret = true # flag",
             "breaker_failure_ratio = 0.25 # flag",
             "upstream_max_in_flight = 256 # default",
-            "upstream_max_in_flight_per_token = 64 # default (derived)",
-            "rate_limit_burst = 20 # default (derived)",
+            "# upstream_max_in_flight_per_token = 64 # default (derived)",
+            "# rate_limit_burst = 20 # default (derived)",
             "cache_max_bytes = \"3000B\" # flag",
-            "max_object_bytes = \"187B\" # default (derived)",
+            "# max_object_bytes = \"187B\" # default (derived)",
         ] {
             assert!(printed.contains(line), "{line:?} not in\n{printed}");
         }
@@ -526,6 +532,15 @@ mod tests {
                 .collect()
         };
         assert_eq!(strip(&second.effective.to_toml()), strip(&printed));
+        // A derived value is not pinned by the printed file: editing what it derives from
+        // still rescales it.
+        let edited = printed.replace(
+            "cache_max_bytes = \"3000B\" # flag",
+            "cache_max_bytes = \"1600B\"",
+        );
+        std::fs::write(&path, &edited).unwrap();
+        let third = load(&["--config", path.to_str().unwrap()]);
+        assert_eq!(third.config.max_object_bytes, 100);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
