@@ -117,15 +117,24 @@ impl RateLimiter {
         self.check_at(key, Instant::now())
     }
 
-    fn check_at(&self, key: Key, at: Instant) -> Result<(), Duration> {
-        // +1: a tat of 0 is an empty cell's, always in the past.
-        let now = u64::try_from(at.saturating_duration_since(self.origin).as_nanos())
+    /// Nanoseconds since `origin`, +1: a tat of 0 is an empty cell's, always in the past.
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos())
             .unwrap_or(u64::MAX)
-            .saturating_add(1);
+            .saturating_add(1)
+    }
+
+    /// Where `key`'s bucket may sit: its fingerprint (never 0, an empty cell's), its shard and
+    /// the first of its two cells there.
+    fn slot(&self, key: Key) -> (u64, usize, usize) {
         let hash = self.hasher.hash_one(key);
-        let fingerprint = hash.max(1);
         let shard = (hash >> 58) as usize % SHARDS;
-        let first = (hash as usize % SHARD_SLOTS) & !1;
+        (hash.max(1), shard, (hash as usize % SHARD_SLOTS) & !1)
+    }
+
+    fn check_at(&self, key: Key, at: Instant) -> Result<(), Duration> {
+        let now = self.nanos(at);
+        let (fingerprint, shard, first) = self.slot(key);
         let mut cells = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
         let pair = &mut cells[first..first + 2];
         let idx = if pair[0].fingerprint == fingerprint {
@@ -156,13 +165,8 @@ impl RateLimiter {
     /// spends the scope's budget, so a client that only gets hits keeps all of it for its
     /// own misses.
     pub fn has_headroom(&self, key: Key) -> bool {
-        let now = u64::try_from(self.origin.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let hash = self.hasher.hash_one(key);
-        let fingerprint = hash.max(1);
-        let shard = (hash >> 58) as usize % SHARDS;
-        let first = (hash as usize % SHARD_SLOTS) & !1;
+        let now = self.nanos(Instant::now());
+        let (fingerprint, shard, first) = self.slot(key);
         let cells = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
         cells[first..first + 2]
             .iter()
