@@ -242,14 +242,6 @@ fn help_lists_every_setting_and_default() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Spawns the binary and waits until it logs that it listens.
 fn spawn(args: &[&str], envs: &[(&str, &str)]) -> (Child, BufReader<std::process::ChildStderr>) {
     let mut child = bin()

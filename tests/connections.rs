@@ -321,14 +321,6 @@ fn bin() -> Command {
     c
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Spawns the binary with at most `nofile` open files; returns it once it listens. Its stderr
 /// is drained on a thread (and collected) so logging never blocks it.
 fn spawn_limited(nofile: u32, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {

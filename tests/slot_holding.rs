@@ -40,32 +40,6 @@ async fn start(fake: &FakeChatwoot, slots: usize, tweak: impl FnOnce(&mut Config
     start_proxy(cfg).await
 }
 
-/// Upstream requests holding a slot now, from the proxy's own gauge.
-async fn in_flight(proxy: &ProxyHandle) -> f64 {
-    metric(
-        &metrics_text(proxy).await,
-        "chatwoot_cache_upstream_in_flight",
-    )
-}
-
-/// Polls `cond` every 100 ms until it holds or `limit` passes.
-async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(ms(100)).await;
-    }
-}
-
 /// Polite cache misses (a new conversation each time, so never a hit) until one is served
 /// `200 MISS`; returns how long that took, or `None` after `limit`.
 async fn polite_miss_served(
@@ -75,7 +49,7 @@ async fn polite_miss_served(
 ) -> Option<Duration> {
     static NEXT: AtomicU64 = AtomicU64::new(10_000);
     let start = Instant::now();
-    let served = eventually(limit, || async {
+    let served = poll_until(limit, ms(100), || async {
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         fake.add_conversation(1, id, "1765182000.482917");
         let r = conv(proxy, 1, id, "admin-token").await;
@@ -128,8 +102,8 @@ async fn h2_zero_window_streams_release_their_slots() {
         }
     }
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            in_flight(&proxy).await >= 4.0
+        poll_until(Duration::from_secs(20), ms(100), || async {
+            upstream_in_flight(&proxy).await >= 4.0
         })
         .await,
         "the zero-window streams hold every slot"
@@ -143,8 +117,8 @@ async fn h2_zero_window_streams_release_their_slots() {
         attacked.elapsed()
     );
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            in_flight(&proxy).await == 0.0
+        poll_until(Duration::from_secs(20), ms(100), || async {
+            upstream_in_flight(&proxy).await == 0.0
         })
         .await,
         "no slot left held"
@@ -491,8 +465,8 @@ async fn a_trickling_upload_is_cut_off_and_an_honest_one_is_not() {
         "{honest_answer}"
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            in_flight(&proxy).await == 0.0
+        poll_until(Duration::from_secs(10), ms(100), || async {
+            upstream_in_flight(&proxy).await == 0.0
         })
         .await,
         "the trickle's slot is freed"
@@ -542,8 +516,8 @@ async fn a_client_that_stops_reading_http1_holds_no_slot() {
         .await;
         let _unread = stop_reading_after_head(&proxy, "/stream?chunks=8&delay_ms=0").await;
         assert!(
-            eventually(Duration::from_secs(10), || async {
-                in_flight(&proxy).await == 0.0
+            poll_until(Duration::from_secs(10), ms(100), || async {
+                upstream_in_flight(&proxy).await == 0.0
             })
             .await,
             "a body read whole from the upstream holds no slot"
@@ -557,7 +531,7 @@ async fn a_client_that_stops_reading_http1_holds_no_slot() {
     let proxy = start(&fake, 1, |c| c.client_header_timeout = OBSERVED_LIMIT).await;
     let mut unread = stop_reading_after_head(&proxy, "/stream?chunks=8192&delay_ms=0").await;
     assert!(
-        in_flight(&proxy).await >= 1.0,
+        upstream_in_flight(&proxy).await >= 1.0,
         "the unread 8 MiB body holds the only slot"
     );
     let waited = polite_miss_served(&fake, &proxy, Duration::from_secs(30)).await;

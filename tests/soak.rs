@@ -37,14 +37,6 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A connection to `addr` from the loopback address `127.0.0.{from}` (all of 127.0.0.0/8 is
 /// local on Linux). Each attacker has its own address, as a real attack would: from one
 /// address, fair shares alone would cap them and the soak could not show slot starvation.

@@ -11,31 +11,6 @@ use http::Method;
 use http_body_util::{BodyExt, Full};
 use support::*;
 
-/// Polls `cond` every 10 ms until it holds; false if `limit` passes first.
-async fn wait_until_async<F, Fut>(limit: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn upstream_in_flight(proxy: &ProxyHandle) -> f64 {
-    metric(
-        &metrics_text(proxy).await,
-        "chatwoot_cache_upstream_in_flight",
-    )
-}
-
 /// An https upstream that accepts TCP but never answers the TLS handshake is a connect failure:
 /// `502 bad_gateway` (LOCAL) once `--upstream-connect-timeout` (300 ms) passes — not a wait for
 /// the much longer `--upstream-timeout`.
@@ -120,9 +95,11 @@ async fn upstream_stalling_mid_body_errors_the_client_body() {
         "partial bytes were streamed"
     );
     assert!(
-        wait_until_async(Duration::from_secs(2), || async {
-            upstream_in_flight(&proxy).await == 0.0
-        })
+        poll_until(
+            Duration::from_secs(2),
+            Duration::from_millis(10),
+            || async { upstream_in_flight(&proxy).await == 0.0 }
+        )
         .await,
         "the upstream slot is released after the stall"
     );
@@ -154,9 +131,11 @@ async fn chunked_upstream_body_cut_off_is_an_error_for_the_client() {
         result.map(|b| b.to_bytes().len()).unwrap_or(0)
     );
     assert!(
-        wait_until_async(Duration::from_secs(2), || async {
-            upstream_in_flight(&proxy).await == 0.0
-        })
+        poll_until(
+            Duration::from_secs(2),
+            Duration::from_millis(10),
+            || async { upstream_in_flight(&proxy).await == 0.0 }
+        )
         .await,
         "the upstream slot is released"
     );

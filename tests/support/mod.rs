@@ -229,6 +229,41 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Upstream requests holding a slot now, from the proxy's own gauge.
+pub async fn upstream_in_flight(proxy: &ProxyHandle) -> f64 {
+    metric(
+        &metrics_text(proxy).await,
+        "chatwoot_cache_upstream_in_flight",
+    )
+}
+
+/// Polls `cond` every `every` until it holds; false if `limit` passes first.
+pub async fn poll_until<F, Fut>(limit: Duration, every: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// A CA and a `localhost`/127.0.0.1 leaf signed by it (PEM strings).
 pub struct TestPki {
     pub ca_pem: String,

@@ -2,7 +2,7 @@
 //! on a free loopback port, without persistence, and stops it by PID (on drop too).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ impl RedisServer {
 
     fn start_with(tls: Option<[PathBuf; 3]>) -> RedisServer {
         for _ in 0..5 {
-            let port = free_port();
+            let port = super::free_port();
             let mut server = RedisServer {
                 port,
                 child: None,
@@ -215,12 +215,6 @@ impl Drop for RedisServer {
         }
         self.kill();
     }
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// Waits (generously) until `proxy` uses Redis and is subscribed to the bus.
