@@ -207,6 +207,14 @@ impl ResponseBody {
         }
     }
 
+    /// A body that may be absent (a cache render: `None` for HEAD and 304), moved in as is.
+    pub fn optional(bytes: Option<Bytes>) -> Self {
+        ResponseBody {
+            kind: Kind::Full(bytes.filter(|b| !b.is_empty())),
+            guard: None,
+        }
+    }
+
     pub fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
             kind: Kind::Upstream(Box::new(body)),

@@ -19,7 +19,8 @@
 //!   [`webhook`] admits deliveries (head checks, size and concurrency caps, replay window).
 //! - [`reload`]: SIGHUP and file-change reloads of certificates, secrets and tunables;
 //!   [`live`] is the holder every reloadable setting is read through.
-//! - [`metrics`], [`access_log`], [`error`], [`body`], [`config`]: supporting pieces.
+//! - [`metrics`], [`access_log`], [`error`], [`body`], [`config`], [`hop_by_hop`]: supporting
+//!   pieces.
 #![forbid(unsafe_code)]
 
 pub mod access_log;
@@ -30,6 +31,7 @@ pub mod cache;
 pub mod client_io;
 pub mod config;
 pub mod error;
+pub mod hop_by_hop;
 pub mod invalidation;
 pub mod listener;
 pub mod live;

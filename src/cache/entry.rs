@@ -23,7 +23,6 @@ use tokio::time::Instant;
 use super::coding::{self, Coding};
 use super::decimal::Decimal;
 use super::head::{self, Shape};
-use crate::body::ResponseBody;
 
 /// A positive (stored 200) or negative (remembered 404 / non-token 401) answer.
 ///
@@ -422,7 +421,8 @@ impl Entry {
 
     /// Renders `form` of the entry. `head` drops the body; `not_modified` renders a 304.
     /// `X-Cache` is left to the caller, which stamps it on every answer (`proxy::finish`), into
-    /// the block's slot.
+    /// the block's slot. The body is `None` for a HEAD or a 304 and the form's shared bytes
+    /// otherwise: the cache knows no body type, the caller moves it into its own.
     pub fn render(
         &self,
         form: Form<'_>,
@@ -430,11 +430,11 @@ impl Entry {
         cache_status: HeaderValue,
         head: bool,
         not_modified: bool,
-    ) -> Response<ResponseBody> {
+    ) -> Response<Option<Bytes>> {
         let age = small_number(self.age(now).as_secs());
         let headers = self.form_headers(form, [None, Some(age), Some(cache_status)]);
         if not_modified {
-            let mut r = Response::new(ResponseBody::empty());
+            let mut r = Response::new(None);
             *r.status_mut() = StatusCode::NOT_MODIFIED;
             let h = r.headers_mut();
             // RFC 9110 §15.4.5: the validator and caching headers, no representation metadata
@@ -456,12 +456,9 @@ impl Entry {
         let (body, content_length) = if head {
             // hyper derives Content-Length from the body; a HEAD answer has none, so the GET
             // body's length is stated here.
-            (
-                ResponseBody::empty(),
-                Some(HeaderValue::from(form.body_len)),
-            )
+            (None, Some(HeaderValue::from(form.body_len)))
         } else {
-            (ResponseBody::full(form.body()), None)
+            (Some(form.body()), None)
         };
         let mut r = Response::new(body);
         *r.status_mut() = self.status;

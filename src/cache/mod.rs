@@ -614,6 +614,44 @@ mod tests {
     use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
 
+    /// The seam of issue 12: cache semantics know no HTTP-side type (bodies, the upstream
+    /// client, the proxy), so the store and its admission rules can be reasoned about and tested
+    /// alone. A `use crate::{body, ..}` group counts too.
+    #[test]
+    fn the_cache_imports_nothing_from_the_http_side() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cache");
+        let mut offenders = Vec::new();
+        for file in std::fs::read_dir(&dir).expect("src/cache") {
+            let path = file.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("source");
+            // Code only, whitespace removed, so a `use crate::{\n    body,` group reads as one run.
+            let flat: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .flat_map(str::chars)
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            // The first module of each path below `crate::`, of each item of a `{..}` group.
+            let modules = flat.split("crate::").skip(1).flat_map(|rest| {
+                let items: Vec<&str> = match rest.strip_prefix('{') {
+                    Some(group) => group.split('}').next().unwrap_or("").split(',').collect(),
+                    None => vec![rest],
+                };
+                items.into_iter().map(|item| {
+                    item.split(|c: char| !c.is_alphanumeric() && c != '_')
+                        .next()
+                        .unwrap_or("")
+                })
+            });
+            for module in modules {
+                if matches!(module, "body" | "upstream" | "proxy") {
+                    offenders.push(format!("{} uses crate::{module}", path.display()));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "{offenders:#?}");
+    }
+
     fn policy() -> CachePolicy {
         CachePolicy {
             ttl: Duration::from_secs(10),

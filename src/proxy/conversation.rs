@@ -714,7 +714,9 @@ fn render(
     }
     let not_modified = entry.not_modified_for(form, req.headers());
     Answer {
-        response: entry.render(form, now, cache_status, head, not_modified),
+        response: entry
+            .render(form, now, cache_status, head, not_modified)
+            .map(ResponseBody::optional),
         cache: xcache,
         upstream_status: None,
     }

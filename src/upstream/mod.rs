@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, Progress, RequestBody};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::LocalError;
+use crate::hop_by_hop::is_hop_by_hop;
 use crate::live::Live;
 use crate::metrics::{Metrics, ShedReason};
 use crate::protect::{
@@ -802,22 +803,6 @@ impl Upstream {
     }
 }
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive`/`Proxy-Connection`).
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-}
-
 /// Whether `name` is listed in any `Connection` header of `headers`.
 fn named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|v| {
@@ -881,22 +866,17 @@ pub fn strip_response_hop_by_hop(status: StatusCode, headers: &mut HeaderMap) {
     } else {
         Vec::new()
     };
-    for n in named {
-        headers.remove(&n);
-    }
-    for n in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        KEEP_ALIVE.clone(),
-        PROXY_CONNECTION.clone(),
-    ] {
-        headers.remove(&n);
-    }
-    if !switching {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+    // The listed names come from the one list (`crate::hop_by_hop`); a 101 keeps the two
+    // the switch needs.
+    let listed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            is_hop_by_hop(n) && !(switching && (*n == header::CONNECTION || *n == header::UPGRADE))
+        })
+        .cloned()
+        .collect();
+    for n in named.iter().chain(&listed) {
+        headers.remove(n);
     }
 }
 
