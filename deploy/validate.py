@@ -132,6 +132,7 @@ METRIC_LABELS = {
     "chatwoot_cache_redis_duration_seconds": {"op"},
     "chatwoot_cache_l2_requests_total": {"result"},
     "chatwoot_cache_bus_messages_total": {"direction"},
+    "chatwoot_cache_bus_subscribed": set(),
 }
 HISTOGRAMS = {
     "chatwoot_cache_request_duration_seconds",

@@ -154,7 +154,7 @@ pub enum RedisOp {
     Lease = 4,
     /// Background probe of a skipped Redis.
     Probe = 5,
-    /// Bus (re)subscription.
+    /// Bus (re)subscription, and the keep-alive PING on the subscribed connection.
     Subscribe = 6,
 }
 const REDIS_OPS: [&str; 7] = [
@@ -473,8 +473,16 @@ impl Metrics {
             &["direction"],
         )?;
         self.registry.register(Box::new(bus.clone()))?;
+        let bus_subscribed = IntGauge::new(
+            "chatwoot_cache_bus_subscribed",
+            "1 while this replica hears the invalidation bus (its subscription answers a \
+             keep-alive PING every second; one silent for max(--redis-timeout, 2s) counts as \
+             lost), 0 while it resubscribes",
+        )?;
+        self.registry.register(Box::new(bus_subscribed.clone()))?;
         Ok(SharedMetrics {
             up,
+            bus_subscribed,
             errors: REDIS_OPS
                 .iter()
                 .map(|op| errors.with_label_values(&[op]))
@@ -507,6 +515,9 @@ impl Metrics {
 /// The shared tier's metrics (SPEC 11), from [`Metrics::register_shared`].
 pub struct SharedMetrics {
     pub up: IntGauge,
+    /// Not in SPEC 11's list: the one way to see from outside that a replica is not hearing
+    /// the other replicas' invalidations.
+    pub bus_subscribed: IntGauge,
     errors: Vec<IntCounter>,
     duration: Vec<Histogram>,
     l2: Vec<IntCounter>,

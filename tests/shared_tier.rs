@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chatwoot_cache::config::RedisConfig;
 use http::Method;
-use support::redis::{RedisServer, wait_ready};
+use support::redis::{RedisRelay, RedisServer, wait_ready};
 use support::*;
 
 const SECRET: &str = "shared-tier-test-secret-0123456789abcdef";
@@ -35,10 +35,21 @@ async fn replica_tuned(
     secret: &str,
     tune: impl FnOnce(&mut chatwoot_cache::config::Config),
 ) -> ProxyHandle {
+    replica_at(fake, redis.url(), timeout, secret, tune).await
+}
+
+/// [`replica_tuned`] on the Redis at `url` (a relay in front of one).
+async fn replica_at(
+    fake: &FakeChatwoot,
+    url: String,
+    timeout: Duration,
+    secret: &str,
+    tune: impl FnOnce(&mut chatwoot_cache::config::Config),
+) -> ProxyHandle {
     let mut cfg = config(&fake.url());
     tune(&mut cfg);
     cfg.redis = Some(RedisConfig {
-        url: redis.url(),
+        url,
         ca_file: None,
         timeout,
         key_prefix: "test:".into(),
@@ -455,6 +466,63 @@ async fn a_replica_whose_subscription_drops_revalidates_before_hit() {
     );
     let first_new = first_new.unwrap_or_else(|| r.x_cache().to_string());
     assert_eq!(first_new, "MISS", "the new body came from the upstream");
+}
+
+/// A bus subscription whose connection goes silent without a FIN or RST (a NAT or conntrack
+/// entry dropped, a partition) is noticed by its keep-alive PING within seconds: the replica
+/// resubscribes and revalidates what it stored before, so a write through another replica that
+/// it never heard of is not served from its L1 as `HIT`. Only the bus connection goes silent
+/// (the relay recognises it by its `SUBSCRIBE`): the replica's data connection keeps working,
+/// so what is tested is the bus alone.
+#[tokio::test]
+async fn a_silent_bus_connection_is_noticed_and_replaced() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr()).await;
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let a = replica(&fake, &redis, t).await;
+    let b = replica_at(&fake, relay.url(), t, SECRET, |_| {}).await;
+    assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "MISS");
+    assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "HIT");
+    let shared = b.proxy.store.shared().unwrap();
+    let before = shared.subscriptions();
+    assert_eq!(relay.silence_subscribers(), 1, "B's bus connection");
+    let silenced = Instant::now();
+    // A write through A: its invalidation is published, and lost on B's silent connection.
+    let w = send(
+        Method::PATCH,
+        &a.url(CONV),
+        &[
+            ("api_access_token", "admin-token"),
+            ("content-type", "application/json"),
+        ],
+        br#"{"status":"open"}"#,
+    )
+    .await;
+    assert_eq!(w.status, 200);
+    let written = updated_at(&w);
+    // Noticed, and replaced by a new subscription (the relay passes new connections). The
+    // bound is BUS_PING_INTERVAL + max(--redis-timeout, 2 s) and a resubscription: 3.5 s; the
+    // deadline leaves a loaded CI room.
+    let deadline = silenced + Duration::from_secs(30);
+    while shared.subscriptions() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the silent subscription was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = silenced.elapsed();
+    eprintln!("silent bus noticed and replaced after {noticed:?}");
+    assert!(noticed < Duration::from_secs(20), "{noticed:?}");
+    let text = metrics_text(&b).await;
+    assert!(metric(&text, "chatwoot_cache_redis_errors_total{op=\"subscribe\"}") >= 1.0);
+    // The L1 entry from before the silence is revalidated, not served as a HIT.
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!(updated_at(&r), written, "pre-write body from L1");
+    assert!(shared.is_subscribed());
+    let text = metrics_text(&b).await;
+    assert_eq!(metric(&text, "chatwoot_cache_bus_subscribed"), 1.0);
 }
 
 /// Purge answers with the shared entries removed and every replica drops its L1 copies.

@@ -20,7 +20,10 @@
 //!   keeps serving from L2 what they changed.
 //! - **Missed messages.** When the bus subscription (re)starts, every L1 entry stored before is
 //!   invalidated locally, so it is revalidated against Redis's generations (an L2 read) or the
-//!   upstream before it is served as `HIT` again.
+//!   upstream before it is served as `HIT` again. A subscription that goes silent without
+//!   breaking (no FIN or RST: a partition, a dropped NAT entry) is found by a keep-alive PING
+//!   within [`BUS_PING_INTERVAL`] + max(`--redis-timeout`, [`BUS_PING_TIMEOUT_MIN`]) and
+//!   counts as broken.
 
 pub mod bus;
 pub mod codec;
@@ -45,6 +48,15 @@ use codec::{Codec, Gens, SharedValue};
 pub const FAILURES_TO_SKIP: u32 = 3;
 /// How often a skipped Redis is probed, and how long the bus waits before resubscribing.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the bus subscription is PINGed on its own connection (see [`Shared::listen`]).
+/// One PING a second per replica costs Redis nothing, and bounds how long a replica can go on
+/// serving entries another replica invalidated without knowing it missed the message.
+const BUS_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// The least time a bus PING may take before the subscription counts as lost (at least
+/// `--redis-timeout`): a Redis busy for a moment, or a loaded host, must not cause needless
+/// resubscriptions (each one makes every L1 entry revalidate), and a lost bus is noticed
+/// within [`BUS_PING_INTERVAL`] + this (3 s) all the same.
+const BUS_PING_TIMEOUT_MIN: Duration = Duration::from_secs(2);
 /// Deadline of the admin purge's scan (not on the request path).
 const PURGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -792,27 +804,21 @@ impl Shared {
             };
             let connect_timeout = self.timeout.max(Duration::from_secs(1));
             match tokio::time::timeout(connect_timeout, subscribed).await {
-                Ok(Ok(mut pubsub)) => {
+                Ok(Ok(pubsub)) => {
                     generations.bump_all();
-                    self.subscribed.store(true, Ordering::Release);
+                    self.set_subscribed(true);
                     self.subscriptions.fetch_add(1, Ordering::AcqRel);
                     if broken {
                         tracing::info!(
                             "invalidation bus subscribed again; entries stored before are revalidated"
                         );
                     }
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        if let Some((origin, target)) = bus::parse(msg.get_payload_bytes())
-                            && origin != self.origin
-                        {
-                            self.metrics.bus_received();
-                            generations.bump(target);
-                        }
-                    }
-                    self.subscribed.store(false, Ordering::Release);
+                    let lost = self.listen(pubsub, &generations).await;
+                    self.set_subscribed(false);
+                    self.metrics.error(RedisOp::Subscribe);
                     broken = true;
                     tracing::warn!(
+                        reason = lost,
                         "invalidation bus subscription lost; serving from L1, resubscribing"
                     );
                 }
@@ -822,6 +828,57 @@ impl Shared {
             }
             tokio::time::sleep(PROBE_INTERVAL).await;
         }
+    }
+
+    /// Applies bus messages until the subscription is lost, and says why. A subscriber only
+    /// receives, so a connection whose path went silent without a FIN or RST would look
+    /// subscribed forever while every other replica's invalidation is lost: it is PINGed every
+    /// [`BUS_PING_INTERVAL`], and one PING unanswered for max(`--redis-timeout`,
+    /// [`BUS_PING_TIMEOUT_MIN`]) ends it (a silence is noticed within the sum of the two).
+    async fn listen(&self, pubsub: redis::aio::PubSub, generations: &Generations) -> &'static str {
+        let (mut sink, mut messages) = pubsub.split();
+        let ping_timeout = self.timeout.max(BUS_PING_TIMEOUT_MIN);
+        let keepalive = async {
+            let mut tick = tokio::time::interval(BUS_PING_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate; the subscription was just confirmed.
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let start = Instant::now();
+                let pong = tokio::time::timeout(ping_timeout, sink.ping::<redis::Value>()).await;
+                self.metrics
+                    .observe(RedisOp::Subscribe, start.elapsed().as_secs_f64());
+                match pong {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return "keep-alive PING failed",
+                    Err(_) => return "keep-alive PING unanswered",
+                }
+            }
+        };
+        tokio::pin!(keepalive);
+        // Both at once: a PING in flight never holds up the messages.
+        loop {
+            tokio::select! {
+                lost = &mut keepalive => return lost,
+                msg = messages.next() => {
+                    let Some(msg) = msg else {
+                        return "connection closed";
+                    };
+                    if let Some((origin, target)) = bus::parse(msg.get_payload_bytes())
+                        && origin != self.origin
+                    {
+                        self.metrics.bus_received();
+                        generations.bump(target);
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_subscribed(&self, subscribed: bool) {
+        self.subscribed.store(subscribed, Ordering::Release);
+        self.metrics.bus_subscribed.set(i64::from(subscribed));
     }
 }
 

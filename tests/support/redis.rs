@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One `redis-server` process.
@@ -224,5 +226,117 @@ pub async fn wait_ready(proxy: &super::ProxyHandle) {
     while !(shared.is_up() && shared.is_subscribed()) {
         assert!(Instant::now() < deadline, "shared tier not ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A loopback TCP relay in front of a `redis-server`, for a replica pointed at it: it passes
+/// bytes both ways until told to make the bus connections' flows go silent.
+pub struct RedisRelay {
+    pub port: u16,
+    flows: Arc<Mutex<Vec<Arc<Flow>>>>,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+/// One relayed connection.
+#[derive(Default)]
+struct Flow {
+    /// The client sent `SUBSCRIBE`: the replica's bus connection.
+    subscriber: AtomicBool,
+    /// Silent for good: bytes are read and dropped both ways, the sockets stay open.
+    dead: AtomicBool,
+}
+
+impl RedisRelay {
+    /// Listens on a free loopback port and relays each connection to `target`.
+    pub async fn start(target: SocketAddr) -> RedisRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let flows: Arc<Mutex<Vec<Arc<Flow>>>> = Arc::default();
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (f, t) = (flows.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let flow = Arc::new(Flow::default());
+                f.lock().unwrap().push(flow.clone());
+                let (client_r, client_w) = client.into_split();
+                let (server_r, server_w) = server.into_split();
+                let up = tokio::spawn(pump(client_r, server_w, flow.clone(), true));
+                let down = tokio::spawn(pump(server_r, client_w, flow, false));
+                t.lock()
+                    .unwrap()
+                    .extend([up.abort_handle(), down.abort_handle()]);
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        RedisRelay { port, flows, tasks }
+    }
+
+    /// `redis://127.0.0.1:PORT` of the relay.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Makes every bus connection relayed so far go silent for good, both ways, its sockets
+    /// held open: what a NAT or conntrack entry dropped without a RST (or a partition that
+    /// outlives TCP) looks like to a client that only listens. Other and later connections
+    /// pass. Returns how many went silent.
+    pub fn silence_subscribers(&self) -> usize {
+        let flows = self.flows.lock().unwrap();
+        let mut n = 0;
+        for flow in flows.iter() {
+            if flow.subscriber.load(Ordering::Acquire) {
+                flow.dead.store(true, Ordering::Release);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for RedisRelay {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Copies one direction of a flow (`from_client`: client to server) until EOF, dropping the
+/// bytes instead once the flow is dead.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    flow: Arc<Flow>,
+    from_client: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if flow.dead.load(Ordering::Acquire) {
+            continue;
+        }
+        if from_client
+            && buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
+            flow.subscriber.store(true, Ordering::Release);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    if !flow.dead.load(Ordering::Acquire) {
+        let _ = to.shutdown().await;
+    } else {
+        // A dead flow never tells the other side anything: hold its socket open.
+        std::future::pending::<()>().await;
     }
 }
