@@ -360,7 +360,7 @@ pub struct Cli {
     )]
     pub redis_url: Option<String>,
 
-    /// CA bundle that verifies a rediss:// server (instead of the system roots)
+    /// CA bundle that verifies a rediss:// server, trusted in addition to the system roots
     #[arg(long, env = "CHATWOOT_CACHE_REDIS_CA_FILE", value_name = "PEM")]
     pub redis_ca_file: Option<String>,
 
@@ -1142,8 +1142,8 @@ fn with_origin(id: &str, raw: &Raw, problem: String) -> ConfigError {
     ConfigError::invalid(&flag(id), problem)
 }
 
-/// `--redis-ca-file` must hold at least one PEM certificate: it replaces the trusted roots,
-/// so an empty or garbled file would make every handshake fail and Redis silently unused.
+/// `--redis-ca-file` must hold at least one PEM certificate: an empty or garbled file is a
+/// mistake (it adds nothing to the system's roots), refused rather than silently ignored.
 fn check_redis_ca_file(path: &std::path::Path) -> Result<(), ConfigError> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let pem = std::fs::read(path).map_err(|source| ConfigError::Io {
@@ -1156,7 +1156,7 @@ fn check_redis_ca_file(path: &std::path::Path) -> Result<(), ConfigError> {
         Ok(certs) if !certs.is_empty() => Ok(()),
         _ => Err(ConfigError::invalid(
             "redis-ca-file",
-            "holds no PEM certificate (it replaces the trusted roots for rediss://)",
+            "holds no PEM certificate (it should name the CA that signed Redis's certificate)",
         )),
     }
 }

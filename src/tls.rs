@@ -70,6 +70,64 @@ pub fn client_config(
     })
 }
 
+/// The trust roots for `rediss://` with `--redis-ca-file`, as one PEM bundle: `ca_pem` (the
+/// file) followed by the system's roots. redis-rs trusts only the bundle it is handed, in place
+/// of the system's roots; SPEC 11 says the file *adds* a CA, so the system's roots go into the
+/// bundle too. A system root rustls cannot use as a trust anchor is left out (redis-rs would
+/// refuse the whole bundle for it), and an unreadable system store leaves just the file.
+pub fn redis_root_bundle(ca_pem: &[u8]) -> Vec<u8> {
+    let native = rustls_native_certs::load_native_certs();
+    if !native.errors.is_empty() {
+        tracing::warn!(
+            errors = native.errors.len(),
+            "some system trust roots could not be read; rediss:// trusts --redis-ca-file and the rest"
+        );
+    }
+    root_bundle(ca_pem, &native.certs)
+}
+
+/// `ca_pem`, then each of `system` that rustls accepts as a trust anchor, PEM-encoded.
+fn root_bundle(ca_pem: &[u8], system: &[CertificateDer<'_>]) -> Vec<u8> {
+    let mut out = ca_pem.to_vec();
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    let mut check = RootCertStore::empty();
+    for cert in system {
+        if check.add(cert.clone().into_owned()).is_ok() {
+            out.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+            for line in base64(cert.as_ref()).as_bytes().chunks(64) {
+                out.extend_from_slice(line);
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b"-----END CERTIFICATE-----\n");
+        }
+    }
+    out
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for PEM.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// The client certificate presented to `https://` upstreams (`--upstream-client-cert-file`,
 /// `--upstream-client-key-file`).
 #[derive(Debug)]
@@ -303,6 +361,61 @@ fn parse_der_time(tag: u8, t: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), expected, "{input}");
+        }
+        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    /// The bundle keeps the file's CA and adds every usable system root, each parsing back to
+    /// the same DER; a system certificate rustls cannot anchor on is left out.
+    #[test]
+    fn redis_root_bundle_adds_the_file_to_the_system_roots() {
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.self_signed(&key).unwrap()
+        };
+        let (file_ca, sys1, sys2) = (ca("file"), ca("system 1"), ca("system 2"));
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let system = [sys1.der().clone(), garbage, sys2.der().clone()];
+        let bundle = root_bundle(file_ca.pem().as_bytes(), &system);
+        let parsed: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            parsed,
+            vec![
+                file_ca.der().clone(),
+                sys1.der().clone(),
+                sys2.der().clone()
+            ]
+        );
+        let mut store = RootCertStore::empty();
+        for cert in parsed {
+            store.add(cert).unwrap();
+        }
+        assert_eq!(store.len(), 3);
+        // A file without a final newline still yields separate PEM blocks.
+        let trimmed = file_ca.pem().trim_end().to_owned();
+        let bundle = root_bundle(trimmed.as_bytes(), &system[..1]);
+        assert_eq!(CertificateDer::pem_slice_iter(&bundle).count(), 2);
+    }
 
     #[test]
     fn der_times() {

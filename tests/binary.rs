@@ -641,3 +641,79 @@ async fn sighup_reloads_the_config_file() {
         failed[0]
     );
 }
+
+/// `--redis-ca-file` adds a CA to the system's trusted roots (SPEC 11), it does not replace
+/// them: Redis's certificate is signed by a CA only the system store holds (`SSL_CERT_FILE`,
+/// which the system store reads), the file names an unrelated CA, and Redis is used. The
+/// control run, with the signing CA nowhere, never gets Redis up.
+#[tokio::test]
+async fn redis_ca_file_adds_to_the_system_roots() {
+    let pki = test_pki();
+    let other = test_pki();
+    let dir = temp_dir("redis-ca-adds");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (cert, key, ca) = (
+        write("cert.pem", &pki.cert_pem),
+        write("key.pem", &pki.key_pem),
+        write("ca.pem", &pki.ca_pem),
+    );
+    let unrelated = write("unrelated-ca.pem", &other.ca_pem);
+    let empty_dir = dir.join("no-certs");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let redis = support::redis::RedisServer::start_tls(cert.as_ref(), key.as_ref(), ca.as_ref());
+    let fake = FakeChatwoot::start().await;
+    // Waits for the first probe's verdict; 1.0 when Redis came up.
+    let redis_up = |system_roots: &str| {
+        let a = free_port();
+        let (mut child, _err) = spawn(
+            &[
+                "--upstream",
+                &fake.url(),
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+                "--admin-listen",
+                &format!("127.0.0.1:{a}"),
+                "--redis-url",
+                &redis.url(),
+                "--redis-ca-file",
+                &unrelated,
+                "--redis-timeout",
+                "2s",
+                "--scope-secret",
+                "0123456789abcdef0123456789abcdef-test",
+            ],
+            &[
+                ("SSL_CERT_FILE", system_roots),
+                ("SSL_CERT_DIR", empty_dir.to_str().unwrap()),
+            ],
+        );
+        async move {
+            let metrics = format!("http://127.0.0.1:{a}/metrics");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let verdict = loop {
+                let text = get(&metrics, None).await.text();
+                if metric(&text, "chatwoot_cache_redis_up") == 1.0 {
+                    break 1.0;
+                }
+                if metric(&text, "chatwoot_cache_redis_errors_total{op=\"probe\"}") >= 1.0 {
+                    break 0.0;
+                }
+                assert!(Instant::now() < deadline, "no probe verdict: {text}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let _ = child.kill();
+            let _ = child.wait();
+            verdict
+        }
+    };
+    assert_eq!(redis_up(&ca).await, 1.0, "the system's CA is still trusted");
+    assert_eq!(
+        redis_up(&unrelated).await,
+        0.0,
+        "control: no CA signs Redis"
+    );
+}

@@ -296,10 +296,11 @@ impl Shared {
     ) -> Result<Arc<Shared>, SharedError> {
         let client = match &cfg.ca_file {
             Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|source| SharedError::CaFile {
+                let ca_pem = std::fs::read(path).map_err(|source| SharedError::CaFile {
                     path: path.display().to_string(),
                     source,
                 })?;
+                let root_cert = crate::tls::redis_root_bundle(&ca_pem);
                 redis::Client::build_with_tls(
                     cfg.url.as_str(),
                     redis::TlsCertificates {
