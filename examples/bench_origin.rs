@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! bench_origin origin --listen 127.0.0.1:PORT [--delay-ms N] [--threads N] [--probe-account A]
-//! bench_origin floor  --listen 127.0.0.1:PORT [--threads N]
+//! bench_origin floor  --listen 127.0.0.1:PORT [--threads N] [--encoding gzip]
 //! bench_origin burst  --url http://127.0.0.1:PORT/path --token T [--n 2000] [--timeout-ms 30000]
 //! bench_origin walk   --base http://127.0.0.1:PORT [--account 1] [--tokens 1] [--convs 100]
 //!                     [--concurrency 64]
@@ -22,7 +22,11 @@
 //!   `If-None-Match` gets `304`. `GET .../conversations/{c}/messages` answers the same bytes (a
 //!   forwarded, never cached route for the pass-through workload). Both need the
 //!   `api_access_token` header (else Chatwoot's devise `401`). Rendered bodies are memoised per
-//!   path, so the origin costs little CPU. `GET /__count` returns the request counters as JSON
+//!   path, so the origin costs little CPU. A request whose `Accept-Encoding` accepts gzip gets the
+//!   body gzip-compressed the way chatwoot-cache stores it (libdeflate level 1, so the bytes are
+//!   identical: see [`gzip_like_the_proxy`]), with `Content-Encoding: gzip` and `Vary:
+//!   Accept-Encoding` (as Rack::Deflater answers; memoised too): the peer caches of
+//!   `benches/load.sh` store and serve these bytes to gzip clients. `GET /__count` returns the request counters as JSON
 //!   (the `/__count` requests themselves are not counted); `--delay-ms` delays every counted
 //!   answer (to make concurrent requests overlap). `connections` counts accepted connections
 //!   (the `/__count` connections included).
@@ -33,7 +37,9 @@
 //!   does not count as workload.
 //! - `floor`: the same server stack answering every request with one prebuilt conversation
 //!   response (the origin's body and header set) from memory, no parsing, no checks: the floor
-//!   a caching proxy's hit path is compared with.
+//!   a caching proxy's hit path is compared with. With `--encoding gzip`, the origin's gzip
+//!   answer instead (the same compressed bytes, plus `Content-Encoding` and `Vary`), whatever
+//!   the request asks: the floor of a gzip client's hit.
 //! - `burst`: opens N keep-alive connections, waits until all are connected, then sends one GET
 //!   on each at the same moment and waits for every answer. Prints one JSON line with status and
 //!   `X-Cache` counts. Exit code 0 only if every request got a `200`.
@@ -73,7 +79,7 @@ static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 fn usage() -> ! {
     eprintln!(
         "usage:\n  bench_origin origin --listen ADDR [--delay-ms N] [--threads N] [--probe-account A]\n  \
-         bench_origin floor --listen ADDR [--threads N]\n  \
+         bench_origin floor --listen ADDR [--threads N] [--encoding gzip]\n  \
          bench_origin burst --url URL --token T [--n N] [--timeout-ms MS]\n  \
          bench_origin walk --base URL [--account A] [--tokens T] [--convs C] [--concurrency N] [--accept-encoding V]\n  \
          bench_origin flood --base URL [--duration-ms D] [--ramp-ms R] [--flood-connections N] [--flood-interval-ms I] [--polite P] [--polite-interval-ms I] [--first-conv C] [--timeout-ms T]"
@@ -129,7 +135,12 @@ fn main() {
                 });
                 let template = Template::new();
                 if args.mode == "floor" {
-                    serve_floor(listener, template).await
+                    let gzip = match args.get("encoding") {
+                        None | Some("identity") => false,
+                        Some("gzip") => true,
+                        Some(_) => usage(),
+                    };
+                    serve_floor(listener, template, gzip).await
                 } else {
                     let delay = Duration::from_millis(args.num("delay-ms", 0));
                     let probe_account = args
@@ -296,13 +307,52 @@ fn conversation_response(
     r
 }
 
-async fn serve_floor(listener: TcpListener, template: Template) -> i32 {
+/// `body` as chatwoot-cache stores it for gzip clients (`src/cache/coding.rs`: libdeflate at
+/// level 1, one-shot), so a peer cache fed by the origin holds the very bytes the proxy serves
+/// (benches/load.sh checks that the sizes agree).
+fn gzip_like_the_proxy(body: &[u8]) -> Bytes {
+    let level = libdeflater::CompressionLvl::new(1).expect("level 1");
+    let mut compressor = libdeflater::Compressor::new(level);
+    let mut out = vec![0; compressor.gzip_compress_bound(body.len())];
+    let n = compressor.gzip_compress(body, &mut out).expect("gzip");
+    out.truncate(n);
+    Bytes::from(out)
+}
+
+/// The headers that turn a conversation response into its gzip representation (Rack::Deflater's).
+fn mark_gzip(headers: &mut http::HeaderMap) {
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+}
+
+/// Whether an `Accept-Encoding` value accepts gzip: a `gzip` element without `q=0` (enough for
+/// the benchmark's clients and the peer caches' normalised values).
+fn accepts_gzip(headers: &http::HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|element| {
+            let mut parts = element.split(|&b| b == b';');
+            let coding = parts.next().unwrap_or_default().trim_ascii();
+            let zero_weight = parts.any(|p| {
+                let p = std::str::from_utf8(p.trim_ascii()).unwrap_or_default();
+                p.get(..2).is_some_and(|k| k.eq_ignore_ascii_case("q="))
+                    && p[2..].parse::<f64>().is_ok_and(|q| q == 0.0)
+            });
+            coding.eq_ignore_ascii_case(b"gzip") && !zero_weight
+        })
+    })
+}
+
+async fn serve_floor(listener: TcpListener, template: Template, gzip: bool) -> i32 {
     // The response as a cache replays it: the same header set, the values of one fetch, built
     // once; a request clones the header map and shares the body.
-    let (body, etag) = template.render(1, 1, 0);
-    let headers = conversation_response(body.clone(), etag, request_id_and_runtime(1))
+    let (mut body, etag) = template.render(1, 1, 0);
+    let mut headers = conversation_response(body.clone(), etag, request_id_and_runtime(1))
         .headers()
         .clone();
+    if gzip {
+        body = gzip_like_the_proxy(&body);
+        mark_gzip(&mut headers);
+    }
     serve_loop(listener, move |_req| {
         let mut r = Response::new(Full::new(body.clone()));
         *r.headers_mut() = headers.clone();
@@ -330,6 +380,8 @@ struct Origin {
     template: Template,
     /// (version, body, ETag) per conversation.
     memo: RwLock<HashMap<(u64, u64), Rendered>>,
+    /// (version, gzip body) per conversation, for clients that accept gzip.
+    gzip_memo: RwLock<HashMap<(u64, u64), (u64, Bytes)>>,
     /// Versions of the conversations written so far (absent: 0).
     versions: RwLock<HashMap<(u64, u64), u64>>,
     counters: Counters,
@@ -359,6 +411,21 @@ impl Origin {
             memo.insert((a, c), (version, body.clone(), etag.clone()));
         }
         (body, etag)
+    }
+
+    /// The gzip form of `body` (conversation (a, c) at `version`), compressed once.
+    fn gzip_body(&self, a: u64, c: u64, version: u64, body: &[u8]) -> Bytes {
+        if let Some((v, gz)) = self.gzip_memo.read().unwrap().get(&(a, c))
+            && *v == version
+        {
+            return gz.clone();
+        }
+        let gz = gzip_like_the_proxy(body);
+        let mut memo = self.gzip_memo.write().unwrap();
+        if memo.len() < MEMO_LIMIT || memo.contains_key(&(a, c)) {
+            memo.insert((a, c), (version, gz.clone()));
+        }
+        gz
     }
 
     /// A write to (a, c): its next version.
@@ -453,7 +520,16 @@ impl Origin {
             return r;
         }
         let n = self.counters.total.load(Ordering::Relaxed);
+        let gzip = accepts_gzip(req.headers());
+        let body = if gzip {
+            self.gzip_body(a, c, version, &body)
+        } else {
+            body
+        };
         let mut r = conversation_response(body, etag, request_id_and_runtime(n));
+        if gzip {
+            mark_gzip(r.headers_mut());
+        }
         if version > 0 {
             r.headers_mut()
                 .insert(VERSION_HEADER, HeaderValue::from(version));
@@ -495,6 +571,7 @@ async fn serve_origin(
     let origin = Arc::new(Origin {
         template,
         memo: RwLock::new(HashMap::new()),
+        gzip_memo: RwLock::new(HashMap::new()),
         versions: RwLock::new(HashMap::new()),
         counters: Counters::default(),
         delay,

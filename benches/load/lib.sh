@@ -180,7 +180,10 @@ start_nginx() {
 # Per-request logging is off for every target (nginx access_log off, chatwoot-cache --log-level
 # warn); Varnish's equivalent is its shared-memory log (VSL, ~40 records per hit), so the
 # per-request and per-fetch records are masked with vsl_mask (errors such as FetchError,
-# VCL_Error and Error are still logged).
+# VCL_Error and Error are still logged). http_gzip_support is off: the VCL keys objects by the
+# client's Accept-Encoding class and asks the origin for that class (its gzip bytes are the ones
+# chatwoot-cache stores), so Varnish replays each representation as stored, as nginx does;
+# with it on, Varnish would fetch gzip for every client and gunzip it on each identity hit.
 VARNISH_VSL_MASK=-Begin,-End,-Link,-Timestamp,-ReqStart,-ReqMethod,-ReqURL,-ReqProtocol,-ReqHeader
 VARNISH_VSL_MASK+=,-ReqUnset,-ReqAcct,-RespProtocol,-RespStatus,-RespReason,-RespHeader,-RespUnset
 VARNISH_VSL_MASK+=,-VCL_call,-VCL_return,-Hit,-Filters,-BereqMethod,-BereqURL,-BereqProtocol
@@ -200,7 +203,7 @@ start_varnish() {
     start_bg varnish varnishd -F -n "$dir/workdir" -a "127.0.0.1:$port" -T none \
         -f "$dir/bench.vcl" -s malloc,4G \
         -p thread_pools=2 -p thread_pool_min=100 -p thread_pool_max=1000 \
-        -p vsl_mask="$VARNISH_VSL_MASK"
+        -p http_gzip_support=off -p vsl_mask="$VARNISH_VSL_MASK"
     # shellcheck disable=SC2034 # used by the scripts
     VARNISH_PID=$LAST_PID
     wait_http "http://127.0.0.1:$port/"
@@ -229,7 +232,8 @@ children_of() {
 cpu_ticks() {
     local total=0 pid line fields
     for pid in "$@"; do
-        read -r line <"/proc/$pid/stat" 2>/dev/null || continue
+        # (a process that has exited meanwhile, e.g. nginx's cache loader, counts nothing)
+        { read -r line <"/proc/$pid/stat"; } 2>/dev/null || continue
         # fields after "(comm)": state(3) ... utime(14) stime(15), numbered as in proc(5)
         read -ra fields <<<"${line##*) }"
         total=$((total + fields[11] + fields[12]))

@@ -3,18 +3,22 @@
 and the plot. Only numbers from the given file are used: never compare across runs.
 
     report.py line  RAW                 one-line summary of the last row (progress)
-    report.py table RAW MACHINE OUT.md [WARM]
-                                        markdown table + issue-5 ratios (+ the cold fill from
-                                        WARM); exit 3 if a run had non-200 answers or socket errors
+    report.py fill-line FILL            one-line summary of the last stored-miss round (progress)
+    report.py table RAW MACHINE OUT.md [WARM [FILL]]
+                                        markdown table + issue-5 and issue-15 ratios (+ the cold
+                                        fill from WARM, the stored-miss rounds from FILL); exit 3
+                                        if a run had non-200 answers, answers in the wrong coding
+                                        or socket errors
     report.py plot  RAW OUT.png         throughput / p99 / CPU per request (needs matplotlib)
 """
 
 import json
 import sys
 
-WORKLOAD_ORDER = ["hit", "miss", "mixed", "many"]
+WORKLOAD_ORDER = ["hit", "hit-gzip", "miss", "mixed", "many"]
 WORKLOAD_LABEL = {
     "hit": "hit",
+    "hit-gzip": "hit, gzip clients",
     "miss": "miss (pass-through)",
     "mixed": "mixed 90/10",
     "many": "many tokens",
@@ -58,7 +62,7 @@ def derive(r):
     )
     e = w["errors"]
     d["socket_errors"] = e["connect"] + e["read"] + e["write"] + e["timeout"]
-    d["bad"] = w["non200"] + w["empty200"] + d["socket_errors"]
+    d["bad"] = w["non200"] + w["empty200"] + w.get("wrong_encoding", 0) + d["socket_errors"]
     measured = r["server_ticks"] + (0 if own_origin else r["origin_ticks"]) + r["wrk_cpu_s"] * tck
     capacity = wall_s * tck * r["ncpu"]
     d["wrk_cpu_pct"] = 100.0 * r["wrk_cpu_s"] / wall_s / r["ncpu"] if wall_s else 0.0
@@ -108,7 +112,12 @@ def aggregate(rows):
             "uses_origin": rs[0]["uses_origin"],
             "origin_requests": sum(r["origin_requests"] for r in rs),
             "origin_connections": sum(r.get("origin_connections", 0) for r in rs),
-            "non200": sum(r["wrk"]["non200"] + r["wrk"]["empty200"] for r in rs),
+            # answers in the wrong coding (wrk.lua) count as non-200: the run is invalid
+            "non200": sum(
+                r["wrk"]["non200"] + r["wrk"]["empty200"] + r["wrk"].get("wrong_encoding", 0) for r in rs
+            ),
+            "min_body": min((r["wrk"].get("min_body", 0) for r in rs), default=0),
+            "max_body": max((r["wrk"].get("max_body", 0) for r in rs), default=0),
             "socket_errors": sum(r["socket_errors"] for r in rs),
             "wrk_cpu_pct": 100.0 * wrk_s / wall_s / ncpu if wall_s else 0.0,
             "other_cpu_pct": max(0.0, 100.0 * (busy - measured) / capacity) if capacity else 0.0,
@@ -149,8 +158,114 @@ def ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
-def table(raw, machine_path, out, warm_path=None):
-    rows = aggregate(load(raw))
+def round_ratios(raw_rows, workload, a, b, key):
+    """key(a) / key(b) in each round both were measured in (the targets of one round run back
+    to back): the per-round ratios, in round order."""
+    by = {}
+    for r in raw_rows:
+        if r["workload"] == workload:
+            by[(r["target"], r.get("round", 1))] = r
+    out = []
+    for (target, rnd), ra in sorted(by.items(), key=lambda kv: kv[0][1]):
+        rb = by.get((b, rnd))
+        if target == a and rb is not None:
+            v = ratio(ra[key], rb[key])
+            if v is not None:
+                out.append(v)
+    return out
+
+
+def spread(xs):
+    """'median (min–max, n rounds)' of per-round values."""
+    if not xs:
+        return "n/a"
+    return f"{median(xs):.2f}x ({min(xs):.2f}–{max(xs):.2f}, {len(xs)} rounds)"
+
+
+def load_fill(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                n = max(r["walk"]["requests"], 1)
+                tck = r["clk_tck"]
+                wall_s = r["wall_ns"] / 1e9
+                r["cpu_us"] = r["server_ticks"] / tck * 1e6 / n
+                r["origin_cpu_us"] = r["origin_ticks"] / tck * 1e6 / n
+                r["rps"] = n / wall_s if wall_s else 0.0
+                measured = r["server_ticks"] + r["origin_ticks"]
+                capacity = wall_s * tck * r["ncpu"]
+                # the walk client's CPU is not measured apart: "other" includes it here
+                r["other_cpu_pct"] = (
+                    max(0.0, 100.0 * (r["machine_busy_ticks"] - measured) / capacity) if capacity else 0.0
+                )
+                r["ok"] = r["walk"]["ok_200"] == r["walk"]["requests"] and not r["walk"]["errors"]
+                r["misses"] = r["walk"]["x_cache"].get("MISS", 0)
+                rows.append(r)
+    return rows
+
+
+def fill_line(path):
+    r = load_fill(path)[-1]
+    print(
+        f"  fill #{r['round']} {r['kind']:<8} {r['target']:<15} {fmt_int(r['walk']['requests'])} req "
+        f"{fmt_int(r['rps']):>7} req/s  {r['cpu_us']:.1f} µs CPU/req (origin {r['origin_cpu_us']:.1f})"
+        f"  X-Cache {r['walk']['x_cache']}  all 200: {'yes' if r['ok'] else 'NO'}  other CPU {r['other_cpu_pct']:.0f}%"
+    )
+
+
+def fill_section(path, m):
+    """The stored-miss rounds: per client kind and target, median and range over the rounds;
+    chatwoot-cache / nginx per round. Returns (lines, ratio summaries, invalid)."""
+    rows = load_fill(path)
+    if not rows:
+        return [], {}, False
+    L = []
+    L.append(
+        f"Stored misses (issue 15): {m.get('rounds', '?')} rounds; in each, for each client kind and target "
+        f"(rotated order), {m.get('fill_tokens', '?')} tokens x {m.get('convs', '?')} conversations of an account "
+        "nothing requested before, all stored misses (`bench_origin walk`, same concurrency as wrk). "
+        "Median over the rounds, range in brackets:"
+    )
+    L.append("")
+    L.append(
+        "| clients | target | requests per round | req/s | µs CPU/req (server) | µs CPU/req (origin) "
+        "| all 200, all MISS | other CPU (incl. the client) |"
+    )
+    L.append("|---|---|---:|---:|---:|---:|---|---:|")
+    invalid = False
+    summary = {}
+    for kind in ("identity", "gzip"):
+        for target in ("nginx-cache", "varnish", "chatwoot-cache"):
+            rs = [r for r in rows if r["kind"] == kind and r["target"] == target]
+            if not rs:
+                continue
+            ok = all(r["ok"] and r["misses"] == r["walk"]["requests"] for r in rs)
+            invalid = invalid or not ok
+            cpu = [r["cpu_us"] for r in rs]
+            org = [r["origin_cpu_us"] for r in rs]
+            rps = [r["rps"] for r in rs]
+            L.append(
+                f"| {kind} | {TARGET_LABEL.get(target, target)} | {fmt_int(rs[0]['walk']['requests'])} "
+                f"| {fmt_int(median(rps))} ({fmt_int(min(rps))}–{fmt_int(max(rps))}) "
+                f"| **{median(cpu):.1f}** ({min(cpu):.1f}–{max(cpu):.1f}) "
+                f"| {median(org):.1f} ({min(org):.1f}–{max(org):.1f}) "
+                f"| {'yes' if ok else '**no: INVALID**'} | {median([r['other_cpu_pct'] for r in rs]):.0f}% |"
+            )
+        by = {(r["target"], r["round"]): r for r in rows if r["kind"] == kind}
+        per_round = [
+            ratio(by[("chatwoot-cache", rnd)]["cpu_us"], by[("nginx-cache", rnd)]["cpu_us"])
+            for (t, rnd) in sorted(by, key=lambda k: k[1])
+            if t == "chatwoot-cache" and ("nginx-cache", rnd) in by
+        ]
+        summary[kind] = [x for x in per_round if x is not None]
+    return L, summary, invalid
+
+
+def table(raw, machine_path, out, warm_path=None, fill_path=None):
+    raw_rows = load(raw)
+    rows = aggregate(raw_rows)
     try:
         with open(machine_path) as f:
             m = json.load(f)
@@ -163,7 +278,7 @@ def table(raw, machine_path, out, warm_path=None):
         )
     )
     L = []
-    L.append("# chatwoot-cache load benchmark (issue 5)")
+    L.append("# chatwoot-cache load benchmark (issues 5 and 15)")
     L.append("")
     L.append(
         f"Machine: {m.get('nproc', '?')} CPUs, {m.get('cpu_model', '?')}, kernel {m.get('kernel', '?')}. "
@@ -182,9 +297,9 @@ def table(raw, machine_path, out, warm_path=None):
     L.append("")
     L.append(
         "| workload | target | req/s (median) | req/s range | p50 ms | p99 ms | µs CPU/req (server) | µs CPU/req (origin) "
-        "| origin reqs (new conns) | non-200 / socket errors | wrk CPU | other CPU |"
+        "| origin reqs (new conns) | body bytes | non-200 / socket errors | wrk CPU | other CPU |"
     )
-    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         origin_cpu = f"{r['origin_cpu_us']:.1f}" if r["origin_cpu_us"] is not None else "–"
         origin_reqs = (
@@ -199,7 +314,8 @@ def table(raw, machine_path, out, warm_path=None):
             f"| {WORKLOAD_LABEL.get(r['workload'], r['workload'])} "
             f"| {TARGET_LABEL.get(r['target'], r['target'])} "
             f"| {fmt_int(r['rps'])} | {fmt_int(r['rps_min'])}–{fmt_int(r['rps_max'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_us']:.1f} "
-            f"| {origin_cpu} | {origin_reqs} | {bad} | {r['wrk_cpu_pct']:.0f}% | {r['other_cpu_pct']:.0f}% |"
+            f"| {origin_cpu} | {origin_reqs} | {fmt_int(r['min_body'])}–{fmt_int(r['max_body'])} "
+            f"| {bad} | {r['wrk_cpu_pct']:.0f}% | {r['other_cpu_pct']:.0f}% |"
         )
     L.append("")
 
@@ -209,29 +325,76 @@ def table(raw, machine_path, out, warm_path=None):
     hf = find(rows, "hit", "floor")
     mp = find(rows, "miss", "chatwoot-cache")
     mn = find(rows, "miss", "nginx-pass")
+    gp = find(rows, "hit-gzip", "chatwoot-cache")
+    gn = find(rows, "hit-gzip", "nginx-cache")
+    gv = find(rows, "hit-gzip", "varnish")
+    gf = find(rows, "hit-gzip", "floor")
+    # (name, pooled value, op, goal, per-round ratios)
+    rr = lambda wl, a, b, key: round_ratios(raw_rows, wl, a, b, key)  # noqa: E731
     goals = [
-        ("hit throughput, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["rps"], hn["rps"]), ">=", 1.5),
-        ("hit CPU/request, chatwoot-cache / bare floor", hp and hf and ratio(hp["cpu_us"], hf["cpu_us"]), "<=", 1.3),
-        ("hit p99, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["p99_ms"], hn["p99_ms"]), "<=", None),
+        ("hit throughput, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["rps"], hn["rps"]), ">=", 1.5,
+         rr("hit", "chatwoot-cache", "nginx-cache", "rps")),
+        ("hit CPU/request, chatwoot-cache / bare floor", hp and hf and ratio(hp["cpu_us"], hf["cpu_us"]), "<=", 1.3,
+         rr("hit", "chatwoot-cache", "floor", "cpu_us")),
+        ("hit CPU/request, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["cpu_us"], hn["cpu_us"]), "<=",
+         None, rr("hit", "chatwoot-cache", "nginx-cache", "cpu_us")),
+        ("hit p99, chatwoot-cache / nginx proxy_cache", hp and hn and ratio(hp["p99_ms"], hn["p99_ms"]), "<=", None,
+         rr("hit", "chatwoot-cache", "nginx-cache", "p99_ms")),
         # issue 5's title: "beat nginx proxy_cache and Varnish on cache hits"
-        ("hit throughput, chatwoot-cache / Varnish", hp and hv and ratio(hp["rps"], hv["rps"]), ">", 1.0),
-        ("hit CPU/request, chatwoot-cache / Varnish", hp and hv and ratio(hp["cpu_us"], hv["cpu_us"]), "<=", None),
-        ("hit p99, chatwoot-cache / Varnish", hp and hv and ratio(hp["p99_ms"], hv["p99_ms"]), "<=", None),
-        ("miss CPU/request, chatwoot-cache / nginx proxy_pass", mp and mn and ratio(mp["cpu_us"], mn["cpu_us"]), "<=", 1.0),
+        ("hit throughput, chatwoot-cache / Varnish", hp and hv and ratio(hp["rps"], hv["rps"]), ">", 1.0,
+         rr("hit", "chatwoot-cache", "varnish", "rps")),
+        ("hit CPU/request, chatwoot-cache / Varnish", hp and hv and ratio(hp["cpu_us"], hv["cpu_us"]), "<=", None,
+         rr("hit", "chatwoot-cache", "varnish", "cpu_us")),
+        ("hit p99, chatwoot-cache / Varnish", hp and hv and ratio(hp["p99_ms"], hv["p99_ms"]), "<=", None,
+         rr("hit", "chatwoot-cache", "varnish", "p99_ms")),
+        ("miss CPU/request, chatwoot-cache / nginx proxy_pass", mp and mn and ratio(mp["cpu_us"], mn["cpu_us"]), "<=", 1.0,
+         rr("miss", "chatwoot-cache", "nginx-pass", "cpu_us")),
+        # issue 15: gzip clients' hits (no goal of their own: shown beside the identity goals)
+        ("gzip hit CPU/request, chatwoot-cache / bare floor (gzip)", gp and gf and ratio(gp["cpu_us"], gf["cpu_us"]),
+         "<=", None, rr("hit-gzip", "chatwoot-cache", "floor", "cpu_us")),
+        ("gzip hit throughput, chatwoot-cache / bare floor (gzip)", gp and gf and ratio(gp["rps"], gf["rps"]),
+         ">=", None, rr("hit-gzip", "chatwoot-cache", "floor", "rps")),
+        ("gzip hit CPU/request, chatwoot-cache / nginx proxy_cache", gp and gn and ratio(gp["cpu_us"], gn["cpu_us"]),
+         "<=", None, rr("hit-gzip", "chatwoot-cache", "nginx-cache", "cpu_us")),
+        ("gzip hit throughput, chatwoot-cache / nginx proxy_cache", gp and gn and ratio(gp["rps"], gn["rps"]),
+         ">=", None, rr("hit-gzip", "chatwoot-cache", "nginx-cache", "rps")),
+        ("gzip hit throughput, chatwoot-cache / Varnish", gp and gv and ratio(gp["rps"], gv["rps"]),
+         ">=", None, rr("hit-gzip", "chatwoot-cache", "varnish", "rps")),
     ]
-    L.append("Issue-5 ratios (this run only):")
+    L.append(
+        "Goal ratios (this run only). 'pooled': CPU per request pooled over all rounds, req/s of the median "
+        "round; 'per round': the ratio within each round (the targets of a round run back to back), median "
+        "and range. Goals are judged on the per-round median."
+    )
     L.append("")
-    L.append("| ratio | value | goal | met |")
-    L.append("|---|---:|---:|---|")
-    for name, v, op, goal in goals:
-        if v is None:
-            L.append(f"| {name} | n/a | {'lower is better' if goal is None else f'{op} {goal}x'} | n/a |")
+    L.append("| ratio | pooled | per round: median (range) | goal | met |")
+    L.append("|---|---:|---:|---:|---|")
+    for name, v, op, goal, per_round in goals:
+        judged = median(per_round) if per_round else v
+        pooled = "n/a" if v is None else f"{v:.2f}x"
+        if judged is None:
+            L.append(f"| {name} | n/a | n/a | {'–' if goal is None else f'{op} {goal}x'} | n/a |")
             continue
         if goal is None:
-            L.append(f"| {name} | {v:.2f}x | lower is better | (informational) |")
+            better = "higher is better" if op == ">=" else "lower is better"
+            L.append(f"| {name} | {pooled} | {spread(per_round)} | {better} | (informational) |")
             continue
-        ok = {">=": v >= goal, ">": v > goal, "<=": v <= goal}[op]
-        L.append(f"| {name} | {v:.2f}x | {op} {goal}x | {'yes' if ok else '**no**'} |")
+        ok = {">=": judged >= goal, ">": judged > goal, "<=": judged <= goal}[op]
+        L.append(f"| {name} | {pooled} | {spread(per_round)} | {op} {goal}x | {'yes' if ok else '**no**'} |")
+    fill_lines, fill_summary, fill_invalid = ([], {}, False)
+    if fill_path:
+        try:
+            fill_lines, fill_summary, fill_invalid = fill_section(fill_path, m)
+        except (OSError, ValueError, KeyError):
+            fill_lines, fill_summary, fill_invalid = ([], {}, True)
+    for kind in ("identity", "gzip"):
+        xs = fill_summary.get(kind)
+        if xs:
+            v = median(xs)
+            L.append(
+                f"| stored miss CPU/request, chatwoot-cache / nginx proxy_cache, {kind} clients | – | {spread(xs)} "
+                f"| <= 1.3x (target 1.0x) | {'yes' if v <= 1.3 else '**no**'}{' (1.0x met)' if v <= 1.0 else ''} |"
+            )
     extra = []
     for wl in ("mixed", "many"):
         p = find(rows, wl, "chatwoot-cache")
@@ -258,6 +421,9 @@ def table(raw, machine_path, out, warm_path=None):
                 warm = [json.loads(x) for x in f if x.strip()]
         except (OSError, ValueError):
             warm = []
+    if fill_lines:
+        L.append("")
+        L.extend(fill_lines)
     warm = [w for w in warm if w["tokens"] > 1]
     if warm:
         L.append("")
@@ -295,10 +461,12 @@ def table(raw, machine_path, out, warm_path=None):
         f"- chatwoot-cache: `--cache-ttl {m.get('cache_ttl', '?')} --cache-max-bytes 4GiB`; nginx: "
         f"`proxy_cache_valid 200 {m.get('cache_ttl', '?')}` (the same freshness, so no workload measures expiry), "
         "`proxy_cache_lock`, `proxy_cache_use_stale updating` + `proxy_cache_background_update` (its equivalent of "
-        "stale-while-revalidate), key `$request_method|$uri|$http_api_access_token`, 1 worker; Varnish: "
+        "stale-while-revalidate), key `$request_method|$uri|$http_api_access_token|$cwc_encoding_class`, "
+        "1 worker, its cache directory on tmpfs when the machine has /dev/shm; Varnish: "
         f"`-s malloc,4G`, `beresp.ttl = {m.get('cache_ttl', '?')}` for 200s on the conversation route "
         "(Cache-Control private/max-age=0 overridden), grace 1h (stale-while-revalidate), keep 1h, its "
-        "default request coalescing, hash `req.url` + `api_access_token`, everything else `pass` "
+        "default request coalescing, hash `req.url` + `api_access_token` + the Accept-Encoding class, "
+        "everything else `pass`, `http_gzip_support=off` "
         "(benches/load/varnish.vcl.template), per-request records of its shared-memory log masked "
         "(`vsl_mask`, its access log). "
         "'origin reqs' counts requests that reached the fake origin during the run (≈0 for a pure hit run), "
@@ -325,8 +493,16 @@ def table(raw, machine_path, out, warm_path=None):
             f"- **varnishd logged {m['varnish_restart_lines']} child panic/restart line(s)** during the run "
             "(a restarted child starts with an empty cache)."
         )
+    L.append(
+        "- hit, gzip clients: wrk sends `Accept-Encoding: gzip`; every 200 must carry `Content-Encoding: gzip` "
+        "(checked per answer; before the run, every target's answer was checked to be the origin's gzip bytes, "
+        "same size, decoding to the identity body). The floor is `bench_origin floor --encoding gzip`. nginx and "
+        "Varnish key per token and Accept-Encoding class and ask the origin for that class; they store and "
+        "replay its gzip bytes (libdeflate level 1, as chatwoot-cache stores them) and compress nothing. "
+        "'body bytes' is the smallest and largest 200 body over the rounds."
+    )
     for r in rows:
-        if r["workload"] in ("hit", "many") and r["target"] in ("nginx-cache", "varnish", "chatwoot-cache"):
+        if r["workload"] in ("hit", "hit-gzip", "many") and r["target"] in ("nginx-cache", "varnish", "chatwoot-cache"):
             other = {k: v for k, v in r["x_cache_sampled"].items() if k != "HIT"}
             if other:
                 L.append(
@@ -341,14 +517,16 @@ def table(raw, machine_path, out, warm_path=None):
     invalid = [r for r in rows if r["bad"]]
     if invalid:
         L.append(
-            "- **INVALID rows** (non-200 answers or socket errors): "
+            "- **INVALID rows** (non-200 answers, answers in the wrong coding, or socket errors): "
             + ", ".join(f"{r['workload']}/{r['target']}" for r in invalid)
         )
+    if fill_invalid:
+        L.append("- **INVALID stored-miss rounds**: not every request was a 200 stored miss (see the table).")
     L.append("")
     text = "\n".join(L)
     with open(out, "w") as f:
         f.write(text)
-    return 3 if invalid else 0
+    return 3 if invalid or fill_invalid else 0
 
 
 def plot(raw, out):
@@ -410,7 +588,10 @@ def main(argv):
     if len(argv) >= 2 and argv[0] == "line":
         line(argv[1])
         return 0
-    if len(argv) in (4, 5) and argv[0] == "table":
+    if len(argv) >= 2 and argv[0] == "fill-line":
+        fill_line(argv[1])
+        return 0
+    if len(argv) in (4, 5, 6) and argv[0] == "table":
         return table(*argv[1:])
     if len(argv) == 3 and argv[0] == "plot":
         return plot(argv[1], argv[2])

@@ -8,15 +8,22 @@
 --   BENCH_CONVS    number of conversations cycled (default 100)
 --   BENCH_ACCOUNT  account id (default 1)
 --   BENCH_ACCEPT_ENCODING  sent as Accept-Encoding when set (e.g. "gzip": a gzip client's hit)
--- Every response is checked: a status other than 200, or an empty 200 body, is counted and
--- reported, so a broken setup cannot pass for a fast one. done() prints one line
--- "BENCH_JSON {...}" with requests, duration, errors, p50/p99 and the status counts.
+-- Every response is checked: a status other than 200, an empty 200 body, or a 200 in the wrong
+-- coding (Content-Encoding other than gzip for a gzip client, any Content-Encoding for the
+-- others) is counted and reported, so a broken setup cannot pass for a fast one. done() prints
+-- one line "BENCH_JSON {...}" with requests, duration, errors, p50/p99, the status counts and
+-- the smallest and largest 200 body.
 
 local mode = os.getenv("BENCH_MODE") or "hit"
 local ntokens = tonumber(os.getenv("BENCH_TOKENS") or "1")
 local nconvs = tonumber(os.getenv("BENCH_CONVS") or "100")
 local account = tonumber(os.getenv("BENCH_ACCOUNT") or "1")
 local accept_encoding = os.getenv("BENCH_ACCEPT_ENCODING")
+-- the Content-Encoding every 200 must carry (nil: none)
+local want_encoding = nil
+if accept_encoding and string.find(string.lower(accept_encoding), "gzip", 1, true) then
+  want_encoding = "gzip"
+end
 
 local threads = {}
 local next_id = 0
@@ -39,6 +46,9 @@ local idx = 0
 -- per-thread counters (read by done() through thread:get)
 non200 = 0
 empty200 = 0
+wrong_encoding = 0
+min_body = -1
+max_body = 0
 responses = 0
 statuses = ""
 xcache = ""
@@ -94,6 +104,13 @@ function response(status, headers, body)
     return
   elseif body == nil or #body == 0 then
     empty200 = empty200 + 1
+  else
+    local n = #body
+    if min_body < 0 or n < min_body then min_body = n end
+    if n > max_body then max_body = n end
+  end
+  if (headers["content-encoding"] or headers["Content-Encoding"]) ~= want_encoding then
+    wrong_encoding = wrong_encoding + 1
   end
   status_counts[status] = (status_counts[status] or 0) + 1
   local xc = headers["x-cache"] or headers["X-Cache"] or "-"
@@ -122,11 +139,16 @@ local function merge(acc, s)
 end
 
 function done(summary, latency, requests)
-  local total_non200, total_empty, total_resp = 0, 0, 0
+  local total_non200, total_empty, total_resp, total_wrong = 0, 0, 0, 0
+  local lo, hi = -1, 0
   local st, xc = {}, {}
   for _, t in ipairs(threads) do
     total_non200 = total_non200 + (t:get("non200") or 0)
     total_empty = total_empty + (t:get("empty200") or 0)
+    total_wrong = total_wrong + (t:get("wrong_encoding") or 0)
+    local tlo, thi = t:get("min_body") or -1, t:get("max_body") or 0
+    if tlo >= 0 and (lo < 0 or tlo < lo) then lo = tlo end
+    if thi > hi then hi = thi end
     total_resp = total_resp + (t:get("responses") or 0)
     merge(st, t:get("statuses"))
     merge(xc, t:get("xcache"))
@@ -135,12 +157,13 @@ function done(summary, latency, requests)
   io.write(string.format(
     "BENCH_JSON {\"mode\":\"%s\",\"requests\":%d,\"duration_us\":%d,\"bytes\":%d," ..
     "\"errors\":{\"connect\":%d,\"read\":%d,\"write\":%d,\"status\":%d,\"timeout\":%d}," ..
-    "\"non200\":%d,\"empty200\":%d,\"responses\":%d," ..
+    "\"non200\":%d,\"empty200\":%d,\"wrong_encoding\":%d,\"responses\":%d," ..
+    "\"min_body\":%d,\"max_body\":%d," ..
     "\"p50_us\":%d,\"p90_us\":%d,\"p99_us\":%d,\"max_us\":%d," ..
     "\"statuses_sampled\":%s,\"x_cache_sampled\":%s}\n",
     mode, summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    total_non200, total_empty, total_resp,
+    total_non200, total_empty, total_wrong, total_resp, math.max(lo, 0), hi,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
     serialise(st), serialise(xc)))
 end
