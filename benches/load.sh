@@ -315,7 +315,7 @@ fill() {
     [[ $kind == gzip ]] && flags=(--accept-encoding gzip)
     pids=$($pids_fn)
     # shellcheck disable=SC2086
-    srv0=$(cpu_ticks $pids)
+    srv0=$(cpu_ticks_split $pids)
     org0=$(cpu_ticks "$ORIGIN_PID")
     m0=$(machine_ticks)
     t0=$(date +%s%N)
@@ -325,10 +325,11 @@ fill() {
     t1=$(date +%s%N)
     m1=$(machine_ticks)
     # shellcheck disable=SC2086
-    srv1=$(cpu_ticks $pids)
+    srv1=$(cpu_ticks_split $pids)
     org1=$(cpu_ticks "$ORIGIN_PID")
-    printf '{"round":%d,"kind":"%s","account":%d,"target":"%s","walk":%s,"wall_ns":%d,"server_ticks":%d,"origin_ticks":%d,"machine_busy_ticks":%d,"machine_idle_ticks":%d,"clk_tck":%d,"ncpu":%d}\n' \
-        "$round" "$kind" "$account" "$name" "$out" $((t1 - t0)) $((srv1 - srv0)) $((org1 - org0)) \
+    local user=$(( ${srv1% *} - ${srv0% *} )) sys=$(( ${srv1#* } - ${srv0#* } ))
+    printf '{"round":%d,"kind":"%s","account":%d,"target":"%s","walk":%s,"wall_ns":%d,"server_ticks":%d,"server_user_ticks":%d,"server_sys_ticks":%d,"origin_ticks":%d,"machine_busy_ticks":%d,"machine_idle_ticks":%d,"clk_tck":%d,"ncpu":%d}\n' \
+        "$round" "$kind" "$account" "$name" "$out" $((t1 - t0)) $((user + sys)) "$user" "$sys" $((org1 - org0)) \
         $(( ${m1% *} - ${m0% *} )) $(( ${m1#* } - ${m0#* } )) "$CLK_TCK" "$NCPU" >>"$FILL_RAW"
     python3 "$LOAD_DIR/report.py" fill-line "$FILL_RAW" >&2
 }

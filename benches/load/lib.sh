@@ -220,7 +220,7 @@ start_proxy() {    # start_proxy NAME ORIGIN_PORT PORT ADMIN_PORT [extra flags]
 children_of() {
     local parent=$1 f line fields
     for f in /proc/[0-9]*/stat; do
-        read -r line <"$f" 2>/dev/null || continue
+        { read -r line <"$f"; } 2>/dev/null || continue   # (it may have exited meanwhile)
         # fields after "(comm)": state ppid ...
         read -ra fields <<<"${line##*) }"
         [[ "${fields[1]}" == "$parent" ]] && { f=${f#/proc/}; echo "${f%/stat}"; }
@@ -239,6 +239,17 @@ cpu_ticks() {
         total=$((total + fields[11] + fields[12]))
     done
     echo "$total"
+}
+
+# "user system" clock ticks (utime, stime) of the given pids, all threads included.
+cpu_ticks_split() {
+    local user=0 sys=0 pid line fields
+    for pid in "$@"; do
+        { read -r line <"/proc/$pid/stat"; } 2>/dev/null || continue
+        read -ra fields <<<"${line##*) }"
+        user=$((user + fields[11])) sys=$((sys + fields[12]))
+    done
+    echo "$user $sys"
 }
 
 # "busy idle" clock ticks of the whole machine, from /proc/stat.

@@ -192,6 +192,8 @@ def load_fill(path):
                 tck = r["clk_tck"]
                 wall_s = r["wall_ns"] / 1e9
                 r["cpu_us"] = r["server_ticks"] / tck * 1e6 / n
+                r["user_us"] = r.get("server_user_ticks", 0) / tck * 1e6 / n
+                r["sys_us"] = r.get("server_sys_ticks", 0) / tck * 1e6 / n
                 r["origin_cpu_us"] = r["origin_ticks"] / tck * 1e6 / n
                 r["rps"] = n / wall_s if wall_s else 0.0
                 measured = r["server_ticks"] + r["origin_ticks"]
@@ -210,7 +212,8 @@ def fill_line(path):
     r = load_fill(path)[-1]
     print(
         f"  fill #{r['round']} {r['kind']:<8} {r['target']:<15} {fmt_int(r['walk']['requests'])} req "
-        f"{fmt_int(r['rps']):>7} req/s  {r['cpu_us']:.1f} µs CPU/req (origin {r['origin_cpu_us']:.1f})"
+        f"{fmt_int(r['rps']):>7} req/s  {r['cpu_us']:.1f} µs CPU/req (user {r['user_us']:.1f}, system "
+        f"{r['sys_us']:.1f}; origin {r['origin_cpu_us']:.1f})"
         f"  X-Cache {r['walk']['x_cache']}  all 200: {'yes' if r['ok'] else 'NO'}  other CPU {r['other_cpu_pct']:.0f}%"
     )
 
@@ -230,10 +233,10 @@ def fill_section(path, m):
     )
     L.append("")
     L.append(
-        "| clients | target | requests per round | req/s | µs CPU/req (server) | µs CPU/req (origin) "
-        "| all 200, all MISS | other CPU (incl. the client) |"
+        "| clients | target | requests per round | req/s | µs CPU/req (server) | of which user / system "
+        "| µs CPU/req (origin) | all 200, all MISS | other CPU (incl. the client) |"
     )
-    L.append("|---|---|---:|---:|---:|---:|---|---:|")
+    L.append("|---|---|---:|---:|---:|---:|---:|---|---:|")
     invalid = False
     summary = {}
     for kind in ("identity", "gzip"):
@@ -250,6 +253,7 @@ def fill_section(path, m):
                 f"| {kind} | {TARGET_LABEL.get(target, target)} | {fmt_int(rs[0]['walk']['requests'])} "
                 f"| {fmt_int(median(rps))} ({fmt_int(min(rps))}–{fmt_int(max(rps))}) "
                 f"| **{median(cpu):.1f}** ({min(cpu):.1f}–{max(cpu):.1f}) "
+                f"| {median([r['user_us'] for r in rs]):.1f} / {median([r['sys_us'] for r in rs]):.1f} "
                 f"| {median(org):.1f} ({min(org):.1f}–{max(org):.1f}) "
                 f"| {'yes' if ok else '**no: INVALID**'} | {median([r['other_cpu_pct'] for r in rs]):.0f}% |"
             )
