@@ -217,12 +217,11 @@ fn revalidation(c: &mut Criterion) {
         "if-none-match",
         fresh
             .form(true)
-            .0
             .etag()
             .expect("positive entries have an etag")
             .clone(),
     );
-    let form = fresh.form(true).0;
+    let form = fresh.form(true);
     group.bench_function("if_none_match", |b| {
         b.iter(|| black_box(fresh.not_modified_for(form, black_box(&conditional))))
     });

@@ -176,7 +176,8 @@ async fn accept_encoding_variants() {
 }
 
 /// Building a form charges the entry for it: an identity copy of a gzip entry is weighed the
-/// moment an identity client first reads it, once, and stays under the bound.
+/// moment an identity client first reads it (the entry is replaced by its copy with the
+/// identity body), once, and stays under the bound.
 #[tokio::test]
 async fn the_identity_copy_is_weighed_when_built() {
     let fake = FakeChatwoot::start().await;
@@ -200,7 +201,7 @@ async fn the_identity_copy_is_weighed_when_built() {
     assert_eq!(
         metric(&m, "chatwoot_cache_evictions_total{cause=\"replaced\"}"),
         0.0,
-        "re-weighing an entry is not an eviction"
+        "replacing an entry by its identity copy is not an eviction"
     );
 }
 

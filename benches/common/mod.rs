@@ -99,5 +99,5 @@ pub fn store_hit(store: &Store, policy: &CachePolicy, i: u64) -> http::Response<
     let entry = store.lookup(&stored_key(i), now).expect("stored");
     std::hint::black_box(policy.freshness(&entry, now));
     let status = http::HeaderValue::from_static("chatwoot-cache; hit; ttl=3600");
-    entry.render(entry.form(true).0, now, status, false, false)
+    entry.render(entry.form(true), now, status, false, false)
 }

@@ -1,18 +1,20 @@
 //! A stored answer and how it is rendered to a client.
 //!
 //! An entry keeps its body once, gzip-compressed when that is smaller (SPEC 14), and is sent in
-//! one of two *forms*: gzip (the stored bytes, `Content-Encoding: gzip`) or identity. Each form
-//! is a header block and a body, built when a client first asks for it (the fetching client's
-//! form is built with the entry) and then kept, weighed against `--cache-max-bytes`: an identity
-//! form of a gzip entry holds the decompressed body, so identity hits never decompress.
+//! one of two *forms*: gzip (the stored bytes, `Content-Encoding: gzip`) or identity. The
+//! identity form of a gzip entry needs the decompressed body: it is made when a client first
+//! asks for it (with the entry, when that is the fetching client's form), as a copy of the entry
+//! whose one buffer also holds the identity body and its ETag ([`Entry::with_identity_copy`]),
+//! which replaces it in the store and is weighed against `--cache-max-bytes`: identity hits
+//! never decompress, and the copy costs no allocation or bookkeeping of its own.
 //!
 //! Everything a hit needs is computed when a form is built (strong ETag, `Last-Modified`, the
 //! filtered header block), so a hit clones a header map, overwrites three per-request values
 //! in the slots the block starts with and shares the body `Bytes`: no JSON parsing, no hashing,
 //! no body copy, no compression.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,36 +29,34 @@ use super::head::{self, Shape};
 /// A positive (stored 200) or negative (remembered 404 / non-token 401) answer.
 ///
 /// Held compactly (issue 15): one allocation `buf` holds the stored body, the per-entry header
-/// values ([`head`]) and what only revalidation reads (digest, upstream validators,
-/// `updated_at`); the header names and static values are the interned [`Shape`].
+/// values ([`head`]), what only revalidation reads (upstream validators, `updated_at`) and,
+/// once made, the identity copy of a gzip body; the header names and static values are the
+/// interned [`Shape`].
 #[derive(Debug)]
 pub struct Entry {
     pub status: StatusCode,
     /// How `buf`'s body is kept: gzip of the identity bytes when that was smaller
     /// ([`Coding::Gzip`]), the identity bytes otherwise.
     pub coding: Coding,
-    /// Set while the store re-inserts this very entry to re-weigh it after its identity copy
-    /// was made ([`super::Store::recharge`]): that replacement is not an eviction.
-    pub(crate) recharging: AtomicBool,
+    /// Set when the store replaces this entry by its own copy with the identity form
+    /// ([`super::Store::with_identity_copy`]): that replacement is not an eviction.
+    pub(crate) superseded: AtomicBool,
     /// Length of the identity body (what a gzip body decompresses to).
     pub identity_len: u32,
     /// `buf[..body_len]` is the stored body; `buf[body_len..cold_at]` the per-entry header
-    /// values, the stored form's ETag first (positive entries); `buf[cold_at..]` the digest
-    /// (positive entries) and the upstream `ETag`, `Last-Modified` and `updated_at` text.
+    /// values, the stored form's ETag first (positive entries); `buf[cold_at..identity_at]`
+    /// the upstream `ETag`, `Last-Modified` and `updated_at` text; `buf[identity_at..]` the
+    /// identity copy of a gzip body (`identity_len` bytes, then its ETag), if made (0: not).
     body_len: u32,
     cold_at: u32,
-    /// Bytes counted against `--cache-max-bytes` besides the identity copy (see
-    /// [`Entry::weight`]).
-    pub(crate) base_weight: u32,
+    identity_at: u32,
+    /// Bytes counted against `--cache-max-bytes` (see [`Entry::weight`]).
+    weight: u32,
     /// How long moka may keep it (freshness + stale windows, or the negative TTL), in
     /// milliseconds, at most ~49 days ([`Entry::lifetime`]).
     lifetime_ms: u32,
     buf: Bytes,
     shape: Arc<Shape>,
-    /// For a gzip entry, the identity body followed by its ETag, made when an identity client
-    /// first asks for it and then kept (weighed against `--cache-max-bytes`), so identity hits
-    /// never decompress.
-    identity: OnceLock<Bytes>,
     /// Unix seconds of `Last-Modified` (from `updated_at` whole seconds), for
     /// `If-Modified-Since`; `u64::MAX` for none (`http_date` refuses it anyway).
     last_modified: u64,
@@ -75,25 +75,28 @@ pub(crate) struct Parts {
     pub status: StatusCode,
     pub coding: Coding,
     pub identity_len: usize,
-    /// The stored body, then the values region, then the cold region (see [`Entry`]).
+    /// The stored body, then the values region, then the cold region, then the identity copy
+    /// if any (see [`Entry`]).
     pub buf: Bytes,
     pub body_len: usize,
     pub cold_at: usize,
+    /// Where the identity copy starts in `buf`, if it holds one.
+    pub identity_at: Option<usize>,
     pub shape: Arc<Shape>,
     /// The shape is not interned: its heap is this entry's.
     pub private_shape: bool,
-    pub identity: Option<Bytes>,
     pub last_modified_secs: Option<u64>,
     pub stored_at: Instant,
     pub stamp: crate::invalidation::Stamp,
     pub lifetime: Duration,
 }
 
-/// One form of an entry as it is sent: the buffer its body and ETag are slices of.
+/// One form of an entry as it is sent: where its body and ETag are in the entry's buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Form<'a> {
     pub coding: Coding,
     buf: &'a Bytes,
+    body_at: usize,
     body_len: usize,
     etag: Option<(usize, usize)>,
 }
@@ -101,7 +104,7 @@ pub struct Form<'a> {
 impl Form<'_> {
     /// The body this form sends.
     pub fn body(&self) -> Bytes {
-        self.buf.slice(..self.body_len)
+        self.buf.slice(self.body_at..self.body_at + self.body_len)
     }
 
     pub fn body_len(&self) -> usize {
@@ -150,7 +153,28 @@ pub struct Heat {
     tried: std::sync::atomic::AtomicBool,
 }
 
+impl FailureMark {
+    /// The same mark, for a copy of its entry.
+    fn copy(&self) -> FailureMark {
+        use std::sync::atomic::Ordering::Relaxed;
+        FailureMark {
+            until_ms: self.until_ms.load(Relaxed).into(),
+            status: self.status.load(Relaxed).into(),
+            recoveries: self.recoveries.load(Relaxed).into(),
+        }
+    }
+}
+
 impl Heat {
+    /// The same heat, for a copy of its entry.
+    fn copy(&self) -> Heat {
+        use std::sync::atomic::Ordering::Relaxed;
+        Heat {
+            hits: self.hits.load(Relaxed).into(),
+            tried: self.tried.load(Relaxed).into(),
+        }
+    }
+
     /// Counts one fresh hit. True for exactly one hit: the first that finds the entry hot (at
     /// least `min_hits`, this one included) while `due` (its age past F × ttl).
     #[inline]
@@ -167,19 +191,19 @@ impl Heat {
 impl Entry {
     pub(crate) fn assemble(p: Parts) -> Entry {
         let private = if p.private_shape { p.shape.weight } else { 0 };
-        let base_weight = p.buf.len() + ENTRY_OVERHEAD + private;
+        let weight = p.buf.len() + ENTRY_OVERHEAD + private;
         Entry {
             status: p.status,
             coding: p.coding,
-            recharging: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
             identity_len: u32::try_from(p.identity_len).unwrap_or(u32::MAX),
             body_len: u32::try_from(p.body_len).unwrap_or(u32::MAX),
             cold_at: u32::try_from(p.cold_at).unwrap_or(u32::MAX),
-            base_weight: u32::try_from(base_weight).unwrap_or(u32::MAX),
+            identity_at: p.identity_at.map_or(0, |at| u32::try_from(at).unwrap_or(0)),
+            weight: u32::try_from(weight).unwrap_or(u32::MAX),
             lifetime_ms: u32::try_from(p.lifetime.as_millis()).unwrap_or(u32::MAX),
             buf: p.buf,
             shape: p.shape,
-            identity: p.identity.map_or_else(OnceLock::new, OnceLock::from),
             last_modified: p.last_modified_secs.unwrap_or(u64::MAX),
             stored_at: p.stored_at,
             stamp: p.stamp,
@@ -206,12 +230,11 @@ impl Entry {
         now.saturating_duration_since(self.stored_at)
     }
 
-    /// Bytes counted against `--cache-max-bytes`: the entry's buffer and bookkeeping, plus
-    /// the identity copy once made.
+    /// Bytes counted against `--cache-max-bytes`: the entry's buffer (the identity copy
+    /// included, once made), a shape of its own, and the fixed bookkeeping
+    /// ([`ENTRY_OVERHEAD`]).
     pub fn weight(&self) -> u32 {
-        let identity = self.identity.get().map_or(0, |b| b.len() + BYTES_SHARED);
-        self.base_weight
-            .saturating_add(u32::try_from(identity).unwrap_or(u32::MAX))
+        self.weight
     }
 
     /// The stored body (gzip when [`Entry::coding`] says so).
@@ -230,39 +253,46 @@ impl Entry {
     }
 
     fn values_range(&self) -> std::ops::Range<usize> {
-        let (start, end) = (self.body_len as usize, self.cold_at as usize);
-        if self.is_negative() {
-            return start..end;
-        }
-        let mut at = start;
-        match head::next_value(&self.buf[..end], &mut at) {
-            Some(_) => at..end,
-            None => start..end,
+        let end = self.cold_at as usize;
+        match self.stored_etag() {
+            Some((_, etag_end)) => etag_end..end,
+            None => self.body_len as usize..end,
         }
     }
 
-    /// The cold fields: digest (positive entries), upstream ETag, upstream Last-Modified,
-    /// `updated_at` text (empty: absent).
-    fn cold(&self) -> (Option<[u8; 16]>, [&[u8]; 3]) {
-        let mut cold = &self.buf[self.cold_at as usize..];
-        let mut digest = None;
-        if !self.is_negative()
-            && let Some((d, rest)) = cold.split_first_chunk::<16>()
-        {
-            digest = Some(*d);
-            cold = rest;
+    /// Where the stored form's ETag is in `buf` (positive entries): the first value.
+    fn stored_etag(&self) -> Option<(usize, usize)> {
+        if self.is_negative() {
+            return None;
         }
+        let mut at = self.body_len as usize;
+        head::next_value(&self.buf[..self.cold_at as usize], &mut at).map(|r| (r.start, r.end))
+    }
+
+    /// The end of the cold region: the identity copy, if any, follows it.
+    fn cold_end(&self) -> usize {
+        match self.identity_at {
+            0 => self.buf.len(),
+            at => at as usize,
+        }
+    }
+
+    /// The cold fields: upstream ETag, upstream Last-Modified, `updated_at` text (empty:
+    /// absent).
+    fn cold(&self) -> [&[u8]; 3] {
+        let cold = &self.buf[self.cold_at as usize..self.cold_end()];
         let mut at = 0;
         let mut next = || head::next_value(cold, &mut at).map_or(&[][..], |r| &cold[r]);
-        let fields = [next(), next(), next()];
-        (digest, fields)
+        [next(), next(), next()]
     }
 
     /// The first 128 bits of the stored body's SHA-256 (positive entries; for a gzip entry, of
     /// the gzip bytes, a deterministic function of the identity bytes): both forms' strong ETags
-    /// derive from it, and a revalidation compares it instead of the bytes.
+    /// derive from it, and a revalidation compares it instead of the bytes. Read back from the
+    /// stored form's ETag, which spells it in hex.
     pub fn digest(&self) -> Option<[u8; 16]> {
-        self.cold().0
+        let (start, end) = self.stored_etag()?;
+        hex_digest(self.buf.get(start + 1..end.min(start + 33))?)
     }
 
     /// The upstream's validators, replayed on revalidation.
@@ -275,7 +305,7 @@ impl Entry {
     }
 
     fn cold_value(&self, i: usize) -> Option<HeaderValue> {
-        let v = self.cold().1[i];
+        let v = self.cold()[i];
         (!v.is_empty())
             // Only the ETag (field 0) is ever packed; no header value starts with a zero byte.
             .then(|| HeaderValue::from_bytes(&super::rules::unpack_etag(v)).ok())
@@ -291,74 +321,115 @@ impl Entry {
 
     /// The JSON text of `updated_at`, if the body had one.
     pub(crate) fn updated_at_text(&self) -> Option<&[u8]> {
-        let text = self.cold().1[2];
+        let text = self.cold()[2];
         (!text.is_empty()).then_some(text)
     }
 
-    /// The identity copy of a gzip entry, if made (body, then ETag).
-    pub(crate) fn identity_copy(&self) -> Option<&Bytes> {
-        self.identity.get()
+    /// The identity body of a gzip entry, if its identity copy is made.
+    pub(crate) fn identity_copy(&self) -> Option<&[u8]> {
+        let at = self.identity_at as usize;
+        (at != 0).then(|| &self.buf[at..at + self.identity_len as usize])
     }
 
-    /// The form for a client that prefers gzip (`gzip`) or not, and whether this call made
-    /// the identity copy (the entry then weighs more: the caller has the store re-weigh it). A
-    /// client preferring gzip gets identity when the body did not compress.
-    pub fn form(&self, gzip: bool) -> (Form<'_>, bool) {
-        if self.coding == Coding::Identity || gzip {
-            let etag = if self.is_negative() {
-                None
-            } else {
-                let mut at = self.body_len as usize;
-                head::next_value(&self.buf[..self.cold_at as usize], &mut at)
-                    .map(|r| (r.start, r.end))
-            };
-            let form = Form {
-                coding: self.coding,
-                buf: &self.buf,
-                body_len: self.body_len as usize,
-                etag,
-            };
-            return (form, false);
-        }
-        let mut built = false;
-        let copy = self.identity.get_or_init(|| {
-            built = true;
-            self.make_identity_copy()
-        });
-        let len = self.identity_len as usize;
-        let form = Form {
-            coding: Coding::Identity,
-            buf: copy,
-            body_len: len.min(copy.len()),
-            etag: (copy.len() > len).then_some((len, copy.len())),
+    /// Whether sending the form for a client that prefers gzip (`gzip`) or not needs the
+    /// identity copy, not made yet ([`Entry::with_identity_copy`]).
+    pub fn lacks_form(&self, gzip: bool) -> bool {
+        !gzip && self.coding == Coding::Gzip && self.identity_at == 0
+    }
+
+    /// The form for a client that prefers gzip (`gzip`) or not. A client preferring gzip gets
+    /// identity when the body did not compress. The identity form of a gzip entry needs its
+    /// identity copy ([`Entry::lacks_form`]); without one (decompression failed, which cannot
+    /// happen for bytes this cache compressed) it is the gzip form, which says so.
+    pub fn form(&self, gzip: bool) -> Form<'_> {
+        let stored = Form {
+            coding: self.coding,
+            buf: &self.buf,
+            body_at: 0,
+            body_len: self.body_len as usize,
+            etag: self.stored_etag(),
         };
-        (form, built)
+        if gzip || self.coding == Coding::Identity || self.identity_at == 0 {
+            return stored;
+        }
+        let at = self.identity_at as usize;
+        let len = self.identity_len as usize;
+        let etag_at = at + len;
+        Form {
+            coding: Coding::Identity,
+            buf: &self.buf,
+            body_at: at,
+            body_len: len,
+            etag: (self.buf.len() > etag_at).then_some((etag_at, self.buf.len())),
+        }
     }
 
-    /// The identity body of a gzip entry followed by its strong ETag.
-    fn make_identity_copy(&self) -> Bytes {
+    /// A copy of this gzip entry whose buffer also holds the identity body and its strong ETag,
+    /// for the store to put in its place ([`super::Store::with_identity_copy`]). `None` when it
+    /// has one already, is not gzip, or (cannot happen for bytes this cache compressed) does
+    /// not decompress to its identity length.
+    pub fn with_identity_copy(&self) -> Option<Entry> {
+        if self.coding != Coding::Gzip || self.identity_at != 0 {
+            return None;
+        }
         let len = self.identity_len as usize;
-        let mut out = Vec::with_capacity(len + 34);
-        if !coding::gunzip_into(&self.buf[..self.body_len as usize], len, &mut out) {
-            // Cannot happen for bytes we compressed ourselves; the gzip bytes are at least
-            // not served as identity.
+        let mut buf = Vec::with_capacity(self.buf.len() + len + IDENTITY_ETAG_LEN);
+        buf.extend_from_slice(&self.buf);
+        let at = buf.len();
+        if !coding::gunzip_into(&self.buf[..self.body_len as usize], len, &mut buf) {
             tracing::error!("stored gzip body does not decompress to its length");
-            out.clear();
+            return None;
         }
         if let Some(digest) = self.digest() {
-            out.extend_from_slice(&etag_text(&digest, Coding::Identity));
+            buf.extend_from_slice(&etag_text(&digest, Coding::Identity));
         }
-        Bytes::from(out)
+        // The copy replaces this entry in moka, which then holds a second copy of the key.
+        let grown = buf.len() - self.buf.len() + MOKA_PER_UPDATE;
+        Some(Entry {
+            status: self.status,
+            coding: self.coding,
+            superseded: AtomicBool::new(false),
+            identity_len: self.identity_len,
+            body_len: self.body_len,
+            cold_at: self.cold_at,
+            identity_at: u32::try_from(at).ok()?,
+            weight: self
+                .weight
+                .saturating_add(u32::try_from(grown).unwrap_or(u32::MAX)),
+            lifetime_ms: self.lifetime_ms,
+            buf: Bytes::from(buf),
+            shape: self.shape.clone(),
+            last_modified: self.last_modified,
+            stored_at: self.stored_at,
+            stamp: self.stamp.clone(),
+            failure: self.failure.copy(),
+            heat: self.heat.copy(),
+        })
     }
 
-    /// The identity body (making the identity copy if needed; tests and the shared tier).
+    /// Whether this entry is `other` with its identity copy made ([`Entry::with_identity_copy`]).
+    pub fn is_identity_copy_of(&self, other: &Entry) -> bool {
+        self.identity_at != 0
+            && self.stored_at == other.stored_at
+            && self.buf[..self.cold_at as usize] == other.buf[..other.cold_at as usize]
+    }
+
+    /// The identity body (decompressed here if the entry has no identity copy; tests and
+    /// diagnostics).
     pub fn identity_body(&self) -> Bytes {
-        self.form(false).0.body()
+        if !self.lacks_form(false) {
+            return self.form(false).body();
+        }
+        coding::gunzip(
+            &self.buf[..self.body_len as usize],
+            self.identity_len as usize,
+        )
+        .unwrap_or_default()
     }
 
-    /// Takes the "being re-weighed" mark (see [`Entry::recharging`]).
-    pub(crate) fn take_recharging(&self) -> bool {
-        self.recharging.swap(false, Ordering::Relaxed)
+    /// Takes the "replaced by its identity copy" mark (see [`Entry::superseded`]).
+    pub(crate) fn take_superseded(&self) -> bool {
+        self.superseded.swap(false, Ordering::Relaxed)
     }
 
     /// Remembers that revalidating this entry failed with `fwd_status` at `now`; it is not
@@ -559,15 +630,23 @@ pub fn small_number(n: u64) -> HeaderValue {
 ///
 /// tests/memory.rs checks it with a counting global allocator: the real heap per entry beyond
 /// the bodies must stay within 768 B (issue 15) and within 1.25 x what the weight says. Not
-/// included: malloc's own per-allocation overhead (~4 allocations per entry now, ~16 B each
-/// for glibc).
+/// included: malloc's own per-allocation overhead (~10 allocations per entry with moka's,
+/// ~16 B each for glibc).
 pub const ENTRY_OVERHEAD: usize = size_of::<Entry>() + 16 + BYTES_SHARED + MOKA_PER_ENTRY;
 
 /// moka's own heap per entry (see [`ENTRY_OVERHEAD`]), rounded up.
 pub const MOKA_PER_ENTRY: usize = 300;
 
+/// What moka holds more for an entry it updated in place (an entry replaced by its identity
+/// copy, [`Entry::with_identity_copy`]): the new hash-table bucket has its own `Arc` of the
+/// key, and the entry's bookkeeping keeps the first one (tests/memory.rs measures it).
+pub const MOKA_PER_UPDATE: usize = size_of::<super::CacheKey>() + 16;
+
 /// The header `bytes` allocates for a buffer the first time a `Bytes` of it is cloned.
 pub const BYTES_SHARED: usize = 24;
+
+/// Length of an identity form's strong ETag (quotes and 32 hex digits).
+const IDENTITY_ETAG_LEN: usize = 34;
 
 /// The heap of a stored header map holding `values` values, as `rules` builds it (exact-size
 /// entries, see `head::Shape`): one slot per value (http's private
@@ -624,6 +703,23 @@ pub fn etag_text(digest: &[u8; 16], coding: Coding) -> Vec<u8> {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The 16 bytes 32 lowercase hex digits spell, if they are that.
+pub(crate) fn hex_digest(hex: &[u8]) -> Option<[u8; 16]> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
 
 /// `If-None-Match` list against one ETag, weak comparison (`W/` ignored), `*` matches.
 fn etag_list_matches(list: &[u8], etag: &[u8]) -> bool {

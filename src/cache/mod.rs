@@ -214,8 +214,8 @@ impl Store {
             .expire_after(EntryExpiry)
             .eviction_listener(move |_k, v: Arc<Entry>, cause| {
                 // Runs inline during housekeeping: counters only, never block.
-                if cause == RemovalCause::Replaced && v.take_recharging() {
-                    // The same entry re-inserted to be re-weighed: nothing left the cache.
+                if cause == RemovalCause::Replaced && v.take_superseded() {
+                    // Replaced by its own copy with the identity form: nothing left the cache.
                     return;
                 }
                 listener_metrics.eviction(match cause {
@@ -547,22 +547,37 @@ impl Store {
         }
     }
 
-    /// Re-weighs `entry` after it built a form ([`Entry::form`]): moka weighs a value only
-    /// when it is inserted, so the entry is put again, if it is still the one stored for `key`
-    /// (otherwise its extra bytes go away with it). Once per form of an entry, never per hit.
-    pub fn recharge(&self, key: &CacheKey, entry: &Arc<Entry>) {
+    /// `entry` with its identity copy made ([`Entry::with_identity_copy`]), for a client that
+    /// needs the identity form of a gzip entry without one. The copy replaces `entry` for `key`
+    /// (weighed anew: moka weighs a value only when it is inserted) if `entry` is still the one
+    /// stored; if the copy of it already is (another identity client was first), that is
+    /// returned and nothing is decompressed. Once per entry, never per hit. If no copy can be
+    /// made (cannot happen for bytes this cache compressed), `entry` itself.
+    pub fn with_identity_copy(&self, key: &CacheKey, entry: &Arc<Entry>) -> Arc<Entry> {
         use moka::ops::compute::Op;
+        let mut made = None;
         self.entries
             .entry(*key)
             .and_compute_with(|current| match current {
                 Some(current) if Arc::ptr_eq(current.value(), entry) => {
+                    let Some(copy) = entry.with_identity_copy() else {
+                        return Op::Nop;
+                    };
+                    let copy = Arc::new(copy);
                     entry
-                        .recharging
+                        .superseded
                         .store(true, std::sync::atomic::Ordering::Relaxed);
-                    Op::Put(entry.clone())
+                    made = Some(copy.clone());
+                    Op::Put(copy)
+                }
+                Some(current) if current.value().is_identity_copy_of(entry) => {
+                    made = Some(current.value().clone());
+                    Op::Nop
                 }
                 _ => Op::Nop,
             });
+        made.or_else(|| entry.with_identity_copy().map(Arc::new))
+            .unwrap_or_else(|| entry.clone())
     }
 
     /// Drops whatever is stored for `key`.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::CachePolicy;
 use super::coding::{self, Coding};
 use super::decimal::Decimal;
-use super::entry::{Entry, Parts, body_digest, etag_text};
+use super::entry::{Entry, Parts, body_digest, etag_text, hex_digest};
 use super::head::{self, Field};
 use crate::invalidation::Stamp;
 
@@ -137,7 +137,7 @@ pub fn stored_headers(upstream: &HeaderMap) -> HeaderMap {
         lifetime: std::time::Duration::ZERO,
         now: Instant::now(),
     });
-    entry.form_headers(entry.form(false).0, [None, None, None])
+    entry.form_headers(entry.form(false), [None, None, None])
 }
 
 /// The earliest time `httpdate` cannot format (10000-01-01T00:00:00Z): it panics for years
@@ -169,8 +169,8 @@ struct Build<'a> {
     digest: Option<[u8; 16]>,
     /// Upstream ETag, upstream Last-Modified, `updated_at` text (empty: absent).
     cold: [&'a [u8]; 3],
-    /// A gzip entry's identity copy (body, then its ETag), if made already.
-    identity: Option<Bytes>,
+    /// A gzip entry's identity body, when the entry is to hold its identity copy.
+    identity: Option<&'a [u8]>,
     last_modified_secs: Option<u64>,
     stamp: &'a Stamp,
     lifetime: std::time::Duration,
@@ -178,9 +178,10 @@ struct Build<'a> {
 }
 
 /// Lays an entry out in one exact-size buffer: the stored body, the per-entry header values
-/// (the stored form's ETag first), then the cold fields (see [`Entry`]). Every header value
-/// is copied: hyper parses a response's header values as slices of the connection's read
-/// buffer (~8 KiB), so keeping an upstream `HeaderValue` would keep that whole buffer alive.
+/// (the stored form's ETag first), the cold fields, then a gzip entry's identity copy if it is
+/// to have one (see [`Entry`]). Every header value is copied: hyper parses a response's
+/// header values as slices of the connection's read buffer (~8 KiB), so keeping an upstream
+/// `HeaderValue` would keep that whole buffer alive.
 fn build(b: Build<'_>) -> Entry {
     let block = head::block(b.fields, b.digest.is_some());
     let packed = pack_etag(b.cold[0]);
@@ -195,18 +196,26 @@ fn build(b: Build<'_>) -> Entry {
             .map(Vec::as_slice)
             .chain(block.values.iter().copied())
     };
-    let len = b.stored.len()
-        + head::values_len(values())
-        + b.digest.map_or(0, |d| d.len())
-        + head::values_len(cold);
+    // The identity copy: the identity body and its ETag (a gzip entry's only).
+    let identity = b
+        .identity
+        .filter(|_| b.coding == Coding::Gzip)
+        .map(|body| (body, b.digest.map(|d| etag_text(&d, Coding::Identity))));
+    let identity_len = identity.as_ref().map_or(0, |(body, etag)| {
+        body.len() + etag.as_ref().map_or(0, Vec::len)
+    });
+    let len = b.stored.len() + head::values_len(values()) + head::values_len(cold) + identity_len;
     let mut buf = Vec::with_capacity(len);
     buf.extend_from_slice(b.stored);
     head::put_values(&mut buf, values());
     let cold_at = buf.len();
-    if let Some(d) = &b.digest {
-        buf.extend_from_slice(d);
-    }
     head::put_values(&mut buf, cold);
+    let identity_at = identity.map(|(body, etag)| {
+        let at = buf.len();
+        buf.extend_from_slice(body);
+        buf.extend_from_slice(etag.as_deref().unwrap_or_default());
+        at
+    });
     debug_assert_eq!(buf.len(), len, "exact size");
     Entry::assemble(Parts {
         status: b.status,
@@ -215,9 +224,9 @@ fn build(b: Build<'_>) -> Entry {
         buf: Bytes::from(buf),
         body_len: b.stored.len(),
         cold_at,
+        identity_at,
         shape: block.shape,
         private_shape: !block.interned,
-        identity: b.identity,
         last_modified_secs: b.last_modified_secs,
         stored_at: b.now,
         stamp: b.stamp.clone(),
@@ -229,18 +238,8 @@ fn build(b: Build<'_>) -> Entry {
 /// it: a zero byte (never part of a header value) and the 16 bytes the digits spell.
 fn pack_etag(etag: &[u8]) -> Option<[u8; 17]> {
     let hex = etag.strip_prefix(b"W/\"")?.strip_suffix(b"\"")?;
-    if hex.len() != 32 {
-        return None;
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0u8; 17];
-    for (i, pair) in hex.chunks_exact(2).enumerate() {
-        out[i + 1] = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
+    out[1..].copy_from_slice(&hex_digest(hex)?);
     Some(out)
 }
 
@@ -288,8 +287,8 @@ fn upstream_validators(upstream: &HeaderMap) -> [&[u8]; 2] {
 }
 
 /// Builds a positive entry from a storable 200: the body kept gzip-compressed when that is
-/// smaller (SPEC 14), its digest taken over the bytes kept, and for a fetching client that prefers identity (`form`), the identity
-/// copy made at once from the bytes at hand.
+/// smaller (SPEC 14), its digest taken over the bytes kept, and for a fetching client that
+/// prefers identity (`form`), the identity copy made at once from the bytes at hand.
 pub fn positive_entry(
     upstream_headers: &HeaderMap,
     body: Bytes,
@@ -308,12 +307,7 @@ pub fn positive_entry(
         // well as the identity bytes' own hash would, for a sixth of the hashing (SHA-256 of
         // the identity body was ~40% of a stored miss's instructions).
         let digest = body_digest(stored);
-        let identity = (coding == Coding::Gzip && form == Coding::Identity).then(|| {
-            let mut copy = Vec::with_capacity(body.len() + 34);
-            copy.extend_from_slice(&body);
-            copy.extend_from_slice(&etag_text(&digest, Coding::Identity));
-            Bytes::from(copy)
-        });
+        let identity = (form == Coding::Identity).then_some(&body[..]);
         build(Build {
             status: StatusCode::OK,
             fields: &fields,
@@ -474,7 +468,7 @@ pub fn refreshed(
             lm.as_ref().map_or(&[][..], HeaderValue::as_bytes),
             prior.updated_at_text().unwrap_or_default(),
         ],
-        identity: prior.identity_copy().cloned(),
+        identity: prior.identity_copy(),
         last_modified_secs: prior.last_modified_secs(),
         stamp: &stamp,
         lifetime: prior.lifetime(),
@@ -626,8 +620,13 @@ mod tests {
         }
     }
 
+    /// The headers of `e`'s form for a client preferring gzip or not (the identity form of a
+    /// gzip entry from its identity copy, as the proxy renders it).
     fn headers_of_form(e: &Entry, gzip: bool) -> HeaderMap {
-        e.form_headers(e.form(gzip).0, [None, None, None])
+        match e.lacks_form(gzip).then(|| e.with_identity_copy()).flatten() {
+            Some(copy) => copy.form_headers(copy.form(gzip), [None, None, None]),
+            None => e.form_headers(e.form(gzip), [None, None, None]),
+        }
     }
 
     fn headers_of(e: &Entry) -> HeaderMap {
@@ -666,7 +665,7 @@ mod tests {
         let refreshed_entry = refreshed(&e, Some(&HeaderMap::new()), stamp(), now);
         for entry in [&e, &refreshed_entry] {
             let later = now + std::time::Duration::from_secs(7);
-            let form = entry.form(false).0;
+            let form = entry.form(false);
             let mut resp = entry.render(form, later, HeaderValue::from_static("cs"), false, false);
             assert!(
                 super::super::entry::set_render_slots(
@@ -799,7 +798,7 @@ mod tests {
     }
 
     /// The weight is the entry's one buffer (stored body, per-entry header values, cold
-    /// fields) plus the fixed overhead, and the identity copy once made.
+    /// fields, and the identity copy once made) plus the fixed overhead.
     #[test]
     fn weight_counts_the_buffer_the_identity_copy_and_overhead() {
         let (head, _) = parsed_head(HEAD);
@@ -828,7 +827,8 @@ mod tests {
         );
         // Per entry: the ETag, the request id, the date and Last-Modified (Content-Type,
         // Cache-Control and Vary are common values, in the shape), each with a length byte;
-        // the digest, the two upstream validators and `updated_at`, each with a length byte.
+        // the two upstream validators and `updated_at`, each with a length byte (the digest
+        // is the ETag's hex digits).
         let values = [
             "\"0123456789abcdef0123456789abcdef-gz\"".len(),
             HEAD[4].1.len(),
@@ -838,25 +838,62 @@ mod tests {
         .map(|n| n + 1)
         .sum::<usize>();
         // (The upstream ETag is Rails' shape: packed to 17 bytes.)
-        let cold = 16 + 17 + HEAD[3].1.len() + "1765182000.482917".len() + 3;
+        let cold = 17 + HEAD[3].1.len() + "1765182000.482917".len() + 3;
         let overhead = super::super::entry::ENTRY_OVERHEAD;
         assert!(e.identity_copy().is_none(), "made when first asked for");
+        assert!(e.lacks_form(false) && !e.lacks_form(true));
         assert_eq!(e.weight() as usize, stored.len() + values + cold + overhead);
-        let (identity, built) = e.form(false);
-        assert!(built);
+        assert_eq!(
+            e.digest(),
+            Some(body_digest(&stored)),
+            "read back from the ETag"
+        );
+        let copy = e.with_identity_copy().expect("a gzip entry without one");
+        assert!(copy.is_identity_copy_of(&e) && !e.is_identity_copy_of(&copy));
+        assert!(!copy.lacks_form(false));
+        assert!(copy.with_identity_copy().is_none(), "made once");
+        let identity = copy.form(false);
+        assert_eq!(identity.coding, Coding::Identity);
         assert_eq!(identity.body(), body);
         assert_eq!(
-            e.weight() as usize,
+            identity.etag_bytes(),
+            Some(&etag_text(&body_digest(&stored), Coding::Identity)[..])
+        );
+        assert_eq!(copy.form(true).body(), stored);
+        assert_eq!(copy.digest(), e.digest());
+        assert_eq!(
+            copy.weight() as usize,
             stored.len()
                 + values
                 + cold
                 + overhead
                 + body.len()
                 + 34
-                + super::super::entry::BYTES_SHARED,
-            "the identity copy and its ETag are counted"
+                + super::super::entry::MOKA_PER_UPDATE,
+            "the identity copy and its ETag are counted, in the same buffer, and the key moka \
+             keeps again for the replacement"
         );
-        assert!(!e.form(false).1 && !e.form(true).1, "made once");
+        // An identity client's fill makes the same entry at once.
+        let p = probe(&body, 1, 42).unwrap();
+        let filled = positive_entry(
+            &head,
+            body.clone(),
+            p,
+            stamp(),
+            &test_policy(),
+            e.stored_at,
+            Coding::Identity,
+        );
+        assert!(filled.is_identity_copy_of(&e));
+        assert_eq!(
+            filled.weight() as usize,
+            copy.weight() as usize - super::super::entry::MOKA_PER_UPDATE
+        );
+        assert_eq!(headers_of_form(&filled, false), headers_of_form(&e, false));
+        // A refresh keeps it.
+        let kept = refreshed(&filled, None, stamp(), Instant::now());
+        assert_eq!(kept.identity_copy(), Some(&body[..]));
+        assert_eq!(kept.weight(), filled.weight());
     }
 
     #[tokio::test]
@@ -900,7 +937,7 @@ mod tests {
             store.insert(key, Arc::new(e));
             let stored = store.lookup(&key, now).expect("stored");
             let resp = stored.render(
-                stored.form(false).0,
+                stored.form(false),
                 now,
                 HeaderValue::from_static("chatwoot-cache; hit"),
                 false,

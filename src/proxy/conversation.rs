@@ -697,8 +697,9 @@ fn exact_size(buf: BytesMut) -> Bytes {
     }
 }
 
-/// Renders the form of `entry` the client prefers (SPEC 14). Building a form the entry did not
-/// have yet (once per form) makes the store re-weigh it.
+/// Renders the form of `entry` the client prefers (SPEC 14). The identity form of a gzip entry
+/// without an identity copy is rendered from a copy of the entry that has one, which the store
+/// keeps in its place (once per entry).
 fn render(
     (store, key): (&Store, &CacheKey),
     entry: &Arc<Entry>,
@@ -708,10 +709,15 @@ fn render(
     cache_status: HeaderValue,
     head: bool,
 ) -> Answer {
-    let (form, built) = entry.form(coding::prefers_gzip(req.headers()));
-    if built {
-        store.recharge(key, entry);
-    }
+    let gzip = coding::prefers_gzip(req.headers());
+    let copy;
+    let entry = if entry.lacks_form(gzip) {
+        copy = store.with_identity_copy(key, entry);
+        &copy
+    } else {
+        entry
+    };
+    let form = entry.form(gzip);
     let not_modified = entry.not_modified_for(form, req.headers());
     Answer {
         response: entry
