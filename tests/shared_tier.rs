@@ -598,6 +598,44 @@ async fn cold_requests_on_three_replicas_make_one_upstream_request() {
     );
 }
 
+/// A replica whose L2 read missed, and which takes the lease only after another replica's whole
+/// fetch (stored, lease released) happened in between, serves that value instead of fetching
+/// again: the L2 value is read again once the lease is won.
+#[tokio::test]
+async fn a_value_stored_between_the_read_and_the_lease_is_served() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let relay = RedisRelay::start(redis.addr()).await;
+    relay.hold_leases();
+    let a = replica(&fake, &redis, Duration::from_secs(2)).await;
+    // B's Redis calls go through the relay; its budget outlasts A's whole request.
+    let b = replica_at(&fake, relay.url(), Duration::from_secs(30), SECRET, |_| {}).await;
+    let url = b.url(CONV);
+    let pending = tokio::spawn(async move { get(&url, Some("admin-token")).await });
+    // B read L2 (a miss) and asks for the lease; A fetches, stores and releases meanwhile.
+    relay.wait_lease_held().await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!((first.status.as_u16(), first.x_cache()), (200, "MISS"));
+    assert_eq!(fake.show_requests(), 1);
+    let released = poll_until(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async { redis.keys("test:l:*").is_empty() },
+    )
+    .await;
+    assert!(released, "A's lease was never released");
+    relay.release_leases();
+    let r = pending.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "HIT"));
+    assert!(
+        r.header("cache-status").ends_with("detail=shared"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert_eq!(r.body, first.body);
+    assert_eq!(fake.show_requests(), 1, "B fetched what A had stored");
+}
+
 /// A lease holder whose answer cannot be stored releases at once (the others fetch
 /// themselves); a lease whose holder died blocks no one longer than the lease; a waiter waits
 /// at most --upstream-timeout.

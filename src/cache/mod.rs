@@ -205,6 +205,56 @@ pub struct SharedFetch {
     _lease: Option<Lease>,
 }
 
+/// What [`Store::read_shared`] looks for in a shared value.
+struct Wanted<'a> {
+    /// The local generations read before the read, for the L1 copy.
+    stamp: &'a Stamp,
+    revalidating: bool,
+    fresh_for: Duration,
+    policy: &'a CachePolicy,
+}
+
+/// What [`Store::read_shared`]'s L2 reads found so far, for the fetch they lead to.
+#[derive(Default)]
+struct Found {
+    gens: Gens,
+    had_value: bool,
+    /// A valid shared entry past its freshness, to revalidate and to fall back on.
+    stale: Option<Arc<Entry>>,
+}
+
+impl Found {
+    /// Folds in one more L2 read of `key`: `Err` with the entry when it found a value that
+    /// answers the request (now also in L1), the updated findings otherwise.
+    fn with(
+        mut self,
+        store: &Store,
+        key: &CacheKey,
+        want: &Wanted<'_>,
+        read: L2Read,
+    ) -> Result<Found, Arc<Entry>> {
+        match read {
+            L2Read::Hit(value) => {
+                self.gens = value.gens.map(Some);
+                self.had_value = true;
+                if let Some(entry) = store.entry_from_shared(want.stamp, value, want.policy) {
+                    if store.serves(&entry, want.revalidating, want.fresh_for, want.policy) {
+                        store.insert(*key, entry.clone());
+                        return Err(entry);
+                    }
+                    self.stale = Some(entry);
+                }
+            }
+            L2Read::Miss { gens, had_value } => {
+                self.gens = gens;
+                self.had_value |= had_value;
+            }
+            L2Read::Unavailable => {}
+        }
+        Ok(self)
+    }
+}
+
 impl Store {
     pub fn new(max_bytes: u64, policy: CachePolicy, metrics: Arc<Metrics>) -> Store {
         let listener_metrics = metrics.clone();
@@ -327,59 +377,49 @@ impl Store {
             };
         };
         let policy = self.policy.load();
+        let want = Wanted {
+            stamp,
+            revalidating,
+            fresh_for,
+            policy: &policy,
+        };
         let mut budget = shared.budget();
-        let mut stale = None;
-        let (mut gens, mut had_value) = match shared.read(key, &mut budget).await {
-            L2Read::Unavailable => {
-                return SharedRead::Fetch {
-                    shared: None,
-                    stale: None,
-                };
-            }
-            L2Read::Miss { gens, had_value } => (gens, had_value),
-            L2Read::Hit(value) => {
-                let gens = value.gens.map(Some);
-                if let Some(entry) = self.entry_from_shared(stamp, value, &policy) {
-                    if self.serves(&entry, revalidating, fresh_for, &policy) {
-                        self.insert(*key, entry.clone());
-                        return SharedRead::Hit(entry);
-                    }
-                    stale = Some(entry);
-                }
-                (gens, true)
-            }
+        let read = shared.read(key, &mut budget).await;
+        if matches!(read, L2Read::Unavailable) {
+            return SharedRead::Fetch {
+                shared: None,
+                stale: None,
+            };
+        }
+        let found = match Found::default().with(self, key, &want, read) {
+            Ok(found) => found,
+            Err(entry) => return SharedRead::Hit(entry),
         };
         let mut lease = None;
-        match shared.acquire(key, &mut budget).await {
-            LeaseOutcome::Held(held) => lease = Some(held),
-            LeaseOutcome::Unavailable => {}
+        let read = match shared.acquire(key, &mut budget).await {
+            // Read with the lease: what a holder that released meanwhile stored.
+            LeaseOutcome::Held(held, read) => {
+                lease = Some(held);
+                *read
+            }
+            LeaseOutcome::Unavailable => L2Read::Unavailable,
             LeaseOutcome::Busy => {
                 // Only a value fetched after this moment's freshness horizon is the holder's.
                 let horizon = crate::shared::unix_ms_now().saturating_sub(
                     u64::try_from(policy.ttl.saturating_sub(fresh_for).as_millis())
                         .unwrap_or(u64::MAX),
                 );
-                match shared.wait_for_holder(key, horizon).await {
-                    L2Read::Hit(value) => {
-                        if let Some(entry) = self.entry_from_shared(stamp, value, &policy) {
-                            if self.serves(&entry, revalidating, fresh_for, &policy) {
-                                self.insert(*key, entry.clone());
-                                return SharedRead::Hit(entry);
-                            }
-                            stale = Some(entry);
-                        }
-                    }
-                    L2Read::Miss {
-                        gens: now,
-                        had_value: had,
-                    } => {
-                        gens = now;
-                        had_value |= had;
-                    }
-                    L2Read::Unavailable => {}
-                }
+                shared.wait_for_holder(key, horizon).await
             }
-        }
+        };
+        let Found {
+            gens,
+            had_value,
+            stale,
+        } = match found.with(self, key, &want, read) {
+            Ok(found) => found,
+            Err(entry) => return SharedRead::Hit(entry),
+        };
         if !revalidating && let Some(entry) = &stale {
             // Held like any stored entry: requests meanwhile, and stale-if-error, find it.
             self.insert(*key, entry.clone());

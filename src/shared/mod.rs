@@ -240,6 +240,9 @@ struct Health {
 /// The value (if any) and the four counters (each if it exists), as Redis returns them.
 type ReadReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
 
+/// Whether the lease was taken (`SET NX` answers `OK`), and a [`ReadReply`] made after it.
+type LeaseReply = (Option<String>, Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
+
 /// A [`ReadReply`] and whether the lease is still held.
 type PollReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>, i64);
 
@@ -531,25 +534,45 @@ impl Shared {
     }
 
     /// Takes the cross-replica fetch lease of `key` (SPEC 11: concurrent cold requests on
-    /// several replicas make one upstream request).
+    /// several replicas make one upstream request), and with it reads the value and counters
+    /// again, in the same round trip: a previous holder may have stored the value and released
+    /// between this replica's read and its lease, and fetching again would be a second upstream
+    /// request for the key.
     pub async fn acquire(self: &Arc<Self>, key: &CacheKey, budget: &mut Budget) -> LeaseOutcome {
         let lease_key = self.keys.lease(key);
+        let value_key = self.keys.value(key);
         let token = format!("{:016x}{:016x}", self.origin, self.fresh_generation());
-        let mut conn = self.conn.clone();
-        let mut set = redis::cmd("SET");
-        set.arg(&lease_key)
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&lease_key)
             .arg(&token)
             .arg("NX")
             .arg("PX")
             .arg(millis(self.lease()));
-        let taken = set.query_async::<Option<String>>(&mut conn);
-        match self.call(RedisOp::Lease, budget, taken).await {
-            Some(Some(_)) => LeaseOutcome::Held(Lease {
-                shared: self.clone(),
-                key: lease_key,
-                token,
-            }),
-            Some(None) => LeaseOutcome::Busy,
+        // Pipelined after the SET on one connection, so it sees every write made before the
+        // lease was free.
+        self.get_value(&mut pipe, &value_key)
+            .cmd("MGET")
+            .arg(&self.keys.gens(key));
+        let mut conn = self.conn.clone();
+        let reply: Option<LeaseReply> = self
+            .call(RedisOp::Lease, budget, pipe.query_async(&mut conn))
+            .await;
+        match reply {
+            Some((Some(_), raw, gens)) => {
+                let lease = Lease {
+                    shared: self.clone(),
+                    key: lease_key,
+                    token,
+                };
+                let read = self.judge(key, &value_key, raw, parse_gens(gens));
+                // Counted like a waiter's read: only when it found a value.
+                if matches!(read, L2Read::Hit(_)) {
+                    self.metrics.l2(L2Result::Hit);
+                }
+                LeaseOutcome::Held(lease, Box::new(read))
+            }
+            Some((None, _, _)) => LeaseOutcome::Busy,
             None => LeaseOutcome::Unavailable,
         }
     }
@@ -894,8 +917,9 @@ fn parse_gens(raw: Vec<Option<Vec<u8>>>) -> Gens {
 
 /// The answer to [`Shared::acquire`].
 pub enum LeaseOutcome {
-    /// This replica fetches; the lease is released when dropped.
-    Held(Lease),
+    /// This replica fetches (unless the value read with the lease answers); the lease is
+    /// released when dropped. Boxed: a value is large, and this is the cold path.
+    Held(Lease, Box<L2Read>),
     /// Another replica is fetching: [`Shared::wait_for_holder`].
     Busy,
     /// Redis did not answer: fetch without a lease.

@@ -235,6 +235,13 @@ pub struct RedisRelay {
     pub port: u16,
     flows: Arc<Mutex<Vec<Arc<Flow>>>>,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    gate: Arc<LeaseGate>,
+}
+
+/// Lease commands (`SET .. NX`) held at the relay: see [`RedisRelay::hold_leases`].
+struct LeaseGate {
+    closed: tokio::sync::watch::Sender<bool>,
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// One relayed connection.
@@ -253,7 +260,11 @@ impl RedisRelay {
         let port = listener.local_addr().unwrap().port();
         let flows: Arc<Mutex<Vec<Arc<Flow>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (f, t) = (flows.clone(), tasks.clone());
+        let gate = Arc::new(LeaseGate {
+            closed: tokio::sync::watch::channel(false).0,
+            held: tokio::sync::watch::channel(false).0,
+        });
+        let (f, t, g) = (flows.clone(), tasks.clone(), gate.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(target).await else {
@@ -263,15 +274,41 @@ impl RedisRelay {
                 f.lock().unwrap().push(flow.clone());
                 let (client_r, client_w) = client.into_split();
                 let (server_r, server_w) = server.into_split();
-                let up = tokio::spawn(pump(client_r, server_w, flow.clone(), true));
-                let down = tokio::spawn(pump(server_r, client_w, flow, false));
+                let up = tokio::spawn(pump(client_r, server_w, flow.clone(), Some(g.clone())));
+                let down = tokio::spawn(pump(server_r, client_w, flow, None));
                 t.lock()
                     .unwrap()
                     .extend([up.abort_handle(), down.abort_handle()]);
             }
         });
         tasks.lock().unwrap().push(accept.abort_handle());
-        RedisRelay { port, flows, tasks }
+        RedisRelay {
+            port,
+            flows,
+            tasks,
+            gate,
+        }
+    }
+
+    /// From now on, holds every chunk a client sends with a lease in it (`SET .. NX`) until
+    /// [`RedisRelay::release_leases`]: a test can put another replica's whole fetch between a
+    /// replica's L2 read and its lease.
+    pub fn hold_leases(&self) {
+        self.gate.closed.send_replace(true);
+    }
+
+    /// Waits (generously) until a lease is held.
+    pub async fn wait_lease_held(&self) {
+        let mut held = self.gate.held.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), held.wait_for(|h| *h))
+            .await
+            .expect("no lease reached the relay")
+            .expect("relay running");
+    }
+
+    /// Lets held leases (and later ones) through.
+    pub fn release_leases(&self) {
+        self.gate.closed.send_replace(false);
     }
 
     /// `redis://127.0.0.1:PORT` of the relay.
@@ -304,15 +341,16 @@ impl Drop for RedisRelay {
     }
 }
 
-/// Copies one direction of a flow (`from_client`: client to server) until EOF, dropping the
-/// bytes instead once the flow is dead.
+/// Copies one direction of a flow (client to server with the relay's lease gate) until EOF,
+/// dropping the bytes instead once the flow is dead.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     flow: Arc<Flow>,
-    from_client: bool,
+    gate: Option<Arc<LeaseGate>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let from_client = gate.is_some();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -328,6 +366,14 @@ async fn pump(
                 .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
         {
             flow.subscriber.store(true, Ordering::Release);
+        }
+        let lease = buf[..n].windows(6).any(|w| w == b"\r\nNX\r\n");
+        if let Some(gate) = gate.as_ref().filter(|g| lease && *g.closed.borrow()) {
+            gate.held.send_replace(true);
+            let mut closed = gate.closed.subscribe();
+            if closed.wait_for(|c| !*c).await.is_err() {
+                break;
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
