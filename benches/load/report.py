@@ -569,7 +569,8 @@ def plot(raw, out):
                             ha="center", va="bottom", fontsize=7)
                 x += 1
             ticks.append((start + x - 1) / 2)
-            labels.append(WORKLOAD_LABEL.get(w, w))
+            # two lines, so neighbouring labels do not run into each other
+            labels.append(WORKLOAD_LABEL.get(w, w).replace(", ", "\n").replace(" (", "\n("))
             x += 0.8
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, fontsize=8)
