@@ -227,13 +227,18 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>, peer: IpAddr) -> Respons
                 account,
                 conversation: c,
             };
-            proxy.store.invalidate(target, Source::Webhook).await;
+            let mut budget = proxy.store.budget();
+            proxy
+                .store
+                .invalidate(target, Source::Webhook, &mut budget)
+                .await;
             "conversation"
         }
         WebhookTarget::Account => {
+            let mut budget = proxy.store.budget();
             proxy
                 .store
-                .invalidate(Target::Account(account), Source::Webhook)
+                .invalidate(Target::Account(account), Source::Webhook, &mut budget)
                 .await;
             "account"
         }

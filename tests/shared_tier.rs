@@ -422,6 +422,36 @@ async fn redis_paused() {
     assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 1.0);
 }
 
+/// Redis paused: a request answered by a token refusal (the read before its fetch, then the
+/// refused scope's invalidation) spends one --redis-timeout on Redis in total, not one per
+/// call; the invalidation it could not make in time is retried in the background.
+#[tokio::test]
+async fn a_token_refusal_spends_one_redis_budget() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    fake.add_conversation(1, 43, "1765182000.1");
+    fake.add_user("doomed-token", "doomed", None);
+    let t = Duration::from_millis(1500);
+    let a = replica(&fake, &redis, t).await;
+    // An entry stored under the token: its scope has something to drop.
+    assert_eq!(conv(&a, 1, 42, "doomed-token").await.x_cache(), "MISS");
+    fake.revoke("doomed-token");
+    redis.pause();
+    let start = Instant::now();
+    // An L1 miss: the shared read waits for Redis, the upstream refuses the token.
+    let r = conv(&a, 1, 43, "doomed-token").await;
+    let took = start.elapsed();
+    redis.resume();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), r#"{"error":"Invalid Access Token"}"#);
+    assert!(took >= t, "the read waited for Redis: {took:?}");
+    // Two budgets would be 3 s; one and a loaded CI's slack stay under 2.6 s.
+    assert!(
+        took < t + Duration::from_millis(1100),
+        "more than one --redis-timeout: {took:?}"
+    );
+}
+
 /// A replica whose bus subscription breaks keeps serving; once resubscribed, entries stored
 /// before the break are checked against Redis's generations before they are a `HIT` again (here:
 /// an invalidation it missed meanwhile).

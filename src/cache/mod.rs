@@ -185,24 +185,33 @@ pub enum SharedRead {
     /// A valid shared entry to serve by the usual rules, now also in L1: fresh (`HIT`), or on
     /// an L1 miss within stale-while-revalidate (`STALE`, revalidated in the background).
     Hit(Arc<Entry>),
-    /// Fetch from the upstream; with Redis in use, what the write after it needs, and a valid
-    /// shared entry past its freshness to revalidate (its validators) and to fall back on when
-    /// the upstream fails (stale-if-error), as a stored entry would be.
-    Fetch {
-        shared: Option<SharedFetch>,
-        stale: Option<Arc<Entry>>,
-    },
+    /// Fetch from the upstream (what the write after it needs is now in the [`SharedFetch`]),
+    /// with a valid shared entry past its freshness, if there was one, to revalidate (its
+    /// validators) and to fall back on when the upstream fails (stale-if-error), as a stored
+    /// entry would be.
+    Fetch { stale: Option<Arc<Entry>> },
 }
 
-/// The shared tier's part of one fetch: the generations read before it (the L2 write is
-/// conditional on them) and what is left of the request's Redis budget.
+/// The shared tier's part of one fetch ([`Store::shared_fetch`]), carried from the read before
+/// it to the write or invalidation after it.
 pub struct SharedFetch {
+    /// What is left of the request's Redis time. One budget for all of a request's Redis work
+    /// (the read and lease before the fetch, the write or invalidation after it, a refused
+    /// token's scope invalidation): together it gives up after `--redis-timeout` (SPEC 11).
+    pub budget: Budget,
+    /// What the read before the fetch found; `None` when Redis was not read (not configured,
+    /// skipped, or it failed).
+    read: Option<ReadBefore>,
+    /// This replica's fetch lease, released (waking the other replicas) when the fetch is over.
+    _lease: Option<Lease>,
+}
+
+/// The shared read before a fetch.
+struct ReadBefore {
+    /// The generations read (the L2 write is conditional on them).
     gens: Gens,
     /// An (unusable or outdated) value was there: a 404 must still drop it everywhere.
     had_value: bool,
-    budget: Budget,
-    /// This replica's fetch lease, released (waking the other replicas) when the fetch is over.
-    _lease: Option<Lease>,
 }
 
 /// What [`Store::read_shared`] looks for in a shared value.
@@ -317,12 +326,30 @@ impl Store {
     /// With the shared tier, the counter in Redis is incremented and the invalidation published
     /// to every replica before this returns (within `--redis-timeout`), so a response that waits
     /// for it is only sent once other replicas can no longer serve what it changed.
-    pub async fn invalidate(&self, target: Target, source: Source) {
+    ///
+    /// `budget`: what is left of the request's Redis time ([`Store::budget`] for a request
+    /// that has no other Redis work).
+    pub async fn invalidate(&self, target: Target, source: Source, budget: &mut Budget) {
         let had_entries = self.invalidate_local(target, source);
         if let Some(shared) = &self.shared {
-            shared
-                .invalidate(target, had_entries, &mut shared.budget())
-                .await;
+            shared.invalidate(target, had_entries, budget).await;
+        }
+    }
+
+    /// A fresh Redis budget for one request: `--redis-timeout` with the shared tier, none
+    /// without (nothing uses it then).
+    pub fn budget(&self) -> Budget {
+        self.shared
+            .as_ref()
+            .map_or_else(|| Budget::new(Duration::ZERO), |s| s.budget())
+    }
+
+    /// A fetch's shared part before the shared read: the request's one Redis budget.
+    pub fn shared_fetch(&self) -> SharedFetch {
+        SharedFetch {
+            budget: self.budget(),
+            read: None,
+            _lease: None,
         }
     }
 
@@ -353,7 +380,7 @@ impl Store {
     /// read before this call), served by the usual rules (SPEC 11): fresh, or within
     /// stale-while-revalidate on an L1 miss, it answers; older (or for a revalidation, stale at
     /// all) it is revalidated upstream and served if that fails. Otherwise what the fetch's
-    /// shared write needs.
+    /// shared write needs, in `fetch` (whose budget this spends).
     ///
     /// Cold in Redis too: the first replica takes the key's lease and fetches; the others wait
     /// (at most the lease's length, `--upstream-timeout`) for the value it stores, and fetch
@@ -369,12 +396,10 @@ impl Store {
         stamp: &Stamp,
         revalidating: bool,
         fresh_for: Duration,
+        fetch: &mut SharedFetch,
     ) -> SharedRead {
         let Some(shared) = &self.shared else {
-            return SharedRead::Fetch {
-                shared: None,
-                stale: None,
-            };
+            return SharedRead::Fetch { stale: None };
         };
         let policy = self.policy.load();
         let want = Wanted {
@@ -383,20 +408,17 @@ impl Store {
             fresh_for,
             policy: &policy,
         };
-        let mut budget = shared.budget();
-        let read = shared.read(key, &mut budget).await;
+        let budget = &mut fetch.budget;
+        let read = shared.read(key, budget).await;
         if matches!(read, L2Read::Unavailable) {
-            return SharedRead::Fetch {
-                shared: None,
-                stale: None,
-            };
+            return SharedRead::Fetch { stale: None };
         }
         let found = match Found::default().with(self, key, &want, read) {
             Ok(found) => found,
             Err(entry) => return SharedRead::Hit(entry),
         };
         let mut lease = None;
-        let read = match shared.acquire(key, &mut budget).await {
+        let read = match shared.acquire(key, budget).await {
             // Read with the lease: what a holder that released meanwhile stored.
             LeaseOutcome::Held(held, read) => {
                 lease = Some(held);
@@ -424,15 +446,9 @@ impl Store {
             // Held like any stored entry: requests meanwhile, and stale-if-error, find it.
             self.insert(*key, entry.clone());
         }
-        SharedRead::Fetch {
-            shared: Some(SharedFetch {
-                gens,
-                had_value,
-                budget,
-                _lease: lease,
-            }),
-            stale,
-        }
+        fetch.read = Some(ReadBefore { gens, had_value });
+        fetch._lease = lease;
+        SharedRead::Fetch { stale }
     }
 
     /// Whether a shared entry answers without a fetch: fresh for more than `fresh_for`, or (on
@@ -476,7 +492,7 @@ impl Store {
     /// Writes a stored entry to the shared tier, conditional on the generations read before
     /// its fetch.
     async fn write_shared(&self, key: &CacheKey, entry: &Arc<Entry>, fetch: &mut SharedFetch) {
-        let Some(shared) = &self.shared else {
+        let (Some(shared), Some(read)) = (&self.shared, &fetch.read) else {
             return;
         };
         let age = u64::try_from(entry.age(Instant::now()).as_millis()).unwrap_or(u64::MAX);
@@ -489,7 +505,7 @@ impl Store {
             image,
         };
         shared
-            .write(key, &fetch.gens, value, &mut fetch.budget)
+            .write(key, &read.gens, value, &mut fetch.budget)
             .await;
     }
 
@@ -498,15 +514,16 @@ impl Store {
     /// fetch that raced an invalidation built is not kept (it is still served to the requests
     /// that were waiting on that fetch, which began before the invalidation).
     ///
-    /// With the shared tier (`shared` from [`Store::read_shared`]): a stored positive entry is
-    /// written to Redis, and an authorization answer that drops a stored `200` (here or in
-    /// Redis) invalidates the conversation on every replica.
+    /// With the shared tier (`shared` filled in by [`Store::read_shared`]): a stored positive
+    /// entry is written to Redis, and an authorization answer that drops a stored `200` (here
+    /// or in Redis) invalidates the conversation on every replica, within what is left of the
+    /// request's Redis budget.
     pub async fn apply(
         &self,
         key: CacheKey,
         admission: Admission,
         dropped_stored: bool,
-        shared: Option<&mut SharedFetch>,
+        shared: &mut SharedFetch,
     ) -> Option<Arc<Entry>> {
         use admission::Pass;
         match admission {
@@ -515,9 +532,7 @@ impl Store {
             | Admission::KeepOlder(entry) => {
                 let entry = Arc::new(entry);
                 self.insert(key, entry.clone());
-                if let Some(fetch) = shared {
-                    self.write_shared(&key, &entry, fetch).await;
-                }
+                self.write_shared(&key, &entry, shared).await;
                 Some(entry)
             }
             Admission::Negative(_) | Admission::Remove | Admission::Pass(Pass::Supersedes) => {
@@ -533,18 +548,15 @@ impl Store {
                     account: key.account,
                     conversation: key.conversation,
                 };
-                match (shared, &self.shared) {
-                    (Some(fetch), Some(tier))
-                        if dropped_stored || fetch.had_value || supersedes =>
-                    {
-                        tier.invalidate(target, true, &mut fetch.budget).await;
+                if let Some(tier) = &self.shared {
+                    // A failed read before the fetch (no `read`): Redis may hold a 200 all
+                    // the same (a skipped Redis turns this into one global invalidation later).
+                    let drop_shared = dropped_stored
+                        || supersedes
+                        || shared.read.as_ref().is_none_or(|r| r.had_value);
+                    if drop_shared {
+                        tier.invalidate(target, true, &mut shared.budget).await;
                     }
-                    // The shared read before the fetch failed: Redis may hold a 200 all the
-                    // same (a skipped Redis turns this into one global invalidation later).
-                    (None, Some(tier)) => {
-                        tier.invalidate(target, true, &mut tier.budget()).await;
-                    }
-                    _ => {}
                 }
                 let Admission::Negative(entry) = admission else {
                     return None;

@@ -442,13 +442,15 @@ impl Proxy {
                 .map_or(Duration::ZERO, |ra| ra.window),
             Via::Request(_) => Duration::ZERO,
         };
-        let (mut shared, stale) = match self
+        // One Redis budget for all of this fetch's Redis work, the token refusal's included.
+        let mut shared = self.store.shared_fetch();
+        let stale = match self
             .store
-            .read_shared(&key, &stamp, prior.is_some(), fresh_for)
+            .read_shared(&key, &stamp, prior.is_some(), fresh_for, &mut shared)
             .await
         {
             SharedRead::Hit(entry) => return FetchResult::Shared(entry),
-            SharedRead::Fetch { shared, stale } => (shared, stale),
+            SharedRead::Fetch { stale } => stale,
         };
         let now = Instant::now();
         let prior = match stale {
@@ -541,7 +543,7 @@ impl Proxy {
             && content_length(&headers).is_some_and(|n| n > max)
         {
             let decision = admit_oversized(prior.is_some(), status);
-            self.apply(key, decision, status, purpose, &failed, shared.as_mut())
+            self.apply(key, decision, status, purpose, &failed, &mut shared)
                 .await;
             return oversized(body, headers);
         }
@@ -549,7 +551,7 @@ impl Proxy {
             Ok(b) => b,
             Err(Collect::TooLarge(body)) => {
                 let decision = admit_oversized(prior.is_some(), status);
-                self.apply(key, decision, status, purpose, &failed, shared.as_mut())
+                self.apply(key, decision, status, purpose, &failed, &mut shared)
                     .await;
                 return oversized(body, headers);
             }
@@ -583,7 +585,7 @@ impl Proxy {
         };
         let decision = admission::admit(&at, status, &headers, &bytes);
         let applied = self
-            .apply(key, decision, status, purpose, &failed, shared.as_mut())
+            .apply(key, decision, status, purpose, &failed, &mut shared)
             .await;
         match applied {
             Some(result) => result,
@@ -605,7 +607,7 @@ impl Proxy {
         status: StatusCode,
         purpose: Purpose,
         failed: &(dyn Fn(u16) + Sync),
-        shared: Option<&mut SharedFetch>,
+        shared: &mut SharedFetch,
     ) -> Option<FetchResult> {
         if matches!(decision, Admission::Pass(Pass::Failure)) {
             failed(status.as_u16());
@@ -638,7 +640,7 @@ impl Proxy {
             _ => status.as_u16(),
         };
         if matches!(decision, Admission::TokenRefused) {
-            self.token_refused(key.scope).await;
+            self.token_refused(key.scope, &mut shared.budget).await;
         }
         let entry = self
             .store

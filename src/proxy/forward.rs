@@ -29,6 +29,7 @@ use crate::error::LocalError;
 use crate::invalidation::{Source, Target};
 use crate::metrics::XCache;
 use crate::routing::{self, Route, WriteTarget};
+use crate::shared::Budget;
 use crate::upstream::{ClientInfo, SendOptions, UpstreamError, strip_response_hop_by_hop};
 
 /// `POST` here rotates the caller's token (Chatwoot `ProfilesController#reset_access_token`).
@@ -205,19 +206,21 @@ impl Proxy {
         let (mut resp_parts, resp_body) = response.into_parts();
         strip_response_hop_by_hop(status, &mut resp_parts.headers);
 
+        // One Redis budget for all of this request's Redis work (SPEC 11).
+        let mut budget = self.store.budget();
         if let Some(mut w) = write.take() {
             // A definite answer: invalidate now, before the response is returned, on a 2xx
             // (on every replica, through the shared tier); nothing otherwise.
             w.armed = false;
             if status.is_success() {
                 if let Some((target, source)) = write_invalidation(parts.uri.path()) {
-                    self.store.invalidate(target, source).await;
+                    self.store.invalidate(target, source, &mut budget).await;
                 }
                 if parts.uri.path() == RESET_ACCESS_TOKEN
                     && let Some(scope) = scope
                 {
                     // The token that made this call is dead upstream from now on.
-                    self.token_refused(scope).await;
+                    self.token_refused(scope, &mut budget).await;
                 }
             }
         }
@@ -231,7 +234,7 @@ impl Proxy {
                     Ok(collected) => {
                         let bytes = collected.to_bytes();
                         if is_invalid_token_body(&bytes) {
-                            self.token_refused(scope).await;
+                            self.token_refused(scope, &mut budget).await;
                         }
                         ResponseBody::full(bytes)
                     }
@@ -253,12 +256,13 @@ impl Proxy {
 
     /// The upstream called this token invalid: refuse it locally for a while and drop every
     /// entry stored under its scope — only those (SPEC 10: random tokens cost other tokens'
-    /// entries nothing; see [`crate::invalidation`]).
-    pub(crate) async fn token_refused(&self, scope: Scope) {
+    /// entries nothing; see [`crate::invalidation`]). `budget`: what is left of the request's
+    /// Redis time.
+    pub(crate) async fn token_refused(&self, scope: Scope, budget: &mut Budget) {
         self.invalid_tokens.insert(scope);
         self.upstream.forget_token(scope);
         self.store
-            .invalidate(Target::Scope(scope), Source::TokenRefused)
+            .invalidate(Target::Scope(scope), Source::TokenRefused, budget)
             .await;
     }
 }

@@ -316,6 +316,10 @@ impl Shared {
         }
         .map_err(|e| SharedError::Url(format!("{:?}", e.kind())))?;
         let manager = ConnectionManagerConfig::new()
+            // Every call has a deadline of its own (the request's budget, the probe's, the
+            // purge's); redis-rs's default of 500 ms per response would cut a longer
+            // --redis-timeout short.
+            .set_response_timeout(None)
             .set_connection_timeout(Some(cfg.timeout.max(Duration::from_millis(500))))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
