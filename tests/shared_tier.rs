@@ -666,6 +666,63 @@ async fn a_value_stored_between_the_read_and_the_lease_is_served() {
     assert_eq!(fake.show_requests(), 1, "B fetched what A had stored");
 }
 
+/// A replica whose clock runs ahead stamps its values' fetch time in the future; readers count
+/// the age from the value key's expiry as well, so such a value is not fresh past ttl.
+#[tokio::test]
+async fn a_writer_clock_ahead_does_not_extend_freshness() {
+    use chatwoot_cache::cache::CacheKey;
+    use chatwoot_cache::shared::codec::Codec;
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_secs(2);
+    let ttl = Duration::from_secs(1);
+    let tune = move |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = ttl;
+        c.stale_while_revalidate = Duration::from_secs(60);
+    };
+    let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(first.x_cache(), "MISS");
+    // The value as a writer 1 h ahead would have written it at the same moment, under the
+    // same expiry: same bytes, fetch time + 1 h, signed with the shared secret.
+    let scope = chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token");
+    let value_key = format!("test:v:1:42:{:032x}", scope.0);
+    let key = CacheKey {
+        account: 1,
+        conversation: 42,
+        scope,
+    };
+    let codec = Codec::new(SECRET.as_bytes());
+    let raw = redis.get_raw(&value_key).expect("stored");
+    let mut value = codec
+        .decode(value_key.as_bytes(), &key, raw.into(), 1 << 22)
+        .expect("a valid value");
+    value.fetched_unix_ms += 3_600_000;
+    let skewed = codec
+        .encode(value_key.as_bytes(), &key, &value)
+        .expect("encode");
+    let reply = redis
+        .command_bytes(&[b"SET", value_key.as_bytes(), &skewed, b"KEEPTTL"])
+        .unwrap_or_default();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    // Past ttl since the write (Redis's clock and ours agree): a new replica must not call it
+    // fresh, whatever the stamp says.
+    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let r = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!(
+        (r.status.as_u16(), r.x_cache()),
+        (200, "STALE"),
+        "{}",
+        r.header("cache-status")
+    );
+    assert!(
+        r.header("age").parse::<u64>().unwrap() >= 1,
+        "age {}",
+        r.header("age")
+    );
+}
+
 /// A lease holder whose answer cannot be stored releases at once (the others fetch
 /// themselves); a lease whose holder died blocks no one longer than the lease; a waiter waits
 /// at most --upstream-timeout.

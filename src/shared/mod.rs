@@ -237,14 +237,15 @@ struct Health {
     unsettled: AtomicU32,
 }
 
-/// The value (if any) and the four counters (each if it exists), as Redis returns them.
-type ReadReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
+/// The value (if any), its key's time to live in ms (`PTTL`: negative for none) and the four
+/// counters (each if it exists), as Redis returns them.
+type ReadReply = (Option<Vec<u8>>, i64, Vec<Option<Vec<u8>>>);
 
 /// Whether the lease was taken (`SET NX` answers `OK`), and a [`ReadReply`] made after it.
-type LeaseReply = (Option<String>, Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
+type LeaseReply = (Option<String>, Option<Vec<u8>>, i64, Vec<Option<Vec<u8>>>);
 
 /// A [`ReadReply`] and whether the lease is still held.
-type PollReply = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>, i64);
+type PollReply = (Option<Vec<u8>>, i64, Vec<Option<Vec<u8>>>, i64);
 
 /// An L2 read on an L1 miss.
 #[derive(Debug)]
@@ -481,11 +482,11 @@ impl Shared {
         let reply: Option<ReadReply> = self
             .call(RedisOp::Read, budget, pipe.query_async(&mut conn))
             .await;
-        let Some((raw, gens_raw)) = reply else {
+        let Some((raw, pttl, gens_raw)) = reply else {
             self.metrics.l2(L2Result::Error);
             return L2Read::Unavailable;
         };
-        let read = self.judge(key, &value_key, raw, parse_gens(gens_raw));
+        let read = self.judge(key, &value_key, (raw, pttl), parse_gens(gens_raw));
         self.metrics.l2(match read {
             L2Read::Hit(_) => L2Result::Hit,
             _ => L2Result::Miss,
@@ -496,17 +497,31 @@ impl Shared {
     /// Adds the read of a value to `pipe`, at most one byte more than the largest value a
     /// replica stores: whatever else is under the key (a huge string written by anyone who can
     /// reach Redis) never reaches this process whole, and the part that does fails the HMAC.
+    /// Then its key's time to live, which bounds its age ([`counted_from`]).
     fn get_value<'p>(
         &self,
         pipe: &'p mut redis::Pipeline,
         value_key: &str,
     ) -> &'p mut redis::Pipeline {
         let max = codec::max_value_len(self.max_object_bytes.load(Ordering::Relaxed));
-        pipe.cmd("GETRANGE").arg(value_key).arg(0).arg(max)
+        pipe.cmd("GETRANGE")
+            .arg(value_key)
+            .arg(0)
+            .arg(max)
+            .cmd("PTTL")
+            .arg(value_key)
     }
 
-    /// Whether `raw` (the value read under `value_key`) is valid for `key` under `gens`.
-    fn judge(&self, key: &CacheKey, value_key: &str, raw: Option<Vec<u8>>, gens: Gens) -> L2Read {
+    /// Whether `raw` (the value read under `value_key`, and its key's `PTTL`) is valid for
+    /// `key` under `gens`. A valid value's fetch time is the one this replica counts its age
+    /// from ([`counted_from`]).
+    fn judge(
+        &self,
+        key: &CacheKey,
+        value_key: &str,
+        (raw, pttl): (Option<Vec<u8>>, i64),
+        gens: Gens,
+    ) -> L2Read {
         // GETRANGE answers an empty string for a missing key; a stored value is never empty.
         let Some(raw) = raw.filter(|r| !r.is_empty()) else {
             return L2Read::Miss {
@@ -520,7 +535,13 @@ impl Shared {
             Bytes::from(raw),
             self.max_object_bytes.load(Ordering::Relaxed),
         ) {
-            Ok(value) if gens.iter().zip(value.gens).all(|(g, v)| *g == Some(v)) => {
+            Ok(mut value) if gens.iter().zip(value.gens).all(|(g, v)| *g == Some(v)) => {
+                value.fetched_unix_ms = counted_from(
+                    value.fetched_unix_ms,
+                    unix_ms_now(),
+                    self.lifetime_ms.load(Ordering::Relaxed),
+                    u64::try_from(pttl).ok(),
+                );
                 L2Read::Hit(value)
             }
             Ok(_) => L2Read::Miss {
@@ -563,20 +584,20 @@ impl Shared {
             .call(RedisOp::Lease, budget, pipe.query_async(&mut conn))
             .await;
         match reply {
-            Some((Some(_), raw, gens)) => {
+            Some((Some(_), raw, pttl, gens)) => {
                 let lease = Lease {
                     shared: self.clone(),
                     key: lease_key,
                     token,
                 };
-                let read = self.judge(key, &value_key, raw, parse_gens(gens));
+                let read = self.judge(key, &value_key, (raw, pttl), parse_gens(gens));
                 // Counted like a waiter's read: only when it found a value.
                 if matches!(read, L2Read::Hit(_)) {
                     self.metrics.l2(L2Result::Hit);
                 }
                 LeaseOutcome::Held(lease, Box::new(read))
             }
-            Some((None, _, _)) => LeaseOutcome::Busy,
+            Some((None, ..)) => LeaseOutcome::Busy,
             None => LeaseOutcome::Unavailable,
         }
     }
@@ -605,10 +626,10 @@ impl Shared {
             let reply: Option<PollReply> = self
                 .call(RedisOp::Lease, &mut budget, pipe.query_async(&mut conn))
                 .await;
-            let Some((raw, gens, held)) = reply else {
+            let Some((raw, pttl, gens, held)) = reply else {
                 return L2Read::Unavailable;
             };
-            let read = self.judge(key, &value_key, raw, parse_gens(gens));
+            let read = self.judge(key, &value_key, (raw, pttl), parse_gens(gens));
             if matches!(&read, L2Read::Hit(v) if v.fetched_unix_ms >= fetched_since) {
                 self.metrics.l2(L2Result::Hit);
                 return read;
@@ -956,6 +977,19 @@ impl Drop for Lease {
     }
 }
 
+/// The fetch time (Unix ms) a reader counts a shared value's age from: the writer's stamp,
+/// `fetched`, but never later than `now` and never later than the value's key allows — the key
+/// was written with an expiry of `lifetime` (every replica's ttl + the larger stale window) at
+/// or after the fetch, so with `left` of it to go (`PTTL`, Redis's own clock) the fetch was at
+/// least `lifetime - left` ago. A writer whose clock runs ahead thus never makes a value look
+/// fresher than the time since it was written, measured by Redis and this reader: freshness is
+/// never extended past ttl. (Replicas configured with different stale windows bound it less
+/// tightly, or make values look older than they are: never fresher.)
+fn counted_from(fetched: u64, now: u64, lifetime: u64, left: Option<u64>) -> u64 {
+    let written_before = left.map_or(0, |left| lifetime.saturating_sub(left));
+    fetched.min(now.saturating_sub(written_before))
+}
+
 /// Milliseconds of `d`, at least 1 (Redis refuses `PX 0`).
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -972,6 +1006,41 @@ pub fn unix_ms_now() -> u64 {
 mod tests {
     use super::*;
     use crate::auth::Scope;
+
+    /// A writer's clock ahead (or behind) of the reader's: the age a reader counts is at least
+    /// the time since the write, as the key's expiry tells it, and never negative.
+    #[test]
+    fn a_writer_clock_ahead_never_makes_a_value_fresher() {
+        let now = 1_765_182_000_000;
+        let lifetime = 610_000; // 10 s ttl + 10 min stale-if-error
+        let ttl = 10_000;
+        // Written 12 s ago by a writer whose clock is 1 h ahead: stamped in the future.
+        let ahead = now + 3_600_000 - 12_000;
+        let from = counted_from(ahead, now, lifetime, Some(lifetime - 12_000));
+        assert_eq!(
+            now - from,
+            12_000,
+            "age from the key's expiry, not the stamp"
+        );
+        assert!(now - from >= ttl, "past ttl on the reader: not fresh");
+        // Stamped in the future but the key's expiry unknown (no PTTL): at most now.
+        assert_eq!(counted_from(ahead, now, lifetime, None), now);
+        // Same clocks: the writer's stamp (the fetch, a little before the write) stands.
+        let fetched = now - 12_050;
+        assert_eq!(
+            counted_from(fetched, now, lifetime, Some(lifetime - 12_000)),
+            fetched
+        );
+        // A writer behind: its stamp makes the value older, never fresher.
+        let behind = now - 60_000;
+        assert_eq!(
+            counted_from(behind, now, lifetime, Some(lifetime - 1_000)),
+            behind
+        );
+        // A key whose expiry outlasts this replica's lifetime (a writer with longer stale
+        // windows): no bound from it, the clamp to now still holds.
+        assert_eq!(counted_from(ahead, now, lifetime, Some(lifetime * 2)), now);
+    }
 
     #[test]
     fn keys_carry_ids_and_scope_never_more() {

@@ -148,6 +148,24 @@ impl RedisServer {
 
     /// [`RedisServer::command`] with binary arguments.
     pub fn command_bytes(&self, args: &[&[u8]]) -> Option<String> {
+        self.command_raw(args)
+            .map(|r| String::from_utf8_lossy(&r).into_owned())
+    }
+
+    /// The string value of `key`, byte for byte (`None`: missing, or I/O errors).
+    pub fn get_raw(&self, key: &str) -> Option<Vec<u8>> {
+        let reply = self.command_raw(&[b"GET", key.as_bytes()])?;
+        let (head, rest) = reply.split_at(reply.iter().position(|b| *b == b'\n')? + 1);
+        let len: usize = std::str::from_utf8(head.strip_prefix(b"$")?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        rest.get(..len).map(<[u8]>::to_vec)
+    }
+
+    /// [`RedisServer::command_bytes`], the reply as bytes.
+    fn command_raw(&self, args: &[&[u8]]) -> Option<Vec<u8>> {
         let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut req = format!("*{}\r\n", args.len()).into_bytes();
@@ -168,7 +186,7 @@ impl RedisServer {
                 break;
             }
         }
-        Some(String::from_utf8_lossy(&got).into_owned())
+        Some(got)
     }
 
     /// Keys matching `pattern`.
@@ -187,12 +205,14 @@ impl RedisServer {
 /// announced length).
 fn complete(reply: &[u8]) -> bool {
     if reply.first() == Some(&b'$') {
-        let text = String::from_utf8_lossy(reply);
-        let Some((len, rest)) = text[1..].split_once("\r\n") else {
+        // Counted in bytes: a binary value is not text.
+        let Some(end) = reply.windows(2).position(|w| w == b"\r\n") else {
             return false;
         };
-        return match len.parse::<i64>() {
-            Ok(n) if n >= 0 => rest.len() >= n as usize + 2,
+        let len = String::from_utf8_lossy(&reply[1..end]).parse::<i64>();
+        let rest = reply.len() - end - 2;
+        return match len {
+            Ok(n) if n >= 0 => rest >= n as usize + 2,
             _ => true,
         };
     }
