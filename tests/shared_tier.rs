@@ -846,9 +846,12 @@ async fn a_stale_shared_entry_is_stale_while_revalidate() {
 async fn a_stale_shared_entry_is_served_if_the_upstream_fails() {
     let redis = RedisServer::start();
     let fake = FakeChatwoot::start().await;
-    let t = Duration::from_millis(500);
-    let tune = |c: &mut chatwoot_cache::config::Config| {
-        c.cache_ttl = Duration::from_millis(300);
+    // Generous: a Redis call past the budget on a loaded CI would turn the shared read into a
+    // plain miss (a 503, not STALE). Nothing here waits on Redis's budget running out.
+    let t = Duration::from_secs(5);
+    let ttl = Duration::from_secs(1);
+    let tune = move |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = ttl;
         c.stale_while_revalidate = Duration::ZERO;
         c.stale_if_error = Duration::from_secs(600);
     };
@@ -857,7 +860,11 @@ async fn a_stale_shared_entry_is_served_if_the_upstream_fails() {
     let c = replica_tuned(&fake, &redis, t, SECRET, tune).await;
     let first = conv(&a, 1, 42, "admin-token").await;
     assert_eq!(first.x_cache(), "MISS");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let upstream = fake.seen().len();
+    // Only ever later than this: the shared entry is past its freshness from here on, however
+    // slow the machine (a stall makes it staler, never fresh again), and stale-if-error
+    // (10 min) is far away.
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     fake.set_fault(
         Fault::Status {
             status: 503,
@@ -873,6 +880,8 @@ async fn a_stale_shared_entry_is_served_if_the_upstream_fails() {
         "chatwoot-cache; fwd=stale; fwd-status=503; detail=stale-if-error"
     );
     assert_eq!(r.body, first.body);
+    // B revalidated the shared entry (its validators), once.
+    assert_eq!(fake.seen().len(), upstream + 1);
     assert!(fake.last_seen().headers.contains_key("if-none-match"));
     fake.clear_fault();
     let r = conv(&c, 1, 42, "admin-token").await;
@@ -884,6 +893,7 @@ async fn a_stale_shared_entry_is_served_if_the_upstream_fails() {
         r.header("cache-status")
     );
     assert_eq!(r.body, first.body);
+    assert_eq!(fake.seen().len(), upstream + 2);
 }
 
 /// Replicas revalidating the same stale shared entry make one upstream request: the others
