@@ -23,8 +23,9 @@ pub mod report;
 
 pub use report::{Effective, Loaded};
 
-/// Command-line surface. Every value is a string here; typed parsing is in [`Config`].
-#[derive(Parser, Debug)]
+/// Command-line surface. Every value is a string here; typed parsing is in [`Config`]. No
+/// `Debug`: it would print the secrets as given.
+#[derive(Parser)]
 #[command(
     name = "chatwoot-cache",
     version,
@@ -524,10 +525,10 @@ pub struct Config {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     /// The purge API's bearer token, from `--admin-token` or `--admin-token-file`.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     pub admin_token_file: Option<PathBuf>,
     /// The fallback webhook secret, from `--webhook-secret` or `--webhook-secret-file`.
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<Secret>,
     pub webhook_secret_file: Option<PathBuf>,
     /// Per-account secrets from `--webhook-secrets-file` (no fallback inside: see
     /// [`Config::webhook_verifier`]).
@@ -545,10 +546,41 @@ pub struct Config {
     /// The shared tier (SPEC 11), when `--redis-url` is set.
     pub redis: Option<RedisConfig>,
     /// `--scope-secret`: stable token scopes (and, with Redis, the values' HMAC key).
-    pub scope_secret: Option<String>,
+    pub scope_secret: Option<Secret>,
     /// Which derived settings were given explicitly: a reload that keeps a restart-only value
     /// re-derives the defaults that depend on it ([`Config::keep_restart_only`]).
     pub explicit: Explicit,
+}
+
+/// A secret setting (`--admin-token`, `--webhook-secret`, `--scope-secret`): reads as the
+/// `str` it holds, but its `Debug` never prints it, so a `{:?}` of a [`Config`] (a log line, a
+/// panic message) cannot leak one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
 }
 
 /// Settings whose default is derived from another one, and whether they were set explicitly.
@@ -861,9 +893,9 @@ impl Config {
             upstream_client_key_file,
             tls_cert_file,
             tls_key_file,
-            admin_token,
+            admin_token: admin_token.map(Secret),
             admin_token_file,
-            webhook_secret,
+            webhook_secret: webhook_secret.map(Secret),
             webhook_secret_file,
             webhook_secrets,
             webhook_secrets_file,
@@ -877,7 +909,7 @@ impl Config {
             log_format,
             log_level,
             redis,
-            scope_secret,
+            scope_secret: scope_secret.map(Secret),
             explicit: Explicit {
                 max_object_bytes: explicit_max_object_bytes.is_some(),
                 admin_listen: explicit_admin_listen.is_some(),
@@ -966,7 +998,7 @@ impl Config {
     pub fn webhook_verifier(&self) -> WebhookSecrets {
         self.webhook_secrets
             .clone()
-            .with_fallback(self.webhook_secret.clone())
+            .with_fallback(self.webhook_secret.as_deref().map(str::to_owned))
     }
 
     /// A config with SPEC defaults for the given upstream; what tests and benches start from.
@@ -1655,6 +1687,33 @@ mod tests {
         Config::try_from_args(v).unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
+    /// A `{:?}` of a config (a log line, a panic message) never carries a secret.
+    #[test]
+    fn debug_never_prints_a_secret() {
+        let secrets = [
+            "admin-token-5f0e2c9a41",
+            "webhook-secret-8b1d7e3f62",
+            "scope-secret-0123456789abcdef0123456789abcdef",
+        ];
+        let c = ok_of(&[
+            "--admin-token",
+            secrets[0],
+            "--webhook-secret",
+            secrets[1],
+            "--scope-secret",
+            secrets[2],
+        ]);
+        assert_eq!(c.admin_token.as_deref(), Some(secrets[0]));
+        assert_eq!(c.webhook_secret.as_deref(), Some(secrets[1]));
+        assert_eq!(c.scope_secret.as_deref(), Some(secrets[2]));
+        for text in [format!("{c:?}"), format!("{c:#?}")] {
+            for secret in secrets {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert_eq!(text.matches("<redacted>").count(), 3, "{text}");
+        }
+    }
+
     /// SPEC §2: a setting left at its default never contradicts one that was set.
     #[test]
     fn max_object_bytes_is_derived_from_the_cache_size() {
@@ -2065,7 +2124,7 @@ mod tests {
         let mut next = Config::for_upstream("http://x").unwrap();
         next.max_connections = 5;
         next.max_tunnels = 6;
-        next.scope_secret = Some("s".repeat(40));
+        next.scope_secret = Some("s".repeat(40).into());
         next.redis = Some(RedisConfig {
             url: "redis://127.0.0.1:1".into(),
             ca_file: None,
