@@ -452,6 +452,65 @@ async fn a_token_refusal_spends_one_redis_budget() {
     );
 }
 
+/// A token refused through a replica that has nothing stored under it still drops its entries
+/// on every replica, even when Redis has no counter for its scope (evicted under
+/// `allkeys-lru`, or never made: an entry kept in L1 only): another replica does not go on
+/// serving the refused token what it stored for it.
+#[tokio::test]
+async fn a_token_refused_through_any_replica_drops_its_entries_everywhere() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    fake.add_user("doomed-token", "doomed", None);
+    let t = Duration::from_millis(500);
+    // A long TTL: B's entry would not be revalidated on its own while the test runs.
+    let long = |c: &mut chatwoot_cache::config::Config| c.cache_ttl = Duration::from_secs(300);
+    let a = replica_tuned(&fake, &redis, t, SECRET, long).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, long).await;
+    assert_eq!(conv(&b, 1, 42, "doomed-token").await.x_cache(), "MISS");
+    assert_eq!(conv(&b, 1, 42, "doomed-token").await.x_cache(), "HIT");
+    // The token's scope counter gone from Redis, as an LRU eviction takes it.
+    let counters = redis.keys("test:g:s:*");
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    let del = redis.command(&["DEL", &counters[0]]).unwrap();
+    assert!(del.starts_with(":1"), "{del}");
+    fake.revoke("doomed-token");
+    // Refused through A, which has nothing stored under the token nor a fetch in flight for
+    // it: on a route it forwards.
+    let r = send(
+        Method::GET,
+        &a.url("/api/v1/accounts/1/contacts"),
+        &[("api_access_token", "doomed-token")],
+        b"",
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (401, "BYPASS"));
+    // B hears it on the bus (milliseconds) and asks the upstream, which refuses the token.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = conv(&b, 1, 42, "doomed-token").await;
+        if r.status == 401 {
+            break;
+        }
+        assert_eq!(r.x_cache(), "HIT");
+        assert!(
+            Instant::now() < deadline,
+            "B still serves the refused token its stored entry"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The scope's counter made again, living about twice --upstream-timeout, not a value's
+    // lifetime: a flood of random refused tokens leaves Redis little to keep.
+    let counters = redis.keys("test:g:s:*");
+    assert_eq!(counters.len(), 1, "{counters:?}");
+    let ttl = redis.command(&["PTTL", &counters[0]]).unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').trim().parse().unwrap();
+    let upstream_timeout = a.proxy.config.load().upstream_timeout;
+    assert!(
+        ttl > 0 && u128::try_from(ttl).unwrap() <= 2 * upstream_timeout.as_millis(),
+        "PTTL {ttl} ms"
+    );
+}
+
 /// A replica whose bus subscription breaks keeps serving; once resubscribed, entries stored
 /// before the break are checked against Redis's generations before they are a `HIT` again (here:
 /// an invalidation it missed meanwhile).

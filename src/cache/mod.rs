@@ -330,9 +330,9 @@ impl Store {
     /// `budget`: what is left of the request's Redis time ([`Store::budget`] for a request
     /// that has no other Redis work).
     pub async fn invalidate(&self, target: Target, source: Source, budget: &mut Budget) {
-        let had_entries = self.invalidate_local(target, source);
+        self.invalidate_local(target, source);
         if let Some(shared) = &self.shared {
-            shared.invalidate(target, had_entries, budget).await;
+            shared.invalidate(target, budget).await;
         }
     }
 
@@ -356,23 +356,20 @@ impl Store {
     /// [`Store::invalidate`] for code that cannot wait (a write whose client went away): the
     /// local part now, the shared part in a task of its own.
     pub fn invalidate_detached(&self, target: Target, source: Source) {
-        let had_entries = self.invalidate_local(target, source);
+        self.invalidate_local(target, source);
         if let Some(shared) = self.shared.clone() {
             tokio::spawn(async move {
-                shared
-                    .invalidate(target, had_entries, &mut shared.budget())
-                    .await;
+                shared.invalidate(target, &mut shared.budget()).await;
             });
         }
     }
 
-    /// The local part: bump and count. False for a token scope with nothing stored here.
-    fn invalidate_local(&self, target: Target, source: Source) -> bool {
-        let had_entries = self.generations.bump(target);
+    /// The local part: bump and count.
+    fn invalidate_local(&self, target: Target, source: Source) {
+        self.generations.bump(target);
         if let Some(label) = source.metric() {
             self.metrics.invalidation(label);
         }
-        had_entries
     }
 
     /// On an L1 miss (or before revalidating a stale entry, `revalidating`): the shared tier's
@@ -555,7 +552,7 @@ impl Store {
                         || supersedes
                         || shared.read.as_ref().is_none_or(|r| r.had_value);
                     if drop_shared {
-                        tier.invalidate(target, true, &mut shared.budget).await;
+                        tier.invalidate(target, &mut shared.budget).await;
                     }
                 }
                 let Admission::Negative(entry) = admission else {

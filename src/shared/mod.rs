@@ -106,16 +106,13 @@ return 1
 ";
 
 /// Increments one generation counter and publishes the invalidation. KEYS: the counter.
-/// ARGV: 1 the value to create it with when missing, 2 its expiry in ms, 3 the channel, 4 the
-/// message, 5 '1' to create a missing counter (and publish) or '0' to do nothing then (a token
-/// scope that has no entries anywhere). Returns 1 when it bumped and published.
+/// ARGV: 1 the value to create it with when missing, 2 the created counter's expiry in ms, 3 the
+/// channel, 4 the message. Returns 1.
 const BUMP_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('INCR', KEYS[1])
-elseif ARGV[5] == '1' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 else
-  return 0
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
@@ -673,21 +670,16 @@ impl Shared {
         stored == Some(1)
     }
 
-    /// Increments `target`'s counter and publishes the invalidation on the bus. A scope's
-    /// counter is created (and the message sent) only if `scope_has_entries` here or it exists
-    /// in Redis: a refused token with nothing stored anywhere costs nothing.
+    /// Increments `target`'s counter (creating it when missing, see
+    /// [`Shared::created_counter_ms`]) and publishes the invalidation on the bus, always: a
+    /// refused token's entries may be held by another replica (in its L1 only, or under a
+    /// counter Redis evicted) even when this one has none and Redis has no counter for it.
     ///
     /// A bump that fails while Redis stays in use is retried in the background until it lands
     /// (or Redis is skipped, which ends in one global invalidation, or the values it covers
     /// have expired).
-    pub async fn invalidate(
-        self: &Arc<Self>,
-        target: Target,
-        scope_has_entries: bool,
-        budget: &mut Budget,
-    ) {
-        let create = !matches!(target, Target::Scope(_)) || scope_has_entries;
-        if self.bump(target, create, budget).await || !create {
+    pub async fn invalidate(self: &Arc<Self>, target: Target, budget: &mut Budget) {
+        if self.bump(target, budget).await {
             return;
         }
         if !self.is_up() {
@@ -722,7 +714,7 @@ impl Shared {
                     break;
                 }
                 let mut budget = Budget::new(this.timeout.max(Duration::from_millis(250)));
-                if this.bump(target, true, &mut budget).await || Instant::now() >= give_up {
+                if this.bump(target, &mut budget).await || Instant::now() >= give_up {
                     break;
                 }
                 wait = (wait * 2).min(PROBE_INTERVAL);
@@ -731,27 +723,37 @@ impl Shared {
         });
     }
 
+    /// How long a counter an invalidation creates lives, in ms. Every value was written while
+    /// all its counters existed (the write creates missing ones), so a missing counter means no
+    /// value under it is valid any more: the created one only has to make the conditional
+    /// writes of fetches in flight fail (they read it missing). A token scope's counter (one
+    /// per refused token, and random tokens must cost Redis next to nothing, SPEC 10) lives
+    /// twice the longest fetch (`--upstream-timeout`, the lease's length); the others, few,
+    /// a value's lifetime like those writes create.
+    fn created_counter_ms(&self, target: Target) -> u64 {
+        let lifetime = self.lifetime();
+        millis(match target {
+            Target::Scope(_) => self.lease().saturating_mul(2).min(lifetime),
+            _ => lifetime,
+        })
+    }
+
     /// One attempt at bumping `target`'s counter (and publishing). `true` when Redis answered.
-    async fn bump(&self, target: Target, create: bool, budget: &mut Budget) -> bool {
+    async fn bump(&self, target: Target, budget: &mut Budget) -> bool {
         let message = bus::message(self.origin, target);
         let mut inv = self.bump_script.key(self.keys.target(target));
         inv.arg(self.fresh_generation())
-            .arg(millis(self.lifetime()))
+            .arg(self.created_counter_ms(target))
             .arg(&self.channel)
-            .arg(&message)
-            .arg(if create { "1" } else { "0" });
+            .arg(&message);
         let mut conn = self.conn.clone();
         let published: Option<i64> = self
             .call(RedisOp::Invalidate, budget, inv.invoke_async(&mut conn))
             .await;
-        match published {
-            Some(1) => {
-                self.metrics.bus_sent();
-                true
-            }
-            Some(_) => true,
-            None => false,
+        if published.is_some() {
+            self.metrics.bus_sent();
         }
+        published.is_some()
     }
 
     /// Deletes the L2 values `target` covers and invalidates it (purge API). Returns how many
@@ -789,7 +791,7 @@ impl Shared {
         };
         let mut budget = Budget::new(PURGE_TIMEOUT);
         let removed = self.call(RedisOp::Purge, &mut budget, scan).await;
-        self.invalidate(target, true, &mut budget).await;
+        self.invalidate(target, &mut budget).await;
         removed
     }
 
