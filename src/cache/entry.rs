@@ -486,8 +486,9 @@ impl Entry {
     /// The header map of `form`: the render slots first (their placeholders unless given),
     /// then the entry's headers.
     pub fn form_headers(&self, form: Form<'_>, render: [Option<HeaderValue>; 3]) -> HeaderMap {
-        let values = self.buf.slice(self.values_range());
-        self.shape.render(form.coding, form.etag(), &values, render)
+        let etag = form.etag.map(|(a, b)| a..b);
+        self.shape
+            .render(form.coding, &self.buf, etag, self.values_range(), render)
     }
 
     /// Renders `form` of the entry. `head` drops the body; `not_modified` renders a 304.

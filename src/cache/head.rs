@@ -221,39 +221,32 @@ impl Shape {
         }
     }
 
-    /// The response map of `coding`'s form with its slots filled: `etag` (when the shape has
-    /// one), then each value from `values` (the region [`put_values`] wrote), in order. The
-    /// render slots keep their placeholders (`entry::set_render_slots` fills them).
+    /// The response map of `coding`'s form with its slots filled: the ETag at `etag` in `buf`
+    /// (when the shape has one), then each value of the region at `values` (what
+    /// [`put_values`] wrote), in order, made by this thread's [`super::memo`]. The render
+    /// slots get `render`'s values where given, their placeholders otherwise
+    /// (`entry::set_render_slots` fills them later).
     pub(crate) fn render(
         &self,
         coding: Coding,
-        etag: Option<HeaderValue>,
-        values: &Bytes,
+        buf: &Bytes,
+        etag: Option<std::ops::Range<usize>>,
+        values: std::ops::Range<usize>,
         render: [Option<HeaderValue>; 3],
     ) -> HeaderMap {
         let mut map = self.maps[coding as usize].clone();
-        let mut slots = map.iter_mut();
+        let mut slots = map.iter_mut().map(|(_, v)| v);
         for value in render {
-            if let (Some((_, slot)), Some(value)) = (slots.next(), value) {
+            if let (Some(slot), Some(value)) = (slots.next(), value) {
                 *slot = value;
             }
         }
-        if self.etag
-            && let Some((_, slot)) = slots.next()
-            && let Some(etag) = etag
-        {
-            *slot = etag;
+        let etag = etag.filter(|_| self.etag);
+        if self.etag && etag.is_none() {
+            // No ETag for a shape with its slot: the placeholder stays.
+            slots.next();
         }
-        let mut at = 0;
-        for _ in usize::from(self.etag)..self.slots {
-            let (Some((_, slot)), Some(range)) = (slots.next(), next_value(values, &mut at)) else {
-                break;
-            };
-            // Validated when stored (they were header values), so this cannot fail.
-            if let Ok(v) = HeaderValue::from_maybe_shared(values.slice(range)) {
-                *slot = v;
-            }
-        }
+        super::memo::fill(buf, etag, values, slots.take(self.slots));
         map
     }
 
@@ -375,13 +368,14 @@ mod tests {
         assert!(Arc::ptr_eq(&ba.shape, &bb.shape), "same names and statics");
         assert!(ba.interned);
         assert_eq!(ba.values, [&b"one"[..], b"k"]);
-        let mut buf = vec![];
+        let mut buf = b"\"e-gz\"".to_vec();
         put_values(&mut buf, ba.values.iter().copied());
         let buf = Bytes::from(buf);
         let map = ba.shape.render(
             Coding::Gzip,
-            Some(HeaderValue::from_static("\"e-gz\"")),
             &buf,
+            Some(0..6),
+            6..buf.len(),
             [None, Some(HeaderValue::from_static("5")), None],
         );
         let got: Vec<(&str, &str)> = map
@@ -405,7 +399,7 @@ mod tests {
         );
         let back: Vec<(String, Vec<u8>)> = ba
             .shape
-            .fields(&buf)
+            .fields(&buf[6..])
             .into_iter()
             .map(|(n, v)| (n.to_string(), v.into_owned()))
             .collect();

@@ -19,6 +19,7 @@ pub mod decimal;
 pub mod entry;
 pub mod flight;
 pub mod head;
+mod memo;
 pub mod rules;
 
 use std::sync::Arc;
