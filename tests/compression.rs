@@ -265,3 +265,78 @@ async fn byte_bound_holds_at_ten_times_overfill_with_mixed_clients() {
         "the cache was really filled: {held} B"
     );
 }
+
+/// Identity clients that waited on a gzip client's fetch whose entry the store did not keep (a
+/// write invalidated the conversation during the fetch) share one identity copy: each gets the
+/// identity bytes, the gzip body is decompressed once for all of them (not once per waiter,
+/// each copy uncounted by `--cache-max-bytes`), and no answer says the entry was stored.
+#[tokio::test]
+async fn coalesced_identity_clients_share_one_copy_of_an_unstored_fetch() {
+    const WAITERS: usize = 20;
+    let fake = FakeChatwoot::start().await;
+    fake.set_padding(1, 42, 100_000);
+    let proxy = start_proxy(config(&fake.url())).await;
+    let expected = upstream_body(&fake).await;
+    let get = |gzip: bool| {
+        let url = proxy.url(CONV);
+        tokio::spawn(async move {
+            let mut headers = vec![("api_access_token", ADMIN)];
+            if gzip {
+                headers.push(GZIP);
+            }
+            send(Method::GET, &url, &headers, b"").await
+        })
+    };
+    let every = Duration::from_millis(10);
+    let limit = Duration::from_secs(30);
+
+    fake.hold_shows(true);
+    let leader = get(true);
+    assert!(poll_until(limit, every, || async { fake.in_flight() == 1 }).await);
+    let waiters: Vec<_> = (0..WAITERS).map(|_| get(false)).collect();
+    assert!(
+        poll_until(limit, every, || async {
+            metric(
+                &metrics_text(&proxy).await,
+                "chatwoot_cache_coalesced_total",
+            ) == WAITERS as f64
+        })
+        .await,
+        "every identity client joined the fetch"
+    );
+    let write = send(
+        Method::POST,
+        &proxy.url(&format!("{CONV}/messages")),
+        &[("api_access_token", ADMIN)],
+        b"{}",
+    )
+    .await;
+    assert_eq!(write.status, 200);
+    fake.hold_shows(false);
+
+    let leader = leader.await.expect("leader");
+    assert_eq!(leader.status, 200);
+    assert_eq!(leader.header("content-encoding"), "gzip");
+    assert_eq!(leader.decoded(), expected);
+    for waiter in waiters {
+        let r = waiter.await.expect("waiter");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-encoding"), "");
+        assert_eq!(r.body, expected, "identity bytes, byte-exact");
+        assert_eq!(r.header("content-length"), expected.len().to_string());
+        let status = r.header("cache-status");
+        assert!(status.contains("collapsed"), "{status}");
+        assert!(!status.contains("stored"), "not kept, not said: {status}");
+    }
+    assert!(!leader.header("cache-status").contains("stored"));
+    assert_eq!(
+        proxy.proxy.store.identity_copies(),
+        1,
+        "one decompression for all the waiters"
+    );
+    assert_eq!(
+        fake.show_requests(),
+        2,
+        "one upstream fetch (and the test's own)"
+    );
+}

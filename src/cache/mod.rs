@@ -22,7 +22,8 @@ pub mod head;
 mod memo;
 pub mod rules;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use moka::notification::RemovalCause;
@@ -179,7 +180,23 @@ pub struct Store {
     metrics: Arc<Metrics>,
     /// The Redis tier (SPEC 11), with `--redis-url`.
     shared: Option<Arc<Shared>>,
+    /// Identity copies made by decompressing a stored gzip body ([`Store::identity_copies`]).
+    identity_copies: AtomicU64,
 }
+
+/// What [`Store::apply`] made of an admission decision: the entry to serve, and whether the
+/// store kept it (it does not when the key was invalidated during the fetch, or when a full
+/// cache refused or evicted it at once): `Cache-Status` says `stored` only then.
+pub struct Applied {
+    pub entry: Arc<Entry>,
+    pub stored: bool,
+}
+
+/// A fetch's slot for the identity copy of the entry it serves to every request that waited on
+/// it ([`Store::with_identity_copy`]): one copy for all of them even when the store does not
+/// hold the entry, where each identity client would otherwise decompress a copy of its own
+/// (and a slow reader pin it), uncounted by `--cache-max-bytes`.
+pub type IdentitySlot = OnceLock<Arc<Entry>>;
 
 /// What the shared tier answered before a fetch (see [`Store::read_shared`]).
 pub enum SharedRead {
@@ -292,7 +309,14 @@ impl Store {
             policy: Live::new(policy),
             metrics,
             shared: None,
+            identity_copies: AtomicU64::new(0),
         }
+    }
+
+    /// How many identity copies were made by decompressing a stored gzip body (tests and
+    /// diagnostics: once per entry identity clients read, never per hit or per waiter).
+    pub fn identity_copies(&self) -> u64 {
+        self.identity_copies.load(Ordering::Relaxed)
     }
 
     /// Puts the shared tier behind this store and starts its bus and probe tasks.
@@ -522,16 +546,16 @@ impl Store {
         admission: Admission,
         dropped_stored: bool,
         shared: &mut SharedFetch,
-    ) -> Option<Arc<Entry>> {
+    ) -> Option<Applied> {
         use admission::Pass;
         match admission {
             Admission::Store(entry)
             | Admission::Refresh { entry, .. }
             | Admission::KeepOlder(entry) => {
                 let entry = Arc::new(entry);
-                self.insert(key, entry.clone());
+                let stored = self.insert(key, entry.clone());
                 self.write_shared(&key, &entry, shared).await;
-                Some(entry)
+                Some(Applied { entry, stored })
             }
             Admission::Negative(_) | Admission::Remove | Admission::Pass(Pass::Supersedes) => {
                 // Removed first: the stored 200 goes even if the negative entry is not kept.
@@ -560,8 +584,8 @@ impl Store {
                     return None;
                 };
                 let entry = Arc::new(entry);
-                self.insert(key, entry.clone());
-                Some(entry)
+                let stored = self.insert(key, entry.clone());
+                Some(Applied { entry, stored })
             }
             // The token's refusal (proxy) invalidates its scope through `invalidate`.
             Admission::TokenRefused | Admission::Pass(Pass::Failure | Pass::Plain) => None,
@@ -590,33 +614,58 @@ impl Store {
         Some(entry)
     }
 
-    /// Stores `entry` unless it was invalidated while it was being fetched.
-    pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        if self.is_current(&key, &entry) {
-            self.entries.insert(key, entry);
+    /// Stores `entry` unless it was invalidated while it was being fetched; says whether the
+    /// store holds it afterwards (a full cache may refuse or evict it during the insert's own
+    /// housekeeping).
+    pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
+        if !self.is_current(&key, &entry) {
+            return false;
         }
+        self.entries.insert(key, entry);
+        self.entries.contains_key(&key)
     }
 
     /// `entry` with its identity copy made ([`Entry::with_identity_copy`]), for a client that
     /// needs the identity form of a gzip entry without one. The copy replaces `entry` for `key`
     /// (weighed anew: moka weighs a value only when it is inserted) if `entry` is still the one
     /// stored; if the copy of it already is (another identity client was first), that is
-    /// returned and nothing is decompressed. Once per entry, never per hit. If no copy can be
-    /// made (cannot happen for bytes this cache compressed), `entry` itself.
-    pub fn with_identity_copy(&self, key: &CacheKey, entry: &Arc<Entry>) -> Arc<Entry> {
+    /// returned and nothing is decompressed. Once per entry, never per hit.
+    ///
+    /// `slot`: an entry a fetch serves to all its waiters comes with the fetch's
+    /// [`IdentitySlot`]: the copy is made once for all of them, also when the store does not
+    /// hold the entry. If no copy can be made (cannot happen for bytes this cache compressed),
+    /// `entry` itself.
+    pub fn with_identity_copy(
+        &self,
+        key: &CacheKey,
+        entry: &Arc<Entry>,
+        slot: Option<&IdentitySlot>,
+    ) -> Arc<Entry> {
+        match slot {
+            Some(slot) => slot.get_or_init(|| self.identity_copy(key, entry)).clone(),
+            None => self.identity_copy(key, entry),
+        }
+    }
+
+    /// [`Store::with_identity_copy`] without a fetch's slot.
+    fn identity_copy(&self, key: &CacheKey, entry: &Arc<Entry>) -> Arc<Entry> {
         use moka::ops::compute::Op;
         let mut made = None;
+        let decompress = || {
+            let copy = entry.with_identity_copy().map(Arc::new);
+            if copy.is_some() {
+                self.identity_copies.fetch_add(1, Ordering::Relaxed);
+            }
+            copy
+        };
         self.entries
             .entry(*key)
             .and_compute_with(|current| match current {
                 Some(current) if Arc::ptr_eq(current.value(), entry) => {
-                    let Some(copy) = entry.with_identity_copy() else {
+                    let Some(copy) = decompress() else {
                         return Op::Nop;
                     };
-                    let copy = Arc::new(copy);
-                    entry
-                        .superseded
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    entry.superseded.store(true, Ordering::Relaxed);
                     made = Some(copy.clone());
                     Op::Put(copy)
                 }
@@ -626,8 +675,7 @@ impl Store {
                 }
                 _ => Op::Nop,
             });
-        made.or_else(|| entry.with_identity_copy().map(Arc::new))
-            .unwrap_or_else(|| entry.clone())
+        made.or_else(decompress).unwrap_or_else(|| entry.clone())
     }
 
     /// Drops whatever is stored for `key`.

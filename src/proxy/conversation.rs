@@ -18,7 +18,9 @@ use crate::cache::admission::{
 };
 use crate::cache::coding::{self, Coding};
 use crate::cache::flight::Role;
-use crate::cache::{CacheKey, CachePolicy, Entry, Freshness, SharedFetch, SharedRead, Store};
+use crate::cache::{
+    CacheKey, CachePolicy, Entry, Freshness, IdentitySlot, SharedFetch, SharedRead, Store,
+};
 use crate::invalidation::Stamp;
 use crate::metrics::{RevalidationOutcome, XCache};
 use crate::protect::Charge;
@@ -37,12 +39,18 @@ pub enum FetchResult {
         fwd_status: u16,
         /// `Cache-Status` detail, e.g. `older-upstream`.
         detail: Option<&'static str>,
+        /// Whether the store kept it (`Cache-Status: stored`).
         stored: bool,
+        /// The identity copy all waiters share (see [`IdentitySlot`]).
+        identity: IdentitySlot,
     },
     /// An upstream answer that is not stored; forwarded as is.
     Forward(Forwarded),
     /// A fresh entry another replica stored (the shared tier), now in L1 too.
-    Shared(Arc<Entry>),
+    Shared {
+        entry: Arc<Entry>,
+        identity: IdentitySlot,
+    },
     /// A 200 over `--max-object-bytes`: streamed to the first taker only.
     TooLarge(std::sync::Mutex<Option<LargeBody>>),
     /// No usable upstream answer.
@@ -96,7 +104,7 @@ impl Proxy {
     ) -> Next {
         let head = req.method() == Method::HEAD;
         let stored = self.store.lookup(&key, now);
-        let at = (&self.store, &key);
+        let at = (&self.store, &key, None);
         if let Some(entry) = &stored {
             match policy.freshness(entry, now) {
                 Freshness::Fresh { remaining } => {
@@ -153,7 +161,7 @@ impl Proxy {
             && let Freshness::Fresh { remaining } = self.store.policy.load().freshness(&entry, now)
         {
             return render(
-                (&self.store, &key),
+                (&self.store, &key, None),
                 &entry,
                 &req,
                 now,
@@ -177,6 +185,7 @@ impl Proxy {
                 fwd_status,
                 detail,
                 stored,
+                identity,
             } => {
                 // A revalidated entry had a prior: this replica's, or a stale shared copy.
                 let status = cache_status_forward(
@@ -186,12 +195,12 @@ impl Proxy {
                     *detail,
                     collapsed,
                 );
-                let mut answer =
-                    render((&self.store, &key), entry, &req, now, *xcache, status, head);
+                let at = (&self.store, &key, Some(identity));
+                let mut answer = render(at, entry, &req, now, *xcache, status, head);
                 answer.upstream_status = Some(*fwd_status);
                 answer
             }
-            FetchResult::Shared(entry) => {
+            FetchResult::Shared { entry, identity } => {
                 let (xcache, status) = match self.store.policy.load().freshness(entry, now) {
                     Freshness::Fresh { remaining } => (XCache::Hit, cache_status_shared(remaining)),
                     // Within stale-while-revalidate: the usual rule, STALE at once and one
@@ -209,14 +218,15 @@ impl Proxy {
                     // shared tier's answer, no older than a revalidation would allow.
                     Freshness::MustRevalidate => (XCache::Hit, cache_status_shared(Duration::ZERO)),
                 };
-                render((&self.store, &key), entry, &req, now, xcache, status, head)
+                let at = (&self.store, &key, Some(identity));
+                render(at, entry, &req, now, xcache, status, head)
             }
             FetchResult::Forward(fwd) => {
                 if is_upstream_failure(fwd.status)
                     && let Some(stale) = self.fallback(&key, prior.as_ref(), now)
                 {
                     return stale_if_error(
-                        (&self.store, &key),
+                        (&self.store, &key, None),
                         &stale,
                         &req,
                         now,
@@ -229,7 +239,7 @@ impl Proxy {
             FetchResult::Failed(err) => {
                 if let Some(stale) = self.fallback(&key, prior.as_ref(), now) {
                     return stale_if_error(
-                        (&self.store, &key),
+                        (&self.store, &key, None),
                         &stale,
                         &req,
                         now,
@@ -449,7 +459,12 @@ impl Proxy {
             .read_shared(&key, &stamp, prior.is_some(), fresh_for, &mut shared)
             .await
         {
-            SharedRead::Hit(entry) => return FetchResult::Shared(entry),
+            SharedRead::Hit(entry) => {
+                return FetchResult::Shared {
+                    entry,
+                    identity: IdentitySlot::new(),
+                };
+            }
             SharedRead::Fetch { stale } => stale,
         };
         let now = Instant::now();
@@ -642,16 +657,17 @@ impl Proxy {
         if matches!(decision, Admission::TokenRefused) {
             self.token_refused(key.scope, &mut shared.budget).await;
         }
-        let entry = self
+        let applied = self
             .store
             .apply(key, decision, purpose != Purpose::Miss, shared)
             .await?;
         Some(FetchResult::Entry {
-            entry,
+            entry: applied.entry,
             xcache,
             fwd_status,
             detail,
-            stored: true,
+            stored: applied.stored,
+            identity: IdentitySlot::new(),
         })
     }
 }
@@ -699,11 +715,15 @@ fn exact_size(buf: BytesMut) -> Bytes {
     }
 }
 
+/// Where an entry being rendered belongs, for its identity copy: the store and key, and the
+/// fetch's [`IdentitySlot`] when every waiter of a fetch renders it.
+type At<'a> = (&'a Store, &'a CacheKey, Option<&'a IdentitySlot>);
+
 /// Renders the form of `entry` the client prefers (SPEC 14). The identity form of a gzip entry
 /// without an identity copy is rendered from a copy of the entry that has one, which the store
-/// keeps in its place (once per entry).
+/// keeps in its place (once per entry; once per fetch for the requests that waited on it).
 fn render(
-    (store, key): (&Store, &CacheKey),
+    (store, key, slot): At<'_>,
     entry: &Arc<Entry>,
     req: &Request<Incoming>,
     now: Instant,
@@ -714,7 +734,7 @@ fn render(
     let gzip = coding::prefers_gzip(req.headers());
     let copy;
     let entry = if entry.lacks_form(gzip) {
-        copy = store.with_identity_copy(key, entry);
+        copy = store.with_identity_copy(key, entry, slot);
         &copy
     } else {
         entry
@@ -731,7 +751,7 @@ fn render(
 }
 
 fn stale_if_error(
-    at: (&Store, &CacheKey),
+    at: At<'_>,
     entry: &Arc<Entry>,
     req: &Request<Incoming>,
     now: Instant,

@@ -112,6 +112,9 @@ pub struct State {
     pub show_post_delay: Mutex<Duration>,
     /// Stream show `200` bodies in 1 KiB chunks without `Content-Length`.
     pub chunked_show: std::sync::atomic::AtomicBool,
+    /// Hold show `200`s (rendered when the request arrived) until cleared: a fetch that stays
+    /// in flight as long as a test needs, whatever the machine's load.
+    pub hold_shows: std::sync::atomic::AtomicBool,
     /// TCP connections accepted (every one, TLS or not, faulted or not).
     pub connections: AtomicUsize,
     /// Body bytes `/upload` has received so far in the current upload (reset when one starts).
@@ -228,6 +231,11 @@ impl FakeChatwoot {
 
     pub fn set_delay(&self, d: Duration) {
         *self.state.delay.lock().unwrap() = d;
+    }
+
+    /// See [`State::hold_shows`].
+    pub fn hold_shows(&self, on: bool) {
+        self.state.hold_shows.store(on, Ordering::SeqCst);
     }
 
     pub fn set_fault(&self, fault: Fault, times: Option<usize>) {
@@ -901,13 +909,16 @@ async fn account_api(state: Arc<State>, req: Request<Incoming>) -> Response<Fake
     show_knobs(&state, r).await
 }
 
-/// Applies `show_headers`, `show_post_delay` and `chunked_show` to a show `200`.
+/// Applies `show_headers`, `show_post_delay`, `hold_shows` and `chunked_show` to a show `200`.
 async fn show_knobs(state: &State, r: Response<FakeBody>) -> Response<FakeBody> {
     let extra = state.show_headers.lock().unwrap().clone();
     let post_delay = *state.show_post_delay.lock().unwrap();
     let chunked = state.chunked_show.load(Ordering::SeqCst);
     if !post_delay.is_zero() {
         tokio::time::sleep(post_delay).await;
+    }
+    while state.hold_shows.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (mut parts, body) = r.into_parts();
     for (k, v) in extra {
