@@ -614,6 +614,43 @@ async fn a_silent_bus_connection_is_noticed_and_replaced() {
     assert_eq!(metric(&text, "chatwoot_cache_bus_subscribed"), 1.0);
 }
 
+/// A replica whose Redis connections all go silent (a partition, NAT entries dropped) goes on
+/// without Redis, and its probe, finding no answer, connects anew: once new connections get
+/// through, Redis is used again, without waiting for TCP to give up on the dead ones.
+#[tokio::test]
+async fn silent_redis_connections_are_replaced() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr()).await;
+    let fake = FakeChatwoot::start().await;
+    for c in 43..=80 {
+        fake.add_conversation(1, c, "1765182000.1");
+    }
+    let t = Duration::from_millis(300);
+    let b = replica_at(&fake, relay.url(), t, SECRET, |_| {}).await;
+    assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "MISS");
+    assert!(relay.silence_all() >= 2, "the data and the bus connections");
+    let shared = b.proxy.store.shared().unwrap();
+    let mut c = 43;
+    while shared.is_up() {
+        assert!(c < 80, "Redis never skipped");
+        assert_eq!(conv(&b, 1, c, "admin-token").await.status, 200);
+        c += 1;
+    }
+    // Back through new connections (the relay passes them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(shared.is_up() && shared.is_subscribed()) {
+        assert!(Instant::now() < deadline, "Redis never used again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = conv(&b, 1, 80, "admin-token").await;
+    assert_eq!(r.x_cache(), "MISS");
+    assert_eq!(
+        redis.keys("test:v:1:80:*").len(),
+        1,
+        "stored in Redis again"
+    );
+}
+
 /// Purge answers with the shared entries removed and every replica drops its L1 copies.
 #[tokio::test]
 async fn purge_removes_shared_entries_everywhere() {

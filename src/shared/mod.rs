@@ -258,7 +258,9 @@ pub enum L2Read {
 
 /// The shared tier of one replica.
 pub struct Shared {
-    conn: ConnectionManager,
+    /// Replaced when a probe goes unanswered ([`Shared::probe_loop`]).
+    conn: std::sync::RwLock<ConnectionManager>,
+    manager: ConnectionManagerConfig,
     client: redis::Client,
     keys: Keys,
     channel: String,
@@ -321,7 +323,7 @@ impl Shared {
             .set_connection_timeout(Some(cfg.timeout.max(Duration::from_millis(500))))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
             .map_err(|e| SharedError::Url(format!("{:?}", e.kind())))?;
         let random = SystemRandom::new();
         let mut origin = [0u8; 8];
@@ -333,7 +335,8 @@ impl Shared {
             prefix: cfg.key_prefix.clone(),
         };
         Ok(Arc::new(Shared {
-            conn,
+            conn: std::sync::RwLock::new(conn),
+            manager,
             client,
             channel: keys.channel(),
             keys,
@@ -475,7 +478,7 @@ impl Shared {
         self.get_value(&mut pipe, &value_key)
             .cmd("MGET")
             .arg(&gen_keys);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Option<ReadReply> = self
             .call(RedisOp::Read, budget, pipe.query_async(&mut conn))
             .await;
@@ -576,7 +579,7 @@ impl Shared {
         self.get_value(&mut pipe, &value_key)
             .cmd("MGET")
             .arg(&self.keys.gens(key));
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Option<LeaseReply> = self
             .call(RedisOp::Lease, budget, pipe.query_async(&mut conn))
             .await;
@@ -616,7 +619,7 @@ impl Shared {
                 .arg(&gen_keys)
                 .cmd("EXISTS")
                 .arg(&lease_key);
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             // Each poll has a budget of its own: the wait is bounded by the lease, not by the
             // request's Redis budget.
             let mut budget = self.budget();
@@ -663,7 +666,7 @@ impl Shared {
             inv.arg(i);
         }
         inv.arg(encoded).arg(millis(self.lifetime()));
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let stored: Option<i64> = self
             .call(RedisOp::Write, budget, inv.invoke_async(&mut conn))
             .await;
@@ -746,7 +749,7 @@ impl Shared {
             .arg(self.created_counter_ms(target))
             .arg(&self.channel)
             .arg(&message);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let published: Option<i64> = self
             .call(RedisOp::Invalidate, budget, inv.invoke_async(&mut conn))
             .await;
@@ -766,7 +769,7 @@ impl Shared {
             return None;
         }
         let pattern = self.keys.values_matching(target);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let scan = async {
             let mut cursor: u64 = 0;
             let mut removed = 0usize;
@@ -795,13 +798,33 @@ impl Shared {
         removed
     }
 
+    /// The connection (a multiplexed one redis-rs reconnects when it breaks); a clone is cheap.
+    fn conn(&self) -> ConnectionManager {
+        self.conn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the connection with a new one (made on first use).
+    fn reconnect(&self) {
+        if let Ok(fresh) =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone())
+        {
+            *self
+                .conn
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        }
+    }
+
     /// Probes a skipped Redis until it answers, then uses it again. Invalidations that could
     /// not be sent meanwhile become one global invalidation (retried until it lands).
     async fn probe_loop(self: Arc<Self>) {
         let probe_timeout = self.timeout.max(Duration::from_millis(250));
         loop {
             if !self.is_up() {
-                let mut conn = self.conn.clone();
+                let mut conn = self.conn();
                 let start = Instant::now();
                 let ping = tokio::time::timeout(
                     probe_timeout,
@@ -810,6 +833,12 @@ impl Shared {
                 .await;
                 self.metrics
                     .observe(RedisOp::Probe, start.elapsed().as_secs_f64());
+                if ping.is_err() {
+                    // Unanswered, not refused: the connection may be one whose path went
+                    // silent (a partition, a dropped NAT entry), which redis-rs keeps until
+                    // TCP gives up (many minutes). The next probe uses a new one.
+                    self.reconnect();
+                }
                 if matches!(ping, Ok(Ok(_))) {
                     self.health.failures.store(0, Ordering::Release);
                     let missed = self
@@ -969,7 +998,7 @@ impl Drop for Lease {
         // Drop cannot await; a release that fails leaves the lease to expire (its length).
         tokio::spawn(async move {
             let mut budget = shared.budget();
-            let mut conn = shared.conn.clone();
+            let mut conn = shared.conn();
             let mut inv = shared.release_script.key(&key);
             inv.arg(&token);
             let _: Option<i64> = shared

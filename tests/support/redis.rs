@@ -341,13 +341,20 @@ impl RedisRelay {
     /// outlives TCP) looks like to a client that only listens. Other and later connections
     /// pass. Returns how many went silent.
     pub fn silence_subscribers(&self) -> usize {
+        self.silence(|flow| flow.subscriber.load(Ordering::Acquire))
+    }
+
+    /// [`RedisRelay::silence_subscribers`] for every connection relayed so far.
+    pub fn silence_all(&self) -> usize {
+        self.silence(|_| true)
+    }
+
+    fn silence(&self, which: impl Fn(&Flow) -> bool) -> usize {
         let flows = self.flows.lock().unwrap();
         let mut n = 0;
-        for flow in flows.iter() {
-            if flow.subscriber.load(Ordering::Acquire) {
-                flow.dead.store(true, Ordering::Release);
-                n += 1;
-            }
+        for flow in flows.iter().filter(|f| which(f)) {
+            flow.dead.store(true, Ordering::Release);
+            n += 1;
         }
         n
     }
