@@ -25,9 +25,17 @@ pub enum Coding {
     Gzip,
 }
 
+/// The most output scratch a thread keeps between compressions: every body up to ~64 KiB
+/// (conversations are a few KB) compresses into it without allocating. A larger body gets an
+/// output buffer of its own, freed afterwards: a scratch grown to the largest body would keep
+/// up to `gzip_compress_bound(--max-object-bytes)` per worker thread for good, outside
+/// `--cache-max-bytes`.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
 thread_local! {
-    /// Compressor state (~100 KB of tables for level 1) and an output scratch buffer, reused by
-    /// every compression on this thread instead of allocated and zeroed per body.
+    /// Compressor state (~100 KB of tables for level 1) and an output scratch buffer (at most
+    /// [`SCRATCH_KEEP`]), reused by every compression on this thread instead of allocated and
+    /// zeroed per body.
     static COMPRESSOR: RefCell<(Compressor, Vec<u8>)> = RefCell::new((
         Compressor::new(CompressionLvl::new(1).unwrap_or_default()),
         Vec::new(),
@@ -40,17 +48,32 @@ pub fn gzip(body: &[u8]) -> Option<Bytes> {
     with_gzip(body, Bytes::copy_from_slice)
 }
 
-/// Calls `f` with `body` gzip-compressed (in a per-thread scratch buffer), if that is smaller
-/// than `body`: the caller copies the bytes where it keeps them, once.
+/// Calls `f` with `body` gzip-compressed (in a per-thread scratch buffer, or for a body over
+/// [`SCRATCH_KEEP`] in a buffer of its own), if that is smaller than `body`: the caller copies
+/// the bytes where it keeps them, once.
 pub fn with_gzip<R>(body: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
     COMPRESSOR.with_borrow_mut(|(compressor, scratch)| {
         let bound = compressor.gzip_compress_bound(body.len());
-        if scratch.len() < bound {
-            scratch.resize(bound, 0);
-        }
-        let n = compressor.gzip_compress(body, scratch).ok()?;
-        (n < body.len()).then(|| f(&scratch[..n]))
+        let mut own;
+        let out = if bound <= SCRATCH_KEEP {
+            if scratch.len() < bound {
+                scratch.resize(bound, 0);
+            }
+            &mut scratch[..]
+        } else {
+            // Zeroed pages straight from the allocator (calloc), returned when done.
+            own = vec![0u8; bound];
+            &mut own[..]
+        };
+        let n = compressor.gzip_compress(body, out).ok()?;
+        (n < body.len()).then(|| f(&out[..n]))
     })
+}
+
+/// This thread's compression scratch: its capacity and address (tests).
+#[cfg(test)]
+fn scratch() -> (usize, usize) {
+    COMPRESSOR.with_borrow(|(_, scratch)| (scratch.capacity(), scratch.as_ptr() as usize))
 }
 
 /// The identity bytes of a gzip body made by [`gzip`], whose identity length is `len`.
@@ -203,6 +226,28 @@ mod tests {
         ] {
             assert!(!prefers(id), "{id:?}");
         }
+    }
+
+    /// The per-thread scratch serves small bodies without allocating and never grows past
+    /// [`SCRATCH_KEEP`]: a large body compresses in a buffer of its own.
+    #[test]
+    fn the_compression_scratch_stays_small() {
+        let small = br#"{"id":42,"content":"hello hello hello hello"}"#.repeat(40);
+        let gz = gzip(&small).expect("compressible");
+        assert_eq!(gunzip(&gz, small.len()).unwrap(), small);
+        let (kept, at) = scratch();
+        assert!(kept > 0 && kept <= SCRATCH_KEEP, "{kept}");
+        // 2 MiB that compress (a counter in text): well past the scratch.
+        let large: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{i:09},").into_bytes())
+            .collect();
+        assert!(large.len() > 2 * SCRATCH_KEEP);
+        let gz = gzip(&large).expect("compressible");
+        assert_eq!(gunzip(&gz, large.len()).unwrap(), large);
+        let (after, _) = scratch();
+        assert!(after <= SCRATCH_KEEP, "scratch grew to {after} B");
+        assert!(gzip(&small).is_some());
+        assert_eq!(scratch(), (kept, at), "small bodies reuse the scratch");
     }
 
     #[test]
