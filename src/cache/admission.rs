@@ -146,6 +146,15 @@ pub fn admit(at: &Admit<'_>, status: StatusCode, headers: &HeaderMap, body: &Byt
                 return Admission::KeepOlder(refreshed(prior, None, stamp.clone(), now));
             }
             let updated_at_same = prior.is_some_and(|p| p.updated_at() == probe.updated_at);
+            // Identity clients read this key (the prior has its identity copy): the new entry
+            // gets one too, from the bytes at hand, whoever fetched. Otherwise a gzip client's
+            // unchanged revalidation would drop the copy, and the next identity hit decompress
+            // and replace the entry again, every TTL.
+            let form = if prior.is_some_and(|p| p.identity_copy().is_some()) {
+                Coding::Identity
+            } else {
+                form
+            };
             let entry = positive_entry(
                 headers,
                 body.clone(),
@@ -422,6 +431,56 @@ mod tests {
             (StatusCode::NOT_FOUND, not_found)
         );
         assert_eq!(e.lifetime(), Duration::from_secs(5));
+    }
+
+    /// A gzip client's revalidation that finds the body unchanged keeps the identity copy an
+    /// identity client had made: the next identity hit does not decompress again. A key no
+    /// identity client read stays without one.
+    #[test]
+    fn an_unchanged_revalidation_keeps_the_identity_copy() {
+        let answer = body(
+            "1765182000.482917",
+            &format!(r#","x":"{}""#, "a".repeat(100)),
+        );
+        let stamp = Generations::new().stamp(1, 42, KEY.scope);
+        let policy = policy(5);
+        let now = Instant::now();
+        let probe = rules::probe(&answer, 1, 42).expect("storable");
+        let gz = positive_entry(
+            &HeaderMap::new(),
+            answer.clone(),
+            probe,
+            stamp.clone(),
+            &policy,
+            now,
+            Coding::Gzip,
+        );
+        assert_eq!(gz.coding, Coding::Gzip);
+        let with_copy = gz.with_identity_copy().expect("a gzip entry");
+        for (prior, keeps) in [(&with_copy, true), (&gz, false)] {
+            let at = Admit {
+                key: &KEY,
+                prior: Some(prior),
+                stamp: &stamp,
+                policy: &policy,
+                now,
+                form: Coding::Gzip,
+            };
+            let Admission::Refresh {
+                entry,
+                how: Confirmed::Unchanged,
+            } = admit(&at, StatusCode::OK, &HeaderMap::new(), &answer)
+            else {
+                panic!("identical bytes refresh");
+            };
+            assert_eq!(!entry.lacks_form(false), keeps);
+            assert_eq!(entry.identity_copy().is_some(), keeps);
+            if keeps {
+                assert_eq!(entry.form(false).body(), answer);
+                assert_eq!(entry.form(false).etag(), with_copy.form(false).etag());
+                assert_eq!(entry.form(true).etag(), with_copy.form(true).etag());
+            }
+        }
     }
 
     #[test]
