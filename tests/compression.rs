@@ -340,3 +340,76 @@ async fn coalesced_identity_clients_share_one_copy_of_an_unstored_fetch() {
         "one upstream fetch (and the test's own)"
     );
 }
+
+/// HEAD and a matching `If-None-Match` from identity clients send no body, so they do not make
+/// the identity copy of a gzip entry: the identity form's exact headers (its own ETag and
+/// length, no `Content-Encoding`) come from the gzip entry alone, nothing is decompressed or
+/// added to the store. The first identity GET makes the copy; the same answers after it are
+/// header for header what they were before.
+#[tokio::test]
+async fn identity_head_and_304_do_not_make_the_identity_copy() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start_proxy(config(&fake.url())).await;
+    let expected = upstream_body(&fake).await;
+    let gz = call(&proxy, Method::GET, &[GZIP]).await;
+    assert_eq!((gz.status.as_u16(), gz.x_cache()), (200, "MISS"));
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    let gzip_only = stored_bytes(&proxy);
+
+    let head = call(&proxy, Method::HEAD, &[]).await;
+    assert_eq!((head.status.as_u16(), head.x_cache()), (200, "HIT"));
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), expected.len().to_string());
+    assert_eq!(head.header("content-encoding"), "");
+    assert_eq!(head.header("vary"), "Accept-Encoding");
+    let etag = head.header("etag").to_string();
+    assert!(etag.starts_with('"') && etag.ends_with('"') && etag != gz.header("etag"));
+    let not_modified = call(&proxy, Method::GET, &[("if-none-match", &etag)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+    assert_eq!(not_modified.header("etag"), etag);
+    assert_eq!(not_modified.header("content-encoding"), "");
+    assert_eq!(not_modified.header("content-type"), "");
+    let head_304 = call(&proxy, Method::HEAD, &[("if-none-match", &etag)]).await;
+    assert_eq!(head_304.status, 304);
+    assert_eq!(
+        (proxy.proxy.store.identity_copies(), stored_bytes(&proxy)),
+        (0, gzip_only),
+        "no identity copy made for answers without a body"
+    );
+
+    let id = call(&proxy, Method::GET, &[]).await;
+    assert_eq!((id.status.as_u16(), id.x_cache()), (200, "HIT"));
+    assert_eq!(id.body, expected);
+    assert_eq!(id.header("etag"), etag, "the ETag HEAD and 304 announced");
+    assert_eq!(proxy.proxy.store.identity_copies(), 1, "GET makes it");
+    assert!(stored_bytes(&proxy) > gzip_only);
+
+    // The same answers from the entry with its copy: identical but for Age, Cache-Status and
+    // (on a 304, the proxy's own) Date.
+    let same = |a: &Resp, b: &Resp| {
+        let strip = |r: &Resp| {
+            let mut h = r.headers.clone();
+            h.remove("age");
+            h.remove("cache-status");
+            h.remove("date");
+            (r.status, h)
+        };
+        assert_eq!(strip(a), strip(b));
+    };
+    same(&head, &call(&proxy, Method::HEAD, &[]).await);
+    same(
+        &not_modified,
+        &call(&proxy, Method::GET, &[("if-none-match", &etag)]).await,
+    );
+    same(
+        &head_304,
+        &call(&proxy, Method::HEAD, &[("if-none-match", &etag)]).await,
+    );
+    assert_eq!(proxy.proxy.store.identity_copies(), 1);
+    assert_eq!(
+        fake.show_requests(),
+        2,
+        "one upstream fetch (and the test's own)"
+    );
+}

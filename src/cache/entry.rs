@@ -460,11 +460,16 @@ impl Entry {
     /// §13.1.3): `If-None-Match` (weak comparison, against this form's own ETag) takes
     /// precedence over `If-Modified-Since`.
     pub fn not_modified_for(&self, form: Form<'_>, req: &HeaderMap) -> bool {
+        self.not_modified_by(form.etag_bytes(), req)
+    }
+
+    /// [`Entry::not_modified_for`] a form whose ETag is `etag`.
+    fn not_modified_by(&self, etag: Option<&[u8]>, req: &HeaderMap) -> bool {
         if self.is_negative() {
             return false;
         }
         if let Some(inm) = req.get(header::IF_NONE_MATCH) {
-            let Some(etag) = form.etag_bytes() else {
+            let Some(etag) = etag else {
                 return false;
             };
             return etag_list_matches(inm.as_bytes(), etag);
@@ -489,6 +494,37 @@ impl Entry {
         let etag = form.etag.map(|(a, b)| a..b);
         self.shape
             .render(form.coding, &self.buf, etag, self.values_range(), render)
+    }
+
+    /// The identity form of a gzip entry whose identity copy is not made, for an answer without
+    /// a body: a HEAD (`Content-Length` the identity length) or a 304 (`If-None-Match` against
+    /// the identity ETag, which derives from the digest). Neither needs the identity body, so
+    /// neither makes the copy: it is for identity clients that read the body. `None` when the
+    /// answer needs the body (or the entry has no digest).
+    pub fn render_identity_bodiless(
+        &self,
+        req: &HeaderMap,
+        now: Instant,
+        cache_status: &HeaderValue,
+        head: bool,
+    ) -> Option<Response<Option<Bytes>>> {
+        let etag = etag_text(&self.digest()?, Coding::Identity);
+        let not_modified = self.not_modified_by(Some(&etag), req);
+        if !head && !not_modified {
+            return None;
+        }
+        let etag = HeaderValue::from_bytes(&etag).ok()?;
+        // Never sends a body: only its coding and length are used.
+        let form = Form {
+            coding: Coding::Identity,
+            buf: &self.buf,
+            body_at: 0,
+            body_len: self.identity_len as usize,
+            etag: None,
+        };
+        let mut r = self.render(form, now, cache_status.clone(), true, not_modified);
+        r.headers_mut().insert(header::ETAG, etag);
+        Some(r)
     }
 
     /// Renders `form` of the entry. `head` drops the body; `not_modified` renders a 304.

@@ -734,6 +734,16 @@ fn render(
     let gzip = coding::prefers_gzip(req.headers());
     let copy;
     let entry = if entry.lacks_form(gzip) {
+        // A HEAD or a 304 sends no body: answered without making the identity copy.
+        if let Some(response) =
+            entry.render_identity_bodiless(req.headers(), now, &cache_status, head)
+        {
+            return Answer {
+                response: response.map(ResponseBody::optional),
+                cache: xcache,
+                upstream_status: None,
+            };
+        }
         copy = store.with_identity_copy(key, entry, slot);
         &copy
     } else {
