@@ -242,11 +242,15 @@ impl Shape {
             }
         }
         let etag = etag.filter(|_| self.etag);
+        let mut per_entry = self.slots;
         if self.etag && etag.is_none() {
             // No ETag for a shape with its slot: the placeholder stays.
             slots.next();
+            per_entry -= 1;
         }
-        super::memo::fill(buf, etag, values, slots.take(self.slots));
+        // Never past the per-entry slots: a region with a value too many must not overwrite
+        // the first static field.
+        super::memo::fill(buf, etag, values, slots.take(per_entry));
         map
     }
 
@@ -406,6 +410,23 @@ mod tests {
         assert_eq!(back.len(), 5);
         assert_eq!(back[0], ("x-request-id".into(), b"one".to_vec()));
         assert_eq!(back[4], ("vary".into(), b"Accept-Encoding".to_vec()));
+
+        // Without its ETag, a region holding a value too many fills the per-entry slots only:
+        // the static fields after them stay as they are.
+        let mut extra = vec![];
+        put_values(&mut extra, [&b"one"[..], b"k", b"intruder"]);
+        let extra = Bytes::from(extra);
+        let map = ba.shape.render(
+            Coding::Gzip,
+            &extra,
+            None,
+            0..extra.len(),
+            [None, None, None],
+        );
+        assert_eq!(map["content-type"], "application/json; charset=utf-8");
+        assert_eq!(map["x-request-id"], "one");
+        assert_eq!(map["x-custom"], "k");
+        assert!(map.iter().all(|(_, v)| v != "intruder"), "{map:?}");
 
         // A per-entry value among a name's statics makes all of that name's values per entry.
         let c = fields(&[("vary", "Origin"), ("vary", "X-Thing")]);
