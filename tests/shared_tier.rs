@@ -1235,3 +1235,63 @@ async fn a_huge_shared_value_is_not_read_whole() {
         "Redis sent {out} bytes for one request"
     );
 }
+
+/// The writer itself does not keep its pre-write body: a read on the writing replica that
+/// reaches Redis after the write's local invalidation but before its Redis bump lands (here: the
+/// bump's first call answered `NOSCRIPT` after `SCRIPT FLUSH`, so it loads the script and calls
+/// again a round trip later) finds the old value under still-valid counters and puts it in L1;
+/// once the bump lands the writer invalidates locally again, so the next read is the new body.
+#[tokio::test]
+async fn a_read_racing_the_writers_redis_bump_is_not_kept() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr()).await;
+    let fake = FakeChatwoot::start().await;
+    let a = replica_at(&fake, relay.url(), Duration::from_secs(5), SECRET, |_| {}).await;
+    let first = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(redis.keys("test:v:*").len(), 1, "stored in Redis");
+    // The fetch's lease is released after its response: the bump is the next script call.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis.keys("test:l:*").is_empty() {
+        assert!(Instant::now() < deadline, "the lease was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        redis.command(&["SCRIPT", "FLUSH"]).as_deref(),
+        Some("+OK\r\n")
+    );
+    relay.hold_noscript();
+    let url = a.url(CONV);
+    let write = tokio::spawn(async move {
+        send(
+            Method::PATCH,
+            &url,
+            &[
+                ("api_access_token", "admin-token"),
+                ("content-type", "application/json"),
+            ],
+            br#"{"status":"snoozed"}"#,
+        )
+        .await
+    });
+    // The write's local invalidation is made and its bump refused: a read now misses L1 and
+    // reads Redis before the bump is retried.
+    relay.wait_noscript_held().await;
+    let url = a.url(CONV);
+    let racing = tokio::spawn(async move { get(&url, Some("admin-token")).await });
+    relay.wait_read_while_noscript_held().await;
+    relay.release_noscript();
+    let w = write.await.unwrap();
+    assert_eq!(w.status, 200);
+    let written = updated_at(&w);
+    assert_ne!(written, updated_at(&first));
+    // Concurrent with the write: either body is right for it.
+    assert_eq!(racing.await.unwrap().status, 200);
+    let r = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(
+        updated_at(&r),
+        written,
+        "the writer kept its pre-write body: {}",
+        r.header("cache-status")
+    );
+}

@@ -284,6 +284,9 @@ pub struct Shared {
     /// Bus subscriptions made so far (tests and diagnostics: a resubscription shows here).
     subscriptions: std::sync::atomic::AtomicU64,
     random: SystemRandom,
+    /// This replica's L1 generations (set by [`Shared::start`]): bumped again when a bump lands
+    /// in Redis ([`Shared::bump`]).
+    local: std::sync::OnceLock<Arc<Generations>>,
 }
 
 impl Shared {
@@ -359,12 +362,14 @@ impl Shared {
             subscribed: AtomicBool::new(false),
             subscriptions: std::sync::atomic::AtomicU64::new(0),
             random,
+            local: std::sync::OnceLock::new(),
         }))
     }
 
     /// Starts the background tasks: the probe that brings a skipped Redis back, and the bus
     /// subscriber that applies other replicas' invalidations to `generations`.
     pub fn start(self: &Arc<Self>, generations: Arc<Generations>) {
+        let _ = self.local.set(generations.clone());
         tokio::spawn(self.clone().probe_loop());
         tokio::spawn(self.clone().bus_loop(generations));
     }
@@ -742,6 +747,12 @@ impl Shared {
     }
 
     /// One attempt at bumping `target`'s counter (and publishing). `true` when Redis answered.
+    ///
+    /// Once it has landed, `target` is bumped in this replica's L1 again: the caller bumped it
+    /// locally first, and a read on this replica in between (one round trip at least, more
+    /// after a `NOSCRIPT` or a retry) may have found the old value under the old counters and
+    /// put it in L1 under the new local stamp. This replica skips its own bus messages, so
+    /// nothing else would drop it.
     async fn bump(&self, target: Target, budget: &mut Budget) -> bool {
         let message = bus::message(self.origin, target);
         let mut inv = self.bump_script.key(self.keys.target(target));
@@ -753,10 +764,14 @@ impl Shared {
         let published: Option<i64> = self
             .call(RedisOp::Invalidate, budget, inv.invoke_async(&mut conn))
             .await;
-        if published.is_some() {
-            self.metrics.bus_sent();
+        if published.is_none() {
+            return false;
         }
-        published.is_some()
+        self.metrics.bus_sent();
+        if let Some(local) = self.local.get() {
+            local.bump(target);
+        }
+        true
     }
 
     /// Deletes the L2 values `target` covers and invalidates it (purge API). Returns how many

@@ -262,6 +262,11 @@ pub struct RedisRelay {
 struct LeaseGate {
     closed: tokio::sync::watch::Sender<bool>,
     held: tokio::sync::watch::Sender<bool>,
+    /// `NOSCRIPT` replies held: see [`RedisRelay::hold_noscript`].
+    noscript_closed: tokio::sync::watch::Sender<bool>,
+    noscript_held: tokio::sync::watch::Sender<bool>,
+    /// Shared reads (`GETRANGE`) a client sent while a `NOSCRIPT` reply was held.
+    reads_while_held: tokio::sync::watch::Sender<u32>,
 }
 
 /// One relayed connection.
@@ -283,6 +288,9 @@ impl RedisRelay {
         let gate = Arc::new(LeaseGate {
             closed: tokio::sync::watch::channel(false).0,
             held: tokio::sync::watch::channel(false).0,
+            noscript_closed: tokio::sync::watch::channel(false).0,
+            noscript_held: tokio::sync::watch::channel(false).0,
+            reads_while_held: tokio::sync::watch::channel(0).0,
         });
         let (f, t, g) = (flows.clone(), tasks.clone(), gate.clone());
         let accept = tokio::spawn(async move {
@@ -294,8 +302,8 @@ impl RedisRelay {
                 f.lock().unwrap().push(flow.clone());
                 let (client_r, client_w) = client.into_split();
                 let (server_r, server_w) = server.into_split();
-                let up = tokio::spawn(pump(client_r, server_w, flow.clone(), Some(g.clone())));
-                let down = tokio::spawn(pump(server_r, client_w, flow, None));
+                let up = tokio::spawn(pump(client_r, server_w, flow.clone(), g.clone(), true));
+                let down = tokio::spawn(pump(server_r, client_w, flow, g.clone(), false));
                 t.lock()
                     .unwrap()
                     .extend([up.abort_handle(), down.abort_handle()]);
@@ -329,6 +337,37 @@ impl RedisRelay {
     /// Lets held leases (and later ones) through.
     pub fn release_leases(&self) {
         self.gate.closed.send_replace(false);
+    }
+
+    /// From now on, holds every chunk Redis answers with a `NOSCRIPT` error in it (a script
+    /// call after `SCRIPT FLUSH` or a restart) until [`RedisRelay::release_noscript`]: what the
+    /// client sends meanwhile still reaches Redis and runs before the client can load the script
+    /// and call it again, as it does over a real round trip.
+    pub fn hold_noscript(&self) {
+        self.gate.noscript_closed.send_replace(true);
+    }
+
+    /// Waits (generously) until a `NOSCRIPT` reply is held.
+    pub async fn wait_noscript_held(&self) {
+        let mut held = self.gate.noscript_held.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), held.wait_for(|h| *h))
+            .await
+            .expect("no NOSCRIPT reply reached the relay")
+            .expect("relay running");
+    }
+
+    /// Waits (generously) until a shared read passed to Redis while a `NOSCRIPT` reply is held.
+    pub async fn wait_read_while_noscript_held(&self) {
+        let mut reads = self.gate.reads_while_held.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), reads.wait_for(|n| *n > 0))
+            .await
+            .expect("no read reached Redis while the NOSCRIPT reply was held")
+            .expect("relay running");
+    }
+
+    /// Lets held `NOSCRIPT` replies (and later ones) through.
+    pub fn release_noscript(&self) {
+        self.gate.noscript_closed.send_replace(false);
     }
 
     /// `redis://127.0.0.1:PORT` of the relay.
@@ -368,16 +407,17 @@ impl Drop for RedisRelay {
     }
 }
 
-/// Copies one direction of a flow (client to server with the relay's lease gate) until EOF,
-/// dropping the bytes instead once the flow is dead.
+/// Copies one direction of a flow (client to server through the relay's lease gate, server to
+/// client through its `NOSCRIPT` gate) until EOF, dropping the bytes instead once the flow is
+/// dead.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     flow: Arc<Flow>,
-    gate: Option<Arc<LeaseGate>>,
+    gate: Arc<LeaseGate>,
+    from_client: bool,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let from_client = gate.is_some();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -394,10 +434,25 @@ async fn pump(
         {
             flow.subscriber.store(true, Ordering::Release);
         }
-        let lease = buf[..n].windows(6).any(|w| w == b"\r\nNX\r\n");
-        if let Some(gate) = gate.as_ref().filter(|g| lease && *g.closed.borrow()) {
-            gate.held.send_replace(true);
-            let mut closed = gate.closed.subscribe();
+        let chunk = &buf[..n];
+        if from_client {
+            let lease = chunk.windows(6).any(|w| w == b"\r\nNX\r\n");
+            if lease && *gate.closed.borrow() {
+                gate.held.send_replace(true);
+                let mut closed = gate.closed.subscribe();
+                if closed.wait_for(|c| !*c).await.is_err() {
+                    break;
+                }
+            }
+            if *gate.noscript_held.borrow()
+                && *gate.noscript_closed.borrow()
+                && chunk.windows(8).any(|w| w == b"GETRANGE")
+            {
+                gate.reads_while_held.send_modify(|n| *n += 1);
+            }
+        } else if *gate.noscript_closed.borrow() && chunk.windows(8).any(|w| w == b"NOSCRIPT") {
+            gate.noscript_held.send_replace(true);
+            let mut closed = gate.noscript_closed.subscribe();
             if closed.wait_for(|c| !*c).await.is_err() {
                 break;
             }
