@@ -1297,3 +1297,51 @@ async fn a_read_racing_the_writers_redis_bump_is_not_kept() {
         r.header("cache-status")
     );
 }
+
+/// A Redis that answers but refuses writes (here: made a replica of an unreachable primary, as
+/// after a failover, so every write answers `READONLY`) stays skipped: the probe writes, so it
+/// is not taken back at each PING only to fail the next invalidations (`chatwoot_cache_redis_up`
+/// would flap instead of staying 0). Writable again, it is used again.
+#[tokio::test]
+async fn a_redis_that_refuses_writes_stays_skipped() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let a = replica(&fake, &redis, Duration::from_millis(500)).await;
+    let shared = a.proxy.store.shared().unwrap().clone();
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.x_cache(), "MISS");
+    let demoted = redis.command(&["REPLICAOF", "127.0.0.1", "1"]);
+    assert_eq!(demoted.as_deref(), Some("+OK\r\n"));
+    // A write: its invalidation fails, and so do its background retries, until skipped.
+    let w = send(
+        Method::PATCH,
+        &a.url(CONV),
+        &[
+            ("api_access_token", "admin-token"),
+            ("content-type", "application/json"),
+        ],
+        br#"{"status":"open"}"#,
+    )
+    .await;
+    assert_eq!(w.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shared.is_up() {
+        assert!(
+            Instant::now() < deadline,
+            "a read-only Redis was never skipped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several probe intervals (500 ms each): never taken back while it refuses writes.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        assert!(!shared.is_up(), "a read-only Redis was taken back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = metrics_text(&a).await;
+    assert_eq!(metric(&text, "chatwoot_cache_redis_up"), 0.0);
+    let promoted = redis.command(&["REPLICAOF", "NO", "ONE"]);
+    assert_eq!(promoted.as_deref(), Some("+OK\r\n"));
+    wait_ready(&a).await;
+    let r = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!(updated_at(&r), updated_at(&w), "pre-write body");
+}

@@ -57,6 +57,8 @@ const BUS_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// resubscriptions (each one makes every L1 entry revalidate), and a lost bus is noticed
 /// within [`BUS_PING_INTERVAL`] + this (3 s) all the same.
 const BUS_PING_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+/// Expiry of the probe's key: it is only written to prove Redis takes writes.
+const PROBE_KEY_MS: u64 = 10_000;
 /// Deadline of the admin purge's scan (not on the request path).
 const PURGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -177,6 +179,11 @@ impl Keys {
             "{}l:{}:{}:{:032x}",
             self.prefix, k.account, k.conversation, k.scope.0
         )
+    }
+
+    /// The key a skipped Redis is probed by writing (see [`Shared::probe_loop`]).
+    fn probe(&self) -> String {
+        format!("{}probe", self.prefix)
     }
 
     fn channel(&self) -> String {
@@ -833,7 +840,7 @@ impl Shared {
         }
     }
 
-    /// Probes a skipped Redis until it answers, then uses it again. Invalidations that could
+    /// Probes a skipped Redis until it takes a write, then uses it again. Invalidations that could
     /// not be sent meanwhile become one global invalidation (retried until it lands).
     async fn probe_loop(self: Arc<Self>) {
         let probe_timeout = self.timeout.max(Duration::from_millis(250));
@@ -841,9 +848,18 @@ impl Shared {
             if !self.is_up() {
                 let mut conn = self.conn();
                 let start = Instant::now();
+                // A write, not a PING: a Redis that answers but refuses writes (a replica
+                // after a failover, out of memory, an ACL) would otherwise be taken back at
+                // once, fail the next invalidations and be skipped again, over and over, with
+                // `chatwoot_cache_redis_up` flapping instead of staying 0.
                 let ping = tokio::time::timeout(
                     probe_timeout,
-                    redis::cmd("PING").query_async::<String>(&mut conn),
+                    redis::cmd("SET")
+                        .arg(self.keys.probe())
+                        .arg(self.origin)
+                        .arg("PX")
+                        .arg(PROBE_KEY_MS)
+                        .query_async::<String>(&mut conn),
                 )
                 .await;
                 self.metrics
