@@ -69,6 +69,21 @@ fn windows(ttl: Duration, swr: Duration) -> impl Fn(&mut chatwoot_cache::config:
     }
 }
 
+/// PATCHes the test conversation's status through `proxy` as the admin.
+async fn set_status(proxy: &ProxyHandle, status: &str) -> Resp {
+    let body = format!(r#"{{"status":"{status}"}}"#);
+    send(
+        Method::PATCH,
+        &proxy.url(CONV),
+        &[
+            ("api_access_token", "admin-token"),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
 fn updated_at(r: &Resp) -> String {
     r.json()["updated_at"].to_string()
 }
@@ -223,16 +238,7 @@ async fn writes_through_one_replica_are_read_through_the_others() {
         let writer = &replicas[i % 3];
         let reader = &replicas[(i + 1) % 3];
         let third = &replicas[(i + 2) % 3];
-        let w = send(
-            Method::PATCH,
-            &writer.url(CONV),
-            &[
-                ("api_access_token", "admin-token"),
-                ("content-type", "application/json"),
-            ],
-            br#"{"status":"open"}"#,
-        )
-        .await;
+        let w = set_status(writer, "open").await;
         assert_eq!(w.status, 200, "write {i}");
         let written = updated_at(&w);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -589,16 +595,7 @@ async fn a_silent_bus_connection_is_noticed_and_replaced() {
     assert_eq!(relay.silence_subscribers(), 1, "B's bus connection");
     let silenced = Instant::now();
     // A write through A: its invalidation is published, and lost on B's silent connection.
-    let w = send(
-        Method::PATCH,
-        &a.url(CONV),
-        &[
-            ("api_access_token", "admin-token"),
-            ("content-type", "application/json"),
-        ],
-        br#"{"status":"open"}"#,
-    )
-    .await;
+    let w = set_status(&a, "open").await;
     assert_eq!(w.status, 200);
     let written = updated_at(&w);
     // Noticed, and replaced by a new subscription (the relay passes new connections). The
@@ -1174,16 +1171,7 @@ async fn a_lost_invalidation_does_not_serve_the_pre_write_value() {
     assert_eq!(redis.keys("test:v:*").len(), 1, "stored in Redis");
     let deny = redis.command(&["ACL", "SETUSER", "default", "-eval", "-evalsha"]);
     assert_eq!(deny.as_deref(), Some("+OK\r\n"));
-    let w = send(
-        Method::PATCH,
-        &a.url(CONV),
-        &[
-            ("api_access_token", "admin-token"),
-            ("content-type", "application/json"),
-        ],
-        br#"{"status":"pending"}"#,
-    )
-    .await;
+    let w = set_status(&a, "pending").await;
     assert_eq!(w.status, 200);
     let written = updated_at(&w);
     assert_ne!(written, updated_at(&first));
@@ -1312,16 +1300,7 @@ async fn a_redis_that_refuses_writes_stays_skipped() {
     let demoted = redis.command(&["REPLICAOF", "127.0.0.1", "1"]);
     assert_eq!(demoted.as_deref(), Some("+OK\r\n"));
     // A write: its invalidation fails, and so do its background retries, until skipped.
-    let w = send(
-        Method::PATCH,
-        &a.url(CONV),
-        &[
-            ("api_access_token", "admin-token"),
-            ("content-type", "application/json"),
-        ],
-        br#"{"status":"open"}"#,
-    )
-    .await;
+    let w = set_status(&a, "open").await;
     assert_eq!(w.status, 200);
     let deadline = Instant::now() + Duration::from_secs(20);
     while shared.is_up() {

@@ -327,11 +327,7 @@ impl RedisRelay {
 
     /// Waits (generously) until a lease is held.
     pub async fn wait_lease_held(&self) {
-        let mut held = self.gate.held.subscribe();
-        tokio::time::timeout(Duration::from_secs(20), held.wait_for(|h| *h))
-            .await
-            .expect("no lease reached the relay")
-            .expect("relay running");
+        wait_until(&self.gate.held, |h| *h, "no lease reached the relay").await;
     }
 
     /// Lets held leases (and later ones) through.
@@ -349,20 +345,14 @@ impl RedisRelay {
 
     /// Waits (generously) until a `NOSCRIPT` reply is held.
     pub async fn wait_noscript_held(&self) {
-        let mut held = self.gate.noscript_held.subscribe();
-        tokio::time::timeout(Duration::from_secs(20), held.wait_for(|h| *h))
-            .await
-            .expect("no NOSCRIPT reply reached the relay")
-            .expect("relay running");
+        let what = "no NOSCRIPT reply reached the relay";
+        wait_until(&self.gate.noscript_held, |h| *h, what).await;
     }
 
     /// Waits (generously) until a shared read passed to Redis while a `NOSCRIPT` reply is held.
     pub async fn wait_read_while_noscript_held(&self) {
-        let mut reads = self.gate.reads_while_held.subscribe();
-        tokio::time::timeout(Duration::from_secs(20), reads.wait_for(|n| *n > 0))
-            .await
-            .expect("no read reached Redis while the NOSCRIPT reply was held")
-            .expect("relay running");
+        let what = "no read reached Redis while the NOSCRIPT reply was held";
+        wait_until(&self.gate.reads_while_held, |n| *n > 0, what).await;
     }
 
     /// Lets held `NOSCRIPT` replies (and later ones) through.
@@ -397,6 +387,19 @@ impl RedisRelay {
         }
         n
     }
+}
+
+/// Waits (generously: 20 s) until `state` satisfies `ready`; panics with `what` otherwise.
+async fn wait_until<T>(
+    state: &tokio::sync::watch::Sender<T>,
+    ready: impl FnMut(&T) -> bool,
+    what: &str,
+) {
+    let mut rx = state.subscribe();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(ready))
+        .await
+        .expect(what)
+        .expect("relay running");
 }
 
 impl Drop for RedisRelay {
