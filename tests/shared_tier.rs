@@ -885,6 +885,37 @@ async fn leases_never_block_longer_than_needed() {
     );
 }
 
+/// A waiter polls the lease, not the value: waiting 1.5 s on a holder reads the value (GETRANGE)
+/// a handful of times, not once per 10 ms poll (~150 reads of up to --max-object-bytes each,
+/// HMAC checked, for every waiter of every hot key during a slow upstream).
+#[tokio::test]
+async fn a_lease_waiter_reads_the_value_once_the_lease_is_gone() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let a = replica(&fake, &redis, Duration::from_secs(2)).await;
+    let getranges = || {
+        let info = redis.command(&["INFO", "commandstats"]).unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_getrange:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let scope = chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token");
+    let lease = format!("test:l:1:42:{:032x}", scope.0);
+    redis.command(&["SET", &lease, "slow-holder", "PX", "1500"]);
+    let before = getranges();
+    let start = Instant::now();
+    let r = conv(&a, 1, 42, "admin-token").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    assert!(
+        start.elapsed() >= Duration::from_millis(1200),
+        "it waited on the lease"
+    );
+    let reads = getranges() - before;
+    assert!(reads <= 5, "{reads} value reads while waiting");
+}
+
 /// A shared entry past its freshness follows the usual rules on a replica that never stored it
 /// (SPEC 11): within stale-while-revalidate it is `STALE` at once and revalidated once in the
 /// background, then a `HIT`.

@@ -128,8 +128,9 @@ end
 return 0
 ";
 
-/// How often a replica waiting on another's lease looks for the value (a bounded poll: one
-/// pipelined read per interval, only while a cold key is being fetched elsewhere).
+/// How often a replica waiting on another's lease checks it (a bounded poll: one `EXISTS`
+/// per interval, only while a key is being fetched elsewhere; the value is read once, when
+/// the lease is gone).
 const LEASE_POLL: Duration = Duration::from_millis(10);
 
 /// Key and channel names under `--redis-key-prefix`. Keys carry account, conversation and
@@ -625,6 +626,26 @@ impl Shared {
         let deadline = Instant::now() + self.lease();
         loop {
             tokio::time::sleep(LEASE_POLL).await;
+            if Instant::now() < deadline {
+                // While the lease is held only the lease is polled: a value read (up to
+                // --max-object-bytes, HMAC checked) every 10 ms for a whole slow fetch would
+                // load Redis most during an upstream incident. The holder writes before it
+                // releases, so the value is read once, when the lease is gone.
+                let mut conn = self.conn();
+                let mut budget = self.budget();
+                let held: Option<i64> = self
+                    .call(
+                        RedisOp::Lease,
+                        &mut budget,
+                        redis::cmd("EXISTS").arg(&lease_key).query_async(&mut conn),
+                    )
+                    .await;
+                match held {
+                    None => return L2Read::Unavailable,
+                    Some(0) => {}
+                    Some(_) => continue,
+                }
+            }
             let mut pipe = redis::pipe();
             self.get_value(&mut pipe, &value_key)
                 .cmd("MGET")
