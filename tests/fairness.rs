@@ -122,12 +122,15 @@ async fn a_flooding_token_cannot_starve_polite_tokens() {
         }
     }
 
-    let (mut ok, mut shed, mut stale) = (0, 0, 0);
+    let (mut ok, mut shed, mut stale, mut revalidated) = (0, 0, 0, 0);
     for f in flood {
         let r = f.await.unwrap();
         match (r.status.as_u16(), r.x_cache()) {
             (200, "MISS") => ok += 1,
             (200, "STALE") => stale += 1,
+            // The stored conversation's request got one of the token's slots (which of the
+            // 300 do is up to the scheduler): revalidated, not shed.
+            (200, "REVALIDATED") => revalidated += 1,
             (503, "LOCAL") => {
                 assert_eq!(r.json()["errors"][0]["code"], "upstream_unavailable");
                 assert_eq!(r.header("retry-after"), "1");
@@ -137,12 +140,13 @@ async fn a_flooding_token_cannot_starve_polite_tokens() {
         }
     }
     assert_eq!(
-        stale, 1,
-        "the stored conversation is served stale when shed"
+        stale + revalidated,
+        1,
+        "the stored conversation is served stale when shed (never a 503)"
     );
     assert!(shed >= 250, "flood: {ok} ok, {shed} shed");
     // 2 slots × (1 s queue timeout / 250 ms) ≈ 8, more on a slow machine; far from 300.
-    assert!(ok <= 40, "flood: {ok} ok, {shed} shed");
+    assert!(ok + revalidated <= 40, "flood: {ok} ok, {shed} shed");
     let m = metrics_text(&proxy).await;
     assert_eq!(metric(&m, SHED_QUOTA), f64::from(shed + stale));
     assert_eq!(metric(&m, SHED_QUEUE), 0.0);
