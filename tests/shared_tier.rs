@@ -60,6 +60,19 @@ async fn replica_at(
     proxy
 }
 
+/// The admin token's scope under [`SECRET`], as every replica derives it.
+fn admin_scope() -> chatwoot_cache::auth::Scope {
+    chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token")
+}
+
+/// The Redis key of `kind` (`v` value, `l` lease) for the admin token's conversation.
+fn admin_key(kind: &str, account: u64, conversation: u64) -> String {
+    format!(
+        "test:{kind}:{account}:{conversation}:{:032x}",
+        admin_scope().0
+    )
+}
+
 /// Settings for [`replica_tuned`]: `ttl` and stale-while-revalidate (stale-if-error stays at
 /// its default, 10 min).
 fn windows(ttl: Duration, swr: Duration) -> impl Fn(&mut chatwoot_cache::config::Config) + Copy {
@@ -786,8 +799,8 @@ async fn a_writer_clock_ahead_does_not_extend_freshness() {
     assert_eq!(first.x_cache(), "MISS");
     // The value as a writer 1 h ahead would have written it at the same moment, under the
     // same expiry: same bytes, fetch time + 1 h, signed with the shared secret.
-    let scope = chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token");
-    let value_key = format!("test:v:1:42:{:032x}", scope.0);
+    let scope = admin_scope();
+    let value_key = admin_key("v", 1, 42);
     let key = CacheKey {
         account: 1,
         conversation: 42,
@@ -848,8 +861,7 @@ async fn leases_never_block_longer_than_needed() {
     fake.set_delay(Duration::ZERO);
 
     // A holder that died: its lease (1.5 s left) is all a request waits.
-    let scope = chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token");
-    let lease = format!("test:l:1:42:{:032x}", scope.0);
+    let lease = admin_key("l", 1, 42);
     redis.command(&["SET", &lease, "dead-holder", "PX", "1500"]);
     let start = Instant::now();
     let r = conv(&a, 1, 42, "admin-token").await;
@@ -873,7 +885,7 @@ async fn leases_never_block_longer_than_needed() {
     let c = start_proxy(cfg).await;
     wait_ready(&c).await;
     fake.add_conversation(1, 43, "1765182000.1");
-    let lease = format!("test:l:1:43:{:032x}", scope.0);
+    let lease = admin_key("l", 1, 43);
     redis.command(&["SET", &lease, "stuck-holder", "PX", "60000"]);
     let start = Instant::now();
     let r = conv(&c, 1, 43, "admin-token").await;
@@ -901,8 +913,7 @@ async fn a_lease_waiter_reads_the_value_once_the_lease_is_gone() {
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let scope = chatwoot_cache::auth::Scoper::from_secret(SECRET.as_bytes()).scope(b"admin-token");
-    let lease = format!("test:l:1:42:{:032x}", scope.0);
+    let lease = admin_key("l", 1, 42);
     redis.command(&["SET", &lease, "slow-holder", "PX", "1500"]);
     let before = getranges();
     let start = Instant::now();
