@@ -62,17 +62,20 @@ async fn polite_miss_served(
 /// An h2c connection whose client announces a zero stream window: the proxy may send
 /// response headers but not one byte of any body until the client opens the window, which
 /// it never does.
+/// Returns the sender and the connection's task (finished once the proxy closes it).
 async fn zero_window_h2(
     proxy: &ProxyHandle,
-) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(0)
         .handshake(TokioIo::new(tcp))
         .await
         .unwrap();
-    tokio::spawn(conn);
-    sender
+    (sender, tokio::spawn(conn))
 }
 
 /// 200 streams on two h2 connections with a zero window, on an `other` route (no token),
@@ -87,7 +90,7 @@ async fn h2_zero_window_streams_release_their_slots() {
     let proxy = start(&fake, 4, |c| c.client_header_timeout = OBSERVED_LIMIT).await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        let sender = zero_window_h2(&proxy).await;
+        let (sender, _) = zero_window_h2(&proxy).await;
         for i in 0..100 {
             let mut sender = sender.clone();
             // 64 KiB in 1 KiB frames: hyper takes the first frame, then waits for a window
@@ -177,13 +180,7 @@ async fn h2_zero_window_streams_release_their_slots() {
 async fn a_connection_with_an_abandoned_stream_is_closed_though_busy() {
     let fake = FakeChatwoot::start().await;
     let proxy = start(&fake, 4, |_| {}).await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let mut conn = tokio::spawn(conn);
+    let (mut sender, mut conn) = zero_window_h2(&proxy).await;
     sender.ready().await.unwrap();
     let url = format!("http://{}/stream?chunks=64&delay_ms=0", proxy.addr);
     let req = http::Request::get(url).body(Empty::<Bytes>::new()).unwrap();
@@ -231,13 +228,7 @@ async fn a_zero_window_on_in_memory_answers_does_not_keep_the_connection() {
     let proxy = start(&fake, 4, |_| {}).await;
     fake.set_padding(1, 42, 6000);
     assert_eq!(conv(&proxy, 1, 42, "admin-token").await.status, 200);
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let mut conn = tokio::spawn(conn);
+    let (mut sender, mut conn) = zero_window_h2(&proxy).await;
     let url = format!("http://{}/api/v1/accounts/1/conversations/42", proxy.addr);
     let mut answers = Vec::new();
     for token in [Some("admin-token"), None] {
