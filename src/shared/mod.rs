@@ -749,7 +749,7 @@ impl Shared {
                         .store(true, Ordering::Release);
                     break;
                 }
-                let mut budget = Budget::new(this.timeout.max(Duration::from_millis(250)));
+                let mut budget = Budget::new(this.background_timeout());
                 if this.bump(target, &mut budget).await || Instant::now() >= give_up {
                     break;
                 }
@@ -841,6 +841,12 @@ impl Shared {
         removed
     }
 
+    /// The time a background call (probe, invalidation retry) may take: `--redis-timeout`,
+    /// but never so short that a healthy Redis on a loaded host looks down.
+    fn background_timeout(&self) -> Duration {
+        self.timeout.max(Duration::from_millis(250))
+    }
+
     /// The connection (a multiplexed one redis-rs reconnects when it breaks); a clone is cheap.
     fn conn(&self) -> ConnectionManager {
         self.conn
@@ -864,7 +870,7 @@ impl Shared {
     /// Probes a skipped Redis until it takes a write, then uses it again. Invalidations that could
     /// not be sent meanwhile become one global invalidation (retried until it lands).
     async fn probe_loop(self: Arc<Self>) {
-        let probe_timeout = self.timeout.max(Duration::from_millis(250));
+        let probe_timeout = self.background_timeout();
         loop {
             if !self.is_up() {
                 let mut conn = self.conn();
