@@ -897,6 +897,34 @@ async fn leases_never_block_longer_than_needed() {
     );
 }
 
+/// A 404 that drops a stored 200 (here from Redis) is itself negative-cached: the shared
+/// invalidation it causes does not refuse it, so the next polls are HITs, not one upstream
+/// request, one Redis bump and one bus message each for as long as the old value lives.
+#[tokio::test]
+async fn a_404_that_drops_a_shared_200_is_negative_cached() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_secs(2);
+    let tune = |c: &mut chatwoot_cache::config::Config| {
+        c.cache_ttl = Duration::from_millis(300);
+        c.stale_while_revalidate = Duration::ZERO;
+        c.negative_ttl = Duration::from_secs(30);
+    };
+    let a = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    let b = replica_tuned(&fake, &redis, t, SECRET, tune).await;
+    assert_eq!(conv(&a, 1, 42, "admin-token").await.status, 200);
+    fake.remove_conversation(1, 42);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let gone = conv(&b, 1, 42, "admin-token").await;
+    assert_eq!((gone.status.as_u16(), gone.x_cache()), (404, "MISS"));
+    let before = fake.show_requests();
+    for _ in 0..3 {
+        let again = conv(&b, 1, 42, "admin-token").await;
+        assert_eq!((again.status.as_u16(), again.x_cache()), (404, "HIT"));
+    }
+    assert_eq!(fake.show_requests(), before, "negative-cached");
+}
+
 /// A waiter polls the lease, not the value: waiting 1.5 s on a holder reads the value (GETRANGE)
 /// a handful of times, not once per 10 ms poll (~150 reads of up to --max-object-bytes each,
 /// HMAC checked, for every waiter of every hot key during a slow upstream).

@@ -564,8 +564,11 @@ impl Store {
                 // too, or the next L1 miss on any replica serves it again (SPEC 5: not even
                 // stale).
                 let supersedes = matches!(admission, Admission::Pass(Pass::Supersedes));
-                // Only the shared part: locally the key is gone already, and bumping the
-                // local generation would also refuse the negative entry below.
+                // The negative entry answers the fetch that causes this invalidation; the
+                // shared tier's invalidation also bumps this replica's generation (once Redis
+                // has it, against reads racing the bump), which must not refuse that entry.
+                let was_current =
+                    matches!(&admission, Admission::Negative(e) if self.is_current(&key, e));
                 let target = Target::Conversation {
                     account: key.account,
                     conversation: key.conversation,
@@ -580,9 +583,14 @@ impl Store {
                         tier.invalidate(target, &mut shared.budget).await;
                     }
                 }
-                let Admission::Negative(entry) = admission else {
+                let Admission::Negative(mut entry) = admission else {
                     return None;
                 };
+                if was_current {
+                    entry.stamp = self
+                        .generations
+                        .stamp(key.account, key.conversation, key.scope);
+                }
                 let entry = Arc::new(entry);
                 let stored = self.insert(key, entry.clone());
                 Some(Applied { entry, stored })
