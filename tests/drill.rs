@@ -362,10 +362,12 @@ async fn upstream_incident_drill() {
     // Outage, part 1: connections refused.
     let attempts_at_outage = upstream_attempts(&proxy);
     let fake_at_outage = fake.requests();
-    in_outage.store(true, Ordering::SeqCst);
     outage_started.store(true, Ordering::SeqCst);
     tl.outage = origin.elapsed();
     switch.refuse().await;
+    // Cold requests only once the upstream is unreachable: one sent while `refuse` was still
+    // cutting connections could be answered and stored, and later ones served from it.
+    in_outage.store(true, Ordering::SeqCst);
     tokio::time::sleep(ms(1500)).await;
     // Part 2: accepted, never answered.
     tl.hang = origin.elapsed();
