@@ -562,7 +562,8 @@ impl Proxy {
                 .await;
             return oversized(body, headers);
         }
-        let bytes = match collect_limited(body, max, deadline).await {
+        let expected = content_length(&headers);
+        let bytes = match collect_limited(body, max, deadline, expected).await {
             Ok(b) => b,
             Err(Collect::TooLarge(body)) => {
                 let decision = admit_oversized(prior.is_some(), status);
@@ -679,39 +680,77 @@ enum Collect {
     Broken(String),
 }
 
-/// Reads a whole body of at most `limit` bytes before `deadline`.
+/// Reads a whole body of at most `limit` bytes before `deadline`; `expected` is the
+/// upstream's `Content-Length`, if any (already checked against `limit`).
 async fn collect_limited(
     mut body: UpstreamBody,
     limit: u64,
     deadline: Instant,
+    expected: Option<u64>,
 ) -> Result<Bytes, Collect> {
-    let mut buf = BytesMut::new();
+    let mut collected = Collected::new(expected.filter(|&n| n <= limit));
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(Collect::Timeout),
-            Ok(None) => return Ok(exact_size(buf)),
+            Ok(None) => return Ok(collected.finish()),
             Ok(Some(Err(e))) => return Err(Collect::Broken(e.to_string())),
             Ok(Some(Ok(f))) => f,
         };
         if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() as u64 > limit {
-                return Err(Collect::TooLarge(body.with_prefix(buf.freeze())));
+            collected.push(data);
+            if collected.len() as u64 > limit {
+                return Err(Collect::TooLarge(body.with_prefix(collected.finish())));
             }
         }
     }
 }
 
-/// The collected body as `Bytes` that own exactly its length. A body that arrived in several
-/// frames grew `buf` by doubling, and a frozen `BytesMut` keeps its whole capacity alive while
-/// the entry's weight counts only the length: measured, a 5 KB body read in 1 KiB frames held
-/// 8 KiB, so `--cache-max-bytes` would under-count the heap by up to ~2x. Single-frame bodies
-/// (the usual case) already fit exactly and are not copied.
-fn exact_size(buf: BytesMut) -> Bytes {
-    if buf.capacity() > buf.len() {
-        Bytes::copy_from_slice(&buf)
-    } else {
-        buf.freeze()
+/// A body being read, frame by frame. A body that arrives in one frame (a small one) is kept
+/// as that frame, not copied; a longer one is copied once, into a buffer of the announced
+/// length. The bytes only live while the answer is handled: an entry copies what it keeps
+/// into its own buffer (`rules::build`), so holding a slice of hyper's read buffer meanwhile
+/// costs nothing beyond the request.
+struct Collected {
+    first: Option<Bytes>,
+    rest: BytesMut,
+    expected: usize,
+}
+
+impl Collected {
+    fn new(expected: Option<u64>) -> Collected {
+        Collected {
+            first: None,
+            rest: BytesMut::new(),
+            expected: expected.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(data),
+            first => {
+                if let Some(first) = first {
+                    let want = self.expected.max(first.len() + data.len());
+                    self.rest.reserve(want);
+                    self.rest.extend_from_slice(&first);
+                }
+                self.rest.extend_from_slice(&data);
+            }
+        }
+    }
+
+    fn finish(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => self.rest.freeze(),
+        }
     }
 }
 
@@ -891,19 +930,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stored_bodies_own_exactly_their_length() {
-        // Grown past its length (as by several frames): copied into an exact allocation.
-        let mut grown = BytesMut::with_capacity(8192);
-        grown.extend_from_slice(&[7u8; 5023]);
-        let grown_ptr = grown.as_ptr();
-        let out = exact_size(grown);
-        assert_eq!(out.len(), 5023);
-        assert_ne!(out.as_ptr(), grown_ptr, "the oversized buffer was kept");
-        // Already exact: shared, not copied.
-        let mut exact = BytesMut::with_capacity(16);
-        exact.extend_from_slice(&[1u8; 16]);
-        let exact_ptr = exact.as_ptr();
-        assert_eq!(exact_size(exact).as_ptr(), exact_ptr);
+    fn a_body_is_copied_at_most_once() {
+        // One frame: kept as it came.
+        let one = Bytes::from(vec![7u8; 5023]);
+        let mut c = Collected::new(Some(5023));
+        c.push(Bytes::new());
+        c.push(one.clone());
+        assert_eq!(c.len(), 5023);
+        let out = c.finish();
+        assert_eq!(out.as_ptr(), one.as_ptr(), "a single frame is not copied");
+        assert_eq!(out, one);
+        // Several frames: one buffer of the announced length, filled in order.
+        let mut c = Collected::new(Some(9000));
+        for chunk in [&[1u8; 4000][..], &[2u8; 4000], &[3u8; 1000]] {
+            c.push(Bytes::copy_from_slice(chunk));
+        }
+        assert_eq!(
+            c.rest.capacity(),
+            9000,
+            "allocated once, for the announced length"
+        );
+        let out = c.finish();
+        assert_eq!(out.len(), 9000);
+        assert!(out[..4000].iter().all(|&b| b == 1));
+        assert!(out[4000..8000].iter().all(|&b| b == 2));
+        assert!(out[8000..].iter().all(|&b| b == 3));
+        // No length announced (chunked), or a wrong one: still the whole body.
+        for expected in [None, Some(10)] {
+            let mut c = Collected::new(expected);
+            c.push(Bytes::from_static(b"{\"id\":"));
+            c.push(Bytes::from_static(b"42}"));
+            assert_eq!(c.finish(), Bytes::from_static(b"{\"id\":42}"));
+        }
+        assert!(Collected::new(None).finish().is_empty());
     }
 
     #[test]
