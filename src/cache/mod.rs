@@ -19,6 +19,7 @@ pub mod decimal;
 pub mod entry;
 pub mod flight;
 pub mod head;
+mod json;
 mod memo;
 pub mod rules;
 

@@ -6,7 +6,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::CachePolicy;
@@ -14,6 +13,7 @@ use super::coding::{self, Coding};
 use super::decimal::Decimal;
 use super::entry::{Entry, Parts, body_digest, etag_text, hex_digest};
 use super::head::{self, Field};
+use super::json;
 use crate::invalidation::Stamp;
 
 /// What the storage check learned from a body.
@@ -25,34 +25,24 @@ pub struct Probe {
 }
 
 /// SPEC §5 storage rule for a 200 body: a JSON object whose `id` is the conversation id and
-/// whose `account_id`, when present, is the account id. Parses without allocating the body's
-/// values (serde skips what it does not need; `updated_at` is borrowed raw text).
+/// whose `account_id`, when present, is the account id. One pass over the body that validates
+/// it all and borrows `updated_at`'s text ([`json`](super::json): serde_json skipping the
+/// values it ignores cost ~20% of a stored miss).
 pub fn probe(body: &[u8], account: u64, conversation: u64) -> Option<Probe> {
-    #[derive(Deserialize)]
-    struct Fields<'a> {
-        id: Option<u64>,
-        account_id: Option<u64>,
-        #[serde(borrow)]
-        updated_at: Option<&'a RawValue>,
-    }
-    // serde would also accept a JSON array for a struct; only an object is a conversation.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return None;
-    }
-    let f: Fields<'_> = serde_json::from_slice(body).ok()?;
+    let f = json::top_fields(body)?;
     if f.id != Some(conversation) || f.account_id.is_some_and(|a| a != account) {
         return None;
     }
-    match f.updated_at {
-        Some(raw) if raw.get() != "null" => Some(Probe {
-            updated_at: Some(Decimal::parse(raw.get())?),
-            updated_at_text: Some(raw.get().trim().into()),
-        }),
-        _ => Some(Probe {
+    Some(match f.updated_at {
+        Some(raw) => Probe {
+            updated_at: Some(Decimal::parse(raw)?),
+            updated_at_text: Some(raw.into()),
+        },
+        None => Probe {
             updated_at: None,
             updated_at_text: None,
-        }),
-    }
+        },
+    })
 }
 
 /// Whether a 401 body is Chatwoot's "the token itself is bad" answer.
