@@ -15,6 +15,10 @@
 //!   pairing; `updated_at`'s raw text must be UTF-8 as a whole (`RawValue` is a `str`);
 //! - nesting inside those values is unbounded: serde skips them iteratively, without its
 //!   recursion limit. Here too nothing recurses: open containers are an explicit bit stack.
+//!
+//! Every read is bounds-checked ([`at`] reads past the end as 0, a byte that is valid nowhere in
+//! JSON outside strings and is a control character inside them), and positions are plain
+//! indices passed along, so the hot loop keeps them in registers.
 
 /// What the storage check reads from a conversation body.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -28,53 +32,50 @@ pub struct TopFields<'a> {
 
 /// The top-level fields of `body` if it is one valid JSON object (whitespace around it only),
 /// with `id` and `account_id` absent, `null` or an integer that fits a `u64`.
-pub fn top_fields(body: &[u8]) -> Option<TopFields<'_>> {
-    let mut r = Reader { b: body, i: 0 };
-    if r.ws() != b'{' {
+pub fn top_fields(b: &[u8]) -> Option<TopFields<'_>> {
+    let mut i = ws(b, 0);
+    if at(b, i) != b'{' {
         return None;
     }
-    r.i += 1;
+    i = ws(b, i + 1);
     let mut f = TopFields::default();
     let mut seen = 0u8;
-    if r.ws() != b'}' {
+    if at(b, i) != b'}' {
         loop {
-            if r.ws() != b'"' {
+            if at(b, i) != b'"' {
                 return None;
             }
-            r.i += 1;
-            let key = r.key()?;
-            if r.ws() != b':' {
+            let key;
+            (key, i) = top_key(b, i + 1)?;
+            i = ws(b, i);
+            if at(b, i) != b':' {
                 return None;
             }
-            r.i += 1;
+            i = ws(b, i + 1);
             if seen & key.bit() != 0 {
                 return None; // serde's "duplicate field"
             }
             seen |= key.bit();
             match key {
-                Key::Id => f.id = r.option_u64()?,
-                Key::AccountId => f.account_id = r.option_u64()?,
+                Key::Id => (f.id, i) = option_u64(b, i)?,
+                Key::AccountId => (f.account_id, i) = option_u64(b, i)?,
+                Key::UpdatedAt if at(b, i) == b'n' => i = literal(b, i, b"null")?,
                 Key::UpdatedAt => {
-                    if r.ws() == b'n' {
-                        r.literal(b"null")?;
-                    } else {
-                        let start = r.i;
-                        r.skip_value()?;
-                        f.updated_at = Some(std::str::from_utf8(body.get(start..r.i)?).ok()?);
-                    }
+                    let start = i;
+                    i = skip_value(b, i)?;
+                    f.updated_at = Some(std::str::from_utf8(b.get(start..i)?).ok()?);
                 }
-                Key::Other => r.skip_value()?,
+                Key::Other => i = skip_value(b, i)?,
             }
-            match r.ws() {
-                b',' => r.i += 1,
+            i = ws(b, i);
+            match at(b, i) {
+                b',' => i = ws(b, i + 1),
                 b'}' => break,
                 _ => return None,
             }
         }
     }
-    r.i += 1;
-    r.ws();
-    (r.i == body.len()).then_some(f)
+    (ws(b, i + 1) == b.len()).then_some(f)
 }
 
 /// A top-level key as serde's field matching sees it.
@@ -108,332 +109,324 @@ impl Key {
     }
 }
 
-/// A cursor over the body. Every read is bounds-checked: [`Reader::peek`] reads past the end
-/// as 0, a byte that is valid nowhere in JSON outside strings and is a control character inside
-/// them, so "unexpected end" and "unexpected byte" are the same rejection.
-struct Reader<'a> {
-    b: &'a [u8],
-    i: usize,
+/// The byte at `i`, 0 past the end.
+#[inline(always)]
+fn at(b: &[u8], i: usize) -> u8 {
+    b.get(i).copied().unwrap_or(0)
 }
 
-impl Reader<'_> {
-    #[inline]
-    fn peek(&self) -> u8 {
-        self.b.get(self.i).copied().unwrap_or(0)
-    }
-
-    /// The next byte, consumed.
-    #[inline]
-    fn next(&mut self) -> Option<u8> {
-        let c = self.b.get(self.i).copied()?;
-        self.i += 1;
-        Some(c)
-    }
-
-    /// Skips JSON whitespace (not form feed) and returns the byte after it (0 at the end).
-    #[inline]
-    fn ws(&mut self) -> u8 {
-        loop {
-            let c = self.peek();
-            if !matches!(c, b' ' | b'\n' | b'\t' | b'\r') {
-                return c;
-            }
-            self.i += 1;
-        }
-    }
-
-    fn literal(&mut self, lit: &[u8]) -> Option<()> {
-        let end = self.i.checked_add(lit.len())?;
-        if self.b.get(self.i..end)? != lit {
-            return None;
-        }
-        self.i = end;
-        Some(())
-    }
-
-    fn digits(&mut self) {
-        while self.peek().is_ascii_digit() {
-            self.i += 1;
-        }
-    }
-
-    /// A JSON number (RFC 8259 grammar), value not needed.
-    fn number(&mut self) -> Option<()> {
-        if self.peek() == b'-' {
-            self.i += 1;
-        }
-        match self.next()? {
-            b'0' if self.peek().is_ascii_digit() => return None,
-            b'0' => {}
-            b'1'..=b'9' => self.digits(),
-            _ => return None,
-        }
-        if self.peek() == b'.' {
-            self.i += 1;
-            if !self.peek().is_ascii_digit() {
-                return None;
-            }
-            self.digits();
-        }
-        if matches!(self.peek(), b'e' | b'E') {
-            self.i += 1;
-            if matches!(self.peek(), b'+' | b'-') {
-                self.i += 1;
-            }
-            if !self.peek().is_ascii_digit() {
-                return None;
-            }
-            self.digits();
-        }
-        Some(())
-    }
-
-    /// `null` or an integer serde's `u64` visitor takes: no sign, fraction or exponent (those
-    /// are floats or negatives to serde, refused), at most `u64::MAX`.
-    fn option_u64(&mut self) -> Option<Option<u64>> {
-        match self.ws() {
-            b'n' => {
-                self.literal(b"null")?;
-                Some(None)
-            }
-            b'0' => {
-                self.i += 1;
-                if matches!(self.peek(), b'0'..=b'9' | b'.' | b'e' | b'E') {
-                    return None;
-                }
-                Some(Some(0))
-            }
-            b'1'..=b'9' => {
-                let mut v: u64 = 0;
-                while let c @ b'0'..=b'9' = self.peek() {
-                    v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-                    self.i += 1;
-                }
-                if matches!(self.peek(), b'.' | b'e' | b'E') {
-                    return None;
-                }
-                Some(Some(v))
-            }
-            _ => None,
-        }
-    }
-
-    /// Four hex digits of a `\u` escape.
-    fn hex4(&mut self) -> Option<u32> {
-        let end = self.i.checked_add(4)?;
-        let digits = self.b.get(self.i..end)?;
-        let mut n = 0;
-        for &d in digits {
-            n = n << 4 | char::from(d).to_digit(16)?;
-        }
-        self.i = end;
-        Some(n)
-    }
-
-    /// The rest of a string whose value is not needed (after its opening quote): serde's
-    /// `ignore_str`, which checks control characters and escape syntax, not UTF-8.
-    fn skip_string(&mut self) -> Option<()> {
-        loop {
-            self.i = special_at(self.b, self.i);
-            match self.next()? {
-                b'"' => return Some(()),
-                b'\\' => match self.next()? {
-                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                    b'u' => {
-                        self.hex4()?;
-                    }
-                    _ => return None,
-                },
-                _ => return None,
-            }
-        }
-    }
-
-    /// A top-level key (after its opening quote), checked as serde's `parse_str` checks it.
-    fn key(&mut self) -> Option<Key> {
-        let start = self.i;
-        self.i = special_at(self.b, self.i);
-        if self.peek() != b'"' {
-            return self.escaped_key(start);
-        }
-        let name = self.b.get(start..self.i)?;
-        self.i += 1;
-        std::str::from_utf8(name).ok()?;
-        Some(Key::of(name))
-    }
-
-    /// A top-level key with an escape (or a bad byte) at `self.i`, decoded into as much of it
-    /// as could match a field name. The raw runs between escapes must each be UTF-8, which is
-    /// what serde's check of the decoded string comes to (an escape decodes to whole
-    /// characters).
-    #[cold]
-    fn escaped_key(&mut self, start: usize) -> Option<Key> {
-        let mut name = Name::default();
-        let mut run = start;
-        loop {
-            self.i = special_at(self.b, self.i);
-            let raw = self.b.get(run..self.i)?;
-            name.extend(std::str::from_utf8(raw).ok()?);
-            match self.next()? {
-                b'"' => return Some(name.key()),
-                b'\\' => {
-                    let c = self.key_escape()?;
-                    name.extend(c.encode_utf8(&mut [0; 4]));
-                    run = self.i;
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// One escape of a key (after its backslash): a `\u` high surrogate must be followed by a
-    /// `\u` low surrogate, and a low surrogate alone is refused (serde's `parse_str`).
-    fn key_escape(&mut self) -> Option<char> {
-        Some(match self.next()? {
-            b'"' => '"',
-            b'\\' => '\\',
-            b'/' => '/',
-            b'b' => '\u{8}',
-            b'f' => '\u{c}',
-            b'n' => '\n',
-            b'r' => '\r',
-            b't' => '\t',
-            b'u' => match self.hex4()? {
-                high @ 0xD800..=0xDBFF => {
-                    if self.next()? != b'\\' || self.next()? != b'u' {
-                        return None;
-                    }
-                    let low = self.hex4()?;
-                    if !(0xDC00..=0xDFFF).contains(&low) {
-                        return None;
-                    }
-                    char::from_u32(0x1_0000 + ((high - 0xD800) << 10 | (low - 0xDC00)))?
-                }
-                n => char::from_u32(n)?, // None for a lone low surrogate
-            },
-            _ => return None,
-        })
-    }
-
-    /// One JSON value whose content is not needed, nested containers included, without
-    /// recursion.
-    fn skip_value(&mut self) -> Option<()> {
-        let mut open = Nesting::default();
-        loop {
-            // A value (or the first of a container's).
-            match self.ws() {
-                b'"' => {
-                    self.i += 1;
-                    self.skip_string()?;
-                }
-                b'{' => {
-                    self.i += 1;
-                    if self.ws() == b'}' {
-                        self.i += 1;
-                    } else {
-                        open.push(true);
-                        self.member_key()?;
-                        continue;
-                    }
-                }
-                b'[' => {
-                    self.i += 1;
-                    if self.ws() == b']' {
-                        self.i += 1;
-                    } else {
-                        open.push(false);
-                        continue;
-                    }
-                }
-                b'-' | b'0'..=b'9' => self.number()?,
-                b't' => self.literal(b"true")?,
-                b'f' => self.literal(b"false")?,
-                b'n' => self.literal(b"null")?,
-                _ => return None,
-            }
-            // After a value: close the containers it completes, or go on to the next element.
-            loop {
-                let object = open.innermost()?;
-                let Some(object) = object else {
-                    return Some(());
-                };
-                match self.ws() {
-                    b',' => {
-                        self.i += 1;
-                        if object {
-                            self.member_key()?;
-                        }
-                        break;
-                    }
-                    b'}' if object => {
-                        self.i += 1;
-                        open.pop();
-                    }
-                    b']' if !object => {
-                        self.i += 1;
-                        open.pop();
-                    }
-                    _ => return None,
-                }
-            }
-        }
-    }
-
-    /// `"key":` of an object being skipped.
-    fn member_key(&mut self) -> Option<()> {
-        if self.ws() != b'"' {
-            return None;
-        }
-        self.i += 1;
-        self.skip_string()?;
-        if self.ws() != b':' {
-            return None;
-        }
-        self.i += 1;
-        Some(())
-    }
-}
-
-/// The index of the first `"`, `\` or control character at or after `i` (`b.len()` if none),
-/// eight bytes at a time: most of a conversation's bytes are inside strings.
-#[inline]
-fn special_at(b: &[u8], mut i: usize) -> usize {
-    const ONES: u64 = u64::MAX / 255;
-    const HIGH: u64 = ONES << 7;
-    while let Some(chunk) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
-        let x = u64::from_le_bytes(*chunk);
-        // A byte's high bit is set in each term where it is below 0x20, a quote or a backslash;
-        // only bytes above a true match can be flagged spuriously, so the lowest is exact.
-        let quote = x ^ (ONES * u64::from(b'"'));
-        let backslash = x ^ (ONES * u64::from(b'\\'));
-        let hits = (x.wrapping_sub(ONES * 0x20) & !x
-            | quote.wrapping_sub(ONES) & !quote
-            | backslash.wrapping_sub(ONES) & !backslash)
-            & HIGH;
-        if hits != 0 {
-            return i + (hits.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    while let Some(&c) = b.get(i) {
-        if c == b'"' || c == b'\\' || c < 0x20 {
-            return i;
-        }
+/// The index of the first byte at or after `i` that is not JSON whitespace (form feed is not).
+#[inline(always)]
+fn ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(at(b, i), b' ' | b'\n' | b'\t' | b'\r') {
         i += 1;
     }
     i
 }
 
-/// The containers open inside a skipped value, innermost last, one bit each (set: object).
-/// The first 128 levels are inline; deeper ones (serde skips any depth) go to `deeper`.
+/// The index after `lit` if it is at `i`.
+fn literal(b: &[u8], i: usize, lit: &[u8]) -> Option<usize> {
+    let end = i.checked_add(lit.len())?;
+    (b.get(i..end)? == lit).then_some(end)
+}
+
+#[inline(always)]
+fn digits(b: &[u8], mut i: usize) -> usize {
+    while at(b, i).is_ascii_digit() {
+        i += 1;
+    }
+    i
+}
+
+/// The index after a JSON number (RFC 8259 grammar) at `i`.
+#[inline(always)]
+fn number(b: &[u8], mut i: usize) -> Option<usize> {
+    if at(b, i) == b'-' {
+        i += 1;
+    }
+    match at(b, i) {
+        b'0' if at(b, i + 1).is_ascii_digit() => return None,
+        b'0' => i += 1,
+        b'1'..=b'9' => i = digits(b, i + 1),
+        _ => return None,
+    }
+    if at(b, i) == b'.' {
+        if !at(b, i + 1).is_ascii_digit() {
+            return None;
+        }
+        i = digits(b, i + 1);
+    }
+    if matches!(at(b, i), b'e' | b'E') {
+        i += 1;
+        if matches!(at(b, i), b'+' | b'-') {
+            i += 1;
+        }
+        if !at(b, i).is_ascii_digit() {
+            return None;
+        }
+        i = digits(b, i);
+    }
+    Some(i)
+}
+
+/// `null` or an integer serde's `u64` visitor takes: no sign, fraction or exponent (those are
+/// floats or negatives to serde, refused), at most `u64::MAX`.
+fn option_u64(b: &[u8], mut i: usize) -> Option<(Option<u64>, usize)> {
+    match at(b, i) {
+        b'n' => Some((None, literal(b, i, b"null")?)),
+        b'0' if matches!(at(b, i + 1), b'0'..=b'9' | b'.' | b'e' | b'E') => None,
+        b'0' => Some((Some(0), i + 1)),
+        b'1'..=b'9' => {
+            let mut v: u64 = 0;
+            while let c @ b'0'..=b'9' = at(b, i) {
+                v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+                i += 1;
+            }
+            if matches!(at(b, i), b'.' | b'e' | b'E') {
+                return None;
+            }
+            Some((Some(v), i))
+        }
+        _ => None,
+    }
+}
+
+/// Four hex digits of a `\u` escape at `i`, and the index after them.
+fn hex4(b: &[u8], i: usize) -> Option<(u32, usize)> {
+    let end = i.checked_add(4)?;
+    let mut n = 0;
+    for &d in b.get(i..end)? {
+        n = n << 4 | char::from(d).to_digit(16)?;
+    }
+    Some((n, end))
+}
+
+/// The index after a string whose value is not needed (`i` is after its opening quote):
+/// serde's `ignore_str`, which checks control characters and escape syntax, not UTF-8.
+#[inline(always)]
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i = special_at(b, i);
+        match at(b, i) {
+            b'"' => return Some(i + 1),
+            b'\\' => i = escape_end(b, i + 1)?,
+            _ => return None,
+        }
+    }
+}
+
+/// The index after an escape whose value is not needed (`i` is after its backslash).
+#[cold]
+#[inline(never)]
+fn escape_end(b: &[u8], i: usize) -> Option<usize> {
+    match at(b, i) {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(i + 1),
+        b'u' => Some(hex4(b, i + 1)?.1),
+        _ => None,
+    }
+}
+
+/// A top-level key (`i` is after its opening quote), checked as serde's `parse_str` checks
+/// it, and the index after it.
+fn top_key(b: &[u8], start: usize) -> Option<(Key, usize)> {
+    let end = special_at(b, start);
+    if at(b, end) != b'"' {
+        return escaped_key(b, start, end);
+    }
+    let name = b.get(start..end)?;
+    if !name.is_ascii() {
+        std::str::from_utf8(name).ok()?;
+    }
+    Some((Key::of(name), end + 1))
+}
+
+/// A top-level key with an escape (or a bad byte) at `i`, decoded into as much of it as could
+/// match a field name. The raw runs between escapes must each be UTF-8, which is what serde's
+/// check of the decoded string comes to (an escape decodes to whole characters).
+#[cold]
+fn escaped_key(b: &[u8], start: usize, mut i: usize) -> Option<(Key, usize)> {
+    let mut name = Name::default();
+    let mut run = start;
+    loop {
+        i = special_at(b, i);
+        name.extend(std::str::from_utf8(b.get(run..i)?).ok()?);
+        match at(b, i) {
+            b'"' => return Some((name.key(), i + 1)),
+            b'\\' => {
+                let c;
+                (c, i) = key_escape(b, i + 1)?;
+                name.extend(c.encode_utf8(&mut [0; 4]));
+                run = i;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// One escape of a top-level key (`i` is after its backslash), and the index after it: a `\u`
+/// high surrogate must be followed by a `\u` low surrogate, and a low surrogate alone is
+/// refused (serde's `parse_str`).
+fn key_escape(b: &[u8], i: usize) -> Option<(char, usize)> {
+    let c = match at(b, i) {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => {
+            return match hex4(b, i + 1)? {
+                (high @ 0xD800..=0xDBFF, i) => {
+                    if at(b, i) != b'\\' || at(b, i + 1) != b'u' {
+                        return None;
+                    }
+                    let (low, i) = hex4(b, i + 2)?;
+                    if !(0xDC00..=0xDFFF).contains(&low) {
+                        return None;
+                    }
+                    let c = char::from_u32(0x1_0000 + ((high - 0xD800) << 10 | (low - 0xDC00)))?;
+                    Some((c, i))
+                }
+                (n, i) => Some((char::from_u32(n)?, i)), // None for a lone low surrogate
+            };
+        }
+        _ => return None,
+    };
+    Some((c, i + 1))
+}
+
+/// The index after `"key":` in an object being skipped (`i` at the key's quote, or not).
+#[inline(always)]
+fn member_key(b: &[u8], i: usize) -> Option<usize> {
+    let i = ws(b, i);
+    if at(b, i) != b'"' {
+        return None;
+    }
+    let i = ws(b, string_end(b, i + 1)?);
+    if at(b, i) != b':' {
+        return None;
+    }
+    Some(i + 1)
+}
+
+/// The index after one JSON value at `i` whose content is not needed, nested containers
+/// included, without recursion.
+fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut open = Nesting::default();
+    // Whether the innermost open container is an object (meaningless while none is open).
+    let mut object = false;
+    loop {
+        // A value (or the first of a container's).
+        i = ws(b, i);
+        match at(b, i) {
+            b'"' => i = string_end(b, i + 1)?,
+            b'{' => {
+                i = ws(b, i + 1);
+                if at(b, i) == b'}' {
+                    i += 1;
+                } else {
+                    open.push(object);
+                    object = true;
+                    i = member_key(b, i)?;
+                    continue;
+                }
+            }
+            b'[' => {
+                i = ws(b, i + 1);
+                if at(b, i) == b']' {
+                    i += 1;
+                } else {
+                    open.push(object);
+                    object = false;
+                    continue;
+                }
+            }
+            b'-' | b'0'..=b'9' => i = number(b, i)?,
+            b't' => i = literal(b, i, b"true")?,
+            b'f' => i = literal(b, i, b"false")?,
+            b'n' => i = literal(b, i, b"null")?,
+            _ => return None,
+        }
+        // After a value: close the containers it completes, or go on to the next element.
+        loop {
+            if open.depth == 0 {
+                return Some(i);
+            }
+            i = ws(b, i);
+            match at(b, i) {
+                b',' if object => {
+                    i = member_key(b, i + 1)?;
+                    break;
+                }
+                b',' => {
+                    i += 1;
+                    break;
+                }
+                b'}' if object => {
+                    i += 1;
+                    object = open.pop()?;
+                }
+                b']' if !object => {
+                    i += 1;
+                    object = open.pop()?;
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// The index of the first `"`, `\` or control character at or after `i` (`b.len()` if none),
+/// eight bytes at a time: most of a conversation's bytes are inside strings.
+#[inline(always)]
+fn special_at(b: &[u8], i: usize) -> usize {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES << 7;
+    let Some(rest) = b.get(i..) else {
+        return i;
+    };
+    let (chunks, tail) = rest.as_chunks::<8>();
+    let mut at = i;
+    for chunk in chunks {
+        let x = u64::from_le_bytes(*chunk);
+        // `x ^ 0x02` maps `"` to 0x20 and control characters to control characters, so one
+        // "below 0x21" test finds both. A byte's high bit is set in each term where it matches;
+        // only bytes above a true match can be flagged spuriously, so the lowest is exact.
+        let quote_or_control = x ^ (ONES * 0x02);
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        let hits = (quote_or_control.wrapping_sub(ONES * 0x21) & !quote_or_control
+            | backslash.wrapping_sub(ONES) & !backslash)
+            & HIGH;
+        if hits != 0 {
+            return at + (hits.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    for &c in tail {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            return at;
+        }
+        at += 1;
+    }
+    at
+}
+
+/// The kinds of the containers enclosing the innermost open one inside a skipped value, one bit
+/// each (set: object). The first 128 levels are inline; deeper ones (serde skips any depth) go
+/// to `deeper`.
 #[derive(Default)]
 struct Nesting {
+    /// Open containers.
     depth: usize,
     inline: u128,
     deeper: Vec<u64>,
 }
 
 impl Nesting {
+    /// Opens a container inside one of kind `object`.
+    #[inline(always)]
     fn push(&mut self, object: bool) {
         let d = self.depth;
         if d < 128 {
@@ -450,26 +443,22 @@ impl Nesting {
         self.depth += 1;
     }
 
-    fn pop(&mut self) {
-        self.depth = self.depth.saturating_sub(1);
-    }
-
-    /// `Some(None)` when nothing is open, `Some(Some(is_object))` for the innermost container;
-    /// `None` only if the bit stack were inconsistent (never: a refusal, not a panic).
-    fn innermost(&self) -> Option<Option<bool>> {
-        let Some(d) = self.depth.checked_sub(1) else {
-            return Some(None);
-        };
+    /// Closes the innermost container, returning the kind of the one it was in (`None` only if
+    /// the stack were inconsistent: a refusal, never a panic).
+    #[inline(always)]
+    fn pop(&mut self) -> Option<bool> {
+        let d = self.depth.checked_sub(1)?;
+        self.depth = d;
         if d < 128 {
-            return Some(Some(self.inline >> d & 1 == 1));
+            return Some(self.inline >> d & 1 == 1);
         }
         let w = self.deeper.get((d - 128) / 64)?;
-        Some(Some(w >> ((d - 128) % 64) & 1 == 1))
+        Some(w >> ((d - 128) % 64) & 1 == 1)
     }
 }
 
-/// The start of a decoded key, enough to compare with the longest field name; longer keys
-/// are no field.
+/// The start of a decoded key, enough to compare with the longest field name; longer keys are
+/// no field.
 #[derive(Default)]
 struct Name {
     buf: [u8; 10],
