@@ -392,12 +392,13 @@ fn special_at(b: &[u8], i: usize) -> usize {
     for chunk in chunks {
         let x = u64::from_le_bytes(*chunk);
         // `x ^ 0x02` maps `"` to 0x20 and control characters to control characters, so one
-        // "below 0x21" test finds both. A byte's high bit is set in each term where it matches;
-        // only bytes above a true match can be flagged spuriously, so the lowest is exact.
-        let quote_or_control = x ^ (ONES * 0x02);
-        let backslash = x ^ (ONES * u64::from(b'\\'));
-        let hits = (quote_or_control.wrapping_sub(ONES * 0x21) & !quote_or_control
-            | backslash.wrapping_sub(ONES) & !backslash)
+        // "below 0x21" test finds both; `x ^ b'\\'` is 0 at a backslash. A byte's high bit is
+        // set in `below - k` where it is under k (or a borrow came from a lower match) or at
+        // 0x80 and over; `& !x` drops the latter (xoring with 0x02 or 0x5C keeps bit 7). Only
+        // bytes above a true match can be flagged spuriously, so the lowest flagged is exact.
+        let hits = ((x ^ (ONES * 0x02)).wrapping_sub(ONES * 0x21)
+            | (x ^ (ONES * u64::from(b'\\'))).wrapping_sub(ONES))
+            & !x
             & HIGH;
         if hits != 0 {
             return at + (hits.trailing_zeros() / 8) as usize;
@@ -414,13 +415,13 @@ fn special_at(b: &[u8], i: usize) -> usize {
 }
 
 /// The kinds of the containers enclosing the innermost open one inside a skipped value, one bit
-/// each (set: object). The first 128 levels are inline; deeper ones (serde skips any depth) go
-/// to `deeper`.
+/// each (set: object). The first 64 levels are a word kept in a register; deeper ones (serde
+/// skips any depth) go to `deeper`, out of the hot loop.
 #[derive(Default)]
 struct Nesting {
     /// Open containers.
     depth: usize,
-    inline: u128,
+    shallow: u64,
     deeper: Vec<u64>,
 }
 
@@ -428,32 +429,42 @@ impl Nesting {
     /// Opens a container inside one of kind `object`.
     #[inline(always)]
     fn push(&mut self, object: bool) {
-        let d = self.depth;
-        if d < 128 {
-            self.inline = self.inline & !(1 << d) | u128::from(object) << d;
+        if self.depth < 64 {
+            self.shallow = self.shallow & !(1 << self.depth) | u64::from(object) << self.depth;
         } else {
-            let (word, bit) = ((d - 128) / 64, (d - 128) % 64);
-            if word == self.deeper.len() {
-                self.deeper.push(0);
-            }
-            if let Some(w) = self.deeper.get_mut(word) {
-                *w = *w & !(1 << bit) | u64::from(object) << bit;
-            }
+            self.push_deep(object);
         }
         self.depth += 1;
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn push_deep(&mut self, object: bool) {
+        let (word, bit) = ((self.depth - 64) / 64, (self.depth - 64) % 64);
+        if word == self.deeper.len() {
+            self.deeper.push(0);
+        }
+        if let Some(w) = self.deeper.get_mut(word) {
+            *w = *w & !(1 << bit) | u64::from(object) << bit;
+        }
     }
 
     /// Closes the innermost container, returning the kind of the one it was in (`None` only if
     /// the stack were inconsistent: a refusal, never a panic).
     #[inline(always)]
     fn pop(&mut self) -> Option<bool> {
-        let d = self.depth.checked_sub(1)?;
-        self.depth = d;
-        if d < 128 {
-            return Some(self.inline >> d & 1 == 1);
+        self.depth = self.depth.checked_sub(1)?;
+        if self.depth < 64 {
+            return Some(self.shallow >> self.depth & 1 == 1);
         }
-        let w = self.deeper.get((d - 128) / 64)?;
-        Some(w >> ((d - 128) % 64) & 1 == 1)
+        self.pop_deep()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn pop_deep(&self) -> Option<bool> {
+        let w = self.deeper.get((self.depth - 64) / 64)?;
+        Some(w >> ((self.depth - 64) % 64) & 1 == 1)
     }
 }
 
