@@ -161,10 +161,20 @@ pub(crate) fn block<'a>(fields: &'a [Field<'_>], etag: bool) -> Block<'a> {
         }
     }
     let key: ShapeKey = (etag, key_fields);
+    if let Some(shape) = recent_shape(&key) {
+        return Block {
+            shape,
+            interned: true,
+            values,
+        };
+    }
     let mut table = shapes().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(shape) = table.get(&key) {
+        let shape = shape.clone();
+        drop(table);
+        remember_shape(key, &shape);
         return Block {
-            shape: shape.clone(),
+            shape,
             interned: true,
             values,
         };
@@ -172,13 +182,46 @@ pub(crate) fn block<'a>(fields: &'a [Field<'_>], etag: bool) -> Block<'a> {
     let shape = Arc::new(Shape::new(&key.1, etag));
     let interned = table.len() < MAX_SHAPES;
     if interned {
-        table.insert(key, shape.clone());
+        table.insert(key.clone(), shape.clone());
+        drop(table);
+        remember_shape(key, &shape);
     }
     Block {
         shape,
         interned,
         values,
     }
+}
+
+/// How many interned shapes each thread remembers ([`recent_shape`]).
+const RECENT_SHAPES: usize = 4;
+
+thread_local! {
+    /// The interned shapes this thread used last, most recent first: an upstream sends one or
+    /// a few header sets, so nearly every entry finds its shape here by comparing the key,
+    /// without hashing it (SipHash over every name and static value) under the global
+    /// table's lock, which every worker's stored miss took.
+    static RECENT: std::cell::RefCell<Vec<(ShapeKey, Arc<Shape>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The interned shape for `key` if this thread used it recently.
+fn recent_shape(key: &ShapeKey) -> Option<Arc<Shape>> {
+    RECENT.with_borrow_mut(|recent| {
+        let i = recent.iter().position(|(k, _)| k == key)?;
+        recent[..=i].rotate_right(1);
+        Some(recent[0].1.clone())
+    })
+}
+
+/// Notes an interned shape as this thread's most recent one.
+fn remember_shape(key: ShapeKey, shape: &Arc<Shape>) {
+    RECENT.with_borrow_mut(|recent| {
+        if recent.len() == RECENT_SHAPES {
+            recent.pop();
+        }
+        recent.insert(0, (key, shape.clone()));
+    });
 }
 
 impl Shape {
@@ -350,6 +393,53 @@ mod tests {
         // A length running past the end is refused, not read.
         assert_eq!(next_value(&[5, b'a'], &mut 0), None);
         assert_eq!(next_value(&[0xff; 8], &mut 0), None);
+    }
+
+    /// The per-thread recent shapes answer with the interned shape of exactly that key: more
+    /// header sets than it holds, revisited, on this thread and another, with and without
+    /// the ETag slot, and with a static value changed.
+    #[test]
+    fn recent_shapes_are_the_interned_ones() {
+        let sets: Vec<Vec<Field<'static>>> = (0..RECENT_SHAPES + 2)
+            .map(|i| {
+                let mut f = fields(&[("content-type", "application/json"), ("x-request-id", "r")]);
+                let name = HeaderName::from_bytes(format!("x-recent-shape-{i}").as_bytes());
+                f.push((name.unwrap(), Cow::Borrowed(&b"nosniff"[..])));
+                f
+            })
+            .collect();
+        let first: Vec<Arc<Shape>> = sets.iter().map(|f| block(f, true).shape).collect();
+        for _ in 0..2 {
+            for (f, shape) in sets.iter().zip(&first).rev() {
+                assert!(Arc::ptr_eq(&block(f, true).shape, shape));
+                assert!(
+                    !Arc::ptr_eq(&block(f, false).shape, shape),
+                    "ETag slot differs"
+                );
+            }
+        }
+        let other = std::thread::spawn({
+            let sets = sets.clone();
+            move || {
+                sets.iter()
+                    .map(|f| block(f, true).shape)
+                    .collect::<Vec<_>>()
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(other.iter().zip(&first).all(|(a, b)| Arc::ptr_eq(a, b)));
+        let mut changed = sets[0].clone();
+        changed[0].1 = Cow::Borrowed(&b"application/json; charset=utf-8"[..]);
+        let changed = block(&changed, true);
+        assert!(
+            !Arc::ptr_eq(&changed.shape, &first[0]),
+            "another static value"
+        );
+        assert!(changed.shape.fields.iter().any(|(_, v)| {
+            v.as_ref()
+                .is_some_and(|v| v.as_bytes() == b"application/json; charset=utf-8")
+        }));
     }
 
     #[test]
