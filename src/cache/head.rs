@@ -134,30 +134,33 @@ pub(crate) struct Block<'a> {
 /// any value that is not common keeps all its values per entry (the map keeps every value of a
 /// name together, so its slots must be contiguous).
 pub(crate) fn block<'a>(fields: &'a [Field<'_>], etag: bool) -> Block<'a> {
-    let mut names: Vec<&HeaderName> = Vec::with_capacity(fields.len());
-    for (name, _) in fields {
-        if !names.contains(&name) {
-            names.push(name);
+    // Each value's common static, looked up once; the names in order of first appearance,
+    // with whether any of their values is per-entry.
+    let common: Vec<Option<&'static HeaderValue>> =
+        fields.iter().map(|(_, v)| common_value(v)).collect();
+    let mut names: Vec<(&HeaderName, bool)> = Vec::with_capacity(fields.len());
+    for ((name, _), common) in fields.iter().zip(&common) {
+        match names.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, per_entry)) => *per_entry |= common.is_none(),
+            None => names.push((name, common.is_none())),
         }
     }
-    let per_entry = |name: &HeaderName| {
-        fields
-            .iter()
-            .any(|(n, v)| n == name && common_value(v).is_none())
-    };
-    let (dynamic, fixed): (Vec<&HeaderName>, Vec<&HeaderName>) =
-        names.into_iter().partition(|n| per_entry(n));
     let mut key_fields = Vec::with_capacity(fields.len());
     let mut values = Vec::new();
-    for name in &dynamic {
-        for (n, v) in fields.iter().filter(|(n, _)| n == *name) {
-            key_fields.push((n.clone(), None));
-            values.push(v.as_ref());
-        }
-    }
-    for name in &fixed {
-        for (n, v) in fields.iter().filter(|(n, _)| n == *name) {
-            key_fields.push((n.clone(), common_value(v).cloned()));
+    // Per-entry names first (their slots follow the ETag's), then the static ones.
+    for pass in [true, false] {
+        for (name, _) in names.iter().filter(|(_, per_entry)| *per_entry == pass) {
+            for ((n, v), common) in fields.iter().zip(&common) {
+                if n != *name {
+                    continue;
+                }
+                if pass {
+                    key_fields.push((n.clone(), None));
+                    values.push(v.as_ref());
+                } else {
+                    key_fields.push((n.clone(), common.cloned()));
+                }
+            }
         }
     }
     let key: ShapeKey = (etag, key_fields);
