@@ -612,6 +612,11 @@ mod tests {
             br#"{"id":42,"updated\u005fat":5}"#,
             br#"{"i\/d":42}"#,
             br#"{"id":42,"\ud83d\ude00":1}"#,
+            // a key decoding to exactly a field name's 10 bytes, or one byte more, or with a NUL
+            br#"{"id":42,"\u0061ccount_i\u0064":1}"#,
+            br#"{"id":42,"updated_a\u0074":12.5}"#,
+            br#"{"id":42,"\u0061ccount_id_":7,"\u0075pdated_at2":"x"}"#,
+            br#"{"id":42,"i\u0064\u0000":7,"\u0000":1}"#,
             "{\"id\":42,\"é\":1,\"\u{1F600}\":\"ü\"}".as_bytes(),
             // nested id/account_id/updated_at are not the top-level ones
             br#"{"id":42,"meta":{"id":1,"account_id":9,"updated_at":"x"},"m":[{"id":-1}]}"#,
@@ -637,8 +642,9 @@ mod tests {
             br#""id""#,
             b"42",
             b"null",
-            // JSON whitespace only: form feed and NUL are not
+            // JSON whitespace only: form feed, NUL and a byte order mark are not
             b"\x0c{\"id\":42}",
+            b"\xef\xbb\xbf{\"id\":42}",
             b"{\"id\":42}\x0c",
             b"{\"id\":42}\x00",
             b"{\"id\":42,\x0c\"x\":1}",
@@ -676,6 +682,7 @@ mod tests {
             br#"{"id":42,"account_id":1.0}"#,
             // duplicates of the three fields, however spelt
             br#"{"id":42,"id":42}"#,
+            br#"{"id":42,"\u0061ccount_id":7,"account_id":7}"#,
             br#"{"id":null,"id":42}"#,
             br#"{"id":42,"\u0069d":42}"#,
             br#"{"id":42,"account_id":1,"account_id":1}"#,
