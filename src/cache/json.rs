@@ -961,4 +961,24 @@ mod tests {
         assert!(accepted * 20 > cases, "{accepted} of {cases} accepted");
         assert!(accepted * 10 < cases * 9, "{accepted} of {cases} accepted");
     }
+
+    /// rev15 (review of issue 15): exponent and sign shapes the hand corpus and the mutation
+    /// run never produce; a `number()` that took `1e+-5` survived both (mutation-tested).
+    #[test]
+    fn rev15_exponent_and_sign_shapes_agree_with_serde() {
+        let cases: &[(&[u8], bool)] = &[
+            (br#"{"id":42,"x":1e+-5}"#, false),
+            (br#"{"id":42,"x":1e-+5}"#, false),
+            (br#"{"id":42,"x":1e++5}"#, false),
+            (br#"{"id":42,"x":--1}"#, false),
+            (br#"{"id":42,"x":-01}"#, false),
+            (br#"{"id":42,"x":1.2.3}"#, false),
+            (br#"{"id":42,"x":1e5.0}"#, false),
+            (br#"{"id":42,"x":-0.0e-0}"#, true),
+            (br#"{"id":42,"updated_at":1e+-5}"#, false),
+        ];
+        for &(body, accepted) in cases {
+            check(body, accepted);
+        }
+    }
 }

@@ -681,7 +681,8 @@ enum Collect {
 }
 
 /// Reads a whole body of at most `limit` bytes before `deadline`; `expected` is the
-/// upstream's `Content-Length`, if any (already checked against `limit`).
+/// upstream's `Content-Length`, if any (only a hint for the buffer: a length over `limit`
+/// is ignored, and one under it is reserved only up to [`RESERVE_AHEAD`] past what arrived).
 async fn collect_limited(
     mut body: UpstreamBody,
     limit: u64,
@@ -704,6 +705,10 @@ async fn collect_limited(
         }
     }
 }
+
+/// How far beyond the bytes received a body's buffer is reserved up front: every
+/// conversation fits (a few KB); a longer body grows by doubling as its bytes arrive.
+const RESERVE_AHEAD: usize = 64 * 1024;
 
 /// A body being read, frame by frame. A body that arrives in one frame (a small one) is kept
 /// as that frame, not copied; a longer one is copied once, into a buffer of the announced
@@ -737,7 +742,11 @@ impl Collected {
             None if self.rest.is_empty() => self.first = Some(data),
             first => {
                 if let Some(first) = first {
-                    let want = self.expected.max(first.len() + data.len());
+                    // The announced length, but never more than RESERVE_AHEAD beyond what
+                    // has arrived: an upstream that announces megabytes and trickles bytes
+                    // must not get them reserved (rev15).
+                    let have = first.len() + data.len();
+                    let want = self.expected.min(have + RESERVE_AHEAD).max(have);
                     self.rest.reserve(want);
                     self.rest.extend_from_slice(&first);
                 }
@@ -928,6 +937,22 @@ fn cache_status_forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream that announces `Content-Length: 4 MiB` (the default --max-object-bytes)
+    /// and trickles bytes got all of it reserved until the body ended or the upstream timed
+    /// out (found by review after 14266ec).
+    #[test]
+    fn an_announced_length_is_not_reserved_before_the_bytes_arrive() {
+        let mut c = Collected::new(Some(4 << 20));
+        c.push(Bytes::from_static(b"{"));
+        c.push(Bytes::from_static(b"\""));
+        assert_eq!(c.len(), 2);
+        assert!(
+            c.rest.capacity() <= 2 + RESERVE_AHEAD,
+            "reserved {} bytes for 2 received",
+            c.rest.capacity()
+        );
+    }
 
     #[test]
     fn a_body_is_copied_at_most_once() {
