@@ -1,8 +1,7 @@
 //! The `chatwoot-cache` binary: configuration, logging, listeners, signals. All behaviour lives
 //! in the library.
 
-// The one exception is `one_malloc_arena` (a libc call); the library forbids unsafe code.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -16,11 +15,24 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
+/// jemalloc instead of the system allocator, so that `--cache-max-bytes` bounds the resident
+/// memory, not only the counted heap, for as long as the cache churns.
+///
+/// The cache's entries are large blocks (an identity client's ~10 KB: the gzip body and the
+/// identity copy in one buffer), allocated beside the upstream body each fill reads and frees,
+/// and freed by evictions in random order. glibc malloc serves small allocations from the
+/// remainders of those freed blocks, which then no longer fit an entry, and keeps free space
+/// per thread arena: benches/rss.sh (identity clients, default 256 MiB) ended at 1.37x the
+/// bound after 200k fills and 1.39x after 600k with glibc's default arenas; with one arena
+/// 1.17x after 200k but 1.20-1.29x after 600k and 1.29x after 1.2M. jemalloc's size classes
+/// keep large blocks apart from small ones: 1.20x after 200k, 600k and 1.2M fills (gzip
+/// clients 1.20x), and callgrind counts slightly fewer instructions (hit -2.7%, stored miss
+/// -1%).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
-    // First, before any thread exists (glibc fixes the arena limit when a second thread
-    // first allocates; the log writer below is one).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    one_malloc_arena();
     // Kept for reloads: flags and environment cannot change in a running process, but the
     // --config file and the files settings name can, and are read again from these.
     let matches = Cli::command().get_matches();
@@ -56,36 +68,6 @@ fn main() -> ExitCode {
     };
     let load = Box::new(move || Config::from_matches(&matches));
     runtime.block_on(serve(config, startup, load, log_level))
-}
-
-/// Keeps the whole heap in glibc's one main malloc arena, so that `--cache-max-bytes` bounds
-/// the resident memory, not only the counted heap.
-///
-/// By default glibc gives each thread that allocates an arena of its own (up to 8 per core),
-/// and memory freed into one arena is reused only by allocations made in that arena. The
-/// cache's entries are large blocks (an identity client's ~10 KB: the gzip body and the
-/// identity copy in one buffer) allocated by whichever worker filled them, beside the upstream
-/// body each fill reads and frees, and freed by evictions in any order: free space stays
-/// stranded in one worker's arena while another's grows. benches/rss.sh (200k conversations
-/// through the default 256 MiB): RSS after an identity-client fill 1.35-1.37x the bound with
-/// the default arenas, 1.35x with two, 1.17x with one; gzip clients 1.18x -> 1.17x.
-///
-/// The cost is one arena lock for allocations that glibc's per-thread cache does not serve.
-/// On the 2-core bench machine, hit and stored-miss CPU per request did not move beyond noise
-/// (wrk, bench_origin walk), nor did callgrind's hit instructions. An operator's
-/// `MALLOC_ARENA_MAX` or `glibc.malloc.arena_max` tunable wins (e.g. for many cores).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn one_malloc_arena() {
-    let operator_set = std::env::var_os("MALLOC_ARENA_MAX").is_some()
-        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.arena_max"));
-    if !operator_set {
-        // SAFETY: mallopt takes two integers and only sets a parameter of glibc's allocator
-        // (under its own lock); no memory is handed over. M_ARENA_MAX = 1 is a valid value.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
-    }
 }
 
 /// Logs to stderr through a non-blocking writer (a stalled log pipe must not stall requests);
