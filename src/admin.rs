@@ -221,29 +221,24 @@ async fn webhook(proxy: &Proxy, req: Request<Incoming>, peer: IpAddr) -> Respons
             );
         }
     };
-    let invalidated = match target {
-        WebhookTarget::Conversation(c) => {
-            let target = Target::Conversation {
+    let (target, invalidated) = match target {
+        WebhookTarget::Conversation(c) => (
+            Some(Target::Conversation {
                 account,
                 conversation: c,
-            };
-            let mut budget = proxy.store.budget();
-            proxy
-                .store
-                .invalidate(target, Source::Webhook, &mut budget)
-                .await;
-            "conversation"
-        }
-        WebhookTarget::Account => {
-            let mut budget = proxy.store.budget();
-            proxy
-                .store
-                .invalidate(Target::Account(account), Source::Webhook, &mut budget)
-                .await;
-            "account"
-        }
-        WebhookTarget::Nothing => "nothing",
+            }),
+            "conversation",
+        ),
+        WebhookTarget::Account => (Some(Target::Account(account)), "account"),
+        WebhookTarget::Nothing => (None, "nothing"),
     };
+    if let Some(target) = target {
+        let mut budget = proxy.store.budget();
+        proxy
+            .store
+            .invalidate(target, Source::Webhook, &mut budget)
+            .await;
+    }
     json(
         StatusCode::OK,
         serde_json::json!({ "invalidated": invalidated }),

@@ -713,9 +713,9 @@ const RESERVE_AHEAD: usize = 64 * 1024;
 /// A body being read, frame by frame. A body that arrives in one frame (a small one) is kept
 /// as that frame, not copied; a longer one is copied into a buffer reserved for the announced
 /// length, but at most [`RESERVE_AHEAD`] past the bytes received; past that it grows by
-/// doubling (amortised copies). The bytes only live while the answer is handled: an entry copies what it keeps
-/// into its own buffer (`rules::build`), so holding a slice of hyper's read buffer meanwhile
-/// costs nothing beyond the request.
+/// doubling (amortised copies). The bytes only live while the answer is handled: an entry
+/// copies what it keeps into its own buffer (`rules::build`), so holding a slice of hyper's
+/// read buffer meanwhile costs nothing beyond the request.
 struct Collected {
     first: Option<Bytes>,
     rest: BytesMut,
