@@ -8,9 +8,9 @@
 //!
 //! The memo keeps, per thread, the values of entries that thread renders again: a hit compares
 //! the entry's text with the memo's copy (one `memcmp`, two for an identity form) and clones the
-//! values made the first time. A line is used only when its text equals the entry's byte for byte, so what it gives
-//! is exactly what checking the entry's own text would give, whatever became of the entry it
-//! was made from; its text is its own copy, so it pins no entry buffer.
+//! values made the first time. A line is used only when its text equals the entry's byte for
+//! byte, so what it gives is exactly what checking the entry's own text would give, whatever
+//! became of the entry it was made from; its text is its own copy, so it pins no entry buffer.
 //!
 //! Bounded and lazy: [`SETS`] x [`WAYS`] lines per thread, each of at most [`MAX_TEXT`] bytes and
 //! [`MAX_VALUES`] values (full with Rails' header set, ~240 KB per worker thread; a fixed cost
