@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use chatwoot_cache::config::RedisConfig;
+use chatwoot_cache::shared::FAILURES_TO_SKIP;
 use http::Method;
 use support::redis::{RedisRelay, RedisServer, wait_ready};
 use support::*;
@@ -1354,6 +1355,80 @@ async fn a_read_racing_the_writers_redis_bump_is_not_kept() {
         "the writer kept its pre-write body: {}",
         r.header("cache-status")
     );
+}
+
+/// A generation counter's key holding something else (another type, or a string that is not
+/// an integer: written into the cache's Redis by anyone who can reach it) is not an outage:
+/// fills under it are not written (no failure counted), and the next invalidation replaces it
+/// and is heard by every replica.
+#[tokio::test]
+async fn a_counter_that_is_not_one_neither_fails_redis_nor_loses_invalidations() {
+    let redis = RedisServer::start();
+    let fake = FakeChatwoot::start().await;
+    let t = Duration::from_millis(500);
+    let (a, b) = (
+        replica(&fake, &redis, t).await,
+        replica(&fake, &redis, t).await,
+    );
+    let counter = "test:g:c:1:42";
+    // Another type: every fill's conditional write meets it.
+    assert!(redis.command(&["RPUSH", counter, "x"]).is_some());
+    for i in 0..(FAILURES_TO_SKIP + 2) {
+        let token = format!("listed-{i}");
+        fake.add_user(&token, &format!("listed{i}"), None);
+        let r = conv(&b, 1, 42, &token).await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    }
+    let text = metrics_text(&b).await;
+    let errors = metric(&text, r#"chatwoot_cache_redis_errors_total{op="write"}"#);
+    assert_eq!(errors, 0.0, "a WRONGTYPE is no Redis error");
+    assert!(b.proxy.store.shared().unwrap().is_up());
+    // A string that is not a number, then another type: each time a write through A is
+    // heard by B, which held the pre-write body.
+    for (poison, status) in [
+        (&["SET", counter, "x"][..], "pending"),
+        (&["RPUSH", counter, "x"][..], "open"),
+    ] {
+        let before = conv(&b, 1, 42, "admin-token").await;
+        assert_eq!(before.status, 200);
+        assert_eq!(conv(&b, 1, 42, "admin-token").await.x_cache(), "HIT");
+        redis.command(&["DEL", counter]);
+        assert!(redis.command(poison).is_some());
+        let w = set_status(&a, status).await;
+        assert_eq!(w.status, 200);
+        let written = updated_at(&w);
+        assert_ne!(written, updated_at(&before));
+        // The bus takes milliseconds; B's ttl (before the fix: the pre-write body until then)
+        // is far longer than this wait.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = conv(&b, 1, 42, "admin-token").await;
+            if updated_at(&r) == written {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "B serves the pre-write body: {}",
+                r.x_cache()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let now = redis.command(&["GET", counter]).unwrap_or_default();
+        let value = now.split("\r\n").nth(1).unwrap_or_default();
+        assert!(
+            value.parse::<u64>().is_ok(),
+            "the bump made it a counter again: {now:?}"
+        );
+    }
+    for p in [&a, &b] {
+        assert!(p.proxy.store.shared().unwrap().is_up());
+    }
+    let text = metrics_text(&a).await;
+    let errors = metric(
+        &text,
+        r#"chatwoot_cache_redis_errors_total{op="invalidate"}"#,
+    );
+    assert_eq!(errors, 0.0, "every bump landed the first time");
 }
 
 /// A Redis that answers but refuses writes (here: made a replica of an unreachable primary, as

@@ -86,10 +86,13 @@ pub enum SharedError {
 /// Checks a value and its generations, then stores it with an expiry. KEYS: value, then the
 /// global, account, conversation and scope counters. ARGV 1-4: the counters read before the
 /// fetch ('' = did not exist), 5-8: the value to create each missing counter with, 9: the value,
-/// 10: the expiry in ms. Returns 1 when stored, 0 when an invalidation came in between.
+/// 10: the expiry in ms. Returns 1 when stored, 0 when an invalidation came in between, or
+/// when a counter's key holds another type (written by something else: not an outage; the next
+/// bump replaces it).
 const WRITE_SCRIPT: &str = r"
 for i = 1, 4 do
-  local cur = redis.call('GET', KEYS[i + 1])
+  local cur = redis.pcall('GET', KEYS[i + 1])
+  if type(cur) == 'table' then return 0 end
   if ARGV[i] == '' then
     if cur then return 0 end
   elseif cur ~= ARGV[i] then
@@ -109,11 +112,11 @@ return 1
 
 /// Increments one generation counter and publishes the invalidation. KEYS: the counter.
 /// ARGV: 1 the value to create it with when missing, 2 the created counter's expiry in ms, 3 the
-/// channel, 4 the message. Returns 1.
+/// channel, 4 the message. Returns 1. A key that INCR refuses (not an integer, another type:
+/// written by something else) is replaced like a missing counter: the invalidation still lands
+/// and is published, instead of failing every time and taking Redis for down.
 const BUMP_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('INCR', KEYS[1])
-else
+if redis.call('EXISTS', KEYS[1]) == 0 or type(redis.pcall('INCR', KEYS[1])) == 'table' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
