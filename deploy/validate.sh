@@ -367,6 +367,15 @@ for pattern in 'cargo build --release --locked' '^USER 65532:65532$' '^EXPOSE 80
     fi
 done
 [ -f "$DEPLOY_DIR/Dockerfile.dockerignore" ] || fail "deploy/Dockerfile.dockerignore missing"
+# Every top-level directory the manifest builds from (src, benches, and the patched crates'
+# `path = "vendor/..."`) is copied into the build stage and allowed into the context.
+for dir in $({ echo src; echo benches; sed -n 's/.*path = "\([^/"]*\)\/.*/\1/p' "$DEPLOY_DIR/../Cargo.toml"; } | sort -u); do
+    if grep -Eq "^COPY $dir \./$dir$" "$dockerfile" && grep -qx "!$dir/" "$DEPLOY_DIR/Dockerfile.dockerignore"; then
+        printf '  ok the image build gets %s/\n' "$dir"
+    else
+        fail "deploy/Dockerfile lacks 'COPY $dir ./$dir' or deploy/Dockerfile.dockerignore lacks '!$dir/' (Cargo.toml builds from it)"
+    fi
+done
 # Every base image is pinned by digest (a rebuild gets the same bases);
 # bash deploy/pin-base-images.sh refreshes the pins (it needs registry access,
 # this check does not).
