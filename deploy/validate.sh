@@ -368,8 +368,10 @@ for pattern in 'cargo build --release --locked' '^USER 65532:65532$' '^EXPOSE 80
 done
 [ -f "$DEPLOY_DIR/Dockerfile.dockerignore" ] || fail "deploy/Dockerfile.dockerignore missing"
 # Every top-level directory the manifest builds from (src, benches, and the patched crates'
-# `path = "vendor/..."`) is copied into the build stage and allowed into the context.
-for dir in $({ echo src; echo benches; sed -n 's/.*path = "\([^/"]*\)\/.*/\1/p' "$DEPLOY_DIR/../Cargo.toml"; } | sort -u); do
+# `path = "vendor/..."`) is copied into the build stage and allowed into the context. Patches
+# belong in Cargo.toml: a .cargo/config.toml would bypass this check.
+[ ! -e "$DEPLOY_DIR/../.cargo/config.toml" ] || fail ".cargo/config.toml exists: keep [patch] and build settings in Cargo.toml (the image build and this check read only Cargo.toml)"
+for dir in $({ echo src; echo benches; sed -En "s/.*path *= *[\"']([^/\"']+)(\/.*)?[\"'].*/\1/p" "$DEPLOY_DIR/../Cargo.toml"; } | sort -u); do
     if grep -Eq "^COPY $dir \./$dir$" "$dockerfile" && grep -qx "!$dir/" "$DEPLOY_DIR/Dockerfile.dockerignore"; then
         printf '  ok the image build gets %s/\n' "$dir"
     else

@@ -293,7 +293,7 @@ pub fn positive_entry(
     let updated_at = probe.updated_at_text.as_deref().unwrap_or("").as_bytes();
     let at = |stored: &[u8], coding: Coding| {
         // The digest of the stored bytes: the gzip bytes are a deterministic function of the
-        // identity bytes (one libdeflate level) and decompress to them, so they name them as
+        // identity bytes (one libdeflate build and level) and decompress to them, so they name them as
         // well as the identity bytes' own hash would, for a sixth of the hashing (SHA-256 of
         // the identity body was ~40% of a stored miss's instructions).
         let digest = body_digest(stored);

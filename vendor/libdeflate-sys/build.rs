@@ -3,6 +3,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 fn main() {
+    // chatwoot-cache: `cc` prints only rerun-if-env-changed lines, which turns off Cargo's
+    // default of re-running this script when a file of the package changes: an edit of the
+    // patched C sources would otherwise leave stale objects in an existing target/.
+    println!("cargo:rerun-if-changed=libdeflate");
+    println!("cargo:rerun-if-changed=build.rs");
     let dst = PathBuf::from(env::var_os("OUT_DIR").unwrap());
 
     #[cfg(feature = "dynamic")]
