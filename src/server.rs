@@ -12,16 +12,19 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::client_io::{Activity, ClientIo, InFlight};
 use crate::listener::{Accepted, Listener};
@@ -66,7 +69,9 @@ pub async fn run(
 ) {
     let builder = Arc::new(http_builder());
     let acceptor = tls.map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
+    // Every accepted public connection, until it has closed: what the drain waits for.
+    let connections = TaskTracker::new();
+    let drain = Arc::new(Drain::default());
     // Cancels connections that have not sent a request yet (handshake, first byte), which
     // hyper's graceful shutdown does not see: they must not hold up the drain.
     let stopping = CancellationToken::new();
@@ -88,10 +93,10 @@ pub async fn run(
                     peer,
                     // Live: a reload applies to connections accepted afterwards.
                     header_timeout: proxy.config.load().client_header_timeout,
-                    watcher: graceful.watcher(),
+                    drain: drain.clone(),
                     stopping: stopping.clone(),
                 };
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let _ = stream.set_nodelay(true);
                     conn.serve(stream).await;
                     drop(slot);
@@ -104,19 +109,66 @@ pub async fn run(
     proxy.set_ready(false);
     drop(public);
     stopping.cancel();
-    let drain = proxy.config.load().shutdown_timeout;
+    drain.start();
+    connections.close();
+    let drain_timeout = proxy.config.load().shutdown_timeout;
     tracing::info!(
-        in_flight_connections = graceful.count(),
-        drain_ms = drain.as_millis() as u64,
+        in_flight_connections = connections.len(),
+        drain_ms = drain_timeout.as_millis() as u64,
         "shutting down: draining in-flight requests"
     );
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(drain_timeout, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing remaining connections");
     }
     admin_task.abort();
+}
+
+/// The public listener's drain has started (SPEC §10): connections finish the request in
+/// flight and close.
+#[derive(Default)]
+struct Drain {
+    started: AtomicBool,
+    notify: Notify,
+}
+
+impl Drain {
+    fn start(&self) {
+        self.started.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+/// Serves `conn` to its end; once the drain starts, asks it to finish the request in flight
+/// and close (hyper's graceful shutdown).
+///
+/// hyper-util's `GracefulShutdown` watcher polls its shutdown channel (a mutex shared by the
+/// connections of all worker threads) at every wake-up of the connection, i.e. for every
+/// request. Here the drain is polled once, which leaves this task's waker with it, and every
+/// later wake-up reads one flag.
+async fn gracefully<C: GracefulConnection>(conn: C, drain: &Drain) -> C::Output {
+    // Made before the flag is read: a drain that starts in between still wakes this task.
+    let mut notified = std::pin::pin!(drain.notify.notified());
+    let mut conn = std::pin::pin!(conn);
+    let mut registered = false;
+    let mut asked = false;
+    std::future::poll_fn(|cx| {
+        if !asked {
+            if !registered {
+                registered = true;
+                // Ready only if the drain has started, which the flag says as well.
+                let _ = notified.as_mut().poll(cx);
+            }
+            if drain.started.load(Ordering::Acquire) {
+                asked = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// One accepted public connection, before and while it is served.
@@ -126,7 +178,7 @@ struct PublicConn {
     acceptor: Option<TlsAcceptor>,
     peer: SocketAddr,
     header_timeout: Duration,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: Arc<Drain>,
     stopping: CancellationToken,
 }
 
@@ -138,7 +190,7 @@ impl PublicConn {
             acceptor,
             peer,
             header_timeout,
-            watcher,
+            drain,
             stopping,
         } = self;
         let client = ClientInfo::new(
@@ -174,7 +226,7 @@ impl PublicConn {
                 };
                 let io = TokioIo::new(ClientIo::new(tls, write_limit, activity, header_timeout));
                 let conn = builder.serve_connection_with_upgrades(io, service);
-                watcher.watch(conn.into_owned()).await
+                gracefully(conn.into_owned(), &drain).await
             }
             None => {
                 // Wait for the first byte here (bounded by the head timeout) rather than in hyper's
@@ -190,7 +242,7 @@ impl PublicConn {
                 }
                 let io = TokioIo::new(ClientIo::new(stream, write_limit, activity, header_timeout));
                 let conn = builder.serve_connection_with_upgrades(io, service);
-                watcher.watch(conn.into_owned()).await
+                gracefully(conn.into_owned(), &drain).await
             }
         };
         if let Err(e) = result {
