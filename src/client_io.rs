@@ -34,7 +34,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -205,6 +205,9 @@ pub struct ClientIo<S> {
     activity: Arc<Activity>,
     head_limit: Duration,
     head_timer: Option<Pin<Box<Sleep>>>,
+    /// The waker `head_timer` was last polled with: while it is this read's and the timer has
+    /// not fired, the timer holds it already and is not polled again (see `head_deadline`).
+    head_waker: Option<Waker>,
 }
 
 impl<S> ClientIo<S> {
@@ -224,6 +227,7 @@ impl<S> ClientIo<S> {
             activity,
             head_limit,
             head_timer: None,
+            head_waker: None,
         }
     }
 
@@ -238,11 +242,24 @@ impl<S> ClientIo<S> {
         if self.activity.is_exempt() {
             return Poll::Pending;
         }
+        // The common case, once per request: armed for this task and not due. A timer keeps the
+        // waker it was polled with until it fires, so polling it again would change nothing.
+        if let (Some(timer), Some(waker)) = (&self.head_timer, &self.head_waker)
+            && waker.will_wake(cx.waker())
+            && !timer.is_elapsed()
+        {
+            return Poll::Pending;
+        }
         let limit = self.head_limit;
         let timer = self
             .head_timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.activity.base + limit)));
-        while timer.as_mut().poll(cx).is_ready() {
+        // Outside tokio's cooperative budget: a poll the budget refused would register no waker,
+        // and the check above would then skip this timer for good.
+        while Pin::new(&mut tokio::task::unconstrained(timer.as_mut()))
+            .poll(cx)
+            .is_ready()
+        {
             let now = Instant::now();
             if self.activity.reap_stalled(now, limit) {
                 // An abandoned stream is not freed by abandoning it: hyper resets it only when
@@ -273,6 +290,13 @@ impl<S> ClientIo<S> {
                 Some(deadline) => timer.as_mut().reset(deadline),
                 None => timer.as_mut().reset(now + limit),
             }
+        }
+        if !self
+            .head_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.head_waker = Some(cx.waker().clone());
         }
         Poll::Pending
     }
