@@ -77,20 +77,37 @@ pub fn classify(method: &Method, path: &str, has_query: bool) -> Route {
 }
 
 /// `/api/v1/accounts/{a}/conversations/{c}` with canonical ids, exactly.
+///
+/// Runs on every request (hits included): bytes compared in place, no `memchr` search set up
+/// for an id of a few digits.
 pub fn canonical_conversation(path: &str) -> Option<(u64, u64)> {
-    let rest = path.strip_prefix(CONVERSATION_PREFIX)?;
-    let (account, rest) = rest.split_once('/')?;
-    let conversation = rest.strip_prefix("conversations/")?;
-    Some((canonical_id(account)?, canonical_id(conversation)?))
+    let rest = path.strip_prefix(CONVERSATION_PREFIX)?.as_bytes();
+    let slash = rest.iter().position(|&b| b == b'/')?;
+    let conversation = rest[slash + 1..].strip_prefix(b"conversations/")?;
+    Some((
+        canonical_digits(&rest[..slash])?,
+        canonical_digits(conversation)?,
+    ))
 }
 
 /// A canonical decimal id: 1..=i64::MAX, ASCII digits only, no sign, no leading zero.
 pub fn canonical_id(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.is_empty() || b.len() > 19 || b[0] == b'0' || !b.iter().all(u8::is_ascii_digit) {
+    canonical_digits(s.as_bytes())
+}
+
+/// [`canonical_id`] of bytes, read in one pass.
+fn canonical_digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 || b[0] == b'0' {
         return None;
     }
-    let n: u64 = s.parse().ok()?;
+    // At most 19 digits: below 10^19 < 2^64, no overflow.
+    let mut n: u64 = 0;
+    for &d in b {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u64::from(d - b'0');
+    }
     (n <= i64::MAX as u64).then_some(n)
 }
 
