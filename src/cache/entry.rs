@@ -57,6 +57,9 @@ pub struct Entry {
     lifetime_ms: u32,
     buf: Bytes,
     shape: Arc<Shape>,
+    /// This entry's number, unique in the process: an entry never changes once made, so the
+    /// number names its header values wherever a thread keeps them rendered ([`super::memo`]).
+    serial: u64,
     /// Unix seconds of `Last-Modified` (from `updated_at` whole seconds), for
     /// `If-Modified-Since`; `u64::MAX` for none (`http_date` refuses it anyway).
     last_modified: u64,
@@ -95,32 +98,68 @@ pub(crate) struct Parts {
 #[derive(Debug, Clone, Copy)]
 pub struct Form<'a> {
     pub coding: Coding,
-    buf: &'a Bytes,
+    entry: &'a Entry,
     body_at: usize,
     body_len: usize,
-    etag: Option<(usize, usize)>,
+    etag: FormEtag,
+    /// The form's values in the per-thread memo ([`super::memo`]): the entry's serial and which
+    /// form this is.
+    memo_key: u64,
 }
+
+/// Where a form's ETag is. The stored form's is found by reading the entry's values region,
+/// which a hit whose values come from the memo otherwise never touches: only when asked.
+#[derive(Debug, Clone, Copy)]
+enum FormEtag {
+    None,
+    Stored,
+    At(usize, usize),
+}
+
+/// The forms of one entry, as memo keys (see [`Form::memo_key`]).
+const MEMO_STORED: u64 = 0;
+const MEMO_IDENTITY_COPY: u64 = 1;
+const MEMO_IDENTITY_BODILESS: u64 = 2;
 
 impl Form<'_> {
     /// The body this form sends.
     pub fn body(&self) -> Bytes {
-        self.buf.slice(self.body_at..self.body_at + self.body_len)
+        self.entry
+            .buf
+            .slice(self.body_at..self.body_at + self.body_len)
     }
 
     pub fn body_len(&self) -> usize {
         self.body_len
     }
 
+    fn has_etag(&self) -> bool {
+        !matches!(self.etag, FormEtag::None)
+    }
+
+    fn etag_range(&self) -> Option<std::ops::Range<usize>> {
+        match self.etag {
+            FormEtag::None => None,
+            FormEtag::Stored => self.entry.stored_etag().map(|(a, b)| a..b),
+            FormEtag::At(a, b) => Some(a..b),
+        }
+    }
+
     /// The form's strong ETag text (positive entries only).
     pub fn etag_bytes(&self) -> Option<&[u8]> {
-        self.etag.map(|(a, b)| &self.buf[a..b])
+        self.etag_range().map(|r| &self.entry.buf[r])
     }
 
     /// The form's strong ETag (positive entries only).
     pub fn etag(&self) -> Option<HeaderValue> {
-        let (a, b) = self.etag?;
-        HeaderValue::from_maybe_shared(self.buf.slice(a..b)).ok()
+        HeaderValue::from_maybe_shared(self.entry.buf.slice(self.etag_range()?)).ok()
     }
+}
+
+/// A number no other entry of this process has (see [`Entry::serial`]).
+pub(crate) fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The longest an entry is served stale-if-error without trying the upstream again after a
@@ -204,6 +243,7 @@ impl Entry {
             lifetime_ms: u32::try_from(p.lifetime.as_millis()).unwrap_or(u32::MAX),
             buf: p.buf,
             shape: p.shape,
+            serial: next_serial(),
             last_modified: p.last_modified_secs.unwrap_or(u64::MAX),
             stored_at: p.stored_at,
             stamp: p.stamp,
@@ -344,10 +384,16 @@ impl Entry {
     pub fn form(&self, gzip: bool) -> Form<'_> {
         let stored = Form {
             coding: self.coding,
-            buf: &self.buf,
+            entry: self,
             body_at: 0,
             body_len: self.body_len as usize,
-            etag: self.stored_etag(),
+            // Positive entries have one: their values region starts with it.
+            etag: if self.is_negative() {
+                FormEtag::None
+            } else {
+                FormEtag::Stored
+            },
+            memo_key: self.memo_key(MEMO_STORED),
         };
         if gzip || self.coding == Coding::Identity || self.identity_at == 0 {
             return stored;
@@ -357,11 +403,20 @@ impl Entry {
         let etag_at = at + len;
         Form {
             coding: Coding::Identity,
-            buf: &self.buf,
+            entry: self,
             body_at: at,
             body_len: len,
-            etag: (self.buf.len() > etag_at).then_some((etag_at, self.buf.len())),
+            etag: if self.buf.len() > etag_at {
+                FormEtag::At(etag_at, self.buf.len())
+            } else {
+                FormEtag::None
+            },
+            memo_key: self.memo_key(MEMO_IDENTITY_COPY),
         }
+    }
+
+    fn memo_key(&self, form: u64) -> u64 {
+        self.serial << 2 | form
     }
 
     /// A copy of this gzip entry whose buffer also holds the identity body and its strong ETag,
@@ -399,6 +454,7 @@ impl Entry {
             lifetime_ms: self.lifetime_ms,
             buf: Bytes::from(buf),
             shape: self.shape.clone(),
+            serial: next_serial(),
             last_modified: self.last_modified,
             stored_at: self.stored_at,
             stamp: self.stamp.clone(),
@@ -491,9 +547,13 @@ impl Entry {
     /// The header map of `form`: the render slots first (their placeholders unless given),
     /// then the entry's headers.
     pub fn form_headers(&self, form: Form<'_>, render: [Option<HeaderValue>; 3]) -> HeaderMap {
-        let etag = form.etag.map(|(a, b)| a..b);
-        self.shape
-            .render(form.coding, &self.buf, etag, self.values_range(), render)
+        let text = head::FormText {
+            buf: &self.buf,
+            memo_key: form.memo_key,
+            has_etag: form.has_etag(),
+            ranges: &|| (form.etag_range(), self.values_range()),
+        };
+        self.shape.render(form.coding, text, render)
     }
 
     /// The identity form of a gzip entry whose identity copy is not made, for an answer without
@@ -517,10 +577,11 @@ impl Entry {
         // Never sends a body: only its coding and length are used.
         let form = Form {
             coding: Coding::Identity,
-            buf: &self.buf,
+            entry: self,
             body_at: 0,
             body_len: self.identity_len as usize,
-            etag: None,
+            etag: FormEtag::None,
+            memo_key: self.memo_key(MEMO_IDENTITY_BODILESS),
         };
         let mut r = self.render(form, now, cache_status.clone(), true, not_modified);
         r.headers_mut().insert(header::ETAG, etag);

@@ -88,6 +88,17 @@ pub(crate) fn shared_name(name: &HeaderName) -> HeaderName {
         .clone()
 }
 
+/// The per-entry text of one entry form, as [`Shape::render`] fills its slots from it: the
+/// form's key in the per-thread memo ([`super::memo`]), whether it has an ETag, and where the
+/// ETag and the values region are in the entry's buffer, worked out (reading the buffer) only
+/// when the memo does not have the form's values.
+pub(crate) struct FormText<'a> {
+    pub buf: &'a Bytes,
+    pub memo_key: u64,
+    pub has_etag: bool,
+    pub ranges: &'a dyn Fn() -> (Option<std::ops::Range<usize>>, std::ops::Range<usize>),
+}
+
 /// A header on its way into an entry: name and value bytes.
 pub(crate) type Field<'a> = (HeaderName, std::borrow::Cow<'a, [u8]>);
 
@@ -267,17 +278,15 @@ impl Shape {
         }
     }
 
-    /// The response map of `coding`'s form with its slots filled: the ETag at `etag` in `buf`
-    /// (when the shape has one), then each value of the region at `values` (what
-    /// [`put_values`] wrote), in order, made by this thread's [`super::memo`]. The render
+    /// The response map of `coding`'s form with its slots filled: the form's ETag (when the
+    /// shape has one), then each value of its values region (what [`put_values`] wrote), in
+    /// order, made by this thread's [`super::memo`]. The render
     /// slots get `render`'s values where given, their placeholders otherwise
     /// (`entry::set_render_slots` fills them later).
     pub(crate) fn render(
         &self,
         coding: Coding,
-        buf: &Bytes,
-        etag: Option<std::ops::Range<usize>>,
-        values: std::ops::Range<usize>,
+        text: FormText<'_>,
         render: [Option<HeaderValue>; 3],
     ) -> HeaderMap {
         let mut map = self.maps[coding as usize].clone();
@@ -287,16 +296,15 @@ impl Shape {
                 *slot = value;
             }
         }
-        let etag = etag.filter(|_| self.etag);
         let mut per_entry = self.slots;
-        if self.etag && etag.is_none() {
+        if self.etag && !text.has_etag {
             // No ETag for a shape with its slot: the placeholder stays.
             slots.next();
             per_entry -= 1;
         }
         // Never past the per-entry slots: a region with a value too many must not overwrite
         // the first static field.
-        super::memo::fill(buf, etag, values, slots.take(per_entry));
+        super::memo::fill(&text, self.etag, slots.take(per_entry));
         map
     }
 
@@ -470,9 +478,12 @@ mod tests {
         let buf = Bytes::from(buf);
         let map = ba.shape.render(
             Coding::Gzip,
-            &buf,
-            Some(0..6),
-            6..buf.len(),
+            FormText {
+                buf: &buf,
+                memo_key: super::super::entry::next_serial() << 2,
+                has_etag: true,
+                ranges: &|| (Some(0..6), 6..buf.len()),
+            },
             [None, Some(HeaderValue::from_static("5")), None],
         );
         let got: Vec<(&str, &str)> = map
@@ -511,9 +522,12 @@ mod tests {
         let extra = Bytes::from(extra);
         let map = ba.shape.render(
             Coding::Gzip,
-            &extra,
-            None,
-            0..extra.len(),
+            FormText {
+                buf: &extra,
+                memo_key: super::super::entry::next_serial() << 2,
+                has_etag: false,
+                ranges: &|| (None, 0..extra.len()),
+            },
             [None, None, None],
         );
         assert_eq!(map["content-type"], "application/json; charset=utf-8");

@@ -6,11 +6,13 @@
 //! But making a `HeaderValue` of text means `http` checks every byte (this crate forbids the
 //! `unsafe` unchecked constructor): ~650 instructions per hit for Rails' ~140 B.
 //!
-//! The memo keeps, per thread, the values of entries that thread renders again: a hit compares
-//! the entry's text with the memo's copy (one `memcmp`, two for an identity form) and clones the
-//! values made the first time. A line is used only when its text equals the entry's byte for
-//! byte, so what it gives is exactly what checking the entry's own text would give, whatever
-//! became of the entry it was made from; its text is its own copy, so it pins no entry buffer.
+//! The memo keeps, per thread, the values of entry forms that thread renders again, under the
+//! form's key: the entry's serial, a number no other entry of the process has, and which form
+//! it is (`entry::Form`). An entry never changes once made, so a line holds exactly what its
+//! form's text gives, and a hit whose values come from the memo reads none of the entry's text
+//! (its values region and ETag lie apart from everything else a hit reads, in memory the last
+//! hit on this entry left cold). The values are the line's own, made of its own copy of the
+//! text, so a line pins no entry buffer.
 //!
 //! Bounded and lazy: [`SETS`] x [`WAYS`] lines per thread, each of at most [`MAX_TEXT`] bytes and
 //! [`MAX_VALUES`] values (full with Rails' header set, ~240 KB per worker thread; a fixed cost
@@ -24,7 +26,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use http::HeaderValue;
 
-use super::head;
+use super::head::{self, FormText};
 
 /// Sets of the per-thread memo (a power of two), and lines per set.
 const SETS: usize = 128;
@@ -33,16 +35,11 @@ const WAYS: usize = 4;
 const MAX_TEXT: usize = 512;
 const MAX_VALUES: usize = 16;
 
-/// The values of one entry form: its text (the ETag, then the length-prefixed values region)
-/// and the `HeaderValue`s made of it once, in render order.
+/// The values of one entry form, made once from its text, in render order.
 #[derive(Default)]
 struct Line {
-    /// Where the text was in the entry's buffer (its address): narrows the search, the text
-    /// decides.
-    tag: usize,
-    text: Bytes,
-    /// `None`: the form has no ETag (a negative entry).
-    etag_len: Option<usize>,
+    /// The form's memo key (0: an empty line; keys start at 4).
+    key: u64,
     values: Vec<HeaderValue>,
 }
 
@@ -54,10 +51,9 @@ struct Set {
 }
 
 struct Memo {
-    /// Per set, the tag and text fingerprint last rendered without a line: seen twice, it
-    /// gets one. Thread-local storage, not heap: a thread that renders each form once
-    /// allocates nothing here.
-    seen: [(usize, u64); SETS],
+    /// Per set, the key last rendered without a line: seen twice, it gets one. Thread-local
+    /// storage, not heap: a thread that renders each form once allocates nothing here.
+    seen: [u64; SETS],
     /// The sets, allocated when the first line is made.
     sets: Vec<Set>,
 }
@@ -65,56 +61,52 @@ struct Memo {
 thread_local! {
     static MEMO: RefCell<Memo> = const {
         RefCell::new(Memo {
-            seen: [(0, 0); SETS],
+            seen: [0; SETS],
             sets: Vec::new(),
         })
     };
 }
 
-/// Writes the rendered values of an entry form into `slots`, in order: the ETag at `etag` in
-/// `buf` (when given), then each value of the length-prefixed region at `values`. From this
+/// Writes the rendered values of an entry form into `slots`, in order: its ETag (when it has
+/// one and `keep_etag`), then each value of its length-prefixed values region. From this
 /// thread's memo when it has them; made from the text otherwise.
 pub(crate) fn fill<'m>(
-    buf: &Bytes,
-    etag: Option<Range<usize>>,
-    values: Range<usize>,
-    slots: impl Iterator<Item = &'m mut HeaderValue>,
+    text: &FormText<'_>,
+    keep_etag: bool,
+    mut slots: impl Iterator<Item = &'m mut HeaderValue>,
 ) {
-    let tag = etag.as_ref().map_or(values.start, |r| r.start) + buf.as_ptr() as usize;
-    fill_tagged(tag, buf, etag, values, slots);
-}
-
-/// [`fill`] with the tag (the text's address) given.
-fn fill_tagged<'m>(
-    tag: usize,
-    buf: &Bytes,
-    etag: Option<Range<usize>>,
-    values: Range<usize>,
-    slots: impl Iterator<Item = &'m mut HeaderValue>,
-) {
-    let text = Text::of(buf, etag.clone(), values.clone());
-    let mut slots = Some(slots);
+    let key = text.memo_key;
+    let has_etag = text.has_etag && keep_etag;
+    // Reads the entry's buffer: only when the memo cannot answer.
+    let read = || {
+        let (etag, values) = (text.ranges)();
+        (etag.filter(|_| keep_etag), values)
+    };
     let memoised = MEMO
         .try_with(|memo| {
             let Ok(mut memo) = memo.try_borrow_mut() else {
                 return false;
             };
             let memo = &mut *memo;
-            let index = set_of(tag);
-            let found = memo.sets.get(index).and_then(|set| {
-                set.lines
-                    .iter()
-                    .position(|l| l.tag == tag && l.matches(&text))
-            });
+            let index = set_of(key);
+            let found = memo
+                .sets
+                .get(index)
+                .and_then(|set| set.lines.iter().position(|l| l.key == key));
             let at = match found {
                 Some(at) => at,
                 None => {
-                    let seen = (tag, fingerprint(text.etag, text.values));
-                    if memo.seen[index] != seen {
-                        memo.seen[index] = seen;
+                    if memo.seen[index] != key {
+                        memo.seen[index] = key;
                         return false;
                     }
-                    let Some(line) = Line::new(tag, &text) else {
+                    let (etag, values) = read();
+                    // (A positive form whose region holds no ETag cannot be built; rendered
+                    // from the text if it ever were, like any form a line cannot hold.)
+                    if etag.is_some() != has_etag {
+                        return false;
+                    }
+                    let Some(line) = Line::new(key, text.buf, etag, values) else {
                         return false;
                     };
                     if memo.sets.is_empty() {
@@ -127,38 +119,25 @@ fn fill_tagged<'m>(
                     at
                 }
             };
-            let set = &memo.sets[index];
-            for (slot, value) in slots
-                .take()
-                .into_iter()
-                .flatten()
-                .zip(&set.lines[at].values)
-            {
+            for (slot, value) in slots.by_ref().zip(&memo.sets[index].lines[at].values) {
                 *slot = value.clone();
             }
             true
         })
         .unwrap_or(false);
-    if !memoised && let Some(slots) = slots {
-        from_text(buf, etag, values, slots);
+    if !memoised {
+        let (etag, values) = read();
+        if has_etag && etag.is_none() {
+            // Its slot keeps the placeholder, as for any form without an ETag.
+            slots.next();
+        }
+        from_text(text.buf, etag, values, slots);
     }
 }
 
-/// The set a tag belongs to (Fibonacci hashing of the address).
-fn set_of(tag: usize) -> usize {
-    ((tag as u64 >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SETS.trailing_zeros())) as usize
-}
-
-/// A cheap summary of a form's text, so that another entry whose text landed at the same
-/// address is not taken for a second sighting.
-fn fingerprint(etag: &[u8], values: &[u8]) -> u64 {
-    let word = |t: &[u8]| {
-        let mut w = [0u8; 8];
-        let n = t.len().min(8);
-        w[..n].copy_from_slice(&t[t.len() - n..]);
-        u64::from_le_bytes(w)
-    };
-    word(etag) ^ word(values).rotate_left(17) ^ (etag.len() as u64) << 48 ^ values.len() as u64
+/// The set a key belongs to (Fibonacci hashing).
+fn set_of(key: u64) -> usize {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SETS.trailing_zeros())) as usize
 }
 
 /// The values made from the text itself: every byte checked by `http`.
@@ -191,8 +170,15 @@ fn from_text<'m>(
 
 impl Line {
     /// A line for this text, if it is small enough and every value is one.
-    fn new(tag: usize, text: &Text<'_>) -> Option<Line> {
-        let (has_etag, etag, values) = (text.has_etag, text.etag, text.values);
+    fn new(
+        key: u64,
+        buf: &Bytes,
+        etag: Option<Range<usize>>,
+        values: Range<usize>,
+    ) -> Option<Line> {
+        let has_etag = etag.is_some();
+        let etag = etag.map_or(&[][..], |r| &buf[r]);
+        let values = &buf[values];
         if etag.len() + values.len() > MAX_TEXT {
             return None;
         }
@@ -214,60 +200,24 @@ impl Line {
         }
         rendered.shrink_to_fit();
         Some(Line {
-            tag,
-            text,
-            etag_len: has_etag.then_some(etag.len()),
+            key,
             values: rendered,
         })
-    }
-
-    fn matches(&self, text: &Text<'_>) -> bool {
-        if self.etag_len != text.has_etag.then_some(text.etag.len()) {
-            return false;
-        }
-        match text.whole {
-            Some(whole) => self.text == whole,
-            None => {
-                self.text.len() == text.etag.len() + text.values.len()
-                    && self.text[..text.etag.len()] == *text.etag
-                    && self.text[text.etag.len()..] == *text.values
-            }
-        }
-    }
-}
-
-/// An entry form's text as a line is looked up by.
-struct Text<'a> {
-    has_etag: bool,
-    etag: &'a [u8],
-    values: &'a [u8],
-    /// The ETag and the values as one slice, when they are adjacent in the entry's buffer.
-    whole: Option<&'a [u8]>,
-}
-
-impl Text<'_> {
-    fn of(buf: &Bytes, etag: Option<Range<usize>>, values: Range<usize>) -> Text<'_> {
-        let values_text = &buf[values.clone()];
-        Text {
-            has_etag: etag.is_some(),
-            etag: etag.clone().map_or(&[][..], |r| &buf[r]),
-            values: values_text,
-            // The stored form's ETag leads its values region: one comparison for both.
-            whole: match etag {
-                Some(r) if r.end == values.start => Some(&buf[r.start..values.end]),
-                Some(_) => None,
-                None => Some(values_text),
-            },
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+    use crate::cache::entry::next_serial;
+
+    /// An entry buffer, where its ETag is, where its values are.
+    type EntryText = (Bytes, Range<usize>, Range<usize>);
 
     /// An entry form's text as an entry buffer holds it: a body, the ETag, the values.
-    fn entry_buf(etag: &str, values: &[&str]) -> (Bytes, Range<usize>, Range<usize>) {
+    fn entry_buf(etag: &str, values: &[&str]) -> EntryText {
         let mut buf = b"{\"id\":1}".to_vec();
         let etag_at = buf.len();
         buf.extend_from_slice(etag.as_bytes());
@@ -277,45 +227,74 @@ mod tests {
         (Bytes::from(buf), etag_at..values_at, values_at..end)
     }
 
-    /// The values `fill` writes for this text, and whether each is a slice of `buf`.
-    fn render(buf: &Bytes, etag: Range<usize>, values: Range<usize>) -> Vec<(String, bool)> {
-        let mut slots = vec![HeaderValue::from_static(""); 4];
-        fill(buf, Some(etag), values, slots.iter_mut());
+    /// A fresh form key, as an entry's form has one.
+    fn key() -> u64 {
+        next_serial() << 2
+    }
+
+    /// The values `fill` writes for this form, whether each is a slice of `buf`, and whether
+    /// the buffer's text was read.
+    fn render(
+        key: u64,
+        buf: &Bytes,
+        etag: Option<Range<usize>>,
+        values: Range<usize>,
+        slots: usize,
+    ) -> (Vec<(String, bool)>, bool) {
+        let read = Cell::new(false);
+        let ranges = || {
+            read.set(true);
+            (etag.clone(), values.clone())
+        };
+        let text = FormText {
+            buf,
+            memo_key: key,
+            has_etag: etag.is_some(),
+            ranges: &ranges,
+        };
+        let mut slots = vec![HeaderValue::from_static(""); slots];
+        fill(&text, true, slots.iter_mut());
         let within = buf.as_ptr_range();
-        slots
+        let got = slots
             .iter()
             .map(|v| {
                 let inside = within.contains(&v.as_bytes().as_ptr());
                 (v.to_str().unwrap().to_string(), inside)
             })
-            .collect()
+            .collect();
+        (got, read.get())
     }
 
-    /// The first render of a form checks its text; from the second, this thread's memo gives
-    /// the same values without checking them again (they are the memo's own copy, not slices
-    /// of the entry), and the memo pins no entry buffer.
+    fn texts(got: &[(String, bool)]) -> Vec<&str> {
+        got.iter().map(|(v, _)| v.as_str()).collect()
+    }
+
+    /// The first renders of a form read its text; from the second, this thread's memo gives
+    /// the same values without reading the entry's buffer at all (they are the memo's own
+    /// copy, not slices of the entry), and the memo pins no entry buffer.
     #[test]
     fn a_form_rendered_again_comes_from_the_memo() {
         let (buf, etag, values) = entry_buf("\"abc-gz\"", &["Mon, 08 Dec 2025", "req-1", "0.04"]);
         let want = ["\"abc-gz\"", "Mon, 08 Dec 2025", "req-1", "0.04"];
-        let first = render(&buf, etag.clone(), values.clone());
-        assert_eq!(
-            first.iter().map(|(v, _)| v.as_str()).collect::<Vec<_>>(),
-            want
-        );
+        let k = key();
+        let (first, read) = render(k, &buf, Some(etag.clone()), values.clone(), 4);
+        assert_eq!(texts(&first), want);
+        assert!(read);
         assert!(
             first.iter().all(|(_, inside)| *inside),
             "made from the entry's text"
         );
+        // The second render makes the line (from the text), the later ones use it.
+        let (second, read) = render(k, &buf, Some(etag.clone()), values.clone(), 4);
+        assert_eq!(texts(&second), want);
+        assert!(read);
         for _ in 0..3 {
-            let again = render(&buf, etag.clone(), values.clone());
-            assert_eq!(
-                again.iter().map(|(v, _)| v.as_str()).collect::<Vec<_>>(),
-                want
-            );
+            let (again, read) = render(k, &buf, Some(etag.clone()), values.clone(), 4);
+            assert_eq!(texts(&again), want);
+            assert!(!read, "the entry's text is not read again");
             assert!(
                 again.iter().all(|(_, inside)| !*inside),
-                "not checked again: the memo's values"
+                "the memo's values"
             );
         }
         assert!(
@@ -324,50 +303,40 @@ mod tests {
         );
     }
 
-    /// A line serves only its own text: other text under the same tag (another entry whose
-    /// buffer took the address of a freed one) gets its own values, never the line's.
+    /// A line serves only its own key: forms of other entries (other serials), even with
+    /// keys that share its set and text that shares its address, get their own values.
     #[test]
-    fn a_line_serves_only_text_equal_to_its_own() {
-        let (buf, etag, values) = entry_buf("\"abc\"", &["one", "req-1"]);
-        let line = Line::new(7, &Text::of(&buf, Some(etag.clone()), values.clone())).unwrap();
-        assert!(line.matches(&Text::of(&buf, Some(etag.clone()), values.clone())));
-        // The same text with the ETag elsewhere in the buffer (an identity form).
-        let mut apart = buf.to_vec();
-        apart.extend_from_slice(&buf[etag.clone()]);
-        let apart = Bytes::from(apart);
-        let moved = buf.len()..buf.len() + etag.len();
-        assert!(line.matches(&Text::of(&apart, Some(moved.clone()), values.clone())));
-        let (other, o_etag, o_values) = entry_buf("\"abd\"", &["one", "req-1"]);
-        assert!(!line.matches(&Text::of(&other, Some(o_etag), o_values)));
-        let (third, t_etag, t_values) = entry_buf("\"abc\"", &["one", "req-2"]);
-        assert!(!line.matches(&Text::of(&third, Some(t_etag), t_values)));
-        let mut changed = apart.to_vec();
-        changed[moved.end - 2] = b'd';
-        let changed = Bytes::from(changed);
-        assert!(!line.matches(&Text::of(&changed, Some(moved), values.clone())));
-        let no_etag = Text::of(&buf, None, etag.start..values.end);
-        assert!(!line.matches(&no_etag), "a form without an ETag");
-
-        // Through `fill`, with two texts taking turns at one address (each rendered twice,
-        // so each gets a line under that tag): each gets its own values.
+    fn a_line_serves_only_its_own_key() {
         let a = entry_buf("\"aaa\"", &["x", "first"]);
         let b = entry_buf("\"bbb\"", &["y", "second"]);
+        let (ka, kb) = (key(), key());
         for _ in 0..3 {
-            for (buf, etag, values, want) in [
-                (&a.0, &a.1, &a.2, ["\"aaa\"", "x", "first"]),
-                (&b.0, &b.1, &b.2, ["\"bbb\"", "y", "second"]),
+            for (k, (buf, etag, values), want) in [
+                (ka, &a, ["\"aaa\"", "x", "first"]),
+                (kb, &b, ["\"bbb\"", "y", "second"]),
             ] {
                 for _ in 0..2 {
-                    let mut slots = vec![HeaderValue::from_static(""); 3];
-                    fill_tagged(
-                        42,
-                        buf,
-                        Some(etag.clone()),
-                        values.clone(),
-                        slots.iter_mut(),
-                    );
-                    assert_eq!(slots, want);
+                    let (got, _) = render(k, buf, Some(etag.clone()), values.clone(), 3);
+                    assert_eq!(texts(&got), want);
                 }
+            }
+        }
+        // Keys that land in one set, more of them than it has ways, taking turns.
+        let mut crowd: Vec<(u64, EntryText, String)> = vec![];
+        while crowd.len() < WAYS + 2 {
+            let k = key();
+            if crowd
+                .first()
+                .is_none_or(|(first, _, _)| set_of(*first) == set_of(k))
+            {
+                let id = format!("req-{k}");
+                crowd.push((k, entry_buf("\"e\"", &[&id]), id));
+            }
+        }
+        for _ in 0..3 {
+            for (k, (buf, etag, values), id) in &crowd {
+                let (got, _) = render(*k, buf, Some(etag.clone()), values.clone(), 2);
+                assert_eq!(texts(&got), ["\"e\"", id.as_str()]);
             }
         }
     }
@@ -377,10 +346,17 @@ mod tests {
     fn long_text_and_forms_without_etag_render_from_the_text() {
         let long = "v".repeat(MAX_TEXT);
         let (buf, _, values) = entry_buf("", &[&long, "b"]);
+        let k = key();
         for _ in 0..3 {
-            let mut slots = vec![HeaderValue::from_static(""); 2];
-            fill(&buf, None, values.clone(), slots.iter_mut());
-            assert_eq!(slots, [long.as_str(), "b"]);
+            let (got, read) = render(k, &buf, None, values.clone(), 2);
+            assert_eq!(texts(&got), [long.as_str(), "b"]);
+            assert!(read, "no line: read every time");
+        }
+        let (buf, _, values) = entry_buf("", &["a", "b"]);
+        let k = key();
+        for _ in 0..3 {
+            let (got, _) = render(k, &buf, None, values.clone(), 2);
+            assert_eq!(texts(&got), ["a", "b"]);
         }
     }
 }
