@@ -412,12 +412,17 @@ async fn tokens_are_isolated_and_refusals_cached_per_key() {
     assert_eq!(viewer(&agent), "agent");
     assert_ne!(admin.body, agent.body);
     assert_ne!(admin.header("etag"), agent.header("etag"));
-    for _ in 0..2 {
+    // Alternating hits on one thread's header memo: each token keeps its own validators too.
+    for _ in 0..3 {
         let a = get_conv(&proxy, 1, 42, ADMIN).await;
         let b = get_conv(&proxy, 1, 42, AGENT).await;
         assert_eq!((a.x_cache(), b.x_cache()), ("HIT", "HIT"));
         assert_eq!(a.body, admin.body);
         assert_eq!(b.body, agent.body);
+        for h in ["etag", "last-modified", "content-length"] {
+            assert_eq!(a.header(h), admin.header(h), "admin's {h}");
+            assert_eq!(b.header(h), agent.header(h), "agent's {h}");
+        }
     }
     assert_eq!(fake.show_requests(), 2);
 

@@ -462,3 +462,60 @@ async fn a_flood_past_the_fd_limit_leaves_the_proxy_answering() {
         }
     }
 }
+
+/// Graceful shutdown (SPEC §10) closes keep-alive connections that have served a request and
+/// sit idle, HTTP/1.1 and h2c alike, at once: nothing but the drain itself wakes such a
+/// connection, so if the drain's wake-up were lost each would hold the shutdown until its
+/// header timeout (20 s here) or `--shutdown-timeout` (5 s in the tests).
+#[tokio::test]
+async fn graceful_shutdown_closes_idle_keep_alive_connections() {
+    let fake = FakeChatwoot::start().await;
+    let mut cfg = config(&fake.url());
+    cfg.client_header_timeout = Duration::from_secs(20);
+    let mut proxy = start_proxy(cfg).await;
+    let url = format!("http://{}/echo/idle", proxy.addr);
+    let req = || {
+        http::Request::get(&url)
+            .header("host", "x")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let h1_conn = tokio::spawn(h1_conn);
+    let resp = h1.send_request(req()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, h2_conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let resp = h2.send_request(req()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    assert!(
+        !h1_conn.is_finished() && !h2_conn.is_finished(),
+        "both kept alive"
+    );
+    // Both connections are now idle in the proxy, waiting for a next request.
+    tokio::time::sleep(ms(100)).await;
+
+    let start = Instant::now();
+    let done = proxy.shutdown();
+    let finished = tokio::time::timeout(ms(1500), done).await;
+    assert!(
+        matches!(finished, Ok(Ok(()))),
+        "shutdown still waiting after {:?} for idle keep-alive connections",
+        start.elapsed()
+    );
+    for (name, conn) in [("HTTP/1.1", h1_conn), ("h2c", h2_conn)] {
+        let closed = tokio::time::timeout(ms(1000), conn).await;
+        assert!(closed.is_ok(), "{name}: the idle connection is closed");
+    }
+}
