@@ -419,6 +419,67 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
+    /// Slowloris: a head trickled a byte at a time, each byte well within the limit, still has
+    /// the limit in all. Bytes are not a request; only a request's end moves the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_head_still_has_only_the_limit() {
+        let (server_end, mut client) = tokio::io::duplex(64);
+        let limit = Duration::from_millis(1000);
+        let mut io = ClientIo::new(server_end, Duration::from_secs(60), Activity::new(), limit);
+        let start = Instant::now();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..50 {
+                tokio::time::sleep(limit / 5).await;
+                if client.write_all(b"G").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut got = 0;
+        let err = loop {
+            match read_outcome(&mut io).await {
+                Ok(0) => panic!("the client does not close"),
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        trickle.abort();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = Instant::now() - start;
+        assert!(
+            waited >= limit && waited < limit + Duration::from_millis(50),
+            "timed out after {waited:?} and {got} bytes"
+        );
+        assert!(got >= 4, "the trickled bytes were read ({got})");
+    }
+
+    /// The head timer first polled by a task that has spent tokio's cooperative budget (a
+    /// busy connection task) must still register: it is polled outside the budget. A refused
+    /// poll would register no waker, and the fast path that skips a timer already holding
+    /// this task's waker would then leave the connection without a head deadline for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_deadline_first_polled_without_budget_still_fires() {
+        let (server_end, _client) = tokio::io::duplex(64);
+        let limit = Duration::from_millis(100);
+        let mut io = ClientIo::new(server_end, Duration::from_secs(60), Activity::new(), limit);
+        let mut buf = [0u8; 16];
+        let first = std::future::poll_fn(|cx| {
+            while tokio::task::coop::has_budget_remaining() {
+                match tokio::task::coop::poll_proceed(cx) {
+                    Poll::Ready(coop) => coop.made_progress(),
+                    Poll::Pending => break,
+                }
+            }
+            let mut rb = ReadBuf::new(&mut buf);
+            Poll::Ready(Pin::new(&mut io).poll_read(cx, &mut rb).is_pending())
+        })
+        .await;
+        assert!(first, "nothing to read yet");
+        let outcome = tokio::time::timeout(limit * 10, read_outcome(&mut io)).await;
+        let err = outcome.expect("the head deadline fired").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_head_deadline_counts_from_the_end_of_the_last_response() {
         let (server_end, mut client) = tokio::io::duplex(64);
