@@ -325,6 +325,20 @@ mod tests {
             prop_assert_eq!(canonical_id(&zero_padded), None);
         }
 
+        /// The one-pass reader accepts exactly what the previous rule did (all ASCII digits,
+        /// at most 19, no leading zero, `str::parse`, at most i64::MAX), for spellings near
+        /// every edge: signs, percent-escapes, non-ASCII digits, slashes, 19-21 digits.
+        #[test]
+        fn canonical_ids_as_the_previous_rule(s in "[0-9١+%/ -]{0,3}|[1-9][0-9]{17,20}|9223372036854775[0-9]{3}|[0-9]{0,21}") {
+            let b = s.as_bytes();
+            let previous = if b.is_empty() || b.len() > 19 || b[0] == b'0' || !b.iter().all(u8::is_ascii_digit) {
+                None
+            } else {
+                s.parse::<u64>().ok().filter(|&n| n <= i64::MAX as u64)
+            };
+            prop_assert_eq!(canonical_id(&s), previous, "{:?}", s);
+        }
+
         #[test]
         fn classify_never_panics(path in "\\PC*", q in any::<bool>()) {
             let _ = classify(&Method::GET, &path, q);
