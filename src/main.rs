@@ -55,11 +55,19 @@ fn main() -> ExitCode {
         effective: loaded.effective,
         warnings: loaded.warnings,
     };
+    let threads = match worker_threads() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let (_log_guard, log_level) = init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -68,6 +76,23 @@ fn main() -> ExitCode {
     };
     let load = Box::new(move || Config::from_matches(&matches));
     runtime.block_on(serve(config, startup, load, log_level))
+}
+
+/// The runtime's worker threads from `TOKIO_WORKER_THREADS` (tokio's own variable; without it,
+/// one per CPU the process may use, a container's CPU limit included), checked here because
+/// tokio panics on a value that is not a positive whole number.
+fn worker_threads() -> Result<Option<usize>, String> {
+    const VAR: &str = "TOKIO_WORKER_THREADS";
+    match std::env::var(VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(s) => match s.trim().parse::<usize>() {
+            Ok(n @ 1..=1024) => Ok(Some(n)),
+            _ => Err(format!(
+                "{VAR}: {s:?} is not a number of worker threads: write a whole number from 1 to 1024, or unset it for one per CPU"
+            )),
+        },
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{VAR}: not valid UTF-8")),
+    }
 }
 
 /// Logs to stderr through a non-blocking writer (a stalled log pipe must not stall requests);

@@ -289,6 +289,27 @@ fn errors_say_what_to_write_instead() {
     }
 }
 
+/// `TOKIO_WORKER_THREADS` sizes the runtime (README, Deployment); a value tokio would panic on
+/// is a one-line configuration error instead.
+#[test]
+fn an_invalid_worker_thread_count_is_an_error_not_a_panic() {
+    for value in ["0", "two", "-1", "", "99999"] {
+        let o = run(
+            &["--upstream", "http://127.0.0.1:9"],
+            &[("TOKIO_WORKER_THREADS", value)],
+        );
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{value:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{value:?}: one line: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "error: TOKIO_WORKER_THREADS: {value:?} is not a number of worker threads"
+            )),
+            "{value:?}: {err}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstream_failures_name_the_host_and_the_os_error() {
     // A port nothing listens on: connections are refused.
