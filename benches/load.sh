@@ -15,7 +15,8 @@
 #   varnish         varnishd, -s malloc,4G, 2 thread pools, per-token key (url + api_access_token),
 #                   the same route cached, everything else passed (benches/load/varnish.vcl.template),
 #                   per-request shared-memory log records masked (start_varnish in load/lib.sh)
-#   chatwoot-cache  release binary, --log-level warn, --cache-ttl 1h
+#   chatwoot-cache  release binary, --log-level warn, --cache-ttl 1h (and chatwoot-cache-1w: the same
+#                   with TOKIO_WORKER_THREADS=1, in the stored-miss rounds only, an informational row)
 # and runs the same wrk client (-t$THREADS -c$CONNS -d$DURATION --latency, benches/load/wrk.lua)
 # against each target for the workloads hit, hit-gzip, miss (pass-through), mixed (90/10) and
 # many tokens (1000 tokens x 100 conversations): the caches (nginx-cache, varnish,
@@ -114,10 +115,11 @@ else
 fi
 BUILD_DONE=$(date +%s)
 
-mapfile -t PORTS < <(pick_ports 8)
+mapfile -t PORTS < <(pick_ports 10)
 ORIGIN_PORT=${PORTS[0]} FLOOR_PORT=${PORTS[1]} NGINX_CACHE_PORT=${PORTS[2]}
 NGINX_PASS_PORT=${PORTS[3]} PROXY_PORT=${PORTS[4]} PROXY_ADMIN_PORT=${PORTS[5]} VARNISH_PORT=${PORTS[6]}
 FLOOR_GZIP_PORT=${PORTS[7]}
+PROXY1_PORT=${PORTS[8]} PROXY1_ADMIN_PORT=${PORTS[9]}
 
 log "starting origin :$ORIGIN_PORT, floor :$FLOOR_PORT/:$FLOOR_GZIP_PORT (gzip), nginx :$NGINX_CACHE_PORT/:$NGINX_PASS_PORT, varnish :$VARNISH_PORT, chatwoot-cache :$PROXY_PORT"
 start_origin origin "$ORIGIN_PORT"
@@ -134,6 +136,13 @@ start_varnish "$ORIGIN_PORT" "$VARNISH_PORT" "$CACHE_TTL"
 start_proxy proxy "$ORIGIN_PORT" "$PROXY_PORT" "$PROXY_ADMIN_PORT" \
     --log-level warn --cache-ttl "$CACHE_TTL" --cache-max-bytes 4GiB
 PROXY_PID=$LAST_PID
+# The same binary with one tokio worker thread (nginx runs one worker process): measured in the
+# stored-miss rounds only, as an informational row beside the default.
+start_bg proxy-1w env TOKIO_WORKER_THREADS=1 "$PROXY_BIN" --upstream "http://127.0.0.1:$ORIGIN_PORT" \
+    --listen "127.0.0.1:$PROXY1_PORT" --admin-listen "127.0.0.1:$PROXY1_ADMIN_PORT" \
+    --log-level warn --cache-ttl "$CACHE_TTL" --cache-max-bytes 4GiB
+PROXY1_PID=$LAST_PID
+wait_http "http://127.0.0.1:$PROXY1_ADMIN_PORT/healthz"
 
 nginx_pids() { echo "$NGINX_PID" "$(children_of "$NGINX_PID" | tr '\n' ' ')"; }
 # varnishd: the manager and its child (cache-main, all the worker threads)
@@ -283,6 +292,7 @@ floor_pids() { echo "$FLOOR_PID"; }
 floor_gzip_pids() { echo "$FLOOR_GZIP_PID"; }
 origin_pids() { echo "$ORIGIN_PID"; }
 proxy_pids() { echo "$PROXY_PID"; }
+proxy1_pids() { echo "$PROXY1_PID"; }
 
 # warm NAME PORT TOKENS PIDS_FUNCTION [WALK FLAGS...] : requests every (token, conversation)
 # once (cold: stored misses), recording time and CPU, so the cold fill is reported too.
@@ -381,7 +391,7 @@ run_workload many many "$MANY_TOKENS" "nginx-cache=$NGINX_CACHE_PORT=nginx_pids"
 
 log "stored misses: $ROUNDS rounds x (identity, gzip clients) x $FILL_TOKENS tokens x $CONVS conversations of fresh accounts"
 FILL_TARGETS=("nginx-cache=$NGINX_CACHE_PORT=nginx_pids" "varnish=$VARNISH_PORT=varnish_pids"
-    "chatwoot-cache=$PROXY_PORT=proxy_pids")
+    "chatwoot-cache=$PROXY_PORT=proxy_pids" "chatwoot-cache-1w=$PROXY1_PORT=proxy1_pids")
 for ((r = 0; r < ROUNDS; r++)); do
     k=0
     for kind in identity gzip; do
