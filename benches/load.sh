@@ -142,7 +142,11 @@ start_bg proxy-1w env TOKIO_WORKER_THREADS=1 "$PROXY_BIN" --upstream "http://127
     --listen "127.0.0.1:$PROXY1_PORT" --admin-listen "127.0.0.1:$PROXY1_ADMIN_PORT" \
     --log-level warn --cache-ttl "$CACHE_TTL" --cache-max-bytes 4GiB
 PROXY1_PID=$LAST_PID
-wait_http "http://127.0.0.1:$PROXY1_ADMIN_PORT/healthz"
+# Informational only: if it does not come up (or fails later), the run goes on without its row.
+PROXY1_DROPPED=""
+answers "http://127.0.0.1:$PROXY1_ADMIN_PORT/healthz" ||
+    { PROXY1_DROPPED="did not answer on its admin port at start (log: proxy-1w.log)"
+        log "WARNING: chatwoot-cache-1w $PROXY1_DROPPED; the stored-miss rounds go on without it"; }
 
 nginx_pids() { echo "$NGINX_PID" "$(children_of "$NGINX_PID" | tr '\n' ' ')"; }
 # varnishd: the manager and its child (cache-main, all the worker threads)
@@ -329,9 +333,16 @@ fill() {
     org0=$(cpu_ticks "$ORIGIN_PID")
     m0=$(machine_ticks)
     t0=$(date +%s%N)
-    out=$(timeout "$WARM_TIMEOUT" "$ORIGIN_BIN" walk --base "http://127.0.0.1:$port" --account "$account" \
-        --tokens "$FILL_TOKENS" --convs "$CONVS" --concurrency "$CONNS" "${flags[@]}") ||
+    if ! out=$(timeout "$WARM_TIMEOUT" "$ORIGIN_BIN" walk --base "http://127.0.0.1:$port" --account "$account" \
+        --tokens "$FILL_TOKENS" --convs "$CONVS" --concurrency "$CONNS" "${flags[@]}"); then
+        # The one-worker row is informational: its failure drops it, not the run.
+        if [[ $name == chatwoot-cache-1w ]]; then
+            PROXY1_DROPPED="round $round, $kind clients: failed or took over ${WARM_TIMEOUT}s (log: proxy-1w.log)"
+            log "WARNING: $name dropped from the stored-miss rounds: $PROXY1_DROPPED"
+            return 0
+        fi
         die "stored misses on $name ($kind clients) failed or took over ${WARM_TIMEOUT}s: $out"
+    fi
     t1=$(date +%s%N)
     m1=$(machine_ticks)
     # shellcheck disable=SC2086
@@ -400,6 +411,7 @@ for ((r = 0; r < ROUNDS; r++)); do
         k=$((k + 1))
         for ((i = 0; i < ${#FILL_TARGETS[@]}; i++)); do
             IFS='=' read -r name port fn <<<"${FILL_TARGETS[$(((i + r) % ${#FILL_TARGETS[@]}))]}"
+            [[ $name == chatwoot-cache-1w && -n $PROXY1_DROPPED ]] && continue
             fill $((r + 1)) "$kind" "$account" "$name" "$port" "$fn"
         done
     done
@@ -438,6 +450,7 @@ M_VARNISH_RESTART_LINES=${VARNISH_RESTARTS:-0} \
 M_CACHE_TTL=$CACHE_TTL \
 M_MANY_TOKENS=$MANY_TOKENS \
 M_CONVS=$CONVS \
+M_PROXY1_DROPPED=$PROXY1_DROPPED \
 M_FILL_TOKENS=$FILL_TOKENS \
     python3 -c 'import json, os; print(json.dumps({k[2:].lower(): v for k, v in os.environ.items() if k.startswith("M_")}))' \
     >"$WORK/machine.json"

@@ -29,6 +29,9 @@ bench_init() {
     trap 'exit 143' TERM
     # Settings from the caller's environment must not change what is measured.
     unset RUST_LOG
+    # tokio's own variable (sizes the proxy's and bench_origin's runtimes): the targets run
+    # with their defaults unless a target sets it itself (chatwoot-cache-1w).
+    unset TOKIO_WORKER_THREADS
     local v
     for v in $(compgen -e | grep '^CHATWOOT_CACHE_' || true); do unset "$v"; done
     # Many sockets (2,000 for the coalescing burst, both ends on this machine).
@@ -126,7 +129,8 @@ start_bg() {
 }
 
 # wait_http URL [CURL ARGS...] : waits until URL answers anything over HTTP (10 s max).
-wait_http() {
+# answers URL [curl args]: something answers HTTP on URL within ~10 s (status 0), or not (1).
+answers() {
     local url=$1; shift
     local _ code
     for _ in $(seq 100); do
@@ -134,7 +138,11 @@ wait_http() {
         [[ "$code" != "000" && -n "$code" ]] && return 0
         sleep 0.1
     done
-    die "nothing answers on $url (logs: $WORK)"
+    return 1
+}
+
+wait_http() {
+    answers "$@" || die "nothing answers on $1 (logs: $WORK)"
 }
 
 start_origin() {   # start_origin NAME PORT [extra args]
