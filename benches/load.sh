@@ -142,11 +142,15 @@ start_bg proxy-1w env TOKIO_WORKER_THREADS=1 "$PROXY_BIN" --upstream "http://127
     --listen "127.0.0.1:$PROXY1_PORT" --admin-listen "127.0.0.1:$PROXY1_ADMIN_PORT" \
     --log-level warn --cache-ttl "$CACHE_TTL" --cache-max-bytes 4GiB
 PROXY1_PID=$LAST_PID
-# Informational only: if it does not come up (or fails later), the run goes on without its row.
+# Informational only: if it does not come up (or fails later), the run goes on without it.
 PROXY1_DROPPED=""
-answers "http://127.0.0.1:$PROXY1_ADMIN_PORT/healthz" ||
-    { PROXY1_DROPPED="did not answer on its admin port at start (log: proxy-1w.log)"
-        log "WARNING: chatwoot-cache-1w $PROXY1_DROPPED; the stored-miss rounds go on without it"; }
+drop_proxy1() {   # drop_proxy1 WHY: stop it (a hung one would load the judged rounds), keep its log
+    PROXY1_DROPPED="$1 (its log is kept: $WORK/proxy-1w.log)"
+    BENCH_KEEP_WORK=1
+    kill -TERM -- "-$PROXY1_PID" 2>/dev/null || kill -TERM "$PROXY1_PID" 2>/dev/null || true
+    log "WARNING: chatwoot-cache-1w dropped from the stored-miss rounds: $PROXY1_DROPPED"
+}
+answers "http://127.0.0.1:$PROXY1_ADMIN_PORT/healthz" || drop_proxy1 "it did not answer on its admin port at start"
 
 nginx_pids() { echo "$NGINX_PID" "$(children_of "$NGINX_PID" | tr '\n' ' ')"; }
 # varnishd: the manager and its child (cache-main, all the worker threads)
@@ -337,8 +341,7 @@ fill() {
         --tokens "$FILL_TOKENS" --convs "$CONVS" --concurrency "$CONNS" "${flags[@]}"); then
         # The one-worker row is informational: its failure drops it, not the run.
         if [[ $name == chatwoot-cache-1w ]]; then
-            PROXY1_DROPPED="round $round, $kind clients: failed or took over ${WARM_TIMEOUT}s (log: proxy-1w.log)"
-            log "WARNING: $name dropped from the stored-miss rounds: $PROXY1_DROPPED"
+            drop_proxy1 "round $round, $kind clients: the walk failed or took over ${WARM_TIMEOUT}s: ${out:-no output}"
             return 0
         fi
         die "stored misses on $name ($kind clients) failed or took over ${WARM_TIMEOUT}s: $out"

@@ -129,7 +129,8 @@ start_bg() {
 }
 
 # wait_http URL [CURL ARGS...] : waits until URL answers anything over HTTP (10 s max).
-# answers URL [curl args]: something answers HTTP on URL within ~10 s (status 0), or not (1).
+# answers URL [curl args]: something answers HTTP on URL (status 0), or nothing did after 100
+# tries 0.1 s apart, each waiting up to 1 s (1).
 answers() {
     local url=$1; shift
     local _ code
@@ -141,6 +142,7 @@ answers() {
     return 1
 }
 
+# wait_http URL [curl args]: as answers, but a URL nothing answers on ends the run.
 wait_http() {
     answers "$@" || die "nothing answers on $1 (logs: $WORK)"
 }

@@ -249,6 +249,7 @@ def fill_section(path, m):
             # The one-worker row is informational: a bad round marks its own row, not the run.
             informational = target == "chatwoot-cache-1w"
             invalid = invalid or (not ok and not informational)
+            dropped = informational and m.get("proxy1_dropped")
             cpu = [r["cpu_us"] for r in rs]
             org = [r["origin_cpu_us"] for r in rs]
             rps = [r["rps"] for r in rs]
@@ -258,7 +259,7 @@ def fill_section(path, m):
                 f"| **{median(cpu):.1f}** ({min(cpu):.1f}–{max(cpu):.1f}) "
                 f"| {median([r['user_us'] for r in rs]):.1f} / {median([r['sys_us'] for r in rs]):.1f} "
                 f"| {median(org):.1f} ({min(org):.1f}–{max(org):.1f}) "
-                f"| {'yes' if ok else ('**no** (informational row)' if informational else '**no: INVALID**')} | {median([r['other_cpu_pct'] for r in rs]):.0f}% |"
+                f"| {'yes' if ok and not dropped else ('**no** (dropped, see the notes)' if dropped else '**no** (informational row)' if informational else '**no: INVALID**')} | {median([r['other_cpu_pct'] for r in rs]):.0f}% |"
             )
         by = {(r["target"], r["round"]): r for r in rows if r["kind"] == kind}
         for ours, key in (("chatwoot-cache", kind), ("chatwoot-cache-1w", kind + "-1w")):
@@ -505,7 +506,8 @@ def table(raw, machine_path, out, warm_path=None, fill_path=None):
     if m.get("proxy1_dropped"):
         L.append(
             "- **chatwoot-cache with 1 worker thread was dropped from the stored-miss rounds**: "
-            f"{str(m['proxy1_dropped']).replace('|', '/')}. Its row (informational) has only the rounds before."
+            f"{str(m['proxy1_dropped']).replace('|', '/')}. Its rows (informational), if any, hold only "
+            "the rounds it completed before; the failed round is not in them."
         )
     if int(m.get("nginx_error_lines", 0) or 0):
         L.append(f"- nginx logged {m['nginx_error_lines']} error line(s) during the run.")
