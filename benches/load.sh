@@ -145,10 +145,11 @@ PROXY1_PID=$LAST_PID
 # Informational only: if it does not come up (or fails later), the run goes on without it.
 PROXY1_DROPPED=""
 drop_proxy1() {   # drop_proxy1 WHY: stop it (a hung one would load the judged rounds), keep its log
-    PROXY1_DROPPED="$1 (its log is kept: $WORK/proxy-1w.log)"
+    # The report says why without this machine's paths; the log line says where.
+    PROXY1_DROPPED="$1 (its log, proxy-1w.log, is kept in the bench's work directory)"
     BENCH_KEEP_WORK=1
     kill -TERM -- "-$PROXY1_PID" 2>/dev/null || kill -TERM "$PROXY1_PID" 2>/dev/null || true
-    log "WARNING: chatwoot-cache-1w dropped from the stored-miss rounds: $PROXY1_DROPPED"
+    log "WARNING: chatwoot-cache-1w dropped from the stored-miss rounds: $1 (log: $WORK/proxy-1w.log)"
 }
 answers "http://127.0.0.1:$PROXY1_ADMIN_PORT/healthz" || drop_proxy1 "it did not answer on its admin port at start"
 
