@@ -157,9 +157,16 @@ impl Form<'_> {
 }
 
 /// A number no other entry of this process has (see [`Entry::serial`]).
-pub(crate) fn next_serial() -> u64 {
+fn next_serial() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The memo key of a stored form no entry has, for tests that render a form's text without
+/// an entry.
+#[cfg(test)]
+pub(crate) fn unused_memo_key() -> u64 {
+    next_serial() << 2 | MEMO_STORED
 }
 
 /// The longest an entry is served stale-if-error without trying the upstream again after a

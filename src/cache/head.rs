@@ -480,7 +480,7 @@ mod tests {
             Coding::Gzip,
             FormText {
                 buf: &buf,
-                memo_key: super::super::entry::next_serial() << 2,
+                memo_key: super::super::entry::unused_memo_key(),
                 has_etag: true,
                 ranges: &|| (Some(0..6), 6..buf.len()),
             },
@@ -524,7 +524,7 @@ mod tests {
             Coding::Gzip,
             FormText {
                 buf: &extra,
-                memo_key: super::super::entry::next_serial() << 2,
+                memo_key: super::super::entry::unused_memo_key(),
                 has_etag: false,
                 ranges: &|| (None, 0..extra.len()),
             },

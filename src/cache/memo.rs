@@ -211,7 +211,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::cache::entry::next_serial;
+    use crate::cache::entry::unused_memo_key;
 
     /// An entry buffer, where its ETag is, where its values are.
     type EntryText = (Bytes, Range<usize>, Range<usize>);
@@ -225,11 +225,6 @@ mod tests {
         head::put_values(&mut buf, values.iter().map(|v| v.as_bytes()));
         let end = buf.len();
         (Bytes::from(buf), etag_at..values_at, values_at..end)
-    }
-
-    /// A fresh form key, as an entry's form has one.
-    fn key() -> u64 {
-        next_serial() << 2
     }
 
     /// The values `fill` writes for this form, whether each is a slice of `buf`, and whether
@@ -276,7 +271,7 @@ mod tests {
     fn a_form_rendered_again_comes_from_the_memo() {
         let (buf, etag, values) = entry_buf("\"abc-gz\"", &["Mon, 08 Dec 2025", "req-1", "0.04"]);
         let want = ["\"abc-gz\"", "Mon, 08 Dec 2025", "req-1", "0.04"];
-        let k = key();
+        let k = unused_memo_key();
         let (first, read) = render(k, &buf, Some(etag.clone()), values.clone(), 4);
         assert_eq!(texts(&first), want);
         assert!(read);
@@ -309,7 +304,7 @@ mod tests {
     fn a_line_serves_only_its_own_key() {
         let a = entry_buf("\"aaa\"", &["x", "first"]);
         let b = entry_buf("\"bbb\"", &["y", "second"]);
-        let (ka, kb) = (key(), key());
+        let (ka, kb) = (unused_memo_key(), unused_memo_key());
         for _ in 0..3 {
             for (k, (buf, etag, values), want) in [
                 (ka, &a, ["\"aaa\"", "x", "first"]),
@@ -324,7 +319,7 @@ mod tests {
         // Keys that land in one set, more of them than it has ways, taking turns.
         let mut crowd: Vec<(u64, EntryText, String)> = vec![];
         while crowd.len() < WAYS + 2 {
-            let k = key();
+            let k = unused_memo_key();
             if crowd
                 .first()
                 .is_none_or(|(first, _, _)| set_of(*first) == set_of(k))
@@ -346,14 +341,14 @@ mod tests {
     fn long_text_and_forms_without_etag_render_from_the_text() {
         let long = "v".repeat(MAX_TEXT);
         let (buf, _, values) = entry_buf("", &[&long, "b"]);
-        let k = key();
+        let k = unused_memo_key();
         for _ in 0..3 {
             let (got, read) = render(k, &buf, None, values.clone(), 2);
             assert_eq!(texts(&got), [long.as_str(), "b"]);
             assert!(read, "no line: read every time");
         }
         let (buf, _, values) = entry_buf("", &["a", "b"]);
-        let k = key();
+        let k = unused_memo_key();
         for _ in 0..3 {
             let (got, _) = render(k, &buf, None, values.clone(), 2);
             assert_eq!(texts(&got), ["a", "b"]);
