@@ -1357,8 +1357,9 @@ async fn a_read_racing_the_writers_redis_bump_is_not_kept() {
     );
 }
 
-/// A generation counter's key holding something else (another type, or a string that is not
-/// an integer: written into the cache's Redis by anyone who can reach it) is not an outage:
+/// A generation counter's key holding something else (another type, a string that is not an
+/// integer, or a negative one: written into the cache's Redis by anyone who can reach it) is
+/// not an outage:
 /// fills under it are not written (no failure counted), and the next invalidation replaces it
 /// and is heard by every replica.
 #[tokio::test]
@@ -1383,11 +1384,13 @@ async fn a_counter_that_is_not_one_neither_fails_redis_nor_loses_invalidations()
     let errors = metric(&text, r#"chatwoot_cache_redis_errors_total{op="write"}"#);
     assert_eq!(errors, 0.0, "a WRONGTYPE is no Redis error");
     assert!(b.proxy.store.shared().unwrap().is_up());
-    // A string that is not a number, then another type: each time a write through A is
-    // heard by B, which held the pre-write body.
+    // A string that is not a number, another type, then a negative number (INCR takes it,
+    // but readers see no counter): each time a write through A is heard by B, which held the
+    // pre-write body, and the bump leaves a counter.
     for (poison, status) in [
         (&["SET", counter, "x"][..], "pending"),
         (&["RPUSH", counter, "x"][..], "open"),
+        (&["SET", counter, "-1000"][..], "resolved"),
     ] {
         let before = conv(&b, 1, 42, "admin-token").await;
         assert_eq!(before.status, 200);

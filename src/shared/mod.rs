@@ -113,10 +113,14 @@ return 1
 /// Increments one generation counter and publishes the invalidation. KEYS: the counter.
 /// ARGV: 1 the value to create it with when missing, 2 the created counter's expiry in ms, 3 the
 /// channel, 4 the message. Returns 1. A key that INCR refuses (not an integer, another type:
-/// written by something else) is replaced like a missing counter: the invalidation still lands
-/// and is published, instead of failing every time and taking Redis for down.
+/// written by something else) or leaves below 1 (a negative integer, which a reader takes for
+/// no counter, so every write would find it "created in between") is replaced like a missing
+/// counter: the invalidation still lands and is published, instead of failing every time and
+/// taking Redis for down, or turning off fills for good.
 const BUMP_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 or type(redis.pcall('INCR', KEYS[1])) == 'table' then
+local n = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then n = redis.pcall('INCR', KEYS[1]) end
+if type(n) ~= 'number' or n < 1 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
