@@ -341,6 +341,39 @@ async fn coalesced_identity_clients_share_one_copy_of_an_unstored_fetch() {
     );
 }
 
+/// `If-None-Match` on two lines is one list (RFC 9110 §5.3): the form's ETag on the second
+/// line still makes a 304, as it does on one line.
+#[tokio::test]
+async fn if_none_match_on_several_lines_is_one_list() {
+    let fake = FakeChatwoot::start().await;
+    let proxy = start_proxy(config(&fake.url())).await;
+    let etag = call(&proxy, Method::GET, &[GZIP])
+        .await
+        .header("etag")
+        .to_string();
+    let one_line = format!("\"zzz\", {etag}");
+    let one = call(&proxy, Method::GET, &[GZIP, ("if-none-match", &one_line)]).await;
+    assert_eq!(one.status, 304, "one line");
+    let two = call(
+        &proxy,
+        Method::GET,
+        &[GZIP, ("if-none-match", "\"zzz\""), ("if-none-match", &etag)],
+    )
+    .await;
+    assert_eq!(two.status, 304, "two lines");
+    let neither = call(
+        &proxy,
+        Method::GET,
+        &[
+            GZIP,
+            ("if-none-match", "\"zzz\""),
+            ("if-none-match", "\"yyy\""),
+        ],
+    )
+    .await;
+    assert_eq!(neither.status, 200, "no line matches");
+}
+
 /// HEAD and a matching `If-None-Match` from identity clients send no body, so they do not make
 /// the identity copy of a gzip entry: the identity form's exact headers (its own ETag and
 /// length, no `Content-Encoding`) come from the gzip entry alone, nothing is decompressed or

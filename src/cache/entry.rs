@@ -531,11 +531,13 @@ impl Entry {
         if self.is_negative() {
             return false;
         }
-        if let Some(inm) = req.get(header::IF_NONE_MATCH) {
+        // One list however many lines carry it (RFC 9110 §5.3).
+        let mut inm = req.get_all(header::IF_NONE_MATCH).iter().peekable();
+        if inm.peek().is_some() {
             let Some(etag) = etag else {
                 return false;
             };
-            return etag_list_matches(inm.as_bytes(), etag);
+            return inm.any(|line| etag_list_matches(line.as_bytes(), etag));
         }
         if let (Some(ims), Some(lm)) = (
             req.get(header::IF_MODIFIED_SINCE),
