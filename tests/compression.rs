@@ -218,7 +218,8 @@ async fn byte_bound_holds_at_ten_times_overfill_with_mixed_clients() {
     let proxy = start_proxy(cfg).await;
     let client = client();
     let mut stored_entries = 0;
-    let ids = 1000..1000 + 150u64;
+    // 180 conversations weigh ~10x the bound once stored (150 weighed 561,004 B: 8.6x).
+    let ids = 1000..1000 + 180u64;
     for c in ids.clone() {
         fake.add_conversation(1, c, "1765182000.5");
     }
